@@ -1,0 +1,69 @@
+"""`chatforge <stage> [--config FILE] [--key=value ...]`.
+
+Each stage lives in its own module, which defines a config dataclass ``Config``, a function
+``run(cfg, args) -> None`` and a module docstring whose first line is the stage's one-line summary.
+Modules are imported only when their stage runs, so ``chatforge --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from chatforge.config import ChatforgeError, die, help_text, parse
+
+# stage name -> (module, whether the stage takes positional arguments)
+STAGES: dict[str, tuple[str, bool]] = {
+    "data": ("chatforge.data.pipeline", False),
+    "tokenizer": ("chatforge.tokenizer_stage", False),
+    "pretrain": ("chatforge.train.pretrain", False),
+    "speedrun": ("chatforge.speedrun", False),
+}
+
+SUMMARIES = {
+    "data": "build the cleaned, de-duplicated, split pretraining corpus and its manifest",
+    "tokenizer": "train the byte-level BPE tokenizer and write token shards",
+    "pretrain": "pretrain a GPT by next-token prediction on the token shards",
+    "speedrun": "run every stage end to end on the embedded default and write the report card",
+}
+
+
+def _usage() -> str:
+    width = max(map(len, STAGES))
+    lines = [
+        "usage: chatforge <stage> [--config FILE.toml|.yaml] [--key=value ...]",
+        "",
+        "stages:",
+        *(f"  {name.ljust(width)}  {SUMMARIES[name]}" for name in STAGES),
+        "",
+        "`chatforge <stage> --help` lists every option of a stage with its default.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        die(f"unknown stage '{stage}'. Stages: {', '.join(STAGES)}")
+    module_name, takes_positional = STAGES[stage]
+    module = importlib.import_module(module_name)
+    if "-h" in rest or "--help" in rest:
+        doc = (module.__doc__ or SUMMARIES[stage]).strip()
+        print(f"usage: chatforge {stage} [--config FILE] [--key=value ...]\n\n{doc}\n\noptions:")
+        print(help_text(module.Config))
+        return
+    try:
+        cfg, positional = parse(module.Config, rest, allow_positional=takes_positional)
+        module.run(cfg, positional)
+    except ChatforgeError as exc:
+        die(str(exc))
+    except KeyboardInterrupt:
+        die("interrupted")
+
+
+if __name__ == "__main__":
+    main()

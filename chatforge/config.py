@@ -1,0 +1,261 @@
+"""One config system for every stage.
+
+Each stage describes its options as a dataclass whose fields carry a ``help`` string in their metadata.
+Values come, in increasing priority, from the dataclass defaults, a TOML/YAML file given with
+``--config FILE``, and ``--key=value`` (or ``--key value``) on the command line. Nested dataclasses are
+addressed with dots (``--model.n_layer=4``). Unknown keys and badly typed values raise ``ConfigError``
+naming the offending key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ChatforgeError(Exception):
+    """Bad input from the user (missing file, incompatible checkpoint...); the message names the problem.
+
+    The CLI prints it as one line and exits with status 2, without a traceback.
+    """
+
+
+class ConfigError(ChatforgeError, ValueError):
+    """A configuration value or file that cannot be used."""
+
+
+def option(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field with a help string (shown by ``chatforge <stage> --help``)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def nested(cls: type, help: str = "") -> Any:
+    """A field holding another config dataclass."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help})
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Turn a string (CLI) or parsed file value into the field's declared type."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"option '{key}' may not be empty")
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, str):
+                return int(float(value)) if any(c in value for c in "eE.") else int(value)
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if tp is str:
+            return str(value)
+        if origin in (list, tuple):
+            (item_tp, *_rest) = typing.get_args(tp) or (str,)
+            items = value
+            if isinstance(value, str):
+                items = [v for v in (s.strip() for s in value.split(",")) if v] if value.strip() else []
+            return [_coerce(key, v, item_tp) for v in items]
+        if origin is dict or tp is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+        if typing.get_origin(tp) is typing.Literal:
+            allowed = typing.get_args(tp)
+            if value not in allowed:
+                raise ConfigError(f"option '{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
+            return value
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, json.JSONDecodeError):
+        raise ConfigError(f"option '{key}' expects {getattr(tp, '__name__', tp)}; got {value!r}") from None
+    return value
+
+
+def _assign(cfg: Any, dotted: str, value: Any, *, full_key: str | None = None) -> None:
+    full_key = full_key or dotted
+    head, _, rest = dotted.partition(".")
+    head = head.replace("-", "_")
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    if head not in fields:
+        known = ", ".join(sorted(_flat_keys(type(cfg))))
+        raise ConfigError(f"unknown option '{full_key}' for {type(cfg).__name__}; known options: {known}")
+    current = getattr(cfg, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _assign(current, rest, value, full_key=full_key)
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"option '{full_key}' is a section; set its keys as {full_key}.<key>")
+        for k, v in value.items():
+            _assign(current, k, v, full_key=f"{full_key}.{k}")
+        return
+    if rest:
+        raise ConfigError(f"unknown option '{full_key}': '{head}' has no sub-options")
+    setattr(cfg, head, _coerce(full_key, value, _field_types(type(cfg))[head]))
+
+
+def _flat_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _flat_keys(tp, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {path} must hold a mapping at the top level")
+            return data
+        if path.suffix == ".json":
+            return json.loads(text)
+    except ConfigError:
+        raise
+    except Exception as exc:  # parse errors of the three formats have no common base class
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+
+
+def apply(cfg: T, values: dict[str, Any]) -> T:
+    """Set every key of ``values`` (possibly nested dicts or dotted keys) on ``cfg``; returns ``cfg``."""
+    for key, value in values.items():
+        _assign(cfg, key, value)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def split_overrides(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
+    """Split ``argv`` into (config file, ``--key=value`` overrides, positional arguments).
+
+    ``--flag`` alone means ``--flag=true``; ``--key value`` works when the value does not start with ``--``.
+    """
+    config_file = None
+    overrides: dict[str, str] = {}
+    positional: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            positional += argv[i + 1 :]
+            break
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                nxt = argv[i + 1] if i + 1 < len(argv) else None
+                if nxt is not None and not nxt.startswith("--"):
+                    value = nxt
+                    i += 1
+                else:
+                    value = "true"
+            if key == "config":
+                config_file = value
+            else:
+                overrides[key] = value
+        else:
+            positional.append(arg)
+        i += 1
+    return config_file, overrides, positional
+
+
+def parse(cls: type[T], argv: list[str], *, allow_positional: bool = False) -> tuple[T, list[str]]:
+    """Build a ``cls`` config from ``--config FILE`` and ``--key=value`` arguments."""
+    config_file, overrides, positional = split_overrides(argv)
+    if positional and not allow_positional:
+        raise ConfigError(f"unexpected argument(s): {' '.join(positional)} (options are written --key=value)")
+    cfg = cls()
+    if config_file:
+        for key, value in load_file(config_file).items():
+            _assign(cfg, key, value)
+    for key, value in overrides.items():
+        _assign(cfg, key, value)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg, positional
+
+
+def help_text(cls: type, prefix: str = "") -> str:
+    """Every option of ``cls`` with its type, default and help string."""
+    lines = []
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"  [{prefix}{f.name}] {f.metadata.get('help', '')}".rstrip())
+            lines.append(help_text(tp, prefix + f.name + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        tname = getattr(_unwrap_optional(tp)[0], "__name__", str(tp))
+        lines.append(f"  --{prefix}{f.name}={default!r}  ({tname})\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    return apply(cls(), values)
+
+
+def die(message: str) -> typing.NoReturn:
+    print(f"chatforge: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
