@@ -1,0 +1,254 @@
+"""A vector index of document chunks: build from (doc_id, text) pairs, save atomically, reload, search.
+
+Documents are cut into windows of ``chunk_tokens`` tokens overlapping by ``overlap`` tokens (a sentence cut
+at a window edge is whole in the next window), embedded as documents, and searched by the cosine similarity
+of a query embedding (vectors are L2-normalised, so the inner product is the cosine).
+
+Backends: ``faiss`` (exact inner-product search, BLAS-fast), ``hnsw`` (faiss' approximate HNSW graph, for
+large indexes), ``numpy`` (exact, no dependency: the fallback when faiss is not installed). ``faiss`` and
+``numpy`` return the same hits; the tests check it.
+
+    index = SearchIndex.build([(doc_id, text), ...], embedder)
+    index.save("runs/search/index")
+    index = SearchIndex.load("runs/search/index")        # reloads the embedder it was built with
+    for hit in index.search("how do I sort a list", k=5):
+        print(hit.doc_id, hit.score, hit.chunk)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+from chatforge.config import ChatforgeError
+
+INDEX_FORMAT = 1
+BACKENDS = ("auto", "faiss", "hnsw", "numpy")
+
+
+@dataclass(frozen=True)
+class Hit:
+    doc_id: str
+    chunk: str
+    score: float  # cosine similarity of query and chunk, in [-1, 1]
+
+
+class Embedder(Protocol):
+    """What an index needs from an embedding model (chatforge-embed and the MiniLM baseline both are one)."""
+
+    name: str
+    dim: int
+
+    def embed(self, texts: Sequence[str], role: str = "document") -> np.ndarray:
+        """L2-normalised float32 embeddings [len(texts), dim]; ``role`` is "query" or "document"."""
+
+    def chunk(self, text: str, chunk_tokens: int, overlap: int) -> list[str]:
+        """``text`` cut into windows of at most ``chunk_tokens`` of this model's tokens."""
+
+    def spec(self) -> dict:
+        """A JSON description ``load_embedder`` turns back into this embedder."""
+
+
+def token_windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) windows of ``size`` tokens covering ``n_tokens``, consecutive windows sharing ``overlap``."""
+    if size < 1 or not 0 <= overlap < size:
+        raise ChatforgeError(f"chunks need chunk_tokens >= 1 and 0 <= overlap < chunk_tokens; got {size} and {overlap}")
+    windows, start = [], 0
+    while True:
+        end = min(start + size, n_tokens)
+        windows.append((start, end))
+        if end >= n_tokens:
+            return windows
+        start = end - overlap
+
+
+def load_embedder(spec: dict, device: str | None = None) -> Embedder:
+    """The embedder an index's ``spec`` names."""
+    kind = spec.get("type")
+    if kind == "chatforge":
+        from chatforge.embed.model import ChatforgeEmbedder
+
+        return ChatforgeEmbedder.load(spec["path"], device=device)
+    if kind == "minilm":
+        from chatforge.embed.minilm import MiniLMEmbedder
+
+        return MiniLMEmbedder(device=device)
+    raise ChatforgeError(f"unknown embedder type {kind!r} in index metadata")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` becomes ``faiss`` when faiss is installed, else ``numpy``; asking for a missing faiss is an error."""
+    if backend not in BACKENDS:
+        raise ChatforgeError(f"unknown index backend {backend!r}; backends: {', '.join(BACKENDS)}")
+    have_faiss = _faiss() is not None
+    if backend == "auto":
+        return "faiss" if have_faiss else "numpy"
+    if backend in ("faiss", "hnsw") and not have_faiss:
+        raise ChatforgeError(f"index backend {backend!r} needs faiss-cpu (pip install -r requirements.txt); use backend=numpy")
+    return backend
+
+
+class _NumpySearch:
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = queries @ self.vectors.T
+        k = min(k, scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
+
+
+class _FaissSearch:
+    def __init__(self, index):
+        self.index = index
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, backend: str, hnsw_m: int = 32) -> "_FaissSearch":
+        faiss = _faiss()
+        if backend == "hnsw":
+            index = faiss.IndexHNSWFlat(vectors.shape[1], hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+        else:
+            index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
+        return cls(index)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if hasattr(self.index, "hnsw"):
+            self.index.hnsw.efSearch = max(64, 2 * k)  # the graph walk's beam: wider = closer to exact
+        return self.index.search(queries, k)
+
+
+class SearchIndex:
+    """Chunks of documents with their embeddings, searchable by a text query."""
+
+    def __init__(self, embedder: Embedder, vectors: np.ndarray, doc_ids: list[str], chunks: list[str],
+                 backend: str = "auto", meta: dict | None = None, _engine=None):
+        if len(vectors) != len(chunks) or len(doc_ids) != len(chunks):
+            raise ChatforgeError("index vectors, chunks and doc ids differ in length")
+        self.embedder = embedder
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.doc_ids = doc_ids
+        self.chunks = chunks
+        self.backend = resolve_backend(backend)
+        self.meta = dict(meta or {})
+        if _engine is not None:
+            self._engine = _engine
+        elif self.backend == "numpy":
+            self._engine = _NumpySearch(self.vectors)
+        else:
+            self._engine = _FaissSearch.build(self.vectors, self.backend)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    @classmethod
+    def build(cls, documents: Iterable[tuple[str, str]], embedder: Embedder, chunk_tokens: int = 128,
+              overlap: int = 32, backend: str = "auto", batch_size: int = 32, progress=None) -> "SearchIndex":
+        """Chunk and embed ``(doc_id, text)`` documents. ``progress(done, total)`` is called per batch if given."""
+        doc_ids, chunks = [], []
+        for doc_id, text in documents:
+            for piece in embedder.chunk(text, chunk_tokens, overlap):
+                if piece.strip():
+                    doc_ids.append(str(doc_id))
+                    chunks.append(piece)
+        if not chunks:
+            raise ChatforgeError("no text to index: every document was empty")
+        parts = []
+        for start in range(0, len(chunks), batch_size):
+            parts.append(embedder.embed(chunks[start : start + batch_size], role="document"))
+            if progress:
+                progress(min(start + batch_size, len(chunks)), len(chunks))
+        meta = {"chunk_tokens": chunk_tokens, "overlap": overlap, "documents": len(set(doc_ids))}
+        return cls(embedder, np.concatenate(parts), doc_ids, chunks, backend, meta)
+
+    def search(self, query: str, k: int = 5) -> list[Hit]:
+        """The ``k`` chunks most similar to ``query``, best first."""
+        return self.search_vectors(self.embedder.embed([query], role="query"), k)[0]
+
+    def search_vectors(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Hits for each row of ``queries`` (already embedded, [n, dim])."""
+        if k < 1:
+            raise ChatforgeError(f"k must be >= 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.vectors.shape[1]:
+            raise ChatforgeError(f"query vectors of shape {queries.shape} do not match the index dimension {self.vectors.shape[1]}")
+        scores, rows = self._engine.search(queries, min(k, len(self)))
+        return [
+            [Hit(self.doc_ids[r], self.chunks[r], float(s)) for s, r in zip(row_scores, row_ids) if r >= 0]
+            for row_scores, row_ids in zip(scores, rows)
+        ]
+
+    def save(self, directory: str | Path) -> None:
+        """Write the index to ``directory`` all at once: a failed save leaves any previous index untouched."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            np.save(staging / "vectors.npy", self.vectors)
+            with open(staging / "chunks.jsonl", "w", encoding="utf-8") as fh:
+                for doc_id, chunk in zip(self.doc_ids, self.chunks):
+                    fh.write(json.dumps({"doc_id": doc_id, "chunk": chunk}, ensure_ascii=False) + "\n")
+            if self.backend == "hnsw":  # a graph is slow to rebuild; flat indexes are rebuilt from vectors.npy
+                _faiss().write_index(self._engine.index, str(staging / "hnsw.faiss"))
+            info = {"format": INDEX_FORMAT, "backend": self.backend, "dim": int(self.vectors.shape[1]),
+                    "chunks": len(self), "embedder": self.embedder.spec(), **self.meta}
+            (staging / "index.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            _swap_in(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def load(cls, directory: str | Path, embedder: Embedder | None = None, backend: str | None = None,
+             device: str | None = None) -> "SearchIndex":
+        """Reload a saved index; its embedder is reloaded from the index metadata unless one is given."""
+        directory = Path(directory)
+        info_path = directory / "index.json"
+        if not info_path.is_file():
+            raise ChatforgeError(f"no search index at {directory} (missing index.json); build one with `chatforge search --build`")
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        if info.get("format") != INDEX_FORMAT:
+            raise ChatforgeError(f"{directory} holds index format {info.get('format')}, this chatforge reads {INDEX_FORMAT}")
+        vectors = np.load(directory / "vectors.npy")
+        rows = [json.loads(line) for line in open(directory / "chunks.jsonl", encoding="utf-8")]
+        embedder = embedder or load_embedder(info["embedder"], device=device)
+        if embedder.dim != info["dim"]:
+            raise ChatforgeError(f"embedder {embedder.name} makes {embedder.dim}-d vectors but {directory} holds {info['dim']}-d ones")
+        wanted = backend or info["backend"]
+        if wanted in ("faiss", "hnsw") and _faiss() is None and backend is None:
+            wanted = "numpy"  # saved with faiss, reloaded without it: exact search still works
+        engine = None
+        if wanted == "hnsw" and (directory / "hnsw.faiss").is_file():
+            engine = _FaissSearch(_faiss().read_index(str(directory / "hnsw.faiss")))
+        meta = {k: v for k, v in info.items() if k not in ("format", "backend", "dim", "chunks", "embedder")}
+        return cls(embedder, vectors, [r["doc_id"] for r in rows], [r["chunk"] for r in rows], wanted, meta, engine)
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Rename ``staging`` to ``directory``; an existing ``directory`` is moved aside first and removed after."""
+    old = None
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+        os.rmdir(old)
+        os.replace(directory, old)
+    os.replace(staging, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
