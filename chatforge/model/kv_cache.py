@@ -2,23 +2,43 @@
 
 Each batch row is a slot with its own length, so rows can sit at different positions: prompts of different
 lengths decode together, and a finished row can be refilled with a new request (continuous batching).
+
+A forward pass asks for ``positions(T)`` once, then calls ``update`` once per layer, then ``advance(T)``.
+Everything the layers share (positions, scatter index, attention mask, visible length) is computed once in
+``positions`` with a single host read of the lengths, so a decode step costs no per-layer host syncs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from chatforge.config import ChatforgeError
 
 
+@dataclass
+class _StepPlan:
+    """What every layer of one forward pass needs to write and read the cache."""
+
+    T: int
+    positions: torch.Tensor  # [B, T] absolute positions of the new tokens
+    start: int | None  # common write offset when all rows have the same length (a slice beats a scatter)
+    index: torch.Tensor | None  # [B, H, T, D] scatter index when rows differ
+    end: int  # keys [0, end) are visible to some row
+    mask: torch.Tensor | None  # [B, 1, T, end]; None when every key is visible to every query
+
+
 class KVCache:
     def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        # zeros, not empty: masked keys get weight 0, and 0 * NaN from uninitialised memory would still be NaN
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._plan: _StepPlan | None = None
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> "KVCache":
@@ -30,27 +50,75 @@ class KVCache:
         return cls(cfg.n_layer, batch_size, cfg.n_head, cfg.n_embd // cfg.n_head, max_len,
                    device=param.device, dtype=dtype or param.dtype)
 
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows [start, stop) that shares this cache's storage (a view, nothing is copied)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.max_len = self.max_len
+        view.lengths = self.lengths[start:stop]
+        view._plan = None
+        return view
+
     def positions(self, T: int) -> torch.Tensor:
         """Absolute positions [B, T] of the T tokens about to be written to each row."""
-        if int(self.lengths.max()) + T > self.max_len:
-            raise ChatforgeError(f"context full: {int(self.lengths.max())} + {T} tokens exceed the cache's {self.max_len}")
-        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+        self._plan = self._make_plan(T)
+        return self._plan.positions
+
+    def _make_plan(self, T: int) -> _StepPlan:
+        lengths = self.lengths.tolist()  # the one host read of a forward pass
+        longest, shortest = max(lengths), min(lengths)
+        if longest + T > self.max_len:
+            raise ChatforgeError(f"context full: {longest} + {T} tokens exceed the cache's {self.max_len}")
+        device = self.lengths.device
+        positions = self.lengths[:, None] + torch.arange(T, device=device)
+        end = longest + T
+        uniform = longest == shortest
+        index = None
+        if not uniform:
+            B, H, _, D = self.k.shape[1:]
+            index = positions[:, None, :, None].expand(B, H, T, D)
+        mask = None
+        if T > 1 or not uniform:  # a single new token in equally long rows sees every key: no mask needed
+            keys = torch.arange(end, device=device)
+            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # causal within each row's timeline
+        return _StepPlan(T, positions, longest if uniform else None, index, end, mask)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v [B, H, T, D] at each row's offset; return visible keys, values and mask."""
-        B, _, T, _ = k.shape
-        pos = self.positions(T)
-        index = pos[:, None, :, None].expand(B, k.size(1), T, k.size(3))
-        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
-        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
-        end = int(pos.max()) + 1
-        keys = torch.arange(end, device=k.device)
-        mask = keys[None, None, :] <= pos[:, :, None]  # [B, T, end]: causal within each row's own timeline
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask[:, None]
+        T = k.size(2)
+        plan = self._plan if self._plan is not None and self._plan.T == T else self.positions(T)
+        if plan.start is not None:
+            self.k[layer, :, :, plan.start : plan.start + T] = k
+            self.v[layer, :, :, plan.start : plan.start + T] = v
+        else:
+            self.k[layer].scatter_(2, plan.index, k.to(self.k.dtype))
+            self.v[layer].scatter_(2, plan.index, v.to(self.v.dtype))
+        return self.k[layer, :, :, : plan.end], self.v[layer, :, :, : plan.end], plan.mask
 
     def advance(self, T: int) -> None:
         self.lengths += T
+        self._plan = None
 
     def reset_rows(self, rows) -> None:
         """Free slots so new requests can be placed in them."""
         self.lengths[rows] = 0
+        self._plan = None
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row ``dst`` a copy of row ``src`` (a prompt prefilled once, sampled several times)."""
+        end = int(self.lengths[src])
+        self.k[:, dst, :, :end] = self.k[:, src, :, :end]
+        self.v[:, dst, :, :end] = self.v[:, src, :, :end]
+        self.lengths[dst] = end
+        self._plan = None
+
+    def reorder_rows(self, order: torch.Tensor) -> None:
+        """Row i becomes a copy of old row ``order[i]`` (beam search keeps the beams that survived)."""
+        self.k.copy_(self.k.index_select(1, order))
+        self.v.copy_(self.v.index_select(1, order))
+        self.lengths.copy_(self.lengths.index_select(0, order))
+        self._plan = None
