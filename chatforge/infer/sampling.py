@@ -1,0 +1,192 @@
+"""Logits processors and the per-row sampler of a batch whose rows each have their own settings.
+
+Every processor works on a [B, V] batch with one parameter per row, so a batch of requests with different
+settings costs the same handful of tensor ops as a batch with one setting. Each row samples with its own
+``torch.Generator`` (one uniform draw per step, inverse-CDF), so a seeded request gets the same tokens
+whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chatforge.infer.params import SamplingParams
+
+
+def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, counts: torch.Tensor,
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Repetition (CTRL/HF: over prompt and generated tokens, positive logits divided, negative multiplied),
+    presence (OpenAI: minus ``presence`` once a token was generated) and frequency (OpenAI: minus
+    ``frequency * count``) penalties. ``prompt_mask`` [B, V] marks prompt tokens, ``counts`` [B, V] counts
+    generated ones; the three parameters are [B]."""
+    generated = counts > 0
+    rep = repetition[:, None]
+    repeated = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(prompt_mask | generated, repeated, logits)
+    return logits - presence[:, None] * generated - frequency[:, None] * counts
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every token outside the row's top-k, outside its nucleus (the smallest set of most likely
+    tokens whose probability reaches ``top_p``) or less likely than ``min_p`` times its most likely token.
+    ``top_k`` = 0, ``top_p`` = 1 and ``min_p`` = 0 switch a filter off for that row. The most likely token
+    always survives."""
+    V = logits.size(-1)
+    ordered, order = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k, V).clamp(max=V)
+    kth = ordered.gather(-1, (k - 1)[:, None])
+    remove = ordered < kth  # ties with the k-th logit stay, as in HF
+    ordered = ordered.masked_fill(remove, float("-inf"))
+    probs = ordered.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # top_p = 1 must keep the whole distribution exactly, even where rounding puts the cumulative sum at 1
+    remove |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
+    remove |= probs < min_p[:, None] * probs[:, :1]
+    remove[:, 0] = False
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(remove, float("-inf")))
+
+
+def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse CDF: the first token whose cumulative probability exceeds ``u * total``
+    (``u`` in [0, 1]). A token of probability 0 can never be chosen: its cumulative sum equals its
+    predecessor's, and the target stays strictly below the total even when ``u * total`` rounds up to it."""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+@dataclass
+class SamplingRow:
+    """One sequence's sampling state."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # None for greedy rows
+    prompt_ids: list[int]
+    stop_ids: list[int]
+    generated: int = 0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        # best_of ranks samples by mean log-probability, so it needs them even if the caller did not ask
+        return self.params.logprobs is not None or self.params.num_samples > self.params.n
+
+
+@dataclass
+class StepSample:
+    tokens: torch.Tensor  # [B]
+    logprobs: torch.Tensor | None  # [B] the model's log-prob of each sampled token
+    top_ids: torch.Tensor | None  # [B, k] most likely tokens, k = the largest ``logprobs`` of any row
+    top_logprobs: torch.Tensor | None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int):
+    """Log-probs [N] of ``tokens`` under ``logits`` [N, V], plus the ``top`` most likely (ids, log-probs)."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    if top == 0:
+        return chosen, None, None
+    top_logprobs, top_ids = logp.topk(top, dim=-1)
+    return chosen, top_ids, top_logprobs
+
+
+class BatchSampler:
+    """Samples the next token of every row of a batch; rows join, leave and are reordered between steps."""
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.device = device
+        self.rows: list[SamplingRow] = []
+        self.prompt_mask = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(0, vocab_size, device=device)
+        self._tensors: dict[str, torch.Tensor] | None = None  # per-row parameters, rebuilt when rows change
+
+    def add_rows(self, rows: list[SamplingRow]) -> None:
+        mask = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
+        for i, row in enumerate(rows):
+            if row.params.repetition_penalty != 1:
+                mask[i, torch.tensor(row.prompt_ids, device=self.device)] = True
+        self.rows += rows
+        self.prompt_mask = torch.cat([self.prompt_mask, mask])
+        self.counts = torch.cat([self.counts, torch.zeros(len(rows), self.vocab_size, device=self.device)])
+        self._tensors = None
+
+    def keep_rows(self, order: list[int]) -> None:
+        """Row i becomes old row ``order[i]``; rows not listed are dropped."""
+        index = torch.tensor(order, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[i] for i in order]
+        self.prompt_mask = self.prompt_mask.index_select(0, index)
+        self.counts = self.counts.index_select(0, index)
+        self._tensors = None
+
+    def _row_tensors(self) -> dict:
+        """Per-row parameters as [B] tensors plus batch-wide flags that let common cases skip work."""
+        if self._tensors is None:
+            def col(values, dtype=torch.float32):
+                return torch.tensor(values, dtype=dtype, device=self.device)
+
+            params = [r.params for r in self.rows]
+            t = {
+                "greedy": col([p.greedy for p in params], torch.bool),
+                "temperature": col([p.temperature if not p.greedy else 1.0 for p in params]),
+                "top_k": col([p.top_k for p in params], torch.long),
+                "top_p": col([p.top_p for p in params]),
+                "min_p": col([p.min_p for p in params]),
+                "repetition": col([p.repetition_penalty for p in params]),
+                "presence": col([p.presence_penalty for p in params]),
+                "frequency": col([p.frequency_penalty for p in params]),
+                "all_greedy": all(p.greedy for p in params),
+                "any_penalty": any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params),
+                "any_filter": any(p.top_k or p.top_p < 1 or p.min_p for p in params),
+                "any_logprobs": any(r.wants_logprobs for r in self.rows),
+                "top": max((p.logprobs or 0 for p in params), default=0),
+                "bias": None,
+            }
+            if any(p.logit_bias for p in params):
+                t["bias"] = torch.zeros(len(params), self.vocab_size, device=self.device)
+                for i, p in enumerate(params):
+                    for token, value in p.logit_bias.items():
+                        t["bias"][i, token] = value
+            self._tensors = t
+        return self._tensors
+
+    def sample(self, logits: torch.Tensor) -> StepSample:
+        """Next token of each row from its raw logits [B, V] (rows in ``self.rows`` order).
+
+        Order as HF/vLLM: logit bias, penalties, min_tokens, then greedy argmax or temperature, filters, draw."""
+        t = self._row_tensors()
+        x = logits.float()
+        if t["bias"] is not None:
+            x = x + t["bias"]
+        if t["any_penalty"]:
+            x = apply_penalties(x, self.prompt_mask, self.counts, t["repetition"], t["presence"], t["frequency"])
+        young = [i for i, r in enumerate(self.rows) if r.generated < r.params.min_tokens and r.stop_ids]
+        if young:
+            x = x.clone()
+            for i in young:
+                x[i, self.rows[i].stop_ids] = float("-inf")
+        tokens = x.argmax(dim=-1)
+        if not t["all_greedy"]:
+            tokens = torch.where(t["greedy"], tokens, self._draw(x, t))
+        if t["any_logprobs"]:
+            return StepSample(tokens, *token_logprobs(logits, tokens, t["top"]))
+        return StepSample(tokens, None, None, None)
+
+    def _draw(self, x: torch.Tensor, t: dict) -> torch.Tensor:
+        x = x / t["temperature"][:, None]
+        if t["any_filter"]:
+            x = filter_logits(x, t["top_k"], t["top_p"], t["min_p"])
+        uniforms = torch.zeros(len(self.rows), dtype=torch.float64, device=self.device)
+        for i, row in enumerate(self.rows):
+            if row.generator is not None:
+                uniforms[i] = torch.rand((), generator=row.generator, dtype=torch.float64, device=self.device)
+        return sample_from(x.softmax(dim=-1), uniforms)
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Count the tokens just sampled; only rows with penalties ever read their counts."""
+        if self._row_tensors()["any_penalty"]:
+            self.counts.scatter_add_(1, tokens[:, None], torch.ones(len(tokens), 1, device=self.device))
+        for row in self.rows:
+            row.generated += 1
