@@ -1,0 +1,185 @@
+"""Continuous batching for servers: requests from any thread or asyncio loop join a running batch.
+
+    scheduler = Scheduler(engine)
+    handle = scheduler.submit("Once upon", SamplingParams(max_tokens=20))
+    for delta in handle: ...             # or: async for delta in handle: ...
+    handle.cancel()                      # frees the slot at the next step (client went away)
+
+A background thread owns the engine's KV-cache slots and runs the step loop; between steps it admits new
+requests and drops cancelled ones. Each request's events (its deltas, then its completion) go to a
+thread-safe queue read by its handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import AsyncIterator, Iterator
+
+from chatforge.config import ChatforgeError
+from chatforge.infer.outputs import Completion, Delta
+from chatforge.infer.params import SamplingParams
+from chatforge.infer.runner import Event, Prepared, Request
+
+
+class RequestHandle:
+    """The caller's side of a submitted request. Iterating it (sync or async) yields its deltas; leaving the
+    iteration early cancels the request."""
+
+    def __init__(self, scheduler: "Scheduler"):
+        self._scheduler = scheduler
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.request: Request | None = None  # set by the scheduler thread once admitted to its queue
+        self.completion: Completion | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.completion is not None
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed before the next decode step. Safe to call from any thread."""
+        if not self.done:
+            self._scheduler._cancel(self)
+
+    def _push(self, event: Event | BaseException) -> None:
+        """Called by the scheduler thread."""
+        self._events.put(event)
+        loop, wakeup = self._loop, self._wakeup
+        if loop is not None and wakeup is not None:
+            try:
+                loop.call_soon_threadsafe(wakeup.set)
+            except RuntimeError:  # the consumer's loop is closed: nobody is waiting any more
+                pass
+
+    def _accept(self, event: Event | BaseException) -> Delta | None:
+        if isinstance(event, BaseException):
+            raise event
+        if isinstance(event, Completion):
+            self.completion = event
+            return None
+        return event
+
+    def __iter__(self) -> Iterator[Delta]:
+        try:
+            while not self.done:
+                delta = self._accept(self._events.get())
+                if delta is not None:
+                    yield delta
+        finally:
+            self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        try:
+            while not self.done:
+                # clear before looking: an event pushed after the look sets the flag again, none is missed
+                self._wakeup.clear()
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    await self._wakeup.wait()
+                    continue
+                delta = self._accept(event)
+                if delta is not None:
+                    yield delta
+        finally:
+            self.cancel()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Block until the request is finished and return its completion."""
+        while not self.done:
+            try:
+                self._accept(self._events.get(timeout=timeout))
+            except queue.Empty:
+                raise TimeoutError(f"request not finished after {timeout} s") from None
+        return self.completion
+
+
+class Scheduler:
+    """Runs ``engine``'s continuous-batching loop in a background thread for as long as it is open."""
+
+    def __init__(self, engine, max_batch_size: int | None = None):
+        self.engine = engine
+        with engine.inference():
+            self._runner = engine.new_runner(max_batch_size)
+        self._cond = threading.Condition()
+        self._inbox: list[tuple[Prepared, RequestHandle]] = []
+        self._cancels: list[RequestHandle] = []
+        self._handles: dict[int, RequestHandle] = {}  # request id -> handle, while the request runs
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="chatforge-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt, params: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request; bad settings or a prompt that does not fit raise here, in the caller's thread."""
+        prepared = self.engine.prepare(prompt, params)
+        handle = RequestHandle(self)
+        with self._cond:
+            if self._closed:
+                raise ChatforgeError("the scheduler is closed")
+            self._inbox.append((prepared, handle))
+            self._cond.notify()
+        return handle
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._cond:
+            self._cancels.append(handle)
+            self._cond.notify()
+
+    def stats(self) -> dict[str, int]:
+        """Sequences decoding now, sequences waiting for a slot, and the number of slots."""
+        return {"active": len(self._runner.active), "waiting": len(self._runner.waiting) + len(self._inbox),
+                "slots": self._runner.capacity}
+
+    def close(self) -> None:
+        """Cancel whatever still runs and stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def __enter__(self) -> "Scheduler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._inbox or self._cancels or self._closed or self._runner.busy):
+                    self._cond.wait()
+                inbox, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, []
+                closed = self._closed
+            try:
+                with self.engine.inference():
+                    for prepared, handle in inbox:
+                        handle.request = self._runner.add(prepared)
+                        self._handles[handle.request.id] = handle
+                    if closed:
+                        cancels = list(self._handles.values())
+                    for handle in cancels:
+                        if handle.request is not None and handle.request.id in self._handles:
+                            self._dispatch([(handle.request, e) for e in self._runner.cancel(handle.request)])
+                    if closed:
+                        return
+                    if self._runner.busy:
+                        self._dispatch(self._runner.step())
+            except Exception as exc:  # a failing step fails the requests in flight, not the server
+                for handle in self._handles.values():
+                    handle._push(exc)
+                self._handles.clear()
+                with self.engine.inference():
+                    self._runner = self.engine.new_runner(self._runner.capacity)
+
+    def _dispatch(self, events: list[tuple[Request, Event]]) -> None:
+        for request, event in events:
+            handle = self._handles[request.id]
+            handle._push(event)
+            if isinstance(event, Completion):
+                del self._handles[request.id]
