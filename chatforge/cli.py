@@ -18,6 +18,9 @@ STAGES: dict[str, tuple[str, bool]] = {
     "tokenizer": ("chatforge.tokenizer_stage", False),
     "pretrain": ("chatforge.train.pretrain", False),
     "speedrun": ("chatforge.speedrun", False),
+    "embed": ("chatforge.embed.train", False),
+    "eval-embed": ("chatforge.embed.evaluate", False),
+    "search": ("chatforge.embed.search_stage", True),
 }
 
 SUMMARIES = {
@@ -25,6 +28,9 @@ SUMMARIES = {
     "tokenizer": "train the byte-level BPE tokenizer and write token shards",
     "pretrain": "pretrain a GPT by next-token prediction on the token shards",
     "speedrun": "run every stage end to end on the embedded default and write the report card",
+    "embed": "train a text/code embedding model from a GPT by contrastive pre-training (CPT), then evaluate it",
+    "eval-embed": "evaluate an embedding model on held-out retrieval and a linear probe against MiniLM and a floor",
+    "search": "index a folder or JSONL of documents with an embedding model and search it",
 }
 
 
