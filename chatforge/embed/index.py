@@ -17,13 +17,14 @@ large indexes), ``numpy`` (exact, no dependency: the fallback when faiss is not 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -199,10 +200,7 @@ class SearchIndex:
 
     def save(self, directory: str | Path) -> None:
         """Write the index to ``directory`` all at once: a failed save leaves any previous index untouched."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as staging:
             np.save(staging / "vectors.npy", self.vectors)
             with open(staging / "chunks.jsonl", "w", encoding="utf-8") as fh:
                 for doc_id, chunk in zip(self.doc_ids, self.chunks):
@@ -212,9 +210,6 @@ class SearchIndex:
             info = {"format": INDEX_FORMAT, "backend": self.backend, "dim": int(self.vectors.shape[1]),
                     "chunks": len(self), "embedder": self.embedder.spec(), **self.meta}
             (staging / "index.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-            _swap_in(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: str | Path, embedder: Embedder | None = None, backend: str | None = None,
@@ -242,13 +237,25 @@ class SearchIndex:
         return cls(embedder, vectors, [r["doc_id"] for r in rows], [r["chunk"] for r in rows], wanted, meta, engine)
 
 
-def _swap_in(staging: Path, directory: Path) -> None:
-    """Rename ``staging`` to ``directory``; an existing ``directory`` is moved aside first and removed after."""
-    old = None
-    if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-        os.rmdir(old)
-        os.replace(directory, old)
-    os.replace(staging, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield an empty staging directory next to ``directory``; on success it replaces ``directory`` whole.
+
+    An existing ``directory`` is moved aside, the staging one renamed into place, then the old one removed, so
+    a reader sees the old or the new directory and never a half-written one. On failure nothing changes.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield staging
+        old = None
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.rmdir(old)
+            os.replace(directory, old)
+        os.replace(staging, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
