@@ -207,6 +207,15 @@ def test_logprobs_are_the_models_and_agree_with_scoring(engine, model):
     assert [lp.logprob for lp in completion.prompt_logprobs[1:]] == pytest.approx(engine.score(prompt[:1], prompt[1:]), abs=1e-4)
 
 
+def test_generation_leaves_a_training_model_in_training_mode(engine, model):
+    model.train()
+    try:
+        engine.generate(["The quick"], greedy(3))
+        assert model.training and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    finally:
+        model.eval()
+
+
 def test_score_batch_matches_one_pair_at_a_time(engine):
     pairs = [("The quick", " brown fox"), ([1, 2, 3, 4, 5, 6], [7]), ("A", " stop sign.")]
     assert engine.score_batch(pairs) == [pytest.approx(engine.score(p, c), abs=1e-5) for p, c in pairs]
@@ -273,4 +282,15 @@ def test_leaving_a_stream_early_cancels_the_request(engine):
         handle = scheduler.submit("The quick", SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))
         for _ in handle:
             break
+        assert scheduler.submit("Hello", greedy(3)).result(timeout=60).choices[0].finish_reason == "length"
+
+
+def test_a_failing_step_fails_its_requests_but_not_the_scheduler(engine, monkeypatch):
+    with Scheduler(engine, max_batch_size=2) as scheduler:
+        runner_class = type(scheduler._runner)
+        real_step = runner_class.step
+        monkeypatch.setattr(runner_class, "step", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
+        with pytest.raises(RuntimeError, match="device lost"):
+            scheduler.submit("Hello", greedy(3)).result(timeout=60)
+        monkeypatch.setattr(runner_class, "step", real_step)
         assert scheduler.submit("Hello", greedy(3)).result(timeout=60).choices[0].finish_reason == "length"

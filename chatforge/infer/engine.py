@@ -22,7 +22,7 @@ from chatforge.infer.beam import Beam, beam_search
 from chatforge.infer.detokenizer import IncrementalDetokenizer
 from chatforge.infer.outputs import Completion, Delta
 from chatforge.infer.params import SamplingParams
-from chatforge.infer.runner import BatchRunner, Prepared
+from chatforge.infer.runner import BatchRunner, Event, Prepared
 from chatforge.infer.sampling import token_logprobs
 
 Prompt = str | Sequence[int]
@@ -157,9 +157,13 @@ class Engine:
                 runner.step()
         return [r.completion for r in requests]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Delta]:
-        """Deltas of one request as they are decoded (text never splits a character or leaks a stop string)."""
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> "Stream":
+        """Deltas of one request as they are decoded (text never splits a character or leaks a stop string);
+        the returned iterator's ``completion`` is set once it is exhausted."""
         prepared = self.prepare(prompt, params)
+        return Stream(prepared.prompt_ids, self._events(prepared))
+
+    def _events(self, prepared: Prepared) -> Iterator[Event]:
         with self.inference():
             runner = self.new_runner(prepared.params.num_samples, len(prepared.prompt_ids) + prepared.max_new_tokens)
             runner.add(prepared)
@@ -167,10 +171,9 @@ class Engine:
             with self.inference():  # not held across yields: the caller's code must not run in inference mode
                 events = runner.step()
             for _, event in events:
-                if isinstance(event, Delta):
-                    yield event
+                yield event
 
-    def beam_search(self, prompt: Prompt, width: int = 4, max_tokens: int = 64, length_penalty: float = 1.0,
+    def beam_search(self, prompt: Prompt, width: int = 4, max_tokens: int | None = 64, length_penalty: float = 1.0,
                     early_stopping: bool = False, n: int = 1, stop_token_ids: Sequence[int] | None = None) -> list[Beam]:
         """The ``n`` best of ``width`` beams, best first, scored by sum log-prob / length**length_penalty."""
         if not 1 <= n <= width:
@@ -227,3 +230,19 @@ class Engine:
             chosen, _, _ = token_logprobs(logits[i, positions], ids[i, len(p) : len(p) + len(c)], 0)
             out.append(chosen.tolist())
         return out
+
+
+class Stream:
+    """Iterator over one request's deltas; ``completion`` holds the whole result once it is exhausted."""
+
+    def __init__(self, prompt_ids: list[int], events: Iterator[Event]):
+        self.prompt_ids = prompt_ids  # as decoded: after truncation, if the request asked for it
+        self.completion: Completion | None = None
+        self._events = events
+
+    def __iter__(self) -> Iterator[Delta]:
+        for event in self._events:
+            if isinstance(event, Completion):
+                self.completion = event
+            else:
+                yield event

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from chatforge.config import ChatforgeError
+from chatforge.config import ChatforgeError, option
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI: alternatives beyond this are noise and cost a top-k over the vocabulary
 
@@ -21,26 +21,27 @@ class SamplingParams:
     policy (sample with ``temperature=1`` and no filtering, and the two distributions coincide).
     """
 
-    max_tokens: int | None = 64  # None: until the context window is full
-    min_tokens: int = 0  # stop tokens are suppressed until this many tokens were generated
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int = 0  # 0 means off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # CTRL / HF: divide positive logits of seen tokens, multiply negative ones
-    presence_penalty: float = 0.0  # OpenAI: subtracted once from every token generated so far
-    frequency_penalty: float = 0.0  # OpenAI: subtracted count times from every token generated so far
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    stop: list[str] = field(default_factory=list)  # cut from the text, may span token boundaries
-    stop_token_ids: list[int] = field(default_factory=list)  # in addition to end-of-text/end-of-turn
-    ignore_eos: bool = False  # do not stop at end-of-text / end-of-turn
-    n: int = 1  # samples returned
-    best_of: int | None = None  # samples drawn; the n with the highest mean log-probability are returned
-    seed: int | None = None  # makes sampling reproducible, whatever else shares the batch
-    logprobs: int | None = None  # None: off; k: log-prob of each sampled token plus its top-k alternatives
-    echo: bool = False  # also return the log-probs of the prompt's tokens
-    truncate: bool = False  # drop the oldest prompt tokens when the prompt does not fit the context
-    skip_special_tokens: bool = True  # special tokens add no text
+    max_tokens: int | None = option(64, "most tokens to generate per sample (none: until the context is full)")
+    min_tokens: int = option(0, "stop tokens are suppressed until this many tokens were generated")
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy")
+    top_k: int = option(0, "sample only among the k most likely tokens (0 = off)")
+    top_p: float = option(1.0, "sample only among the most likely tokens whose probability reaches top_p (1 = off)")
+    min_p: float = option(0.0, "drop tokens less likely than min_p times the most likely one (0 = off)")
+    repetition_penalty: float = option(1.0, "CTRL/HF: divide positive logits of prompt and generated tokens by it, "
+                                            "multiply negative ones (1 = off)")
+    presence_penalty: float = option(0.0, "OpenAI: subtract from the logit of every token generated so far, once")
+    frequency_penalty: float = option(0.0, "OpenAI: subtract count times from the logit of every generated token")
+    logit_bias: dict[int, float] = option({}, 'added to the logits of token ids, JSON: {"50": -100}')
+    stop: list[str] = option([], "stop strings (may span tokens; cut from the text)")
+    stop_token_ids: list[int] = option([], "token ids that end a sample, besides end-of-text / end-of-turn")
+    ignore_eos: bool = option(False, "do not stop at end-of-text / end-of-turn")
+    n: int = option(1, "samples returned per prompt")
+    best_of: int | None = option(None, "samples drawn per prompt; the n with the highest mean log-prob are returned")
+    seed: int | None = option(None, "makes sampling reproducible, whatever else shares the batch")
+    logprobs: int | None = option(None, "return each sampled token's log-prob and its k most likely alternatives")
+    echo: bool = option(False, "also return the log-probs of the prompt's tokens")
+    truncate: bool = option(False, "drop the oldest prompt tokens when the prompt does not fit the context")
+    skip_special_tokens: bool = option(True, "special tokens add no text")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SamplingParams":

@@ -224,8 +224,12 @@ class BatchRunner:
     def _prefill(self, request: Request, row: int) -> torch.Tensor:
         self.cache.reset_rows([row])
         ids = torch.tensor([request.prepared.prompt_ids], dtype=torch.long, device=self.device)
-        logits = self.model(ids, kv_cache=self.cache.rows(row, row + 1))[0][0, :, : self.vocab_size]
+        view = self.cache.rows(row, row + 1)
         params = request.prepared.params
+        if not params.echo and hasattr(self.model, "hidden_states"):
+            # only the last position's logits are needed: skip the vocabulary projection of all the others
+            return self.model.logits(self.model.hidden_states(ids, kv_cache=view)[0, -1])[: self.vocab_size]
+        logits = self.model(ids, kv_cache=view)[0][0, :, : self.vocab_size]
         if params.echo and request.prompt_logprobs is None:
             targets = request.prepared.prompt_ids[1:]
             entries = _logprob_entries(targets, *token_logprobs(logits[:-1], ids[0, 1:], params.logprobs or 0))

@@ -30,6 +30,7 @@ class RequestHandle:
     def __init__(self, scheduler: "Scheduler"):
         self._scheduler = scheduler
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._ended = threading.Event()  # the last event is queued: lets result() sleep through the deltas
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.request: Request | None = None  # set by the scheduler thread once admitted to its queue
@@ -47,6 +48,8 @@ class RequestHandle:
     def _push(self, event: Event | BaseException) -> None:
         """Called by the scheduler thread."""
         self._events.put(event)
+        if isinstance(event, (Completion, BaseException)):
+            self._ended.set()
         loop, wakeup = self._loop, self._wakeup
         if loop is not None and wakeup is not None:
             try:
@@ -91,11 +94,10 @@ class RequestHandle:
 
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request is finished and return its completion."""
+        if not self._ended.wait(timeout):
+            raise TimeoutError(f"request not finished after {timeout} s")
         while not self.done:
-            try:
-                self._accept(self._events.get(timeout=timeout))
-            except queue.Empty:
-                raise TimeoutError(f"request not finished after {timeout} s") from None
+            self._accept(self._events.get())
         return self.completion
 
 

@@ -1,0 +1,172 @@
+"""generate text from a checkpoint with every decoding control, streamed to the terminal.
+
+    chatforge generate "Once upon a time" --temperature=0.8 --top_p=0.9 --max_tokens=100
+    chatforge generate --prompts_file=prompts.txt --n=3 --seed=1 --stream=false --output=out.jsonl
+    echo "The capital of France" | chatforge generate --temperature=0 --logprobs=3
+    chatforge generate "Once upon a time" --beam_width=4 --length_penalty=1.0
+
+Prompts come from the positional arguments, else from ``--prompts_file`` (one per line, blank lines skipped;
+``-`` reads lines from stdin), else the whole of stdin is one prompt. With one sample per prompt (no
+``best_of``, no beam search) and ``--stream`` on, text is printed as it is decoded, one prompt after
+another; otherwise all prompts are decoded together in continuous batches and printed when done. Stop
+strings understand backslash escapes (``--stop='\\n\\n'``); commas separate several.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chatforge import io
+from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.infer.engine import Engine
+from chatforge.infer.outputs import Completion
+from chatforge.infer.params import SamplingParams
+
+
+@dataclass
+class Config(SamplingParams):
+    ckpt: str = option("runs/speedrun/pretrain", "checkpoint directory, run directory or Hugging Face GPT-2 directory")
+    tokenizer: str = option("", "tokenizer.json or its directory (default: the checkpoint's tokenizer)")
+    prompts_file: str = option("", "file with one prompt per line ('-' = lines of stdin)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    max_batch_size: int = option(16, "sequences decoded together")
+    stream: bool = option(True, "print text as it is generated")
+    output: str = option("", "also write every completion (ids, text, log-probs) to this JSON-lines file")
+    beam_width: int = option(0, "beam search with this many beams instead of sampling (0 = off)")
+    length_penalty: float = option(1.0, "beam search: score = log-prob / length ** length_penalty")
+    early_stopping: bool = option(False, "beam search: stop once beam_width hypotheses are finished")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_batch_size < 1:
+            raise ConfigError(f"option 'max_batch_size' must be >= 1; got {self.max_batch_size}")
+        if self.beam_width < 0:
+            raise ConfigError(f"option 'beam_width' must be >= 0 (0 = sampling); got {self.beam_width}")
+        if self.beam_width and self.n > self.beam_width:
+            raise ConfigError(f"option 'n' ({self.n}) cannot exceed 'beam_width' ({self.beam_width})")
+        if not math.isfinite(self.length_penalty):
+            raise ConfigError(f"option 'length_penalty' must be a finite number; got {self.length_penalty}")
+
+    def sampling(self) -> SamplingParams:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)}
+        values["stop"] = [_unescape(s) for s in self.stop]
+        return SamplingParams(**values).validate()
+
+
+def _unescape(text: str) -> str:
+    """Backslash escapes typed on a command line ("\\n") as the characters they name; other text unchanged."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def read_prompts(args: list[str], prompts_file: str) -> list[str]:
+    if args:
+        return list(args)
+    if prompts_file:
+        if prompts_file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            path = Path(prompts_file)
+            if not path.is_file():
+                raise ChatforgeError(f"prompts file not found: {path}")
+            lines = path.read_text(encoding="utf-8").splitlines()
+        prompts = [line for line in lines if line.strip()]
+        if not prompts:
+            raise ChatforgeError(f"no prompts in {prompts_file}")
+        return prompts
+    text = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read().rstrip("\n")
+    if not text:
+        raise ChatforgeError("no prompt: give prompts as arguments, with --prompts_file, or on stdin")
+    return [text]
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ChatforgeError(f"device {name!r} requested but CUDA is not available")
+    return name
+
+
+def load_engine(cfg: Config) -> Engine:
+    """The checkpoint's model and tokenizer (or ``--tokenizer``) wrapped in an Engine."""
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.train.checkpoint import load_model, tokenizer_path
+
+    if not Path(cfg.ckpt).exists():
+        raise ChatforgeError(f"checkpoint not found: {cfg.ckpt} (train one, or pass --ckpt)")
+    model, _ = load_model(cfg.ckpt, device=_device(cfg.device))
+    tokenizer = Tokenizer.load(cfg.tokenizer or tokenizer_path(cfg.ckpt))
+    return Engine(model, tokenizer, max_batch_size=cfg.max_batch_size)
+
+
+def _print_logprobs(tokenizer, label: str, entries) -> None:
+    show = lambda t: repr(tokenizer.decode([t]))
+    print(f"[{label}]")
+    for entry in entries:
+        if entry is not None:  # the prompt's first token has no context, hence no log-prob
+            top = "  ".join(f"{show(t)} {lp:.3f}" for t, lp in entry.top)
+            print(f"  {show(entry.token_id):>16} {entry.logprob:8.3f}" + (f"   | {top}" if top else ""))
+
+
+def _show_completion(tokenizer, completion: Completion, title: str | None, echo: bool, streamed: bool) -> None:
+    """Print what was not streamed already: texts, then the log-probs that were asked for."""
+    for choice in completion.choices:
+        if not streamed:
+            if title:
+                print(f"=== {title}" + (f", sample {choice.index + 1}" if len(completion.choices) > 1 else "") + " ===")
+            print((tokenizer.decode(completion.prompt_ids) if echo else "") + choice.text)
+        if choice.logprobs is not None:
+            _print_logprobs(tokenizer, "log-probs of the generated tokens", choice.logprobs)
+    if completion.prompt_logprobs is not None:
+        _print_logprobs(tokenizer, "log-probs of the prompt", completion.prompt_logprobs)
+
+
+def _streamed(engine: Engine, prompt: str, params: SamplingParams, title: str | None) -> Completion:
+    stream = engine.stream(prompt, params)
+    if title:
+        print(f"=== {title} ===")
+    if params.echo:
+        sys.stdout.write(engine.tokenizer.decode(stream.prompt_ids))
+    for delta in stream:
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    _show_completion(engine.tokenizer, stream.completion, title, params.echo, streamed=True)
+    return stream.completion
+
+
+def _beams(engine: Engine, cfg: Config, prompt: str, title: str | None) -> list[dict]:
+    beams = engine.beam_search(prompt, cfg.beam_width, cfg.max_tokens, cfg.length_penalty, cfg.early_stopping,
+                               cfg.n, cfg.stop_token_ids)
+    for rank, beam in enumerate(beams, 1):
+        print(f"=== {title + ', ' if title else ''}beam {rank}: score {beam.score:.4f}, log-prob {beam.logprob:.4f}"
+              f"{'' if beam.finished else ' (unfinished)'} ===")
+        print(beam.text)
+    return [dataclasses.asdict(b) for b in beams]
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    params = cfg.sampling()
+    prompts = read_prompts(args, cfg.prompts_file)
+    engine = load_engine(cfg)
+    titles = [f"prompt {i + 1}" if len(prompts) > 1 else None for i in range(len(prompts))]
+    if cfg.beam_width:
+        rows = [{"prompt": p, "beams": _beams(engine, cfg, p, t)} for p, t in zip(prompts, titles)]
+    else:
+        if cfg.stream and params.num_samples == 1:
+            completions = [_streamed(engine, p, params, t) for p, t in zip(prompts, titles)]
+        else:
+            completions = engine.generate(prompts, params)
+            for completion, title in zip(completions, titles):
+                _show_completion(engine.tokenizer, completion, title or ("prompt" if params.n > 1 else None),
+                                 params.echo, streamed=False)
+        rows = [{"prompt": p, **dataclasses.asdict(c)} for p, c in zip(prompts, completions)]
+    if cfg.output:
+        io.write_jsonl(cfg.output, rows)
+        print(f"wrote {len(rows)} results to {cfg.output}", file=sys.stderr)
