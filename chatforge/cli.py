@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, bool]] = {
     "embed": ("chatforge.embed.train", False),
     "eval-embed": ("chatforge.embed.evaluate", False),
     "search": ("chatforge.embed.search_stage", True),
+    "generate": ("chatforge.infer.generate_stage", True),
 }
 
 SUMMARIES = {
@@ -31,6 +32,7 @@ SUMMARIES = {
     "embed": "train a text/code embedding model from a GPT by contrastive pre-training (CPT), then evaluate it",
     "eval-embed": "evaluate an embedding model on held-out retrieval and a linear probe against MiniLM and a floor",
     "search": "index a folder or JSONL of documents with an embedding model and search it",
+    "generate": "generate text from a checkpoint with every decoding control, streamed to the terminal",
 }
 
 
