@@ -96,7 +96,8 @@ class Engine:
             raise ChatforgeError("stop strings need a tokenizer; give stop_token_ids instead")
         room = params.max_tokens or 1
         if room >= self.block_size:
-            raise ChatforgeError(f"max_tokens={params.max_tokens} leaves no room for a prompt in the model's context of {self.block_size} tokens")
+            raise ChatforgeError(f"max_tokens={params.max_tokens} leaves no room for a prompt in the model's context "
+                                 f"of {self.block_size} tokens")
         if len(ids) + room > self.block_size:
             if not params.truncate:
                 raise ChatforgeError(
@@ -138,7 +139,8 @@ class Engine:
 
     # ---- generation ----------------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+    def generate(self, prompts: Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
         """Complete every prompt, each with its own settings if ``params`` is a list, in continuous batches."""
         if isinstance(prompts, str):
             raise ChatforgeError("generate takes a list of prompts; use [prompt] for one")
@@ -178,7 +180,8 @@ class Engine:
         """The ``n`` best of ``width`` beams, best first, scored by sum log-prob / length**length_penalty."""
         if not 1 <= n <= width:
             raise ChatforgeError(f"beam search needs 1 <= n <= width; got n={n}, width={width}")
-        prepared = self.prepare(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=list(stop_token_ids or [])))
+        settings = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=list(stop_token_ids or []))
+        prepared = self.prepare(prompt, settings)
         with self.inference():
             beams = beam_search(self.model, prepared.prompt_ids, width, prepared.max_new_tokens, length_penalty,
                                 early_stopping, prepared.stop_ids, self.vocab_size)
@@ -209,7 +212,8 @@ class Engine:
             excess = len(p_ids) + len(c_ids) - self.block_size
             if excess > 0:
                 if not truncate or excess >= len(p_ids):
-                    raise ChatforgeError(f"pair {i}: {len(p_ids)} + {len(c_ids)} tokens exceed the model's context of {self.block_size}")
+                    raise ChatforgeError(f"pair {i}: {len(p_ids)} + {len(c_ids)} tokens exceed the model's context "
+                                         f"of {self.block_size}")
                 p_ids = p_ids[excess:]
             rows.append((p_ids, c_ids))
         results = []

@@ -177,8 +177,8 @@ class BatchRunner:
             finished = self._append(seq, token)
             request = seq.request
             if request.streams:
-                shown = entry if seq.sampling.params.logprobs is not None else None
-                events.append((request, Delta(seq.index, seq.detok.delta(), [token], None if shown is None else [shown], seq.finish_reason)))
+                shown = [entry] if entry is not None and seq.sampling.params.logprobs is not None else None
+                events.append((request, Delta(seq.index, seq.detok.delta(), [token], shown, seq.finish_reason)))
             if finished:
                 finished_rows.add(row)
                 if all(s.finish_reason for s in request.sequences):
