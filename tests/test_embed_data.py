@@ -7,6 +7,7 @@ import pytest
 from chatforge.config import ChatforgeError
 from chatforge.embed.data import (
     Pair,
+    PairBatches,
     PairConfig,
     build_pairs,
     chat_pairs,
@@ -146,3 +147,16 @@ def test_build_pairs_mixes_every_kind(tmp_path):
     cfg = PairConfig(span_chars=200, wordnet_dir=str(tmp_path / "no-wordnet"), user_pairs=[str(user)])
     kinds = {p.kind for p in build_pairs(docs, cfg)}
     assert kinds == {"span", "docstring", "comment", "chat", "user"}
+
+
+def test_pair_batches_are_a_function_of_the_step_and_split_across_ranks():
+    pairs = [Pair(f"q{i}", f"d{i}", "x") for i in range(10)]
+    batches = PairBatches(pairs, batch_size=4, seed=3)
+    first_epoch = batches.batch(0) + batches.batch(1)
+    assert len(set(first_epoch)) == 8  # no pair twice within an epoch
+    assert batches.batch(2) != batches.batch(0)  # epoch 2 is a new permutation
+    again = PairBatches(pairs, batch_size=4, seed=3)
+    assert again.batch(5) == batches.batch(5)  # resuming at step 5 draws the same batch
+    assert again.batch(5, rank=0, world=2) + again.batch(5, rank=1, world=2) == batches.batch(5)
+    with pytest.raises(ChatforgeError, match="only 10 training pairs"):
+        PairBatches(pairs, batch_size=11)

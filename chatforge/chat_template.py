@@ -1,0 +1,91 @@
+"""The one chat template: tokenizer, SFT, engine, chat CLI, server and tools all render conversations here.
+
+A conversation becomes::
+
+    <|endoftext|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> text <|end|> ...
+
+Role markers are special tokens, never text, so a user typing "<|assistant|>" cannot forge a turn. The
+leading end-of-text token puts every conversation at a document boundary, as pretraining saw documents.
+Tool results come back as ``tool`` turns (``<|tool_result|>``); an assistant's tool call is the assistant
+turn's text after a ``<|tool_call|>`` token (see ``chatforge.tools``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatforge.config import ChatforgeError
+
+ROLE_TOKENS = {
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "tool": "<|tool_result|>",
+}
+END_OF_TURN = "<|end|>"
+END_OF_TEXT = "<|endoftext|>"
+
+
+@dataclass
+class RenderedChat:
+    ids: list[int]
+    loss_mask: list[int]  # 1 where the token is assistant output the model should learn to produce
+
+
+def validate_messages(messages: list[dict]) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ChatforgeError("a conversation needs a non-empty list of messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ChatforgeError(f"message {i} must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLE_TOKENS:
+            raise ChatforgeError(f"message {i} has role {role!r}; roles are {', '.join(ROLE_TOKENS)}")
+        if not isinstance(content, str):
+            raise ChatforgeError(f"message {i} ({role}) must have string content")
+        if role == "system" and i != 0:
+            raise ChatforgeError(f"message {i}: a system message may only come first")
+
+
+def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> RenderedChat:
+    """Token ids of a conversation, with the mask of assistant tokens (their text and closing <|end|>).
+
+    With ``add_generation_prompt`` the ids end in ``<|assistant|>``, ready for the model to answer.
+    """
+    validate_messages(messages)
+    end = tokenizer.special_id(END_OF_TURN)
+    ids, mask = [tokenizer.special_id(END_OF_TEXT)], [0]
+    for message in messages:
+        body = tokenizer.encode(message["content"]) + [end]
+        learn = 1 if message["role"] == "assistant" else 0
+        ids += [tokenizer.special_id(ROLE_TOKENS[message["role"]])] + body
+        mask += [0] + [learn] * len(body)
+    if add_generation_prompt:
+        ids.append(tokenizer.special_id(ROLE_TOKENS["assistant"]))
+        mask.append(0)
+    return RenderedChat(ids, mask)
+
+
+def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+    """The ids a model continues to write the next assistant turn."""
+    return render(messages, tokenizer, add_generation_prompt=True).ids
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Tokens that end an assistant turn."""
+    return [tokenizer.special_id(END_OF_TURN), tokenizer.special_id(END_OF_TEXT)]
+
+
+def fit_to_context(messages: list[dict], tokenizer, max_tokens: int) -> list[dict]:
+    """Drop the oldest turns (never the system prompt, never the last message) until the prompt fits."""
+    kept = list(messages)
+    system = kept[:1] if kept and kept[0]["role"] == "system" else []
+    turns = kept[len(system):]
+    while len(turns) > 1 and len(prompt_ids(system + turns, tokenizer)) > max_tokens:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation restarts at a user turn
+            turns = turns[1:]
+    fitted = system + turns
+    if len(prompt_ids(fitted, tokenizer)) > max_tokens:
+        raise ChatforgeError(f"the last message alone does not fit the context of {max_tokens} tokens")
+    return fitted
