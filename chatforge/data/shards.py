@@ -74,7 +74,7 @@ def read_meta(path: str | Path) -> dict:
         raise ChatforgeError(f"{meta_path} is not valid JSON: {exc}") from None
 
 
-def _to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)  # overlaps the copy with compute
     return tensor.to(device)
@@ -127,11 +127,11 @@ class TokenWindows:
 
         Returns int64 ``x, y`` of shape ``[batch_size // world_size, block_size]`` with ``y`` = ``x`` shifted by one.
         """
-        _check_split(batch_size, rank, world_size)
+        check_split(batch_size, rank, world_size)
         rng = np.random.default_rng([self.seed, step])
         # every rank draws all offsets and keeps its slice, so the global batch is the same for any world size
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=batch_size)
-        return self._rows(_rank_slice(starts, rank, world_size), device)
+        return self._rows(rank_slice(starts, rank, world_size), device)
 
     def eval_batches(
         self, n_batches: int, batch_size: int, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"
@@ -141,23 +141,23 @@ class TokenWindows:
         Identical on every call (no randomness), so validation losses are comparable across a run. A shard with
         fewer than ``n_batches * batch_size`` windows (see ``num_windows``) is walked again from its start.
         """
-        _check_split(batch_size, rank, world_size)
+        check_split(batch_size, rank, world_size)
         for index in range(n_batches):
             windows = (np.arange(index * batch_size, (index + 1) * batch_size) % self.num_windows)
-            yield self._rows(_rank_slice(windows * self.block_size, rank, world_size), device)
+            yield self._rows(rank_slice(windows * self.block_size, rank, world_size), device)
 
     def _rows(self, starts: np.ndarray, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.from_numpy(self.tokens[starts[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
-        return _to_device(rows[:, :-1].contiguous(), device), _to_device(rows[:, 1:].contiguous(), device)
+        return to_device(rows[:, :-1].contiguous(), device), to_device(rows[:, 1:].contiguous(), device)
 
 
-def _check_split(batch_size: int, rank: int, world_size: int) -> None:
+def check_split(batch_size: int, rank: int, world_size: int) -> None:
     if batch_size < 1 or world_size < 1 or batch_size % world_size:
         raise ChatforgeError(f"batch_size {batch_size} must be a positive multiple of world_size {world_size}")
     if not 0 <= rank < world_size:
         raise ChatforgeError(f"rank {rank} is outside world_size {world_size}")
 
 
-def _rank_slice(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+def rank_slice(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     per_rank = len(rows) // world_size
     return rows[rank * per_rank : (rank + 1) * per_rank]

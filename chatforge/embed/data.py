@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 
 from chatforge.config import ChatforgeError, option
+from chatforge.data.chat_batches import EpochOrder
 
 
 @dataclass(frozen=True)
@@ -296,24 +296,14 @@ def build_pairs(documents: Iterable[dict], cfg: PairConfig, seed: int = 0) -> li
 
 
 class PairBatches:
-    """Batches of pairs as a pure function of the step: every epoch is a fresh seeded permutation cut into whole
-    batches (the remainder waits for a later epoch), so no pair meets itself as a negative, and a resumed run
-    (or rank ``r`` of ``world``) draws exactly the batches an uninterrupted single process would."""
+    """Batches of pairs as a pure function of the step (see ``EpochOrder``): no pair meets itself as a negative,
+    and a resumed run (or rank ``r`` of ``world``) draws exactly the batches an uninterrupted single process would."""
 
     def __init__(self, pairs: list[Pair], batch_size: int, seed: int = 0):
-        if len(pairs) < batch_size:
-            raise ChatforgeError(f"only {len(pairs)} training pairs for a batch of {batch_size}; lower batch_size or add data")
         self.pairs = pairs
         self.batch_size = batch_size
-        self.seed = seed
-        self.batches_per_epoch = len(pairs) // batch_size
-        self._epoch, self._order = -1, np.arange(0)
+        self.order = EpochOrder(len(pairs), batch_size, seed, what="training pairs")
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> list[Pair]:
         """This rank's contiguous share of global batch number ``step``."""
-        epoch, index = divmod(step, self.batches_per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
-        per_rank = self.batch_size // world
-        first = index * self.batch_size + rank * per_rank
-        return [self.pairs[i] for i in self._order[first : first + per_rank]]
+        return [self.pairs[i] for i in self.order.indices(step, rank, world)]
