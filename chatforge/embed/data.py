@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-
 from chatforge.config import ChatforgeError, option
 from chatforge.data.chat_batches import EpochOrder
 
