@@ -16,6 +16,7 @@ from chatforge.config import ChatforgeError, die, help_text, parse
 STAGES: dict[str, tuple[str, bool]] = {
     "data": ("chatforge.data.pipeline", False),
     "tokenizer": ("chatforge.tokenizer_stage", False),
+    "sft-data": ("chatforge.data.sft_data", False),
     "pretrain": ("chatforge.train.pretrain", False),
     "speedrun": ("chatforge.speedrun", False),
     "embed": ("chatforge.embed.train", False),
@@ -27,6 +28,7 @@ STAGES: dict[str, tuple[str, bool]] = {
 SUMMARIES = {
     "data": "build the cleaned, de-duplicated, split pretraining corpus and its manifest",
     "tokenizer": "train the byte-level BPE tokenizer and write token shards",
+    "sft-data": "curate SFT demonstrations, a held-out SFT split and the RLHF prompt pool (InstructGPT rules)",
     "pretrain": "pretrain a GPT by next-token prediction on the token shards",
     "speedrun": "run every stage end to end on the embedded default and write the report card",
     "embed": "train a text/code embedding model from a GPT by contrastive pre-training (CPT), then evaluate it",
