@@ -1,0 +1,1 @@
+"""Evaluations that execute model-written code: the sandbox and HumanEval."""
