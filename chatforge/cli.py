@@ -23,6 +23,8 @@ STAGES: dict[str, tuple[str, bool]] = {
     "eval-embed": ("chatforge.embed.evaluate", False),
     "search": ("chatforge.embed.search_stage", True),
     "generate": ("chatforge.infer.generate_stage", True),
+    "chat": ("chatforge.infer.chat_stage", True),
+    "rankings": ("chatforge.data.rankings", False),
 }
 
 SUMMARIES = {
@@ -35,6 +37,8 @@ SUMMARIES = {
     "eval-embed": "evaluate an embedding model on held-out retrieval and a linear probe against MiniLM and a floor",
     "search": "index a folder or JSONL of documents with an embedding model and search it",
     "generate": "generate text from a checkpoint with every decoding control, streamed to the terminal",
+    "chat": "chat with a model in the terminal (streamed, multi-turn), or answer stdin for scripts",
+    "rankings": "build K-way ranking data for the reward model (human files + automatic reference > SFT > corrupted)",
 }
 
 

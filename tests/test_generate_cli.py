@@ -8,7 +8,7 @@ import torch
 
 from chatforge.cli import main
 from chatforge.infer.engine import Engine
-from chatforge.infer.generate_stage import _unescape
+from chatforge.infer.loading import unescape
 from chatforge.infer.params import SamplingParams
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.hf import export_hf_gpt2
@@ -102,6 +102,6 @@ def test_missing_checkpoint_is_named(capsys):
 
 
 def test_stop_strings_understand_backslash_escapes():
-    assert _unescape("\\n\\n") == "\n\n"
-    assert _unescape("你好\\t🙂") == "你好\t🙂"
-    assert _unescape("plain") == "plain"
+    assert unescape("\\n\\n") == "\n\n"
+    assert unescape("你好\\t🙂") == "你好\t🙂"
+    assert unescape("plain") == "plain"

@@ -20,22 +20,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, option
 from chatforge.infer.engine import Engine
 from chatforge.infer.outputs import Completion
+from chatforge.infer.loading import EngineOptions, load_engine
 from chatforge.infer.params import SamplingParams
 
 
 @dataclass
-class Config(SamplingParams):
-    ckpt: str = option("runs/speedrun/pretrain", "checkpoint directory, run directory or Hugging Face GPT-2 directory")
-    tokenizer: str = option("", "tokenizer.json or its directory (default: the checkpoint's tokenizer)")
+class Config(EngineOptions):
     prompts_file: str = option("", "file with one prompt per line ('-' = lines of stdin)")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    max_batch_size: int = option(16, "sequences decoded together")
     stream: bool = option(True, "print text as it is generated")
     output: str = option("", "also write every completion (ids, text, log-probs) to this JSON-lines file")
     beam_width: int = option(0, "beam search with this many beams instead of sampling (0 = off)")
@@ -44,24 +39,12 @@ class Config(SamplingParams):
 
     def validate(self) -> None:
         super().validate()
-        if self.max_batch_size < 1:
-            raise ConfigError(f"option 'max_batch_size' must be >= 1; got {self.max_batch_size}")
         if self.beam_width < 0:
             raise ConfigError(f"option 'beam_width' must be >= 0 (0 = sampling); got {self.beam_width}")
         if self.beam_width and self.n > self.beam_width:
             raise ConfigError(f"option 'n' ({self.n}) cannot exceed 'beam_width' ({self.beam_width})")
         if not math.isfinite(self.length_penalty):
             raise ConfigError(f"option 'length_penalty' must be a finite number; got {self.length_penalty}")
-
-    def sampling(self) -> SamplingParams:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)}
-        values["stop"] = [_unescape(s) for s in self.stop]
-        return SamplingParams(**values).validate()
-
-
-def _unescape(text: str) -> str:
-    """Backslash escapes typed on a command line ("\\n") as the characters they name; other text unchanged."""
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def read_prompts(args: list[str], prompts_file: str) -> list[str]:
@@ -83,26 +66,6 @@ def read_prompts(args: list[str], prompts_file: str) -> list[str]:
     if not text:
         raise ChatforgeError("no prompt: give prompts as arguments, with --prompts_file, or on stdin")
     return [text]
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ChatforgeError(f"device {name!r} requested but CUDA is not available")
-    return name
-
-
-def load_engine(cfg: Config) -> Engine:
-    """The checkpoint's model and tokenizer (or ``--tokenizer``) wrapped in an Engine."""
-    from chatforge.tokenizer import Tokenizer
-    from chatforge.train.checkpoint import load_model, tokenizer_path
-
-    if not Path(cfg.ckpt).exists():
-        raise ChatforgeError(f"checkpoint not found: {cfg.ckpt} (train one, or pass --ckpt)")
-    model, _ = load_model(cfg.ckpt, device=_device(cfg.device))
-    tokenizer = Tokenizer.load(cfg.tokenizer or tokenizer_path(cfg.ckpt))
-    return Engine(model, tokenizer, max_batch_size=cfg.max_batch_size)
 
 
 def _print_logprobs(tokenizer, label: str, entries) -> None:

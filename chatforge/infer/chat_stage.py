@@ -1,0 +1,136 @@
+"""chat with a model in the terminal: streamed answers, multi-turn memory, decoding options.
+
+    chatforge chat                                  # talks to runs/speedrun/sft
+    chatforge chat --ckpt=runs/speedrun/pretrain --temperature=0.7 --system="You are terse."
+    echo "What is Python?" | chatforge chat         # one answer to stdout, for scripts
+
+Interactive commands: ``/reset`` forgets the conversation (keeps the system prompt), ``/system TEXT`` sets
+the system prompt, ``/save FILE`` writes the conversation as JSON (OpenAI ``messages``), ``/quit`` ends.
+When the conversation outgrows the model's context the oldest turns are dropped, never the system prompt.
+Without a terminal on stdin, all of stdin is one user message (or, with ``--messages_file``, a JSON file of
+``messages`` is continued) and the answer goes to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatforge import io
+from chatforge.chat_template import fit_to_context, prompt_ids, validate_messages
+from chatforge.config import ChatforgeError, option
+from chatforge.infer.engine import Engine
+from chatforge.infer.loading import EngineOptions, load_engine
+from chatforge.infer.params import SamplingParams
+
+HELP = "commands: /reset, /system TEXT, /save FILE, /quit"
+
+
+@dataclass
+class Config(EngineOptions):
+    ckpt: str = option("runs/speedrun/sft", "checkpoint directory, run directory or Hugging Face GPT-2 directory")
+    max_tokens: int | None = option(256, "most tokens per answer")
+    temperature: float = option(0.7, "sampling temperature; 0 = greedy")
+    top_p: float = option(0.9, "nucleus sampling threshold (1 = off)")
+    repetition_penalty: float = option(1.1, "CTRL/HF repetition penalty (1 = off)")
+    system: str = option("", "system prompt")
+    messages_file: str = option("", "JSON file with a conversation ({'messages': [...]} or a list) to continue")
+
+
+class Conversation:
+    """The messages so far, trimmed to what fits the model's context before each answer."""
+
+    def __init__(self, engine: Engine, params: SamplingParams, system: str = ""):
+        self.engine = engine
+        self.params = params
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def set_system(self, text: str) -> None:
+        turns = [m for m in self.messages if m["role"] != "system"]
+        self.messages = ([{"role": "system", "content": text}] if text else []) + turns
+
+    def reset(self) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+
+    def answer(self, user_text: str, on_text=None) -> str:
+        """Add the user's message, stream the assistant's answer through ``on_text``, remember and return it."""
+        self.messages.append({"role": "user", "content": user_text})
+        budget = self.engine.block_size - (self.params.max_tokens or 1)
+        self.messages = fit_to_context(self.messages, self.engine.tokenizer, budget)
+        stream = self.engine.stream(prompt_ids(self.messages, self.engine.tokenizer), self.params)
+        for delta in stream:
+            if on_text is not None:
+                on_text(delta.text)
+        text = stream.completion.choices[0].text.strip()
+        self.messages.append({"role": "assistant", "content": text})
+        return text
+
+
+def _print_stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def read_messages(path: str) -> list[dict]:
+    file = Path(path)
+    if not file.is_file():
+        raise ChatforgeError(f"messages file not found: {file}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ChatforgeError(f"{file}: not valid JSON ({exc.msg})") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    validate_messages(messages)
+    return messages
+
+
+def _interactive(chat: Conversation) -> None:
+    print(f"chatforge chat — {HELP}")
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            return
+        if command == "/reset":
+            chat.reset()
+            print("(conversation forgotten)")
+        elif command == "/system":
+            chat.set_system(rest.strip())
+            print("(system prompt set)" if rest.strip() else "(system prompt cleared)")
+        elif command == "/save":
+            if not rest.strip():
+                print("usage: /save FILE")
+                continue
+            io.write_json(rest.strip(), {"messages": chat.messages})
+            print(f"(saved {len(chat.messages)} messages to {rest.strip()})")
+        elif command.startswith("/"):
+            print(f"unknown command {command}; {HELP}")
+        else:
+            print("assistant> ", end="")
+            chat.answer(line, _print_stream)
+            print()
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    params = cfg.sampling()
+    history = read_messages(cfg.messages_file) if cfg.messages_file else []
+    if not sys.stdin.isatty() and not args:
+        user_text = sys.stdin.read().strip()
+        if not user_text:
+            raise ChatforgeError("no message on stdin")
+        args = [user_text]
+    chat = Conversation(load_engine(cfg), params, cfg.system)
+    chat.messages += [m for m in history if not (m["role"] == "system" and chat.messages)]
+    if not args:
+        _interactive(chat)
+        return
+    for message in args:  # positional arguments are successive user turns of one conversation
+        print(chat.answer(message))

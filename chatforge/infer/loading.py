@@ -1,0 +1,47 @@
+"""What every command that decodes from a checkpoint shares: its options and how the engine is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.infer.engine import Engine
+from chatforge.infer.params import SamplingParams
+
+
+@dataclass
+class EngineOptions(SamplingParams):
+    ckpt: str = option("runs/speedrun/pretrain", "checkpoint directory, run directory or Hugging Face GPT-2 directory")
+    tokenizer: str = option("", "tokenizer.json or its directory (default: the checkpoint's tokenizer)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    max_batch_size: int = option(16, "sequences decoded together")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_batch_size < 1:
+            raise ConfigError(f"option 'max_batch_size' must be >= 1; got {self.max_batch_size}")
+
+    def sampling(self) -> SamplingParams:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)}
+        values["stop"] = [unescape(s) for s in self.stop]
+        return SamplingParams(**values).validate()
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes typed on a command line ("\\n") as the characters they name; other text unchanged."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def load_engine(options: EngineOptions) -> Engine:
+    """The checkpoint's model and tokenizer (or ``--tokenizer``) wrapped in an Engine."""
+    from chatforge.device import resolve_device
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.train.checkpoint import load_model, tokenizer_path
+
+    if not Path(options.ckpt).exists():
+        raise ChatforgeError(f"checkpoint not found: {options.ckpt} (train one, or pass --ckpt)")
+    model, _ = load_model(options.ckpt, device=resolve_device(options.device))
+    tokenizer = Tokenizer.load(options.tokenizer or tokenizer_path(options.ckpt))
+    return Engine(model, tokenizer, max_batch_size=options.max_batch_size)

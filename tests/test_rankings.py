@@ -1,0 +1,61 @@
+"""Ranking data: the automatic builder's order, human files validated line by line, the stage's splits."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from chatforge.cli import main
+from chatforge.data.rankings import Config, automatic_rankings, read_rankings, run
+
+POOL = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"question {i}?"}],
+         "reference": f"A careful answer number {i} with several words in it."} for i in range(40)]
+
+
+def test_reference_beats_samples_beat_corruptions():
+    records = automatic_rankings(POOL[:3], lambda prompts: [["sampled a", "sampled b"] for _ in prompts], random.Random(0))
+    first = records[0]
+    assert first["completions"][0] == POOL[0]["reference"]
+    assert first["completions"][1:3] == ["sampled a", "sampled b"]
+    assert first["ranking"] == [[0], [1, 2], [3, 4, 5, 6]]
+    corrupted = first["completions"][3:]
+    assert corrupted[0] in {p["reference"] for p in POOL[1:3]}  # another prompt's answer
+    assert len(corrupted[1]) < len(POOL[0]["reference"])  # truncated
+    assert sorted(corrupted[2].split()) == sorted(POOL[0]["reference"].split())  # shuffled
+    assert first["source"] == "auto" and 4 <= len(first["completions"]) <= 9
+
+
+def test_human_rankings_are_validated_with_file_and_line(tmp_path):
+    good = {"prompt": [{"role": "user", "content": "hi"}], "completions": ["a", "b", "c", "d"], "ranking": [[1], [0, 2]]}
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "completions": ["a", "b"]}) + "\n")
+    with pytest.raises(Exception, match=r"r.jsonl:2: 2 completions"):
+        read_rankings(path)
+    path.write_text(json.dumps(good) + "\n")
+    (record,) = read_rankings(path)
+    assert record["ranking"] == [[1], [0, 2]] and record["source"] == "human"
+
+
+def test_stage_writes_disjoint_splits_and_counts_sources(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(p) + "\n" for p in POOL))
+    human = tmp_path / "human.jsonl"
+    human.write_text(json.dumps({"prompt": [{"role": "user", "content": "x"}], "completions": list("abcd"),
+                                 "ranking": [0, 1, 2, 3]}) + "\n")
+    out = tmp_path / "rankings"
+    main(["rankings", f"--prompts={pool}", "--ckpt=", f"--inputs={human}", f"--out_dir={out}", "--val_fraction=0.3"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sources"] == {"auto": 40, "human": 1}
+    train = [json.loads(l)["id"] for l in (out / "train.jsonl").read_text().splitlines()]
+    val = [json.loads(l)["id"] for l in (out / "val.jsonl").read_text().splitlines()]
+    assert not set(train) & set(val) and len(train) + len(val) == 41
+
+
+def test_missing_reference_is_named(tmp_path, capsys):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"id": "x", "messages": [{"role": "user", "content": "q"}]}) + "\n")
+    with pytest.raises(SystemExit):
+        main(["rankings", f"--prompts={pool}", "--ckpt=", f"--out_dir={tmp_path / 'o'}"])
+    assert "no 'reference' answer" in capsys.readouterr().err
