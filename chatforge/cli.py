@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, bool]] = {
     "generate": ("chatforge.infer.generate_stage", True),
     "chat": ("chatforge.infer.chat_stage", True),
     "rankings": ("chatforge.data.rankings", False),
+    "sft": ("chatforge.train.sft", False),
 }
 
 SUMMARIES = {
@@ -38,6 +39,7 @@ SUMMARIES = {
     "search": "index a folder or JSONL of documents with an embedding model and search it",
     "generate": "generate text from a checkpoint with every decoding control, streamed to the terminal",
     "chat": "chat with a model in the terminal (streamed, multi-turn), or answer stdin for scripts",
+    "sft": "supervised fine-tuning on chat demonstrations (loss on assistant tokens only)",
     "rankings": "build K-way ranking data for the reward model (human files + automatic reference > SFT > corrupted)",
 }
 

@@ -1,0 +1,140 @@
+"""supervised fine-tuning (SFT) of a GPT on chat demonstrations, loss on assistant tokens only.
+
+    chatforge sft                                        # speedrun default: pretrain checkpoint + sft_data
+    chatforge sft --init_from=path/to/hf-gpt2 --train.steps=500
+    chatforge sft --resume                               # continue exactly from out_dir's latest checkpoint
+
+Reads ``data_dir``'s ``sft_train.jsonl`` and ``sft_val.jsonl`` (written by ``chatforge sft-data``: lines with
+OpenAI-style ``messages``), renders every conversation whole with the one chat template
+(``chatforge.chat_template``: role tokens, ``<|end|>`` after each turn) and trains next-token prediction
+where only the assistant's tokens (and their closing ``<|end|>``) carry loss. Conversations are cut at the
+model's context. The held-out loss on assistant tokens is measured for the starting model before training
+(``base_val_loss`` in summary.json) and during training (``val_loss``), so the report card can show what SFT
+bought. Starts from a chatforge checkpoint or run directory or a Hugging Face GPT-2 folder (``init_from``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chatforge.chat_template import validate_messages
+from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.data.chat_batches import IGNORE, ChatBatches, encode_conversations
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.loop import TrainConfig, lm_loss, train
+
+
+@dataclass
+class SFTTrainConfig(TrainConfig):
+    steps: int = option(300, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
+    batch_size: int = option(16, "conversations per optimizer step, summed over all processes")
+    lr: float = option(1e-3, "peak learning rate, reached at the end of warm-up")
+    min_lr: float = option(1e-4, "learning rate at the end of the decay")
+    warmup_steps: int = option(20, "steps of linear warm-up from 0 to lr")
+    eval_every: int = option(100, "steps between validation losses (0 = only at the start and the end)")
+    ckpt_every: int = option(100, "steps between checkpoints (0 = only at the end)")
+    max_minutes: float = option(4.0, "wall-time budget in minutes (0 = none)")
+
+
+@dataclass
+class Config:
+    data_dir: str = option("runs/speedrun/sft_data", "the sft-data stage's out_dir (sft_train.jsonl, sft_val.jsonl)")
+    init_from: str = option("runs/speedrun/pretrain", "starting weights: checkpoint, run directory or HF GPT-2 folder")
+    out_dir: str = option("runs/speedrun/sft", "where checkpoints/, metrics.jsonl, loss.png, summary.json go")
+    resume: bool = option(False, "continue from out_dir's latest checkpoint")
+    max_val_conversations: int = option(200, "held-out conversations in the validation loss")
+    train: SFTTrainConfig = nested(SFTTrainConfig, "the shared training loop")
+
+    def validate(self) -> None:
+        if self.max_val_conversations < 1:
+            raise ConfigError(f"option 'max_val_conversations' must be >= 1; got {self.max_val_conversations}")
+        self.train.validate()
+
+
+def read_conversations(path: Path) -> list[list[dict]]:
+    """The ``messages`` of each line of an SFT JSONL file; errors name the file and line."""
+    if not path.is_file():
+        raise ChatforgeError(f"{path} not found (run `chatforge sft-data` first, or set --data_dir)")
+    conversations = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            validate_messages(messages)
+        except (json.JSONDecodeError, KeyError, TypeError, ChatforgeError) as exc:
+            raise ChatforgeError(f"{path}:{number}: not a conversation with 'messages' ({exc})") from None
+        conversations.append(messages)
+    if not conversations:
+        raise ChatforgeError(f"{path} holds no conversations")
+    return conversations
+
+
+class SFTTask:
+    """Whole conversations in step-indexed batches; validation = mean loss per assistant token of the held-out set."""
+
+    def __init__(self, train_batches: ChatBatches, val_batches: ChatBatches, eval_batch_size: int):
+        self.train_batches, self.val_batches, self.eval_batch_size = train_batches, val_batches, eval_batch_size
+
+    def batch(self, step: int, part: int, parts: int, device: str):
+        return self.train_batches.batch(step, part, parts, device)
+
+    def loss(self, model, batch) -> dict:
+        out = lm_loss(model, batch)
+        out["tokens"] = int((batch[1] != IGNORE).sum())  # throughput in learned tokens, not padding
+        return out
+
+    @torch.no_grad()
+    def eval_loss(self, model, device: str) -> float:
+        total, count = 0.0, 0
+        for x, y in self.val_batches.eval_batches(self.eval_batch_size, device):
+            logits, _ = model(x)
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
+            count += int((y != IGNORE).sum())
+        return total / max(count, 1)
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    from chatforge.device import resolve_device
+    from chatforge.train.checkpoint import load_model, tokenizer_path
+
+    cfg.validate()
+    if not cfg.init_from:
+        raise ConfigError("option 'init_from' is required: SFT fine-tunes a pretrained model")
+    model, info = load_model(cfg.init_from)
+    tokenizer_file = tokenizer_path(cfg.init_from)
+    tokenizer = Tokenizer.load(tokenizer_file)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ChatforgeError(f"{tokenizer_file} has {tokenizer.vocab_size} tokens but {cfg.init_from} only {model.config.vocab_size}")
+    block = model.config.block_size
+    data = Path(cfg.data_dir)
+    train_set = encode_conversations(read_conversations(data / "sft_train.jsonl"), tokenizer, block)
+    val_set = encode_conversations(read_conversations(data / "sft_val.jsonl")[: cfg.max_val_conversations], tokenizer, block)
+    pad = tokenizer.special_id("<|pad|>")
+    task = SFTTask(ChatBatches(train_set, pad, cfg.train.batch_size, cfg.train.seed),
+                   ChatBatches(val_set, pad, 1), cfg.train.micro_batch_size or cfg.train.batch_size)
+    learned = sum(sum(mask) for _, mask in train_set)
+    print(f"[sft] {len(train_set)} train conversations ({learned / 1e3:.0f}k assistant tokens), {len(val_set)} held out; "
+          f"model from {info['path']}: {model.num_params() / 1e6:.2f}M parameters, context {block}")
+    device = resolve_device(cfg.train.device)
+    base_val_loss = task.eval_loss(model.to(device).eval(), device)
+    print(f"[sft] held-out assistant-token loss of the starting model: {base_val_loss:.4f}")
+    model.train()
+    meta = {
+        "stage": "sft",
+        "init_from": str(info["path"]),
+        "base_val_loss": round(base_val_loss, 4),
+        "train_conversations": len(train_set),
+        "val_conversations": len(val_set),
+        "model": model.config.to_dict(),
+        "stage_config": dataclasses.asdict(cfg),
+    }
+    summary = train(model, task, cfg.train, cfg.out_dir, resume=cfg.resume, meta=meta, tokenizer=tokenizer_file)
+    if summary.get("final_val_loss") is not None:
+        print(f"[sft] held-out assistant-token loss: base {base_val_loss:.4f} -> SFT {summary['final_val_loss']:.4f}")
