@@ -27,6 +27,7 @@ STAGES: dict[str, tuple[str, bool]] = {
     "rankings": ("chatforge.data.rankings", False),
     "sft": ("chatforge.train.sft", False),
     "eval": ("chatforge.evals.eval_stage", True),
+    "reward": ("chatforge.train.reward", False),
 }
 
 SUMMARIES = {
@@ -43,6 +44,7 @@ SUMMARIES = {
     "sft": "supervised fine-tuning on chat demonstrations (loss on assistant tokens only)",
     "rankings": "build K-way ranking data for the reward model (human files + automatic reference > SFT > corrupted)",
     "eval": "evaluate a model by executing what it writes: HumanEval pass@k in a sandbox",
+    "reward": "train the reward model on K-way rankings (all pairs of a prompt in one batch element)",
 }
 
 
