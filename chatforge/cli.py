@@ -28,6 +28,7 @@ STAGES: dict[str, tuple[str, bool]] = {
     "sft": ("chatforge.train.sft", False),
     "eval": ("chatforge.evals.eval_stage", True),
     "reward": ("chatforge.train.reward", False),
+    "ppo": ("chatforge.train.ppo", False),
 }
 
 SUMMARIES = {
@@ -45,6 +46,7 @@ SUMMARIES = {
     "rankings": "build K-way ranking data for the reward model (human files + automatic reference > SFT > corrupted)",
     "eval": "evaluate a model by executing what it writes: HumanEval pass@k in a sandbox",
     "reward": "train the reward model on K-way rankings (all pairs of a prompt in one batch element)",
+    "ppo": "PPO against the reward model with a per-token KL penalty to SFT and a pretraining-loss mix (PPO-ptx)",
 }
 
 
