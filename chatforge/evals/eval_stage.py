@@ -87,7 +87,8 @@ def run_humaneval(cfg: Config) -> dict:
     if cfg.limit:
         problems = problems[:cfg.limit]
     sandbox = Sandbox(cfg.sandbox)
-    sandbox.mode  # probe the isolation before spending time on sampling
+    # sandbox.mode probes the isolation, so a broken sandbox fails before any time is spent on sampling
+    print(f"[eval] humaneval: {len(problems)} problems, {cfg.mode} mode, {sandbox.mode} sandbox")
     started = time.monotonic()
     if cfg.mode == "canonical":
         completions = [[p.canonical_solution or ""] for p in problems]
