@@ -1,0 +1,105 @@
+"""Data-parallel training with ``torchrun``: one command for 1 or N processes.
+
+    chatforge pretrain ...                                   # one process
+    torchrun --nproc_per_node=2 -m chatforge.cli pretrain ...  # two processes (same options)
+
+torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them the run is a single process and no
+process group is created. The backend is NCCL on CUDA and gloo on the CPU. Every rank holds the whole model
+and computes its contiguous share of each global batch; DDP averages the gradients, so N processes take the
+same optimizer steps as one process with the whole batch. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from chatforge.config import ChatforgeError
+from chatforge.device import device_type, resolve_device
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place sum or max over ranks (a no-op for one process); returns ``tensor``."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return tensor
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return default if value is None else int(value)
+    except ValueError:
+        raise ChatforgeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init(device: str = "auto") -> Dist:
+    """This process's place in the job; creates the process group once when launched by torchrun.
+
+    On CUDA each rank takes GPU ``LOCAL_RANK``. On the CPU the cores are split between the ranks of a node,
+    since N processes each running all-core kernels would fight over the same cores.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
+    resolved = resolve_device(device)
+    if world_size <= 1:
+        return Dist(0, 1, 0, resolved)
+    kind = device_type(resolved)
+    if kind == "cuda":
+        resolved = f"cuda:{local_rank}"
+        torch.cuda.set_device(resolved)
+    elif kind != "cpu":
+        raise ChatforgeError(f"distributed training supports cpu and cuda devices, not {kind}")
+    if not dist.is_initialized():
+        if kind == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo")
+        atexit.register(_shutdown)
+    if dist.get_world_size() != world_size:
+        raise ChatforgeError(f"process group has {dist.get_world_size()} ranks but WORLD_SIZE={world_size}")
+    return Dist(rank, world_size, local_rank, resolved)
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
