@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, bool]] = {
     "eval": ("chatforge.evals.eval_stage", True),
     "reward": ("chatforge.train.reward", False),
     "ppo": ("chatforge.train.ppo", False),
+    "code": ("chatforge.train.code", False),
 }
 
 SUMMARIES = {
@@ -47,6 +48,7 @@ SUMMARIES = {
     "eval": "evaluate a model by executing what it writes: HumanEval pass@k in a sandbox",
     "reward": "train the reward model on K-way rankings (all pairs of a prompt in one batch element)",
     "ppo": "PPO against the reward model with a per-token KL penalty to SFT and a pretraining-loss mix (PPO-ptx)",
+    "code": "fine-tune a GPT on filtered, de-duplicated Python code from this machine (Codex recipe)",
 }
 
 

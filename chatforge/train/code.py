@@ -1,0 +1,147 @@
+"""fine-tune a GPT on Python code from this machine's installation (the Codex recipe, in small).
+
+    chatforge code                                       # speedrun default: pretrain checkpoint + the stdlib
+    chatforge code --site_packages --folders=~/src,~/projects --train.steps=1000
+    chatforge code --resume                              # continue exactly from out_dir's latest checkpoint
+
+Builds the corpus (``chatforge.data.code_corpus``: the standard library without tests, optionally
+site-packages and your folders; the Codex filters, files over 1 MB, exact and near duplicates, every drop
+counted), holds out a hash-chosen share of the files, tokenizes both parts with the checkpoint's tokenizer
+into token shards exactly as the tokenizer stage does (each file followed by ``<|endoftext|>``), and
+fine-tunes with the pretrain stage's task on the shared training loop. Writes to ``out_dir``: ``data/``
+(tokenizer.json, tokens/, corpus.json with the counts), checkpoints/, metrics.jsonl, loss.png and
+summary.json, whose ``held_out_code_loss`` gives the held-out loss of the starting model and of the
+fine-tuned one for the report card. Evaluate the result with ``chatforge eval humaneval --ckpt=<out_dir>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatforge import io
+from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.data.code_corpus import build_corpus, default_sources
+from chatforge.data.shards import write_shard
+from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
+from chatforge.train.loop import SUMMARY_FILE, TrainConfig, train
+from chatforge.train.pretrain import TOKENS_DIR, PretrainTask, open_shards
+
+DATA_DIR = "data"
+CORPUS_FILE = "corpus.json"
+
+
+@dataclass
+class CodeTrainConfig(TrainConfig):
+    steps: int = option(300, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
+    batch_size: int = option(16, "sequences per optimizer step, summed over all processes")
+    lr: float = option(1e-3, "peak learning rate, reached at the end of warm-up")
+    min_lr: float = option(1e-4, "learning rate at the end of the decay")
+    warmup_steps: int = option(20, "steps of linear warm-up from 0 to lr")
+    eval_every: int = option(100, "steps between validation losses (0 = only at the start and the end)")
+    ckpt_every: int = option(100, "steps between checkpoints (0 = only at the end)")
+    max_minutes: float = option(5.0, "wall-time budget in minutes (0 = none)")
+
+
+@dataclass
+class Config:
+    init_from: str = option("runs/speedrun/pretrain", "starting weights: checkpoint, run directory or HF GPT-2 folder")
+    out_dir: str = option("runs/speedrun/code", "where data/, checkpoints/, metrics.jsonl, loss.png, summary.json go")
+    resume: bool = option(False, "continue from out_dir's latest checkpoint (reuses out_dir/data)")
+    stdlib: bool = option(True, "the standard library's Python files (tests left out)")
+    site_packages: bool = option(False, "also the installed packages' Python files (tests left out)")
+    folders: list[str] = option([], "also the Python files of these folders (comma-separated)")
+    max_files: int = option(0, "use a reproducible pseudo-random subset of this many candidate files (0 = all)")
+    max_bytes: int = option(1_000_000, "files larger than this are dropped (Codex: 1 MB)")
+    near_dup_threshold: float = option(0.8, "MinHash Jaccard above which a file is a near-duplicate (0 = exact only)")
+    val_fraction: float = option(0.05, "share of the files held out for the code loss")
+    eval_batches: int = option(20, "validation batches per evaluation (of batch_size windows each)")
+    train: CodeTrainConfig = nested(CodeTrainConfig, "the shared training loop")
+
+    def validate(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"option 'val_fraction' must be in (0, 1); got {self.val_fraction}")
+        if not 0 <= self.near_dup_threshold < 1:
+            raise ConfigError(f"option 'near_dup_threshold' must be in [0, 1); got {self.near_dup_threshold}")
+        for name in ("max_files", "max_bytes", "eval_batches"):
+            if getattr(self, name) < (1 if name != "max_files" else 0):
+                raise ConfigError(f"option '{name}' must be >= {1 if name != 'max_files' else 0}; got {getattr(self, name)}")
+        self.train.validate()
+
+
+def write_code_data(cfg: Config, tokenizer_file: Path) -> dict:
+    """Build the corpus and write ``out_dir/data`` as a tokenizer stage's output (tokenizer.json, tokens/)."""
+    corpus = build_corpus(default_sources(cfg.stdlib, cfg.site_packages, cfg.folders), max_bytes=cfg.max_bytes,
+                          near_dup_threshold=cfg.near_dup_threshold, val_fraction=cfg.val_fraction,
+                          max_files=cfg.max_files)
+    if not corpus.train or not corpus.val:
+        raise ChatforgeError(f"the code corpus left {len(corpus.train)} train and {len(corpus.val)} held-out files; "
+                             "add sources (--site_packages, --folders) or change --val_fraction")
+    tokenizer = Tokenizer.load(tokenizer_file)
+    data = Path(cfg.out_dir) / DATA_DIR
+    counts = corpus.summary()
+    for split, texts in (("train", corpus.train), ("val", corpus.val)):
+        arrays = (np.asarray(ids + [tokenizer.eot_id], dtype=np.int64) for ids in tokenizer.encode_batch(texts))
+        counts[f"{split}_tokens"] = write_shard(data / TOKENS_DIR / f"{split}.bin", arrays, tokenizer.vocab_size,
+                                                tokenizer.hash)
+    with io.atomic_path(data / TOKENIZER_FILE) as tmp:
+        shutil.copyfile(tokenizer_file, tmp)
+    io.write_json(data / CORPUS_FILE, counts)
+    return counts
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    from chatforge.device import resolve_device
+    from chatforge.train.checkpoint import latest_checkpoint, load_model, tokenizer_path
+
+    cfg.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ChatforgeError("the code stage builds its corpus in-process; run it as one process (without torchrun)")
+    out = Path(cfg.out_dir)
+    if not cfg.resume and latest_checkpoint(out) is not None:
+        raise ChatforgeError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out_dir")
+    model, info = load_model(cfg.init_from)
+    tokenizer_file = tokenizer_path(cfg.init_from)
+    data = out / DATA_DIR
+    if cfg.resume and (data / CORPUS_FILE).is_file():
+        counts = json.loads((data / CORPUS_FILE).read_text())  # the batches of a resumed run must not change
+    else:
+        counts = write_code_data(cfg, tokenizer_file)
+    print(f"[code] corpus: {counts['files_kept']} of {counts['files_seen']} files kept "
+          f"({counts['kept_bytes'] / 1e6:.1f} MB; dropped {counts['dropped']}); {counts['train_files']} train files "
+          f"({counts['train_tokens'] / 1e6:.2f}M tokens), {counts['val_files']} held out ({counts['val_tokens'] / 1e3:.0f}k tokens)")
+    block = model.config.block_size
+    tokenizer_copy, train_windows, val_windows = open_shards(data, block, cfg.train.seed)
+    if model.config.vocab_size < train_windows.vocab_size:
+        raise ChatforgeError(f"{tokenizer_file} has {train_windows.vocab_size} tokens but {cfg.init_from} only "
+                             f"{model.config.vocab_size}")
+    chunk = cfg.train.micro_batch_size or cfg.train.batch_size
+    task = PretrainTask(train_windows, val_windows, cfg.train.batch_size, cfg.eval_batches * cfg.train.batch_size // chunk,
+                        chunk)
+    device = resolve_device(cfg.train.device)
+    with torch.no_grad():
+        base_val_loss = task.eval_loss(model.to(device).eval(), device)
+    print(f"[code] held-out code loss of the starting model ({info['path']}): {base_val_loss:.4f}")
+    model.train()
+    meta = {
+        "stage": "code",
+        "init_from": str(info["path"]),
+        "base_val_loss": round(base_val_loss, 4),
+        "corpus_files_kept": counts["files_kept"],
+        "corpus_train_tokens": counts["train_tokens"],
+        "model": model.config.to_dict(),
+        "stage_config": dataclasses.asdict(cfg),
+    }
+    summary = train(model, task, cfg.train, out, resume=cfg.resume, meta=meta, tokenizer=tokenizer_copy)
+    summary["corpus"] = counts
+    summary["held_out_code_loss"] = {"before": round(base_val_loss, 4), "after": summary.get("final_val_loss")}
+    io.write_json(out / SUMMARY_FILE, summary)
+    if summary.get("final_val_loss") is not None:
+        print(f"[code] held-out code loss: {base_val_loss:.4f} before -> {summary['final_val_loss']:.4f} after")
