@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import keyword
 import sys
 import types
 import typing
@@ -116,6 +117,8 @@ def _assign(cfg: Any, dotted: str, value: Any, *, full_key: str | None = None) -
     full_key = full_key or dotted
     head, _, rest = dotted.partition(".")
     head = head.replace("-", "_")
+    if keyword.iskeyword(head):  # `--as` sets the field `as_`: Python names cannot be keywords
+        head += "_"
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     if head not in fields:
         known = ", ".join(sorted(_flat_keys(type(cfg))))
@@ -244,7 +247,8 @@ def help_text(cls: type, prefix: str = "") -> str:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         tname = getattr(_unwrap_optional(tp)[0], "__name__", str(tp))
-        lines.append(f"  --{prefix}{f.name}={default!r}  ({tname})\n      {f.metadata.get('help', '')}")
+        name = f.name[:-1] if keyword.iskeyword(f.name[:-1]) else f.name
+        lines.append(f"  --{prefix}{name}={default!r}  ({tname})\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
