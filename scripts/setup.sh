@@ -8,6 +8,16 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
+# The web page's browser test drives Debian's chromium through chromedriver (a browser download is not an
+# option); installed only where apt-get works and they are missing.
+if command -v apt-get >/dev/null 2>&1 && ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+            || echo "setup: could not install chromium/chromium-driver; the browser test will be skipped" >&2
+    else
+        echo "setup: run 'apt-get install chromium chromium-driver' as root for the browser test (skipped without)" >&2
+    fi
+fi
 STAMP=.venv/.chatforge-installed
 if [ ! -f "$STAMP" ] || [ requirements.txt -nt "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/setup.sh -nt "$STAMP" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip

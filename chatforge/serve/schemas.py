@@ -1,0 +1,94 @@
+"""Request bodies of the OpenAI-compatible endpoints, validated strictly.
+
+Types are strict (``"5"`` is not an integer, ``1`` is not a boolean) and unknown fields are rejected, as
+OpenAI does, so a typo or an unsupported option (``tools``, ``response_format``) is a 400 that names it
+rather than a setting silently ignored. ``null`` means "the default" for every optional field. Fields
+marked *chatforge* are extensions a client passes through ``extra_body``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chatforge.infer.params import MAX_TOP_LOGPROBS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="'developer' is OpenAI's newer name for 'system'")
+    content: str | list[TextPart] = Field(description="text, or a list of text parts (joined)")
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def as_template(self) -> dict:
+        """The message as the chat template takes it."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(Strict):
+    """Decoding settings shared by chat and text completions."""
+
+    model: str
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, description="choices per prompt")
+    stop: str | list[str] | None = Field(None, description="up to 4 stop strings, cut from the text")
+    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (default: what fits)")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None
+    top_k: int | None = Field(None, ge=0, description="chatforge: sample among the k most likely tokens (0 = off)")
+    min_p: float | None = Field(None, ge=0, le=1, description="chatforge: min-p filtering (0 = off)")
+    repetition_penalty: float | None = Field(None, gt=0, description="chatforge: CTRL repetition penalty")
+    min_tokens: int | None = Field(None, ge=0, description="chatforge: suppress stop tokens before this many")
+    ignore_eos: bool | None = Field(None, description="chatforge: do not stop at end-of-turn / end-of-text")
+    truncate: bool | None = Field(None, description="chatforge: drop the oldest turns (chat) or tokens (text) "
+                                                    "when the prompt does not fit, instead of a 400")
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens")
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="text, texts, token ids, or lists of token ids")
+    suffix: str | None = Field(None, description="text after the insertion (models trained for fill-in-the-middle)")
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: int | None = Field(None, ge=1)
+
+
+class EmbeddingRequest(Strict):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    input_type: Literal["query", "document"] | None = Field(
+        "document", description="chatforge: which side of a search model the texts are on")
