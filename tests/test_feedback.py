@@ -220,9 +220,14 @@ def test_feedback_routes_are_per_api_key(tmp_path):
                     reason="set CHATFORGE_TEST_POSTGRES_URL=postgresql+psycopg://... to test against PostgreSQL")
 def test_postgresql_store():
     store = FeedbackStore(os.environ["CHATFORGE_TEST_POSTGRES_URL"])
-    conv = store.create_conversation("m1", user_id="key-pg-test")["id"]
-    _, answers = _compare_turn(store, conv, 4)
-    store.add_ranking([m["id"] for m in answers], [3, 2, 1, 0])
-    assert any(r["id"] for r in store.ranking_records()[0])
-    store.delete_conversation(conv, user_id="key-pg-test")
-    store.close()
+    conv = store.create_conversation("m1")["id"]
+    try:
+        q, answers = _compare_turn(store, conv, 4)
+        ranking = store.add_ranking([m["id"] for m in answers], [3, 2, 1, 0])
+        store.rate(answers[3]["id"], 1)
+        store.edit_message(answers[3]["id"], "better")
+        assert ranking["id"] in [r["id"] for r in store.ranking_records()[0]]
+        assert [m["content"] for m in store.sft_records()[-1]["messages"]] == ["Rank 4 answers", "better"]
+    finally:
+        store.delete_conversation(conv)
+        store.close()

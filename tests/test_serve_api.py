@@ -225,6 +225,27 @@ def test_rate_limit_per_key(scheduler):
         assert int(excinfo.value.response.headers["retry-after"]) >= 1
 
 
+def test_rate_limiter_refills_and_forgets_idle_clients(monkeypatch):
+    from chatforge.serve import security
+    from chatforge.serve.errors import APIError
+
+    now = [0.0]
+    limiter = security.RateLimiter(2, clock=lambda: now[0])
+    limiter.take("a")
+    limiter.take("a")
+    with pytest.raises(APIError) as excinfo:
+        limiter.take("a")
+    assert excinfo.value.status == 429 and excinfo.value.headers == {"Retry-After": "30"}
+    now[0] += 30  # one request's worth refilled
+    limiter.take("a")
+    monkeypatch.setattr(security, "MAX_TRACKED_CLIENTS", 3)
+    for client in "bcd":
+        limiter.take(client)
+    now[0] += 120
+    limiter.take("e")
+    assert list(limiter._buckets) == ["e"]
+
+
 @pytest.fixture
 def slow_requests(engine, scheduler, monkeypatch):
     """Handles of the requests submitted meanwhile, with every decode step slowed so a request outlives its

@@ -10,6 +10,8 @@ import time
 
 from chatforge.serve.errors import APIError, error_body
 
+MAX_TRACKED_CLIENTS = 10_000
+
 
 def client_id(key: str) -> str:
     """A stable, non-secret name for an API key (stored with feedback; the key itself never is)."""
@@ -66,6 +68,9 @@ class RateLimiter:
                                     f"Try again in {wait:.1f} s.", type="requests", code="rate_limit_exceeded",
                                headers={"Retry-After": str(max(1, round(wait)))})
             self._buckets[client] = (tokens - 1, now)
+            if len(self._buckets) > MAX_TRACKED_CLIENTS:  # forget clients whose bucket has refilled anyway
+                full = now - self.per_minute / rate
+                self._buckets = {c: b for c, b in self._buckets.items() if b[1] > full or c == client}
 
 
 class BodySizeLimit:
