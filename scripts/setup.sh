@@ -18,6 +18,18 @@ if command -v apt-get >/dev/null 2>&1 && ! command -v chromedriver >/dev/null 2>
         echo "setup: run 'apt-get install chromium chromium-driver' as root for the browser test (skipped without)" >&2
     fi
 fi
+# Optional Debian packages that add dictionary, documentation and Chinese text to the corpus; chatforge works
+# without them (the data stage lists what is missing), so a failure here is only a note.
+DEBIAN_CORPUS="fortunes fortunes-zh manpages-zh wordnet-base dict-gcide python3.11-doc"
+if [ ! -f .venv/.debian-corpus-tried ] && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    if $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $DEBIAN_CORPUS >/dev/null 2>&1; then
+        echo "installed optional Debian corpus packages: $DEBIAN_CORPUS"
+    else
+        echo "note: optional Debian corpus packages not installed ($DEBIAN_CORPUS); the corpus is built without them"
+    fi
+    touch .venv/.debian-corpus-tried
+fi
 STAMP=.venv/.chatforge-installed
 if [ ! -f "$STAMP" ] || [ requirements.txt -nt "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/setup.sh -nt "$STAMP" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip

