@@ -19,6 +19,7 @@ from serve_helpers import MODEL, tiny_engine
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (scripts/setup.sh installs it)")
 By = pytest.importorskip("selenium.webdriver.common.by").By
+WebDriverException = pytest.importorskip("selenium.common.exceptions").WebDriverException
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -32,7 +33,10 @@ pytestmark = [
 def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except WebDriverException:  # the page re-rendered under us: look again
+            value = None
         if value:
             return value
         time.sleep(0.02)
@@ -84,7 +88,7 @@ def test_chat_stream_stop_rate_and_rank_end_in_an_export(page):
     while driver.find_elements(By.CSS_SELECTOR, ".pending"):  # watch it grow until the page stores it
         try:
             seen.add(pending.text)
-        except Exception:  # the element was replaced by the stored answer between the check and the read
+        except WebDriverException:  # the element was replaced by the stored answer between the check and the read
             break
         time.sleep(0.01)
     assert len({t for t in seen if t}) >= 3, f"answer did not stream: saw {seen}"
@@ -134,3 +138,47 @@ def test_chat_stream_stop_rate_and_rank_end_in_an_export(page):
     reward = pytest.importorskip("chatforge.train.reward")
     engine = tiny_engine(block_size=128)
     assert len(reward.load_rankings(out, engine.tokenizer, engine.block_size)) == 1
+
+
+def test_regenerate_copy_edit_and_resubmit_are_recorded(page):
+    driver, store, _ = page
+    _set(driver, "max-tokens", "6")
+
+    def settled():
+        time.sleep(0.2)
+        wait_for(lambda: not driver.find_elements(By.CSS_SELECTOR, ".pending") and
+                 not driver.find_element(By.ID, "send").get_property("disabled"), what="the answer to be stored")
+
+    _send(driver, "Hello world")
+    settled()
+    driver.find_element(By.CSS_SELECTOR, ".regenerate").click()
+    settled()
+    assert driver.find_element(By.CSS_SELECTOR, ".msg.role-assistant .nav").text.strip() == "‹ 2/2 ›"
+    driver.find_element(By.CSS_SELECTOR, ".msg.role-assistant .copy").click()
+    wait_for(lambda: driver.find_element(By.ID, "status").text == "copied", what="the copy")
+    driver.find_element(By.CSS_SELECTOR, ".msg.role-assistant .edit").click()
+    area = driver.find_element(By.CSS_SELECTOR, ".msg.role-assistant textarea")
+    area.clear()
+    area.send_keys("A fixed answer.")
+    driver.find_element(By.CSS_SELECTOR, ".save-edit").click()
+    wait_for(lambda: "A fixed answer." in driver.find_element(By.CSS_SELECTOR, ".msg.role-assistant .body").text,
+             what="the edited answer")
+    _send(driver, "Second question")
+    settled()
+    driver.find_elements(By.CSS_SELECTOR, ".msg.role-user .edit")[-1].click()
+    area = driver.find_element(By.CSS_SELECTOR, ".msg.role-user textarea")
+    area.clear()
+    area.send_keys("Second question, rephrased")
+    driver.find_element(By.CSS_SELECTOR, ".save-edit").click()
+    settled()
+
+    (conversation,) = store.list_conversations()
+    messages = store.get_conversation(conversation["id"])["messages"]
+    shown = [(m["role"], m["signals"], m["edited"]) for m in messages]
+    assert shown == [("user", [], False), ("assistant", ["regenerated"], False),
+                     ("assistant", ["continued", "copied"], True), ("user", [], False),
+                     ("assistant", ["asked_again"], False), ("user", [], False), ("assistant", [], False)]
+    assert messages[5]["content"] == "Second question, rephrased" and messages[5]["parent_id"] == messages[2]["id"]
+    (demo,) = store.sft_records()  # the person's fixed answer is a demonstration
+    assert demo["messages"] == [{"role": "user", "content": "Hello world"},
+                                {"role": "assistant", "content": "A fixed answer."}]
