@@ -1,0 +1,154 @@
+"""The report card: one markdown page for a run, built from the artifacts its stages left behind.
+
+Every section is read from files on disk (manifests, summaries, metrics), never from a stage's memory, so
+the card can be rebuilt at any time with ``chatforge report`` and a stage added later only needs to add
+its section builder to ``SECTIONS``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from chatforge import io
+
+
+@dataclass
+class Section:
+    title: str
+    facts: dict[str, Any] = field(default_factory=dict)
+    tables: list[tuple[str, list[str], list[list[Any]]]] = field(default_factory=list)  # caption, header, rows
+    plots: list[Path] = field(default_factory=list)
+    text: str = ""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def render(sections: list[Section], run_dir: Path, title: str) -> str:
+    out = [f"# {title}", ""]
+    for section in sections:
+        out += [f"## {section.title}", ""]
+        if section.facts:
+            out += ["| | |", "| --- | --- |", *(f"| {k} | {_fmt(v)} |" for k, v in section.facts.items()), ""]
+        for caption, header, rows in section.tables:
+            out += [f"**{caption}**", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+            out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+            out.append("")
+        for plot in section.plots:
+            rel = Path(plot).resolve().relative_to(run_dir.resolve()) if Path(plot).resolve().is_relative_to(run_dir.resolve()) else plot
+            out += [f"![{Path(plot).stem}]({rel})", ""]
+        if section.text:
+            out += [section.text.rstrip(), ""]
+    return "\n".join(out)
+
+
+def corpus_section(run_dir: Path) -> Section | None:
+    manifest = _read_json(run_dir / "data" / "manifest.json")
+    if manifest is None:
+        return None
+    section = Section("Corpus")
+    sources = manifest.get("sources", {})
+    if sources:
+        keys = sorted({k for counts in sources.values() if isinstance(counts, dict) for k in counts if isinstance(counts[k], (int, float))})
+        section.tables.append(("Documents per source", ["source", *keys],
+                               [[name, *(counts.get(k, "") for k in keys)] for name, counts in sources.items() if isinstance(counts, dict)]))
+    filters = manifest.get("filters", {})
+    if filters:
+        section.tables.append(("Cleaning: documents dropped or changed per filter", ["filter", "count"],
+                               [[name, count] for name, count in filters.items()]))
+    splits = manifest.get("splits", {})
+    if splits:
+        section.tables.append(("Splits", ["split", "documents"],
+                               [[name, v if not isinstance(v, dict) else v.get("documents", v)] for name, v in splits.items()]))
+    return section
+
+
+def tokenizer_section(run_dir: Path) -> Section | None:
+    report = _read_json(run_dir / "tokenizer" / "tokenizer_report.json")
+    if report is None:
+        return None
+    return Section("Tokenizer", facts={k: v for k, v in report.items() if not isinstance(v, (dict, list))},
+                   tables=[(k, ["key", "value"], [[kk, vv] for kk, vv in v.items()]) for k, v in report.items() if isinstance(v, dict)])
+
+
+def training_section(title: str, stage_dir: str) -> Callable[[Path], Section | None]:
+    """Sections for stages that ran on the shared training loop: summary.json plus their plots."""
+
+    def build(run_dir: Path) -> Section | None:
+        summary = _read_json(run_dir / stage_dir / "summary.json")
+        if summary is None:
+            return None
+        facts = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+        plots = sorted((run_dir / stage_dir).glob("*.png"))
+        return Section(title, facts=facts, plots=plots)
+
+    return build
+
+
+def samples_section(run_dir: Path) -> Section | None:
+    samples = _read_json(run_dir / "samples.json")
+    if not samples:
+        return None
+    blocks = []
+    for model in dict.fromkeys(s["model"] for s in samples):
+        blocks.append(f"### {model}\n")
+        for s in (s for s in samples if s["model"] == model):
+            blocks.append(f"**{s['prompt']}**\n\n```\n{s['completion']}\n```\n")
+    return Section("Samples", text="\n".join(blocks))
+
+
+def manifest_section(title: str, path: str) -> Callable[[Path], Section | None]:
+    """Counts of a data stage's manifest.json: its numbers as facts, its tables of numbers as tables."""
+
+    def build(run_dir: Path) -> Section | None:
+        manifest = _read_json(run_dir / path)
+        if manifest is None:
+            return None
+        facts = {k: v for k, v in manifest.items() if isinstance(v, (int, float, str))}
+        tables = [(k, ["key", "value"], [[kk, vv] for kk, vv in v.items() if not isinstance(vv, (dict, list))])
+                  for k, v in manifest.items() if isinstance(v, dict)]
+        return Section(title, facts=facts, tables=[t for t in tables if t[2]])
+
+    return build
+
+
+SECTIONS: list[Callable[[Path], Section | None]] = [
+    corpus_section,
+    tokenizer_section,
+    training_section("Pretraining", "pretrain"),
+    manifest_section("SFT data (InstructGPT-style curation)", "sft_data/manifest.json"),
+    training_section("Supervised fine-tuning (held-out loss on assistant tokens: base_val_loss vs final_val_loss)", "sft"),
+    manifest_section("Ranking data", "rankings/manifest.json"),
+    training_section("Reward model (val_accuracy = held-out pairwise accuracy)", "reward"),
+    training_section("PPO (win rates over SFT: by the reward model and by the MiniLM judge)", "ppo"),
+    samples_section,
+]
+
+
+def timing_section(timings: dict[str, float]) -> Section:
+    facts = {f"{stage} (s)": seconds for stage, seconds in timings.items()}
+    facts["total (min)"] = round(sum(timings.values()) / 60, 1)
+    return Section("Wall time per stage", facts=facts)
+
+
+def write_report(run_dir: str | Path, title: str = "chatforge report card", timings: dict[str, float] | None = None) -> Path:
+    run_dir = Path(run_dir)
+    sections = ([timing_section(timings)] if timings else []) + [s for build in SECTIONS if (s := build(run_dir)) is not None]
+    path = run_dir / "report.md"
+    io.write_text(path, render(sections, run_dir, title))
+    return path

@@ -1,0 +1,190 @@
+"""run every stage end to end on the embedded default and write the report card.
+
+data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → samples → report card, all under
+``run_dir``. Each stage's options are nested
+(``--pretrain.train.max_minutes=5``, ``--tokenizer.vocab_size=4096``); the directories are placed under
+``run_dir`` by the speedrun. A stage whose outputs exist and whose options are unchanged since it finished
+is skipped, so a rerun after an interruption continues where it stopped (pretraining resumes from its last
+checkpoint); ``--force`` redoes everything, ``--only=STAGE`` runs one stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from chatforge import io
+from chatforge.config import ConfigError, nested, option
+from chatforge.data import pipeline as data_stage
+from chatforge import tokenizer_stage
+from chatforge.data import rankings as rankings_stage
+from chatforge.data import sft_data as sft_data_stage
+from chatforge.train import ppo as ppo_stage
+from chatforge.train import pretrain as pretrain_stage
+from chatforge.train import reward as reward_stage
+from chatforge.train import sft as sft_stage
+
+STATE_FILE = "speedrun_state.json"
+TEXT_PROMPTS = ["The meaning of life is", "def fibonacci(n):", "In 1492, Columbus", "今天天气"]
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Give me three tips for learning to cook.",
+    "Explain what a neural network is in one sentence.",
+    "请用一句话介绍一下你自己。",
+    "如何学习编程？",
+]
+
+
+@dataclass
+class Config:
+    run_dir: str = option("runs/speedrun", "every stage writes under this directory")
+    force: bool = option(False, "redo every stage even when its outputs are up to date")
+    only: str = option("", "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, ppo, samples)")
+    sample_tokens: int = option(48, "tokens generated per sample prompt")
+    device: str = option("auto", "device for sampling: auto, cpu, cuda, cuda:N")
+    data: data_stage.Config = nested(data_stage.Config, "the data stage")
+    tokenizer: tokenizer_stage.Config = nested(tokenizer_stage.Config, "the tokenizer stage")
+    pretrain: pretrain_stage.Config = nested(pretrain_stage.Config, "the pretrain stage")
+    sft_data: sft_data_stage.Config = nested(sft_data_stage.Config, "the sft-data stage")
+    sft: sft_stage.Config = nested(sft_stage.Config, "the sft stage")
+    rankings: rankings_stage.Config = nested(rankings_stage.Config, "the rankings stage")
+    reward: reward_stage.Config = nested(reward_stage.Config, "the reward stage")
+    ppo: ppo_stage.Config = nested(ppo_stage.Config, "the ppo stage")
+
+
+@dataclass
+class Step:
+    name: str
+    options: object  # the stage's config, hashed to tell whether finished outputs are still up to date
+    done_marker: Path
+    action: Callable[[], None]
+
+
+def _place(cfg: Config) -> None:
+    """Point every stage's directories into run_dir, so stages find each other's outputs."""
+    run = Path(cfg.run_dir)
+    cfg.data.out_dir = str(run / "data")
+    cfg.tokenizer.data_dir = str(run / "data")
+    cfg.tokenizer.out_dir = str(run / "tokenizer")
+    cfg.pretrain.tokenizer_dir = str(run / "tokenizer")
+    cfg.pretrain.out_dir = str(run / "pretrain")
+    cfg.sft_data.holdout = str(run / "data" / "chat_holdout.jsonl")
+    cfg.sft_data.out_dir = cfg.sft.data_dir = str(run / "sft_data")
+    cfg.sft.init_from = str(run / "pretrain")
+    cfg.sft.out_dir = cfg.rankings.ckpt = cfg.reward.init_from = cfg.ppo.policy = str(run / "sft")
+    cfg.rankings.prompts = cfg.ppo.prompts = str(run / "sft_data" / "rl_prompts.jsonl")
+    cfg.rankings.out_dir = cfg.reward.rankings_dir = str(run / "rankings")
+    cfg.reward.out_dir = cfg.ppo.reward_model = str(run / "reward")
+    cfg.ppo.pretrain_tokens = str(run / "tokenizer" / "tokens" / "train.bin")
+    cfg.ppo.out_dir = str(run / "ppo")
+
+
+def _fingerprint(options: object) -> str:
+    values = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else options
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _steps(cfg: Config) -> list[Step]:
+    run = Path(cfg.run_dir)
+    return [
+        Step("data", cfg.data, run / "data" / "manifest.json", lambda: data_stage.run(cfg.data, [])),
+        Step("tokenizer", cfg.tokenizer, run / "tokenizer" / tokenizer_stage.REPORT_FILE,
+             lambda: tokenizer_stage.run(cfg.tokenizer, [])),
+        Step("pretrain", cfg.pretrain, run / "pretrain" / "summary.json", lambda: _trained(pretrain_stage, cfg.pretrain)),
+        Step("sft-data", cfg.sft_data, run / "sft_data" / "manifest.json", lambda: sft_data_stage.run(cfg.sft_data, [])),
+        Step("sft", cfg.sft, run / "sft" / "summary.json", lambda: _trained(sft_stage, cfg.sft)),
+        Step("rankings", cfg.rankings, run / "rankings" / "manifest.json", lambda: rankings_stage.run(cfg.rankings, [])),
+        Step("reward", cfg.reward, run / "reward" / "summary.json", lambda: _trained(reward_stage, cfg.reward)),
+        Step("ppo", cfg.ppo, run / "ppo" / "summary.json", lambda: _trained(ppo_stage, cfg.ppo)),
+        Step("samples", {"tokens": cfg.sample_tokens, "text": TEXT_PROMPTS, "chat": CHAT_PROMPTS}, run / "samples.json",
+             lambda: write_samples(run, cfg.sample_tokens, cfg.device)),
+    ]
+
+
+def _trained(stage, options) -> None:
+    """Run a training stage; an interrupted run continues from its last checkpoint instead of starting over."""
+    import shutil
+
+    from chatforge.train.checkpoint import latest_checkpoint
+
+    out_dir = Path(options.out_dir)
+    options.resume = latest_checkpoint(out_dir) is not None
+    if options.resume and (out_dir / "summary.json").exists():
+        shutil.rmtree(out_dir)  # finished before with other options (else the speedrun would have skipped it): redo
+        options.resume = False
+    stage.run(options, [])
+
+
+def write_samples(run_dir: Path, max_tokens: int, device: str) -> None:
+    """Greedy continuations of fixed text prompts by the pretrained model, and answers to fixed chat prompts
+    (English and Chinese) by the SFT and PPO models; printed and saved to samples.json for the report card."""
+    from chatforge.chat_template import prompt_ids
+    from chatforge.device import resolve_device
+    from chatforge.infer.engine import Engine
+    from chatforge.infer.params import SamplingParams
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.train.checkpoint import latest_checkpoint, load_model, tokenizer_path
+
+    models = [("pretrained", run_dir / "pretrain", False), ("sft", run_dir / "sft", True), ("ppo", run_dir / "ppo", True)]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=1.2)
+    samples = []
+    for label, ckpt, chat in models:
+        if latest_checkpoint(ckpt) is None:
+            continue
+        model, _ = load_model(ckpt, device=resolve_device(device))
+        tokenizer = Tokenizer.load(tokenizer_path(ckpt))
+        prompts = CHAT_PROMPTS if chat else TEXT_PROMPTS
+        inputs = [prompt_ids([{"role": "user", "content": p}], tokenizer) for p in prompts] if chat else prompts
+        for prompt, completion in zip(prompts, Engine(model, tokenizer).generate(inputs, params)):
+            text = completion.choices[0].text.strip() if chat else completion.choices[0].text
+            samples.append({"model": label, "prompt": prompt, "completion": text})
+            print(f"--- {label} | {prompt}\n{text if chat else prompt + text}\n")
+    io.write_json(run_dir / "samples.json", samples)
+
+
+def _load_state(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    from chatforge.report import write_report
+
+    _place(cfg)
+    run_dir = Path(cfg.run_dir)
+    steps = _steps(cfg)
+    if cfg.only and cfg.only not in {s.name for s in steps}:
+        raise ConfigError(f"option 'only' must be one of {', '.join(s.name for s in steps)}; got {cfg.only!r}")
+    state = _load_state(run_dir)
+    timings = state.get("seconds", {})
+    started = time.perf_counter()
+    upstream_ran = False  # a stage that ran makes every later stage's outputs stale
+    for step in steps:
+        if cfg.only and step.name != cfg.only:
+            continue
+        fingerprint = _fingerprint(step.options)
+        up_to_date = step.done_marker.exists() and state.get("fingerprints", {}).get(step.name) == fingerprint
+        if up_to_date and not cfg.force and not upstream_ran:
+            print(f"[speedrun] {step.name}: up to date, skipped ({step.done_marker})")
+            continue
+        print(f"[speedrun] {step.name} ...", flush=True)
+        t0 = time.perf_counter()
+        step.action()
+        upstream_ran = True
+        timings[step.name] = round(time.perf_counter() - t0, 1)
+        state.setdefault("fingerprints", {})[step.name] = fingerprint
+        state["seconds"] = timings
+        io.write_json(run_dir / STATE_FILE, state)  # after each stage, so an interruption loses only the current one
+        print(f"[speedrun] {step.name} done in {timings[step.name]:.0f} s", flush=True)
+    report = write_report(run_dir, timings=timings)
+    print(f"[speedrun] finished in {time.perf_counter() - started:.0f} s this run; report card: {report}")
+    print(f"[speedrun] talk to the model:  chatforge chat --ckpt={run_dir / 'ppo'}   (or --ckpt={run_dir / 'sft'})")
+    print(f"[speedrun] serve it:           chatforge serve --ckpt={run_dir / 'ppo'}")
