@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash or kill mid-write never leaves a half-written file in place."""
+"""Atomic file writes (a crash or kill mid-write never leaves a half-written file in place) and JSON-lines reading."""
 
 from __future__ import annotations
 
@@ -49,3 +49,20 @@ def write_jsonl(path: str | Path, rows: Any) -> int:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+def read_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line; a missing file or bad JSON is a ChatforgeError naming
+    the place. Lines end only at "\n": JSON text may hold U+2028 and friends, which ``str.splitlines`` would split."""
+    from chatforge.config import ChatforgeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ChatforgeError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8", newline="\n") as fh:
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ChatforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None

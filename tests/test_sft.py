@@ -27,7 +27,9 @@ def setup(tmp_path_factory):
     data = root / "sft_data"
     data.mkdir()
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
-    (data / "sft_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    rows.append({"messages": [{"role": "user", "content": "Line\u2028separators"}, {"role": "assistant", "content": "are text."}]})
+    # ensure_ascii=False keeps U+2028 raw inside a JSON line, as sft-data writes it: it must not split the line
+    (data / "sft_train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows * 4))
     (data / "sft_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root, [f"--data_dir={data}", f"--init_from={root / 'base'}", *FAST]
 
@@ -50,7 +52,7 @@ def test_missing_data_and_bad_lines_are_named(setup, tmp_path, capsys):
     root, args = setup
     with pytest.raises(SystemExit):
         main(["sft", *args, f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}"])
-    assert "sft_train.jsonl not found" in capsys.readouterr().err
+    assert "not found: " in (err := capsys.readouterr().err) and "sft_train.jsonl" in err
     (tmp_path / "sft_train.jsonl").write_text('{"messages": [{"role": "bot", "content": "x"}]}\n')
     with pytest.raises(SystemExit):
         main(["sft", *args, f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}"])

@@ -53,16 +53,10 @@ class Config:
 
 def read_rankings(path: str | Path, source: str = "human") -> list[dict]:
     """Ranking records of a JSONL file, each checked; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"rankings file not found: {path}")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, record in io.read_jsonl(path, "rankings file"):
         where = f"{path}:{number}"
         try:
-            record = json.loads(line)
             validate_messages(record["prompt"])
             completions = record["completions"]
             if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
@@ -70,14 +64,12 @@ def read_rankings(path: str | Path, source: str = "human") -> list[dict]:
             if not MIN_K <= len(completions) <= MAX_K:
                 raise ChatforgeError(f"{len(completions)} completions; a ranking needs {MIN_K} to {MAX_K}")
             record["ranking"] = normalize_ranking(record["ranking"], len(completions))
-        except json.JSONDecodeError as exc:
-            raise ChatforgeError(f"{where}: not valid JSON ({exc.msg})") from None
-        except KeyError as exc:
+        except (KeyError, TypeError) as exc:
             raise ChatforgeError(f"{where}: missing field {exc}") from None
         except ChatforgeError as exc:
             raise ChatforgeError(f"{where}: {exc}") from None
         record.setdefault("source", source)
-        record.setdefault("id", hashlib.sha1(line.encode()).hexdigest()[:16])
+        record.setdefault("id", hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16])
         records.append(record)
     return records
 
@@ -115,17 +107,11 @@ def automatic_rankings(pool: list[dict], sample_answers, rng: random.Random) -> 
 
 def read_prompt_pool(path: str | Path) -> list[dict]:
     """The RLHF prompt pool: {"id", "messages" (ending in a user turn), "reference" (held-out answer)}."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"prompt pool not found: {path} (run `chatforge sft-data` first)")
     pool = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, item in io.read_jsonl(path, "prompt pool (run `chatforge sft-data` first)"):
         try:
-            item = json.loads(line)
             validate_messages(item["messages"])
-        except (json.JSONDecodeError, KeyError, TypeError, ChatforgeError) as exc:
+        except (KeyError, TypeError, ChatforgeError) as exc:
             raise ChatforgeError(f"{path}:{number}: not a prompt record with 'messages' ({exc})") from None
         if not isinstance(item.get("reference"), str) or not item["reference"].strip():
             raise ChatforgeError(f"{path}:{number}: prompt has no 'reference' answer")

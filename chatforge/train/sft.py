@@ -16,13 +16,13 @@ bought. Starts from a chatforge checkpoint or run directory or a Hugging Face GP
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from chatforge import io
 from chatforge.chat_template import validate_messages
 from chatforge.config import ChatforgeError, ConfigError, nested, option
 from chatforge.data.chat_batches import IGNORE, ChatBatches, encode_conversations
@@ -59,16 +59,12 @@ class Config:
 
 def read_conversations(path: Path) -> list[list[dict]]:
     """The ``messages`` of each line of an SFT JSONL file; errors name the file and line."""
-    if not path.is_file():
-        raise ChatforgeError(f"{path} not found (run `chatforge sft-data` first, or set --data_dir)")
     conversations = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, row in io.read_jsonl(path, "SFT data (run `chatforge sft-data` first, or set --data_dir)"):
         try:
-            messages = json.loads(line)["messages"]
+            messages = row["messages"]
             validate_messages(messages)
-        except (json.JSONDecodeError, KeyError, TypeError, ChatforgeError) as exc:
+        except (KeyError, TypeError, ChatforgeError) as exc:
             raise ChatforgeError(f"{path}:{number}: not a conversation with 'messages' ({exc})") from None
         conversations.append(messages)
     if not conversations:
