@@ -1,0 +1,60 @@
+"""`chatforge speedrun` end to end on tiny data and tiny models: every stage, the report card, skipping on rerun."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatforge.cli import main
+
+TOPICS = ["cooking pasta", "planting tomatoes", "fixing a bike", "learning Python", "baking bread", "painting walls",
+          "writing letters", "running daily", "reading books", "saving money"]
+
+
+def sharegpt_json(path, n: int = 90) -> None:
+    records = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        records.append({"id": f"conv{i}_0", "conversations": [
+            {"from": "human", "value": f"Conversation {i}: what is your best advice about {topic} for a beginner?"},
+            {"from": "gpt", "value": f"For {topic}, start small, practise every day and keep notes of try number {i}."}]})
+    path.write_text(json.dumps(records))
+
+
+TINY = [
+    "--data.stdlib=false", "--data.debian=false", "--data.holdout_fraction=0.6", "--data.min_chars=16",
+    "--tokenizer.vocab_size=300",
+    "--pretrain.model.n_layer=1", "--pretrain.model.n_head=2", "--pretrain.model.n_embd=32", "--pretrain.model.block_size=64",
+    "--pretrain.train.steps=8", "--pretrain.train.batch_size=4", "--pretrain.eval_batches=1",
+    "--sft_data.rl_fraction=0.45", "--sft_data.val_fraction=0.1", "--sft_data.prefix_chars=200",
+    "--sft.train.steps=6", "--sft.train.batch_size=4",
+    "--rankings.samples_per_prompt=1", "--rankings.max_tokens=8", "--rankings.val_fraction=0.3",
+    "--reward.train.steps=3", "--reward.train.batch_size=2",
+    "--ppo.train.steps=2", "--ppo.train.batch_size=4", "--ppo.rollout_prompts=4", "--ppo.epochs=1", "--ppo.max_tokens=6",
+    "--ppo.held_out_prompts=4", "--sample_tokens=6",
+]
+FAST = [f"--{stage}.train.{key}" for stage in ("pretrain", "sft", "reward", "ppo")
+        for key in ("dtype=fp32", "compile=false", "progress=false", "max_minutes=0", "device=cpu")]
+
+
+@pytest.mark.slow
+def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
+    sharegpt_json(tmp_path / "sharegpt.json")
+    args = ["speedrun", f"--run_dir={tmp_path / 'run'}", f"--data.sharegpt_file={tmp_path / 'sharegpt.json'}", *TINY, *FAST]
+    main(args)
+    run = tmp_path / "run"
+    report = (run / "report.md").read_text()
+    for title in ("Corpus", "Tokenizer", "Pretraining", "SFT data", "Supervised fine-tuning", "Ranking data",
+                  "Reward model", "PPO", "Samples", "Wall time per stage"):
+        assert f"## {title}" in report, title
+    samples = json.loads((run / "samples.json").read_text())
+    assert {s["model"] for s in samples} == {"pretrained", "sft", "ppo"}
+    assert "chatforge chat --ckpt=" in capsys.readouterr().out
+    main(args)
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 9
+    # a changed option reruns that stage and everything after it, not what came before
+    main(args[:-len(FAST)] + FAST + ["--reward.train.steps=4"])
+    out = capsys.readouterr().out
+    assert "pretrain: up to date" in out and "reward ..." in out and "ppo ..." in out and "samples ..." in out
