@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,6 +50,30 @@ def write_jsonl(path: str | Path, rows: Any) -> int:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield an empty staging directory next to ``directory``; on success it replaces ``directory`` whole.
+
+    An existing ``directory`` is moved aside, the staging one renamed into place, then the old one removed, so
+    a reader sees the old or the new directory and never a half-written one. On failure nothing changes.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield staging
+        old = None
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.rmdir(old)
+            os.replace(directory, old)
+        os.replace(staging, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, Any]]:

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, option
 from chatforge.data import sources
 from chatforge.data.clean import (
@@ -249,11 +248,7 @@ def run(cfg: Config, args: list[str]) -> None:
         if not splits[name] and len(splits["train"]) > 1:
             splits[name].append(splits["train"].pop())  # a tiny corpus still gets every split
     out = Path(cfg.out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(f"{out}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with io.atomic_directory(out) as staging:
         for name, rows in splits.items():
             _write_jsonl(staging / f"pretrain_{name}.jsonl", rows)
         _write_jsonl(staging / HOLDOUT_FILE, holdout)
@@ -266,15 +261,6 @@ def run(cfg: Config, args: list[str]) -> None:
             "config": asdict(cfg),
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out.exists():
-            old = Path(f"{out}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     _print_summary(manifest, out)
 
 

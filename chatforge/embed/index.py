@@ -17,18 +17,15 @@ large indexes), ``numpy`` (exact, no dependency: the fallback when faiss is not 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
 from chatforge.config import ChatforgeError
+from chatforge.io import atomic_directory
 
 INDEX_FORMAT = 1
 BACKENDS = ("auto", "faiss", "hnsw", "numpy")
@@ -236,26 +233,3 @@ class SearchIndex:
         meta = {k: v for k, v in info.items() if k not in ("format", "backend", "dim", "chunks", "embedder")}
         return cls(embedder, vectors, [r["doc_id"] for r in rows], [r["chunk"] for r in rows], wanted, meta, engine)
 
-
-@contextlib.contextmanager
-def atomic_directory(directory: str | Path) -> Iterator[Path]:
-    """Yield an empty staging directory next to ``directory``; on success it replaces ``directory`` whole.
-
-    An existing ``directory`` is moved aside, the staging one renamed into place, then the old one removed, so
-    a reader sees the old or the new directory and never a half-written one. On failure nothing changes.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield staging
-        old = None
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.rmdir(old)
-            os.replace(directory, old)
-        os.replace(staging, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

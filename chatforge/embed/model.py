@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from chatforge.config import ChatforgeError, option
-from chatforge.embed.index import atomic_directory, token_windows
+from chatforge.embed.index import token_windows
+from chatforge.io import atomic_directory
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.tokenizer import Tokenizer
 

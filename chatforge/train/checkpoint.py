@@ -30,7 +30,6 @@ from torch import nn
 
 from chatforge import io
 from chatforge.config import ChatforgeError
-from chatforge.embed.index import atomic_directory
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.tokenizer import TOKENIZER_FILE
 
@@ -126,7 +125,7 @@ def save_checkpoint(
     root = _checkpoints_dir(Path(run_dir))
     target = root / step_name(step)
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    with atomic_directory(target) as staging:
+    with io.atomic_directory(target) as staging:
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "step": str(step)})
         torch.save(trainer_state, staging / TRAINER_FILE)
         recorded = None
