@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ import numpy as np
 
 from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.data.documents import read_documents
 from chatforge.data.shards import write_shard
 from chatforge.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_FILE, Tokenizer
 
@@ -66,21 +66,6 @@ class Config:
 def split_path(data_dir: str | Path, split: str) -> Path:
     """Where the data stage writes a split's documents."""
     return Path(data_dir) / f"pretrain_{split}.jsonl"
-
-
-def read_documents(path: Path) -> Iterator[dict]:
-    """The documents of a JSON-lines file; a line that is not an object with a string "text" is an error."""
-    with open(path, encoding="utf-8") as fh:
-        for line_number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ChatforgeError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                raise ChatforgeError(f"{path}:{line_number}: expected an object with a string 'text'")
-            yield doc
 
 
 def _check_inputs(data_dir: Path) -> None:

@@ -50,27 +50,6 @@ class PairConfig:
             raise ChatforgeError(f"pairs.span_chars must be >= 20, got {self.span_chars}")
 
 
-def read_documents(path: str | Path) -> list[dict]:
-    """Documents ``{"id", "kind", "text", ...}`` of a JSONL file written by the data stage."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"document file not found: {path} (run `chatforge data` first, or pass a JSONL file)")
-    docs = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ChatforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                raise ChatforgeError(f"{path}:{number}: a document needs a string 'text' field")
-            doc.setdefault("id", f"{path.stem}:{number}")
-            docs.append(doc)
-    return docs
-
-
 def split_spans(text: str, span_chars: int) -> list[str]:
     """Consecutive pieces of about ``span_chars`` characters, cut at a line break or space when possible."""
     spans, start = [], 0

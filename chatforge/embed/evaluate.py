@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from chatforge.config import ChatforgeError, nested, option
-from chatforge.embed.data import Pair, chat_pairs, comment_pairs, dedupe, docstring_pairs, read_documents, span_pairs
+from chatforge.data.documents import read_documents
+from chatforge.embed.data import Pair, chat_pairs, comment_pairs, dedupe, docstring_pairs, span_pairs
 from chatforge.embed.index import Embedder
 from chatforge.embed.minilm import MiniLMEmbedder
 from chatforge.embed.model import ChatforgeEmbedder, EmbeddingModel

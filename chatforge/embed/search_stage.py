@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from chatforge.config import ChatforgeError, option
-from chatforge.embed.data import read_documents
+from chatforge.data.documents import read_documents
 from chatforge.embed.index import BACKENDS, Embedder, SearchIndex, load_embedder
 
 
