@@ -86,6 +86,20 @@ def tokenizer_section(run_dir: Path) -> Section | None:
                    tables=[(k, ["key", "value"], [[kk, vv] for kk, vv in v.items()]) for k, v in report.items() if isinstance(v, dict)])
 
 
+CONFIG_KEYS = ("model", "train", "stage_config", "config")  # recorded settings, not results
+
+
+def figures(summary: dict) -> dict:
+    """Scalar results of a summary, nested ones flattened one level ("held_out_code_loss.before")."""
+    facts = {}
+    for key, value in summary.items():
+        if isinstance(value, dict) and key not in CONFIG_KEYS:
+            facts.update({f"{key}.{k}": v for k, v in value.items() if not isinstance(v, (dict, list))})
+        elif not isinstance(value, (dict, list)):
+            facts[key] = value
+    return facts
+
+
 def training_section(title: str, stage_dir: str) -> Callable[[Path], Section | None]:
     """Sections for stages that ran on the shared training loop: summary.json plus their plots."""
 
@@ -93,9 +107,7 @@ def training_section(title: str, stage_dir: str) -> Callable[[Path], Section | N
         summary = _read_json(run_dir / stage_dir / "summary.json")
         if summary is None:
             return None
-        facts = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
-        plots = sorted((run_dir / stage_dir).glob("*.png"))
-        return Section(title, facts=facts, plots=plots)
+        return Section(title, facts=figures(summary), plots=sorted((run_dir / stage_dir).glob("*.png")))
 
     return build
 
@@ -136,6 +148,8 @@ SECTIONS: list[Callable[[Path], Section | None]] = [
     manifest_section("Ranking data", "rankings/manifest.json"),
     training_section("Reward model (val_accuracy = held-out pairwise accuracy)", "reward"),
     training_section("PPO (win rates over SFT: by the reward model and by the MiniLM judge)", "ppo"),
+    training_section("Code model (held-out code loss before/after fine-tuning)", "code"),
+    training_section("HumanEval (pass@k of the code model, sandboxed)", "eval/humaneval"),
     samples_section,
 ]
 

@@ -1,7 +1,7 @@
 """run every stage end to end on the embedded default and write the report card.
 
-data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → samples → report card, all under
-``run_dir``. Each stage's options are nested
+data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → samples → report
+card, all under ``run_dir``. Each stage's options are nested
 (``--pretrain.train.max_minutes=5``, ``--tokenizer.vocab_size=4096``); the directories are placed under
 ``run_dir`` by the speedrun. A stage whose outputs exist and whose options are unchanged since it finished
 is skipped, so a rerun after an interruption continues where it stopped (pretraining resumes from its last
@@ -24,6 +24,8 @@ from chatforge.data import pipeline as data_stage
 from chatforge import tokenizer_stage
 from chatforge.data import rankings as rankings_stage
 from chatforge.data import sft_data as sft_data_stage
+from chatforge.evals import eval_stage
+from chatforge.train import code as code_stage
 from chatforge.train import ppo as ppo_stage
 from chatforge.train import pretrain as pretrain_stage
 from chatforge.train import reward as reward_stage
@@ -42,10 +44,17 @@ CHAT_PROMPTS = [
 
 
 @dataclass
+class HumanEvalOptions(eval_stage.Config):
+    max_tokens: int | None = option(128, "most tokens per completion (short: a speedrun-sized model rarely needs more)")
+    progress: bool = option(False, "show progress bars")
+
+
+@dataclass
 class Config:
     run_dir: str = option("runs/speedrun", "every stage writes under this directory")
     force: bool = option(False, "redo every stage even when its outputs are up to date")
-    only: str = option("", "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, ppo, samples)")
+    only: str = option("", "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, ppo, code, "
+                           "humaneval, samples)")
     sample_tokens: int = option(48, "tokens generated per sample prompt")
     device: str = option("auto", "device for sampling: auto, cpu, cuda, cuda:N")
     data: data_stage.Config = nested(data_stage.Config, "the data stage")
@@ -56,6 +65,8 @@ class Config:
     rankings: rankings_stage.Config = nested(rankings_stage.Config, "the rankings stage")
     reward: reward_stage.Config = nested(reward_stage.Config, "the reward stage")
     ppo: ppo_stage.Config = nested(ppo_stage.Config, "the ppo stage")
+    code: code_stage.Config = nested(code_stage.Config, "the code stage (Codex-style fine-tuning on Python)")
+    humaneval: HumanEvalOptions = nested(HumanEvalOptions, "`eval humaneval` of the code model")
 
 
 @dataclass
@@ -83,6 +94,9 @@ def _place(cfg: Config) -> None:
     cfg.reward.out_dir = cfg.ppo.reward_model = str(run / "reward")
     cfg.ppo.pretrain_tokens = str(run / "tokenizer" / "tokens" / "train.bin")
     cfg.ppo.out_dir = str(run / "ppo")
+    cfg.code.init_from = str(run / "pretrain")
+    cfg.code.out_dir = cfg.humaneval.ckpt = str(run / "code")
+    cfg.humaneval.out = str(run / "eval" / "humaneval")
 
 
 def _fingerprint(options: object) -> str:
@@ -102,6 +116,9 @@ def _steps(cfg: Config) -> list[Step]:
         Step("rankings", cfg.rankings, run / "rankings" / "manifest.json", lambda: rankings_stage.run(cfg.rankings, [])),
         Step("reward", cfg.reward, run / "reward" / "summary.json", lambda: _trained(reward_stage, cfg.reward)),
         Step("ppo", cfg.ppo, run / "ppo" / "summary.json", lambda: _trained(ppo_stage, cfg.ppo)),
+        Step("code", cfg.code, run / "code" / "summary.json", lambda: _trained(code_stage, cfg.code)),
+        Step("humaneval", cfg.humaneval, run / "eval" / "humaneval" / "summary.json",
+             lambda: eval_stage.run(cfg.humaneval, ["humaneval"])),
         Step("samples", {"tokens": cfg.sample_tokens, "text": TEXT_PROMPTS, "chat": CHAT_PROMPTS}, run / "samples.json",
              lambda: write_samples(run, cfg.sample_tokens, cfg.device)),
     ]
@@ -131,7 +148,8 @@ def write_samples(run_dir: Path, max_tokens: int, device: str) -> None:
     from chatforge.tokenizer import Tokenizer
     from chatforge.train.checkpoint import latest_checkpoint, load_model, tokenizer_path
 
-    models = [("pretrained", run_dir / "pretrain", False), ("sft", run_dir / "sft", True), ("ppo", run_dir / "ppo", True)]
+    models = [("pretrained", run_dir / "pretrain", False), ("code", run_dir / "code", False), ("sft", run_dir / "sft", True),
+              ("ppo", run_dir / "ppo", True)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=1.2)
     samples = []
     for label, ckpt, chat in models:

@@ -33,8 +33,10 @@ TINY = [
     "--reward.train.steps=3", "--reward.train.batch_size=2",
     "--ppo.train.steps=2", "--ppo.train.batch_size=4", "--ppo.rollout_prompts=4", "--ppo.epochs=1", "--ppo.max_tokens=6",
     "--ppo.held_out_prompts=4", "--sample_tokens=6",
+    "--code.max_files=8", "--code.val_fraction=0.3", "--code.train.steps=2", "--code.train.batch_size=2", "--code.eval_batches=1",
+    "--humaneval.limit=2", "--humaneval.n=1", "--humaneval.ks=1", "--humaneval.max_tokens=8",
 ]
-FAST = [f"--{stage}.train.{key}" for stage in ("pretrain", "sft", "reward", "ppo")
+FAST = [f"--{stage}.train.{key}" for stage in ("pretrain", "sft", "reward", "ppo", "code")
         for key in ("dtype=fp32", "compile=false", "progress=false", "max_minutes=0", "device=cpu")]
 
 
@@ -46,14 +48,14 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
     run = tmp_path / "run"
     report = (run / "report.md").read_text()
     for title in ("Corpus", "Tokenizer", "Pretraining", "SFT data", "Supervised fine-tuning", "Ranking data",
-                  "Reward model", "PPO", "Samples", "Wall time per stage"):
+                  "Reward model", "PPO", "Code model", "HumanEval", "Samples", "Wall time per stage"):
         assert f"## {title}" in report, title
     samples = json.loads((run / "samples.json").read_text())
-    assert {s["model"] for s in samples} == {"pretrained", "sft", "ppo"}
+    assert {s["model"] for s in samples} == {"pretrained", "code", "sft", "ppo"}
     assert "chatforge chat --ckpt=" in capsys.readouterr().out
     main(args)
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 9
+    assert out.count("up to date, skipped") == 11
     # a changed option reruns that stage and everything after it, not what came before
     main(args[:-len(FAST)] + FAST + ["--reward.train.steps=4"])
     out = capsys.readouterr().out

@@ -75,7 +75,7 @@ class PretrainTrainConfig(TrainConfig):
     warmup_steps: int = option(50, "steps of linear warm-up from 0 to lr")
     eval_every: int = option(250, "steps between validation losses (0 = only at the start and the end)")
     ckpt_every: int = option(250, "steps between checkpoints (0 = only at the end)")
-    max_minutes: float = option(12.0, "wall-time budget in minutes: the schedule's length is fitted to the measured "
+    max_minutes: float = option(10.0, "wall-time budget in minutes: the schedule's length is fitted to the measured "
                                        "speed and the run stops with a checkpoint when it is spent (0 = none)")
 
 
