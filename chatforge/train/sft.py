@@ -32,7 +32,7 @@ from chatforge.train.loop import TrainConfig, lm_loss, train
 
 @dataclass
 class SFTTrainConfig(TrainConfig):
-    steps: int = option(300, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
+    steps: int = option(600, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
     batch_size: int = option(16, "conversations per optimizer step, summed over all processes")
     lr: float = option(1e-3, "peak learning rate, reached at the end of warm-up")
     min_lr: float = option(1e-4, "learning rate at the end of the decay")
