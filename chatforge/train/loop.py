@@ -534,6 +534,12 @@ class _Run:
                 if out["interrupted"]:
                     interrupted = True
                     break
+                reason = getattr(self.task, "should_stop", lambda: None)()
+                if reason:  # the task's state is the same on every rank, so all of them stop at this step
+                    self.stopped_by = "task"
+                    if main:
+                        bar.write(f"[train] stopping early at step {self.step}: {reason}")
+                    break
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
                     metrics = self._evaluate()
                     if metrics:
@@ -547,7 +553,7 @@ class _Run:
                 self._save(elapsed())
             raise TrainingInterrupted(f"training interrupted at step {self.step}; checkpoint saved in {self.out_dir}; "
                                       "run again with --resume to continue")
-        if self.step < cfg.steps:
+        if self.step < cfg.steps and self.stopped_by == "steps":
             self.stopped_by = "max_minutes"
         if not any(r.get("step") == self.step and "val_loss" in r for r in self.rows):
             self._evaluate()
