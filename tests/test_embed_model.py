@@ -99,7 +99,8 @@ def test_gradient_caching_equals_the_full_batch_gradient(dropout):
     cached = grad_cache_step(model, _chunks(qa, ql, 3), _chunks(da, dl, 3))
     assert cached.item() == pytest.approx(full.item(), rel=1e-5)
     for name, p in model.named_parameters():
-        assert torch.allclose(p.grad, reference[name], atol=1e-6, rtol=1e-4), name
+        # chunked and whole-batch sums round differently: gradients reach ~30, so compare at float32 noise of that scale
+        assert torch.allclose(p.grad, reference[name], atol=1e-4, rtol=1e-4), name
     assert reference["log_inv_temperature"].abs().item() > 0  # the temperature is learned too
 
 

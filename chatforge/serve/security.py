@@ -73,6 +73,9 @@ class RateLimiter:
                 self._buckets = {c: b for c, b in self._buckets.items() if b[1] > full or c == client}
 
 
+DRAIN_LIMIT = 16  # an oversized body is read up to this many times the limit, so the client gets its 413
+
+
 class BodySizeLimit:
     """ASGI middleware: a request body over ``max_bytes`` gets a 413 before any handler sees it.
 
@@ -88,22 +91,23 @@ class BodySizeLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
-            return
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._reject(send)
-                return
+            size += len(message.get("body", b""))
+            if size <= self.max_bytes:
+                chunks.append(message.get("body", b""))
+            elif size > DRAIN_LIMIT * self.max_bytes:
+                break  # not worth reading on: answer now, even if the client may see the connection reset
             if not message.get("more_body", False):
                 break
+        # the oversized body is read (and dropped) before answering: a server that answers and closes while the
+        # client is still sending makes the client see "connection reset" instead of the 413
+        if size > self.max_bytes:
+            await self._reject(send)
+            return
         replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replayed():
