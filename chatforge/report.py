@@ -112,6 +112,16 @@ def training_section(title: str, stage_dir: str) -> Callable[[Path], Section | N
     return build
 
 
+def markdown_section(title: str, path: str) -> Callable[[Path], Section | None]:
+    """A section whose body is a markdown file a stage wrote (e.g. an evaluation's tables)."""
+
+    def build(run_dir: Path) -> Section | None:
+        file = run_dir / path
+        return Section(title, text=file.read_text(encoding="utf-8")) if file.is_file() else None
+
+    return build
+
+
 def samples_section(run_dir: Path) -> Section | None:
     samples = _read_json(run_dir / "samples.json")
     if not samples:
@@ -150,6 +160,8 @@ SECTIONS: list[Callable[[Path], Section | None]] = [
     training_section("PPO (win rates over SFT: by the reward model and by the MiniLM judge)", "ppo"),
     training_section("Code model (held-out code loss before/after fine-tuning)", "code"),
     training_section("HumanEval (pass@k of the code model, sandboxed)", "eval/humaneval"),
+    training_section("Embeddings (contrastive pre-training)", "embed"),
+    markdown_section("Embeddings: held-out retrieval and linear probe vs MiniLM and the floor", "embed/eval/summary.md"),
     samples_section,
 ]
 

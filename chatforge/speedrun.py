@@ -1,7 +1,7 @@
 """run every stage end to end on the embedded default and write the report card.
 
-data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → samples → report
-card, all under ``run_dir``. Each stage's options are nested
+data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → embed → samples →
+report card, all under ``run_dir``. Each stage's options are nested
 (``--pretrain.train.max_minutes=5``, ``--tokenizer.vocab_size=4096``); the directories are placed under
 ``run_dir`` by the speedrun. A stage whose outputs exist and whose options are unchanged since it finished
 is skipped, so a rerun after an interruption continues where it stopped (pretraining resumes from its last
@@ -24,6 +24,7 @@ from chatforge.data import pipeline as data_stage
 from chatforge import tokenizer_stage
 from chatforge.data import rankings as rankings_stage
 from chatforge.data import sft_data as sft_data_stage
+from chatforge.embed import train as embed_stage
 from chatforge.evals import eval_stage
 from chatforge.train import code as code_stage
 from chatforge.train import ppo as ppo_stage
@@ -54,7 +55,7 @@ class Config:
     run_dir: str = option("runs/speedrun", "every stage writes under this directory")
     force: bool = option(False, "redo every stage even when its outputs are up to date")
     only: str = option("", "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, ppo, code, "
-                           "humaneval, samples)")
+                           "humaneval, embed, samples)")
     sample_tokens: int = option(48, "tokens generated per sample prompt")
     device: str = option("auto", "device for sampling: auto, cpu, cuda, cuda:N")
     data: data_stage.Config = nested(data_stage.Config, "the data stage")
@@ -67,6 +68,7 @@ class Config:
     ppo: ppo_stage.Config = nested(ppo_stage.Config, "the ppo stage")
     code: code_stage.Config = nested(code_stage.Config, "the code stage (Codex-style fine-tuning on Python)")
     humaneval: HumanEvalOptions = nested(HumanEvalOptions, "`eval humaneval` of the code model")
+    embed: embed_stage.Config = nested(embed_stage.Config, "the embed stage (contrastive text/code embeddings)")
 
 
 @dataclass
@@ -97,6 +99,9 @@ def _place(cfg: Config) -> None:
     cfg.code.init_from = str(run / "pretrain")
     cfg.code.out_dir = cfg.humaneval.ckpt = str(run / "code")
     cfg.humaneval.out = str(run / "eval" / "humaneval")
+    cfg.embed.init_from = str(run / "pretrain")
+    cfg.embed.data_dir = str(run / "data")
+    cfg.embed.out_dir = str(run / "embed")
 
 
 def _fingerprint(options: object) -> str:
@@ -119,6 +124,7 @@ def _steps(cfg: Config) -> list[Step]:
         Step("code", cfg.code, run / "code" / "summary.json", lambda: _trained(code_stage, cfg.code)),
         Step("humaneval", cfg.humaneval, run / "eval" / "humaneval" / "summary.json",
              lambda: eval_stage.run(cfg.humaneval, ["humaneval"])),
+        Step("embed", cfg.embed, run / "embed" / "summary.json", lambda: _trained(embed_stage, cfg.embed)),
         Step("samples", {"tokens": cfg.sample_tokens, "text": TEXT_PROMPTS, "chat": CHAT_PROMPTS}, run / "samples.json",
              lambda: write_samples(run, cfg.sample_tokens, cfg.device)),
     ]

@@ -24,6 +24,7 @@ def sharegpt_json(path, n: int = 90) -> None:
 
 TINY = [
     "--data.stdlib=false", "--data.debian=false", "--data.holdout_fraction=0.6", "--data.min_chars=16",
+    "--data.val_fraction=0.2",
     "--tokenizer.vocab_size=300",
     "--pretrain.model.n_layer=1", "--pretrain.model.n_head=2", "--pretrain.model.n_embd=32", "--pretrain.model.block_size=64",
     "--pretrain.train.steps=8", "--pretrain.train.batch_size=4", "--pretrain.eval_batches=1",
@@ -35,8 +36,10 @@ TINY = [
     "--ppo.held_out_prompts=4", "--sample_tokens=6",
     "--code.max_files=8", "--code.val_fraction=0.3", "--code.train.steps=2", "--code.train.batch_size=2", "--code.eval_batches=1",
     "--humaneval.limit=2", "--humaneval.n=1", "--humaneval.ks=1", "--humaneval.max_tokens=8",
+    "--embed.train.steps=2", "--embed.train.batch_size=4", "--embed.max_documents=20", "--embed.val_pairs=4",
+    "--embed.pairs.wordnet_pairs=0", "--embed.minilm=false",
 ]
-FAST = [f"--{stage}.train.{key}" for stage in ("pretrain", "sft", "reward", "ppo", "code")
+FAST = [f"--{stage}.train.{key}" for stage in ("pretrain", "sft", "reward", "ppo", "code", "embed")
         for key in ("dtype=fp32", "compile=false", "progress=false", "max_minutes=0", "device=cpu")]
 
 
@@ -48,14 +51,15 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
     run = tmp_path / "run"
     report = (run / "report.md").read_text()
     for title in ("Corpus", "Tokenizer", "Pretraining", "SFT data", "Supervised fine-tuning", "Ranking data",
-                  "Reward model", "PPO", "Code model", "HumanEval", "Samples", "Wall time per stage"):
+                  "Reward model", "PPO", "Code model", "HumanEval", "Embeddings (contrastive pre-training)",
+                  "Embeddings: held-out", "Samples", "Wall time per stage"):
         assert f"## {title}" in report, title
     samples = json.loads((run / "samples.json").read_text())
     assert {s["model"] for s in samples} == {"pretrained", "code", "sft", "ppo"}
     assert "chatforge chat --ckpt=" in capsys.readouterr().out
     main(args)
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 11
+    assert out.count("up to date, skipped") == 12
     # a changed option reruns that stage and everything after it, not what came before
     main(args[:-len(FAST)] + FAST + ["--reward.train.steps=4"])
     out = capsys.readouterr().out

@@ -1,0 +1,161 @@
+"""train a text/code embedding model from a GPT by contrastive pre-training (CPT), then evaluate it.
+
+    chatforge embed                                        # speedrun default: pretrain checkpoint + corpus
+    chatforge embed --embedding.kind=similarity --train.batch_size=128 --chunk_size=16
+
+Starts from a chatforge GPT checkpoint (``init_from``). Positive pairs come from the data stage's train
+split (``chatforge.embed.data``): neighbouring spans of a document, docstring ↔ function body and comment ↔
+code from code documents, user turn ↔ answer from conversations, WordNet lemma ↔ gloss when installed, and
+user JSONL pairs. Every other example of the batch is a negative (symmetric InfoNCE, learnable
+temperature). The batch is embedded in chunks of ``chunk_size`` texts with gradient caching, so a large
+batch — the method's many negatives — costs the memory of one chunk. Under ``torchrun`` each process
+contrasts its own share of the batch. Runs on the shared training loop (resume, metrics, plots); the model
+is saved to ``out_dir/embedder`` for ``chatforge search``, ``chatforge serve --embed_ckpt`` and
+``chatforge eval-embed``, which then runs on the held-out splits (``--evaluate=false`` skips it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chatforge import io
+from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.data.documents import read_documents
+from chatforge.embed.data import PairBatches, PairConfig, build_pairs
+from chatforge.embed.model import ChatforgeEmbedder, EmbeddingModel, EmbedSpec, encode_texts, grad_cache_step, info_nce
+from chatforge.train.loop import TrainConfig, train
+
+EMBEDDER_DIR = "embedder"
+
+
+@dataclass
+class EmbedTrainConfig(TrainConfig):
+    steps: int = option(300, "optimizer steps (max_minutes may fit it shorter)")
+    batch_size: int = option(64, "pairs per step: each query's negatives are the other 63 documents")
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr: float = option(3e-5, "learning rate at the end of the decay")
+    warmup_steps: int = option(20, "steps of linear warm-up")
+    eval_every: int = option(100, "steps between held-out contrastive loss / accuracy")
+    ckpt_every: int = option(100, "steps between checkpoints")
+    max_minutes: float = option(3.0, "wall-time budget in minutes (0 = none)")
+    dtype: str = option("fp32", "fp32: gradient caching replays forward passes, which must match exactly")
+    compile: str = option("false", "texts of every length make compiled shapes churn")
+
+
+@dataclass
+class Config:
+    init_from: str = option("runs/speedrun/pretrain", "the GPT checkpoint (or run directory) to start from")
+    data_dir: str = option("runs/speedrun/data", "the data stage's output (pretrain_train.jsonl for pairs)")
+    out_dir: str = option("runs/speedrun/embed", "checkpoints/, metrics.jsonl, loss.png, summary.json, embedder/, eval/")
+    resume: bool = option(False, "continue from out_dir's latest checkpoint")
+    max_documents: int = option(4000, "training documents read for pairs (0 = all)")
+    val_pairs: int = option(128, "held-out pairs (from the val split) for the validation loss")
+    chunk_size: int = option(16, "texts embedded per forward pass (gradient caching); memory, not results")
+    evaluate: bool = option(True, "run eval-embed on the held-out splits after training")
+    minilm: bool = option(True, "compare with all-MiniLM-L6-v2 in the evaluation")
+    embedding: EmbedSpec = nested(EmbedSpec, "how texts become vectors")
+    pairs: PairConfig = nested(PairConfig, "where positive pairs come from")
+    train: EmbedTrainConfig = nested(EmbedTrainConfig, "the shared training loop")
+
+    def validate(self) -> None:
+        if self.chunk_size < 1 or self.val_pairs < 2:
+            raise ConfigError("options 'chunk_size' must be >= 1 and 'val_pairs' >= 2")
+        self.embedding.validate()
+        self.pairs.validate()
+        self.train.validate()
+
+
+class _Forward:
+    """What ``grad_cache_step`` calls: forward passes through the (DDP/compiled) wrapper, the temperature from
+    the plain module (a wrapper does not expose it)."""
+
+    def __init__(self, wrapped, plain: EmbeddingModel):
+        self.wrapped, self.scale = wrapped, plain.scale
+
+    def __call__(self, ids, lengths):
+        return self.wrapped(ids, lengths)
+
+
+class ContrastiveTask:
+    def __init__(self, batches: PairBatches, val_pairs: list, tokenizer, spec: EmbedSpec, block_size: int, chunk_size: int):
+        self.batches, self.val_pairs = batches, val_pairs
+        self.tokenizer, self.spec, self.block_size, self.chunk_size = tokenizer, spec, block_size, chunk_size
+
+    def _chunks(self, texts: list[str], role: str, device: str) -> list:
+        chunks = []
+        for start in range(0, len(texts), self.chunk_size):
+            ids, lengths = encode_texts(self.tokenizer, texts[start : start + self.chunk_size], role, self.spec, self.block_size)
+            chunks.append((ids.to(device), lengths))
+        return chunks
+
+    def batch(self, step: int, part: int, parts: int, device: str):
+        pairs = self.batches.batch(step, part, parts)
+        return self._chunks([p.query for p in pairs], "query", device), self._chunks([p.document for p in pairs], "document", device)
+
+    def backward(self, model, batch, micro) -> dict:
+        from chatforge.train.checkpoint import unwrap
+
+        queries, documents = batch
+        loss = grad_cache_step(_Forward(model, unwrap(model)), queries, documents, loss_weight=micro.scale,
+                               sync_context=micro.no_sync)
+        return {"loss": loss, "tokens": int(sum(lengths.sum() for _, lengths in queries + documents))}
+
+    @torch.no_grad()
+    def eval_loss(self, model, device: str) -> dict:
+        queries, documents = (torch.cat([model(ids, lengths) for ids, lengths in chunks]) for chunks in
+                              (self._chunks([p.query for p in self.val_pairs], "query", device),
+                               self._chunks([p.document for p in self.val_pairs], "document", device)))
+        top1 = float((queries @ documents.T).argmax(1).eq(torch.arange(len(queries), device=queries.device)).float().mean())
+        return {"loss": float(info_nce(queries, documents, model.scale())), "top1": top1}
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.train import distributed
+    from chatforge.train.checkpoint import load_model, tokenizer_path
+
+    cfg.validate()
+    gpt, info = load_model(cfg.init_from)
+    tokenizer_file = tokenizer_path(cfg.init_from)
+    tokenizer = Tokenizer.load(tokenizer_file)
+    data = Path(cfg.data_dir)
+    documents = read_documents(data / "pretrain_train.jsonl")
+    train_pairs = build_pairs(itertools.islice(documents, cfg.max_documents or None), cfg.pairs, cfg.train.seed)
+    no_extras = dataclasses.replace(cfg.pairs, wordnet_pairs=0, user_pairs=[])  # held-out pairs come from val documents only
+    val_pairs = build_pairs(read_documents(data / "pretrain_val.jsonl"), no_extras, cfg.train.seed)[: cfg.val_pairs]
+    if len(val_pairs) < 2:
+        raise ChatforgeError(f"{data / 'pretrain_val.jsonl'} yields {len(val_pairs)} held-out pairs; at least 2 are needed")
+    kinds = {}
+    for pair in train_pairs:
+        kinds[pair.kind] = kinds.get(pair.kind, 0) + 1
+    model = EmbeddingModel(gpt.train(), cfg.embedding.pooling, cfg.embedding.proj_dim)
+    task = ContrastiveTask(PairBatches(train_pairs, cfg.train.batch_size, cfg.train.seed), val_pairs, tokenizer,
+                           cfg.embedding, gpt.config.block_size, cfg.chunk_size)
+    job = distributed.init(cfg.train.device)
+    if job.is_main:
+        print(f"[embed] {len(train_pairs):,} training pairs {kinds}, {len(val_pairs)} held out; "
+              f"{cfg.embedding.kind} model from {info['path']}")
+    meta = {"stage": "embed", "init_from": str(info["path"]), "model": gpt.config.to_dict(), "model_prefix": "gpt.",
+            "kind": cfg.embedding.kind, "train_pairs": len(train_pairs), "pair_kinds": kinds,
+            "stage_config": dataclasses.asdict(cfg)}
+    summary = train(model, task, cfg.train, cfg.out_dir, resume=cfg.resume, meta=meta, tokenizer=tokenizer_file)
+    if not job.is_main:
+        return
+    out = Path(cfg.out_dir)
+    embedder = ChatforgeEmbedder(model.eval(), tokenizer, cfg.embedding,
+                                 info={"base": str(info["path"]), "steps": summary["steps"], "pairs": len(train_pairs)})
+    embedder.save(out / EMBEDDER_DIR)
+    print(f"[embed] embedding model saved to {out / EMBEDDER_DIR}")
+    if cfg.evaluate:
+        from chatforge.embed.evaluate import EvalConfig, compare
+
+        base, _ = load_model(cfg.init_from, device=str(embedder.device))
+        results = compare(embedder, base, data, EvalConfig(minilm=cfg.minilm, seed=cfg.train.seed), out / "eval")
+        summary["evaluation"] = str(out / "eval" / "summary.md")
+        summary["eval_seconds"] = results.get("seconds")
+        io.write_json(out / "summary.json", summary)
