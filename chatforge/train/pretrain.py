@@ -68,7 +68,7 @@ class ModelConfig:
 class PretrainTrainConfig(TrainConfig):
     # Measured on 2 cores (bf16 autocast + torch.compile): see the module docstring of chatforge.train.loop
     # and the report of the pretrain stage; these fill ~10 minutes and max_minutes guards slower machines.
-    steps: int = option(1500, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
+    steps: int = option(1800, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
     batch_size: int = option(16, "sequences per optimizer step, summed over all processes")
     lr: float = option(3e-3, "peak learning rate, reached at the end of warm-up")
     min_lr: float = option(3e-4, "learning rate at the end of the decay")
