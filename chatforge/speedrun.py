@@ -1,10 +1,10 @@
 """run every stage end to end on the embedded default and write the report card.
 
 data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → embed → samples →
-report card, all under ``run_dir``. Each stage's options are nested
-(``--pretrain.train.max_minutes=5``, ``--tokenizer.vocab_size=4096``); the directories are placed under
-``run_dir`` by the speedrun. A stage whose outputs exist and whose options are unchanged since it finished
-is skipped, so a rerun after an interruption continues where it stopped (pretraining resumes from its last
+report card, all under ``run_dir``. Each stage's options are nested (``--pretrain.train.max_minutes=5``,
+``--tokenizer.vocab_size=4096``); the directories are placed under ``run_dir`` by the speedrun. A stage whose
+outputs exist and whose options are unchanged since it finished is skipped unless a stage it reads from ran
+again, so a rerun after an interruption continues where it stopped (training resumes from its last
 checkpoint); ``--force`` redoes everything, ``--only=STAGE`` runs one stage.
 """
 
@@ -77,6 +77,7 @@ class Step:
     options: object  # the stage's config, hashed to tell whether finished outputs are still up to date
     done_marker: Path
     action: Callable[[], None]
+    needs: tuple[str, ...] = ()  # stages whose outputs it reads: when one of them ran again, so must it
 
 
 def _place(cfg: Config) -> None:
@@ -114,19 +115,25 @@ def _steps(cfg: Config) -> list[Step]:
     return [
         Step("data", cfg.data, run / "data" / "manifest.json", lambda: data_stage.run(cfg.data, [])),
         Step("tokenizer", cfg.tokenizer, run / "tokenizer" / tokenizer_stage.REPORT_FILE,
-             lambda: tokenizer_stage.run(cfg.tokenizer, [])),
-        Step("pretrain", cfg.pretrain, run / "pretrain" / "summary.json", lambda: _trained(pretrain_stage, cfg.pretrain)),
-        Step("sft-data", cfg.sft_data, run / "sft_data" / "manifest.json", lambda: sft_data_stage.run(cfg.sft_data, [])),
-        Step("sft", cfg.sft, run / "sft" / "summary.json", lambda: _trained(sft_stage, cfg.sft)),
-        Step("rankings", cfg.rankings, run / "rankings" / "manifest.json", lambda: rankings_stage.run(cfg.rankings, [])),
-        Step("reward", cfg.reward, run / "reward" / "summary.json", lambda: _trained(reward_stage, cfg.reward)),
-        Step("ppo", cfg.ppo, run / "ppo" / "summary.json", lambda: _trained(ppo_stage, cfg.ppo)),
-        Step("code", cfg.code, run / "code" / "summary.json", lambda: _trained(code_stage, cfg.code)),
+             lambda: tokenizer_stage.run(cfg.tokenizer, []), ("data",)),
+        Step("pretrain", cfg.pretrain, run / "pretrain" / "summary.json", lambda: _trained(pretrain_stage, cfg.pretrain),
+             ("tokenizer",)),
+        Step("sft-data", cfg.sft_data, run / "sft_data" / "manifest.json", lambda: sft_data_stage.run(cfg.sft_data, []),
+             ("data",)),
+        Step("sft", cfg.sft, run / "sft" / "summary.json", lambda: _trained(sft_stage, cfg.sft), ("pretrain", "sft-data")),
+        Step("rankings", cfg.rankings, run / "rankings" / "manifest.json", lambda: rankings_stage.run(cfg.rankings, []),
+             ("sft-data", "sft")),
+        Step("reward", cfg.reward, run / "reward" / "summary.json", lambda: _trained(reward_stage, cfg.reward),
+             ("sft", "rankings")),
+        Step("ppo", cfg.ppo, run / "ppo" / "summary.json", lambda: _trained(ppo_stage, cfg.ppo),
+             ("tokenizer", "sft-data", "sft", "reward")),
+        Step("code", cfg.code, run / "code" / "summary.json", lambda: _trained(code_stage, cfg.code), ("pretrain",)),
         Step("humaneval", cfg.humaneval, run / "eval" / "humaneval" / "summary.json",
-             lambda: eval_stage.run(cfg.humaneval, ["humaneval"])),
-        Step("embed", cfg.embed, run / "embed" / "summary.json", lambda: _trained(embed_stage, cfg.embed)),
+             lambda: eval_stage.run(cfg.humaneval, ["humaneval"]), ("code",)),
+        Step("embed", cfg.embed, run / "embed" / "summary.json", lambda: _trained(embed_stage, cfg.embed),
+             ("data", "pretrain")),
         Step("samples", {"tokens": cfg.sample_tokens, "text": TEXT_PROMPTS, "chat": CHAT_PROMPTS}, run / "samples.json",
-             lambda: write_samples(run, cfg.sample_tokens, cfg.device)),
+             lambda: write_samples(run, cfg.sample_tokens, cfg.device), ("pretrain", "code", "sft", "ppo")),
     ]
 
 
@@ -190,19 +197,19 @@ def run(cfg: Config, args: list[str]) -> None:
     state = _load_state(run_dir)
     timings = state.get("seconds", {})
     started = time.perf_counter()
-    upstream_ran = False  # a stage that ran makes every later stage's outputs stale
+    ran: set[str] = set()
     for step in steps:
         if cfg.only and step.name != cfg.only:
             continue
         fingerprint = _fingerprint(step.options)
         up_to_date = step.done_marker.exists() and state.get("fingerprints", {}).get(step.name) == fingerprint
-        if up_to_date and not cfg.force and not upstream_ran:
+        if up_to_date and not cfg.force and not ran.intersection(step.needs):
             print(f"[speedrun] {step.name}: up to date, skipped ({step.done_marker})")
             continue
         print(f"[speedrun] {step.name} ...", flush=True)
         t0 = time.perf_counter()
         step.action()
-        upstream_ran = True
+        ran.add(step.name)
         timings[step.name] = round(time.perf_counter() - t0, 1)
         state.setdefault("fingerprints", {})[step.name] = fingerprint
         state["seconds"] = timings

@@ -56,7 +56,7 @@ class KLConfig:
 
 @dataclass
 class PPOTrainConfig(TrainConfig):
-    steps: int = option(64, "optimizer updates (rollouts × epochs × minibatches per rollout)")
+    steps: int = option(240, "optimizer updates (rollouts × epochs × minibatches per rollout)")
     batch_size: int = option(8, "responses per minibatch update, summed over processes")
     lr: float = option(2e-5, "peak learning rate")
     min_lr: float = option(2e-5, "learning rate at the end of the decay")
@@ -64,7 +64,7 @@ class PPOTrainConfig(TrainConfig):
     warmup_steps: int = option(0, "steps of linear warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay of weight matrices")
     eval_every: int = option(0, "PPO evaluates after training (win rates); 0 = only at start and end")
-    ckpt_every: int = option(16, "steps between checkpoints (best a multiple of the updates per rollout)")
+    ckpt_every: int = option(48, "steps between checkpoints (best a multiple of the updates per rollout)")
     max_minutes: float = option(6.0, "wall-time budget in minutes (0 = none)")
     compile: str = option("false", "torch.compile (off by default: rollouts switch between shapes constantly)")
 
