@@ -17,7 +17,7 @@ is saved to ``out_dir/embedder`` for ``chatforge search``, ``chatforge serve --e
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +53,7 @@ class Config:
     data_dir: str = option("runs/speedrun/data", "the data stage's output (pretrain_train.jsonl for pairs)")
     out_dir: str = option("runs/speedrun/embed", "checkpoints/, metrics.jsonl, loss.png, summary.json, embedder/, eval/")
     resume: bool = option(False, "continue from out_dir's latest checkpoint")
-    max_documents: int = option(4000, "training documents read for pairs (0 = all)")
+    max_documents: int = option(4000, "training documents sampled for pairs (0 = all)")
     val_pairs: int = option(128, "held-out pairs (from the val split) for the validation loss")
     chunk_size: int = option(16, "texts embedded per forward pass (gradient caching); memory, not results")
     evaluate: bool = option(True, "run eval-embed on the held-out splits after training")
@@ -124,8 +124,11 @@ def run(cfg: Config, args: list[str]) -> None:
     tokenizer_file = tokenizer_path(cfg.init_from)
     tokenizer = Tokenizer.load(tokenizer_file)
     data = Path(cfg.data_dir)
-    documents = read_documents(data / "pretrain_train.jsonl")
-    train_pairs = build_pairs(itertools.islice(documents, cfg.max_documents or None), cfg.pairs, cfg.train.seed)
+    documents = list(read_documents(data / "pretrain_train.jsonl"))
+    if cfg.max_documents and len(documents) > cfg.max_documents:
+        # a seeded sample, not the first N: the corpus file is ordered by source, code after conversations
+        documents = random.Random(cfg.train.seed).sample(documents, cfg.max_documents)
+    train_pairs = build_pairs(documents, cfg.pairs, cfg.train.seed)
     no_extras = dataclasses.replace(cfg.pairs, wordnet_pairs=0, user_pairs=[])  # held-out pairs come from val documents only
     val_pairs = build_pairs(read_documents(data / "pretrain_val.jsonl"), no_extras, cfg.train.seed)[: cfg.val_pairs]
     if len(val_pairs) < 2:
