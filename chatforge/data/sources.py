@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from chatforge import io
 from chatforge.config import ChatforgeError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
@@ -143,22 +144,15 @@ def _user_files(path: Path) -> list[Path]:
 
 
 def _jsonl_documents(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ChatforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if isinstance(row, dict) and isinstance(row.get("text"), str):
-                yield {"id": f"{path}:{number}", "text": row["text"], "kind": "text"}
-            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-                if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["messages"]):
-                    raise ChatforgeError(f"{path}:{number}: every message needs a string 'content'")
-                yield {"id": f"{path}:{number}", "text": render_chat_text(row["messages"]), "kind": "chat"}
-            else:
-                raise ChatforgeError(f"{path}:{number}: expected an object with a string 'text' or a 'messages' list")
+    for number, row in io.read_jsonl(path, "input"):
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            yield {"id": f"{path}:{number}", "text": row["text"], "kind": "text"}
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+            if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["messages"]):
+                raise ChatforgeError(f"{path}:{number}: every message needs a string 'content'")
+            yield {"id": f"{path}:{number}", "text": render_chat_text(row["messages"]), "kind": "chat"}
+        else:
+            raise ChatforgeError(f"{path}:{number}: expected an object with a string 'text' or a 'messages' list")
 
 
 def _parquet_documents(path: Path) -> Iterator[dict]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import io
-import json
 import random
 import re
 import textwrap
@@ -22,6 +21,7 @@ from typing import Iterable, Iterator
 
 from chatforge.config import ChatforgeError, option
 from chatforge.data.chat_batches import EpochOrder
+from chatforge.io import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -214,23 +214,13 @@ def wordnet_pairs(wordnet_dir: str | Path, limit: int, rng: random.Random) -> li
 
 def read_user_pairs(path: str | Path) -> list[Pair]:
     """Pairs from a JSONL file whose rows have ``query``/``document`` or ``text_a``/``text_b``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"pairs file not found: {path}")
     pairs = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ChatforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            query = row.get("query", row.get("text_a")) if isinstance(row, dict) else None
-            document = row.get("document", row.get("text_b")) if isinstance(row, dict) else None
-            if not isinstance(query, str) or not isinstance(document, str) or not query.strip() or not document.strip():
-                raise ChatforgeError(f"{path}:{number}: a pair needs non-empty 'query' and 'document' (or 'text_a' and 'text_b') strings")
-            pairs.append(Pair(query, document, "user"))
+    for number, row in read_jsonl(path, "pairs file"):
+        query = row.get("query", row.get("text_a")) if isinstance(row, dict) else None
+        document = row.get("document", row.get("text_b")) if isinstance(row, dict) else None
+        if not isinstance(query, str) or not isinstance(document, str) or not query.strip() or not document.strip():
+            raise ChatforgeError(f"{path}:{number}: a pair needs non-empty 'query' and 'document' (or 'text_a' and 'text_b') strings")
+        pairs.append(Pair(query, document, "user"))
     return pairs
 
 
