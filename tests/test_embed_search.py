@@ -72,3 +72,15 @@ def test_bad_input_is_one_clear_error(args, message, embedder_dir, corpus, tmp_p
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_probe_set_leaves_out_labels_too_small_to_split():
+    from collections import Counter
+
+    from chatforge.embed.evaluate import MIN_PROBE_CLASS, build_probe_set
+
+    docs = [{"text": f"code {i}", "source": "stdlib"} for i in range(10)] + \
+           [{"text": f"chat {i}", "source": "sharegpt"} for i in range(6)] + [{"text": "lone", "source": "fortunes-zh"}]
+    texts, labels = build_probe_set(docs, per_class=8)
+    assert Counter(labels) == {"stdlib": 8, "sharegpt": 6}  # capped per class; the lone document's label is dropped
+    assert MIN_PROBE_CLASS > 1

@@ -114,8 +114,12 @@ def probe_label(doc: dict) -> str:
     return str(doc.get("source") or doc.get("kind") or "text")
 
 
+MIN_PROBE_CLASS = 4  # a label with fewer held-out documents cannot be split into train and test halves
+
+
 def build_probe_set(documents: list[dict], per_class: int = 150, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(texts, labels), balanced to at most ``per_class`` documents per label; a text is the document's start."""
+    """(texts, labels), balanced to at most ``per_class`` documents per label; a text is the document's start.
+    Labels with fewer than MIN_PROBE_CLASS documents are left out rather than sinking the whole probe."""
     rng = random.Random(seed)
     by_label: dict[str, list[str]] = defaultdict(list)
     for doc in documents:
@@ -123,6 +127,8 @@ def build_probe_set(documents: list[dict], per_class: int = 150, seed: int = 0) 
             by_label[probe_label(doc)].append(doc["text"][:2000])
     texts, labels = [], []
     for label, pool in sorted(by_label.items()):
+        if len(pool) < MIN_PROBE_CLASS:
+            continue
         for text in rng.sample(pool, min(per_class, len(pool))):
             texts.append(text)
             labels.append(label)
