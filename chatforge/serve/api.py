@@ -43,6 +43,7 @@ from fastapi.staticfiles import StaticFiles
 
 from chatforge.chat_template import ROLE_TOKENS, fit_to_context, prompt_ids, stop_token_ids
 from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.data.fim import insertion_ids
 from chatforge.infer.outputs import Completion, Delta, TokenLogprob
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import RequestHandle, Scheduler
@@ -55,7 +56,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 MAX_STOP_STRINGS = 4
 MAX_PROMPTS = 128  # texts in one /v1/completions request
 MAX_EMBED_INPUTS = 2048
-FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 
 @dataclass
@@ -432,15 +432,9 @@ class OpenAIService:
             _check_text(body.suffix, "suffix")
         return prompts
 
-    def insertion_ids(self, prefix: str, suffix: str) -> list[int]:
-        """Prefix-suffix-middle order: the model writes the middle after <|fim_middle|> and ends it with
-        <|endoftext|>."""
-        pre, suf, mid = (self.tokenizer.special_id(t) for t in FIM_TOKENS)
-        return [pre] + self.tokenizer.encode(prefix) + [suf] + self.tokenizer.encode(suffix) + [mid]
-
     def completion_ids(self, body: CompletionRequest, prompt: str | list[int], requested: int | None) -> list[int]:
         if body.suffix is not None:
-            return self.insertion_ids(prompt, body.suffix)
+            return insertion_ids(self.tokenizer, prompt, body.suffix)
         try:
             ids = self.engine.encode(prompt)
         except ChatforgeError as exc:
