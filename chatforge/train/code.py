@@ -16,26 +16,14 @@ fine-tuned one for the report card. Evaluate the result with ``chatforge eval hu
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, nested, option
 from chatforge.data.code_corpus import build_corpus, default_sources
-from chatforge.data.shards import write_shard
-from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
-from chatforge.train.loop import SUMMARY_FILE, TrainConfig, train
-from chatforge.train.pretrain import TOKENS_DIR, PretrainTask, open_shards
-
-DATA_DIR = "data"
-CORPUS_FILE = "corpus.json"
+from chatforge.train.continued import Build, continue_training
+from chatforge.train.loop import SUMMARY_FILE, TrainConfig
 
 
 @dataclass
@@ -76,72 +64,33 @@ class Config:
         self.train.validate()
 
 
-def write_code_data(cfg: Config, tokenizer_file: Path) -> dict:
-    """Build the corpus and write ``out_dir/data`` as a tokenizer stage's output (tokenizer.json, tokens/)."""
-    corpus = build_corpus(default_sources(cfg.stdlib, cfg.site_packages, cfg.folders), max_bytes=cfg.max_bytes,
-                          near_dup_threshold=cfg.near_dup_threshold, val_fraction=cfg.val_fraction,
-                          max_files=cfg.max_files)
-    if not corpus.train or not corpus.val:
-        raise ChatforgeError(f"the code corpus left {len(corpus.train)} train and {len(corpus.val)} held-out files; "
-                             "add sources (--site_packages, --folders) or change --val_fraction")
-    tokenizer = Tokenizer.load(tokenizer_file)
-    data = Path(cfg.out_dir) / DATA_DIR
-    counts = corpus.summary()
-    for split, texts in (("train", corpus.train), ("val", corpus.val)):
-        arrays = (np.asarray(ids + [tokenizer.eot_id], dtype=np.int64) for ids in tokenizer.encode_batch(texts))
-        counts[f"{split}_tokens"] = write_shard(data / TOKENS_DIR / f"{split}.bin", arrays, tokenizer.vocab_size,
-                                                tokenizer.hash)
-    with io.atomic_path(data / TOKENIZER_FILE) as tmp:
-        shutil.copyfile(tokenizer_file, tmp)
-    io.write_json(data / CORPUS_FILE, counts)
-    return counts
+def code_corpus(cfg: Config) -> Build:
+    """The corpus builder for ``continue_training``: each file followed by ``<|endoftext|>``."""
+
+    def build(tokenizer) -> tuple[dict, dict]:
+        corpus = build_corpus(default_sources(cfg.stdlib, cfg.site_packages, cfg.folders), max_bytes=cfg.max_bytes,
+                              near_dup_threshold=cfg.near_dup_threshold, val_fraction=cfg.val_fraction,
+                              max_files=cfg.max_files)
+        if not corpus.train or not corpus.val:
+            raise ChatforgeError(f"the code corpus left {len(corpus.train)} train and {len(corpus.val)} held-out files; "
+                                 "add sources (--site_packages, --folders) or change --val_fraction")
+        splits = {split: (ids + [tokenizer.eot_id] for ids in tokenizer.encode_batch(texts))
+                  for split, texts in (("train", corpus.train), ("val", corpus.val))}
+        return splits, corpus.summary()
+
+    return build
+
+
+def _describe(counts: dict) -> str:
+    return (f"{counts['files_kept']} of {counts['files_seen']} files kept ({counts['kept_bytes'] / 1e6:.1f} MB; dropped "
+            f"{counts['dropped']}); {counts['train_files']} train files ({counts['train_tokens'] / 1e6:.2f}M tokens), "
+            f"{counts['val_files']} held out ({counts['val_tokens'] / 1e3:.0f}k tokens)")
 
 
 def run(cfg: Config, args: list[str]) -> None:
-    from chatforge.device import resolve_device
-    from chatforge.train.checkpoint import latest_checkpoint, load_model, tokenizer_path
-
     cfg.validate()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ChatforgeError("the code stage builds its corpus in-process; run it as one process (without torchrun)")
-    out = Path(cfg.out_dir)
-    if not cfg.resume and latest_checkpoint(out) is not None:
-        raise ChatforgeError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out_dir")
-    model, info = load_model(cfg.init_from)
-    tokenizer_file = tokenizer_path(cfg.init_from)
-    data = out / DATA_DIR
-    if cfg.resume and (data / CORPUS_FILE).is_file():
-        counts = json.loads((data / CORPUS_FILE).read_text())  # the batches of a resumed run must not change
-    else:
-        counts = write_code_data(cfg, tokenizer_file)
-    print(f"[code] corpus: {counts['files_kept']} of {counts['files_seen']} files kept "
-          f"({counts['kept_bytes'] / 1e6:.1f} MB; dropped {counts['dropped']}); {counts['train_files']} train files "
-          f"({counts['train_tokens'] / 1e6:.2f}M tokens), {counts['val_files']} held out ({counts['val_tokens'] / 1e3:.0f}k tokens)")
-    block = model.config.block_size
-    tokenizer_copy, train_windows, val_windows = open_shards(data, block, cfg.train.seed)
-    if model.config.vocab_size < train_windows.vocab_size:
-        raise ChatforgeError(f"{tokenizer_file} has {train_windows.vocab_size} tokens but {cfg.init_from} only "
-                             f"{model.config.vocab_size}")
-    chunk = cfg.train.micro_batch_size or cfg.train.batch_size
-    task = PretrainTask(train_windows, val_windows, cfg.train.batch_size, cfg.eval_batches * cfg.train.batch_size // chunk,
-                        chunk)
-    device = resolve_device(cfg.train.device)
-    with torch.no_grad():
-        base_val_loss = task.eval_loss(model.to(device).eval(), device)
-    print(f"[code] held-out code loss of the starting model ({info['path']}): {base_val_loss:.4f}")
-    model.train()
-    meta = {
-        "stage": "code",
-        "init_from": str(info["path"]),
-        "base_val_loss": round(base_val_loss, 4),
-        "corpus_files_kept": counts["files_kept"],
-        "corpus_train_tokens": counts["train_tokens"],
-        "model": model.config.to_dict(),
-        "stage_config": dataclasses.asdict(cfg),
-    }
-    summary = train(model, task, cfg.train, out, resume=cfg.resume, meta=meta, tokenizer=tokenizer_copy)
-    summary["corpus"] = counts
+    summary, base_val_loss = continue_training("code", cfg, code_corpus(cfg), _describe)
     summary["held_out_code_loss"] = {"before": round(base_val_loss, 4), "after": summary.get("final_val_loss")}
-    io.write_json(out / SUMMARY_FILE, summary)
+    io.write_json(Path(cfg.out_dir) / SUMMARY_FILE, summary)
     if summary.get("final_val_loss") is not None:
         print(f"[code] held-out code loss: {base_val_loss:.4f} before -> {summary['final_val_loss']:.4f} after")

@@ -1,0 +1,93 @@
+"""Continued pretraining on a token corpus the stage builds itself: what the code and fim stages share.
+
+The stage supplies ``build(tokenizer) -> {split: token-id lists}`` and a few counts; this writes
+``out_dir/data`` as a tokenizer stage's output (tokenizer.json, tokens/{train,val}.bin, corpus.json), measures
+the starting model's held-out loss, and trains with the pretrain stage's task on the shared loop. A resumed
+run reuses ``out_dir/data`` so its batches do not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from chatforge import io
+from chatforge.config import ChatforgeError
+from chatforge.data.shards import write_shard
+from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
+from chatforge.train.loop import train
+from chatforge.train.pretrain import TOKENS_DIR, PretrainTask, open_shards
+
+DATA_DIR = "data"
+CORPUS_FILE = "corpus.json"
+
+# build(tokenizer) -> (token ids per split: "train" and "val", counts for corpus.json)
+Build = Callable[[Tokenizer], tuple[dict[str, Iterable[list[int]]], dict]]
+
+
+def write_token_data(data: Path, tokenizer_file: Path, build: Build) -> dict:
+    tokenizer = Tokenizer.load(tokenizer_file)
+    splits, counts = build(tokenizer)
+    for split, rows in splits.items():
+        arrays = (np.asarray(ids, dtype=np.int64) for ids in rows)
+        counts[f"{split}_tokens"] = write_shard(data / TOKENS_DIR / f"{split}.bin", arrays, tokenizer.vocab_size,
+                                                tokenizer.hash)
+    with io.atomic_path(data / TOKENIZER_FILE) as tmp:
+        shutil.copyfile(tokenizer_file, tmp)
+    io.write_json(data / CORPUS_FILE, counts)
+    return counts
+
+
+def continue_training(stage: str, cfg, build: Build, describe: Callable[[dict], str],
+                      meta: dict | None = None) -> tuple[dict, float]:
+    """Train ``cfg.init_from`` further on the built corpus; returns (summary, starting held-out loss).
+
+    ``cfg`` needs init_from, out_dir, resume, eval_batches and train (a TrainConfig); ``describe(counts)`` is the
+    line printed about the corpus.
+    """
+    from chatforge.device import resolve_device
+    from chatforge.train.checkpoint import latest_checkpoint, load_model, tokenizer_path
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ChatforgeError(f"the {stage} stage builds its corpus in-process; run it as one process (without torchrun)")
+    out = Path(cfg.out_dir)
+    if not cfg.resume and latest_checkpoint(out) is not None:
+        raise ChatforgeError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out_dir")
+    model, info = load_model(cfg.init_from)
+    data = out / DATA_DIR
+    if cfg.resume and (data / CORPUS_FILE).is_file():
+        counts = json.loads((data / CORPUS_FILE).read_text())
+    else:
+        counts = write_token_data(data, tokenizer_path(cfg.init_from), build)
+    print(f"[{stage}] corpus: {describe(counts)}")
+    tokenizer_copy, train_windows, val_windows = open_shards(data, model.config.block_size, cfg.train.seed)
+    if model.config.vocab_size < train_windows.vocab_size:
+        raise ChatforgeError(f"{tokenizer_copy} has {train_windows.vocab_size} tokens but {cfg.init_from} only "
+                             f"{model.config.vocab_size}")
+    chunk = cfg.train.micro_batch_size or cfg.train.batch_size
+    task = PretrainTask(train_windows, val_windows, cfg.train.batch_size, cfg.eval_batches * cfg.train.batch_size // chunk,
+                        chunk)
+    device = resolve_device(cfg.train.device)
+    with torch.no_grad():
+        base_val_loss = task.eval_loss(model.to(device).eval(), device)
+    print(f"[{stage}] held-out loss of the starting model ({info['path']}): {base_val_loss:.4f}")
+    model.train()
+    meta = {
+        "stage": stage,
+        "init_from": str(info["path"]),
+        "base_val_loss": round(base_val_loss, 4),
+        "corpus_train_tokens": counts["train_tokens"],
+        **(meta or {}),
+        "model": model.config.to_dict(),
+        "stage_config": dataclasses.asdict(cfg),
+    }
+    summary = train(model, task, cfg.train, out, resume=cfg.resume, meta=meta, tokenizer=tokenizer_copy)
+    summary["corpus"] = counts
+    return summary, base_val_loss
