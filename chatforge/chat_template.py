@@ -89,3 +89,14 @@ def fit_to_context(messages: list[dict], tokenizer, max_tokens: int) -> list[dic
     if len(prompt_ids(fitted, tokenizer)) > max_tokens:
         raise ChatforgeError(f"the last message alone does not fit the context of {max_tokens} tokens")
     return fitted
+
+
+EDIT_SYSTEM = "Rewrite the text as the instruction says. Reply with the rewritten text only."
+
+
+def edit_messages(instruction: str, text: str, output: str | None = None) -> list[dict]:
+    """An edit request in the chat format (the edit stage's training data, `chatforge edit`, `/v1/edits`)."""
+    if not instruction.strip():
+        raise ChatforgeError("an edit needs a non-empty instruction")
+    messages = [{"role": "system", "content": EDIT_SYSTEM}, {"role": "user", "content": f"{instruction}\n\n{text}"}]
+    return messages + ([{"role": "assistant", "content": output}] if output is not None else [])

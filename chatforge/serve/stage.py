@@ -36,13 +36,6 @@ class Config(ServeOptions):
                              "the clients, 1 keeps OpenMP barriers from stalling on a busy core")
 
 
-def trained_for_fim(ckpt: str) -> bool:
-    """Whether the checkpoint's config records fill-in-the-middle training (a HF folder's never does)."""
-    from chatforge.train.checkpoint import read_config, resolve_checkpoint
-
-    return bool(read_config(resolve_checkpoint(ckpt)).get("fim"))
-
-
 def run(cfg: Config, args: list[str]) -> None:
     if args:
         raise ChatforgeError(f"unexpected argument(s): {' '.join(args)}")
@@ -52,6 +45,7 @@ def run(cfg: Config, args: list[str]) -> None:
     from chatforge.serve.api import create_app
     from chatforge.serve.feedback import FeedbackStore, store_target
     from chatforge.serve.server import serve_forever
+    from chatforge.train.checkpoint import trained_for_fim
 
     if cfg.threads:
         import torch

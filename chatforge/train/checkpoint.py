@@ -154,6 +154,11 @@ def read_config(checkpoint: str | Path) -> dict:
         raise ChatforgeError(f"cannot read checkpoint config {path}: {exc}") from None
 
 
+def trained_for_fim(ckpt: str | Path) -> bool:
+    """Whether the checkpoint's config records fill-in-the-middle training (a HF folder's never does)."""
+    return bool(read_config(resolve_checkpoint(ckpt)).get("fim"))
+
+
 def load_trainer_state(checkpoint: str | Path) -> dict:
     path = Path(checkpoint) / TRAINER_FILE
     try:

@@ -67,7 +67,7 @@ class Config:
 def code_corpus(cfg: Config) -> Build:
     """The corpus builder for ``continue_training``: each file followed by ``<|endoftext|>``."""
 
-    def build(tokenizer) -> tuple[dict, dict]:
+    def build(tokenizer, block_size: int) -> tuple[dict, dict]:
         corpus = build_corpus(default_sources(cfg.stdlib, cfg.site_packages, cfg.folders), max_bytes=cfg.max_bytes,
                               near_dup_threshold=cfg.near_dup_threshold, val_fraction=cfg.val_fraction,
                               max_files=cfg.max_files)

@@ -1,6 +1,6 @@
 """Continued pretraining on a token corpus the stage builds itself: what the code and fim stages share.
 
-The stage supplies ``build(tokenizer) -> {split: token-id lists}`` and a few counts; this writes
+The stage supplies ``build(tokenizer, block_size) -> ({split: token-id lists}, counts)``; this writes
 ``out_dir/data`` as a tokenizer stage's output (tokenizer.json, tokens/{train,val}.bin, corpus.json), measures
 the starting model's held-out loss, and trains with the pretrain stage's task on the shared loop. A resumed
 run reuses ``out_dir/data`` so its batches do not change.
@@ -28,13 +28,13 @@ from chatforge.train.pretrain import TOKENS_DIR, PretrainTask, open_shards
 DATA_DIR = "data"
 CORPUS_FILE = "corpus.json"
 
-# build(tokenizer) -> (token ids per split: "train" and "val", counts for corpus.json)
-Build = Callable[[Tokenizer], tuple[dict[str, Iterable[list[int]]], dict]]
+# build(tokenizer, the model's context length) -> (token ids per split: "train" and "val", counts for corpus.json)
+Build = Callable[[Tokenizer, int], tuple[dict[str, Iterable[list[int]]], dict]]
 
 
-def write_token_data(data: Path, tokenizer_file: Path, build: Build) -> dict:
+def write_token_data(data: Path, tokenizer_file: Path, build: Build, block_size: int) -> dict:
     tokenizer = Tokenizer.load(tokenizer_file)
-    splits, counts = build(tokenizer)
+    splits, counts = build(tokenizer, block_size)
     for split, rows in splits.items():
         arrays = (np.asarray(ids, dtype=np.int64) for ids in rows)
         counts[f"{split}_tokens"] = write_shard(data / TOKENS_DIR / f"{split}.bin", arrays, tokenizer.vocab_size,
@@ -65,7 +65,7 @@ def continue_training(stage: str, cfg, build: Build, describe: Callable[[dict], 
     if cfg.resume and (data / CORPUS_FILE).is_file():
         counts = json.loads((data / CORPUS_FILE).read_text())
     else:
-        counts = write_token_data(data, tokenizer_path(cfg.init_from), build)
+        counts = write_token_data(data, tokenizer_path(cfg.init_from), build, model.config.block_size)
     print(f"[{stage}] corpus: {describe(counts)}")
     tokenizer_copy, train_windows, val_windows = open_shards(data, model.config.block_size, cfg.train.seed)
     if model.config.vocab_size < train_windows.vocab_size:

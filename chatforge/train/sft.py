@@ -96,41 +96,51 @@ class SFTTask:
         return total / max(count, 1)
 
 
-def run(cfg: Config, args: list[str]) -> None:
+def fine_tune_on_conversations(stage: str, cfg, train_conversations: list[list[dict]],
+                                val_conversations: list[list[dict]], meta: dict | None = None) -> dict:
+    """Fine-tune ``cfg.init_from`` on whole conversations, loss on assistant tokens; the SFT stage and the edit
+    stage both run through here. ``cfg`` needs init_from, out_dir, resume and train. Returns the loop's summary."""
     from chatforge.device import resolve_device
     from chatforge.train.checkpoint import load_model, tokenizer_path
 
-    cfg.validate()
     if not cfg.init_from:
-        raise ConfigError("option 'init_from' is required: SFT fine-tunes a pretrained model")
+        raise ConfigError(f"option 'init_from' is required: {stage} fine-tunes a pretrained model")
     model, info = load_model(cfg.init_from)
     tokenizer_file = tokenizer_path(cfg.init_from)
     tokenizer = Tokenizer.load(tokenizer_file)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ChatforgeError(f"{tokenizer_file} has {tokenizer.vocab_size} tokens but {cfg.init_from} only {model.config.vocab_size}")
     block = model.config.block_size
-    data = Path(cfg.data_dir)
-    train_set = encode_conversations(read_conversations(data / "sft_train.jsonl"), tokenizer, block)
-    val_set = encode_conversations(read_conversations(data / "sft_val.jsonl")[: cfg.max_val_conversations], tokenizer, block)
+    train_set = encode_conversations(train_conversations, tokenizer, block)
+    val_set = encode_conversations(val_conversations, tokenizer, block)
     pad = tokenizer.special_id("<|pad|>")
     task = SFTTask(ChatBatches(train_set, pad, cfg.train.batch_size, cfg.train.seed),
                    ChatBatches(val_set, pad, 1), cfg.train.micro_batch_size or cfg.train.batch_size)
     learned = sum(sum(mask) for _, mask in train_set)
-    print(f"[sft] {len(train_set)} train conversations ({learned / 1e3:.0f}k assistant tokens), {len(val_set)} held out; "
-          f"model from {info['path']}: {model.num_params() / 1e6:.2f}M parameters, context {block}")
+    print(f"[{stage}] {len(train_set)} train conversations ({learned / 1e3:.0f}k assistant tokens), {len(val_set)} held "
+          f"out; model from {info['path']}: {model.num_params() / 1e6:.2f}M parameters, context {block}")
     device = resolve_device(cfg.train.device)
     base_val_loss = task.eval_loss(model.to(device).eval(), device)
-    print(f"[sft] held-out assistant-token loss of the starting model: {base_val_loss:.4f}")
+    print(f"[{stage}] held-out assistant-token loss of the starting model: {base_val_loss:.4f}")
     model.train()
     meta = {
-        "stage": "sft",
+        "stage": stage,
         "init_from": str(info["path"]),
         "base_val_loss": round(base_val_loss, 4),
         "train_conversations": len(train_set),
         "val_conversations": len(val_set),
+        **(meta or {}),
         "model": model.config.to_dict(),
         "stage_config": dataclasses.asdict(cfg),
     }
     summary = train(model, task, cfg.train, cfg.out_dir, resume=cfg.resume, meta=meta, tokenizer=tokenizer_file)
     if summary.get("final_val_loss") is not None:
-        print(f"[sft] held-out assistant-token loss: base {base_val_loss:.4f} -> SFT {summary['final_val_loss']:.4f}")
+        print(f"[{stage}] held-out assistant-token loss: base {base_val_loss:.4f} -> {summary['final_val_loss']:.4f}")
+    return summary
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    cfg.validate()
+    data = Path(cfg.data_dir)
+    fine_tune_on_conversations("sft", cfg, read_conversations(data / "sft_train.jsonl"),
+                               read_conversations(data / "sft_val.jsonl")[: cfg.max_val_conversations])
