@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 
-from chatforge.chat_template import prompt_ids, stop_token_ids
+from chatforge.chat_template import edit_messages, prompt_ids, stop_token_ids
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import Scheduler
 from chatforge.serve.api import ServeOptions, create_app
@@ -176,6 +176,17 @@ def test_bad_chat_requests_are_4xx_in_openai_shape(client, overrides, status, pa
         client.chat.completions.create(**request)
     body = _error(excinfo, status)
     assert body["param"] == param and body["code"] == code and body["message"]
+
+
+def test_legacy_edit_is_the_chat_models_answer_to_the_edit_template(server, engine):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "input": "Helo wrld", "instruction": "Fix the spelling.", "max_tokens": 6, "temperature": 0}
+    reply = httpx.post(server.url + "/v1/edits", json=body, headers=auth).json()
+    ids, expected = _engine_answer(engine, edit_messages("Fix the spelling.", "Helo wrld"), max_tokens=6, temperature=0)
+    assert reply["object"] == "edit" and reply["choices"][0]["text"] == expected.choices[0].text
+    assert reply["usage"]["prompt_tokens"] == len(ids)
+    empty = httpx.post(server.url + "/v1/edits", json={**body, "instruction": "  "}, headers=auth)
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "instruction"
 
 
 def test_bad_completion_and_embedding_requests(client):

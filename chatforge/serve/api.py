@@ -11,6 +11,8 @@ Endpoints (``/openapi.json`` describes them all):
   presence/frequency penalties, ``logit_bias``, ``seed``, ``logprobs``/``top_logprobs``, ``user``.
 * ``POST /v1/completions`` — ``prompt`` as text(s) or token ids, ``suffix`` (only for a model trained for
   fill-in-the-middle, else a 400), ``echo``, ``logprobs``, ``best_of``, ``stream``.
+* ``POST /v1/edits`` — the legacy edit shape (``input``, ``instruction``), rendered with the edit template that
+  ``chatforge edit-train`` trains on; serve an edit model for useful answers.
 * ``POST /v1/embeddings`` — when an embedding model was loaded; otherwise a 400 saying so.
 * ``GET /health`` — scheduler occupancy; ``GET /`` — the web chat page; ``/feedback/...`` — its store.
 
@@ -41,7 +43,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
-from chatforge.chat_template import ROLE_TOKENS, fit_to_context, prompt_ids, stop_token_ids
+from chatforge.chat_template import ROLE_TOKENS, edit_messages, fit_to_context, prompt_ids, stop_token_ids
 from chatforge.config import ChatforgeError, ConfigError, option
 from chatforge.data.fim import insertion_ids
 from chatforge.infer.outputs import Completion, Delta, TokenLogprob
@@ -49,7 +51,8 @@ from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import RequestHandle, Scheduler
 from chatforge.serve import errors
 from chatforge.serve.errors import APIError
-from chatforge.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields
+from chatforge.serve.schemas import (ChatCompletionRequest, CompletionRequest, EditRequest, EmbeddingRequest,
+                                     SamplingFields)
 from chatforge.serve.security import BodySizeLimit, KeyChecker, RateLimiter
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -405,6 +408,28 @@ class OpenAIService:
         generated = sum(c.num_generated_tokens for c in completions)
         return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
+    # ---- edits ---------------------------------------------------------------------------------------------
+
+    async def edits(self, body: EditRequest, request: Request):
+        """The legacy edits shape over the chat model, with the edit template the edit stage trains on."""
+        self.check_model(body.model, "chat")
+        if body.stream:
+            raise APIError(400, "/v1/edits does not stream; use /v1/chat/completions for a streamed edit", param="stream")
+        if not self.chat_ready:
+            raise APIError(400, f"The model '{self.card.id}' has no chat-template tokens, so it cannot edit.",
+                           param="model")
+        _check_text(body.input, "input")
+        if not _check_text(body.instruction, "instruction").strip():
+            raise APIError(400, "'instruction' must say how to edit the input", param="instruction")
+        ids = prompt_ids(edit_messages(body.instruction, body.input), self.tokenizer)
+        max_tokens = self.resolve_max_tokens(body.max_tokens, len(ids), "max_tokens", "input")
+        handle = self.submit(ids, self.sampling(body, max_tokens, None, stop_token_ids(self.tokenizer)))
+        (completion,) = await self.collect([handle], request)
+        return {"object": "edit", "created": int(time.time()), "model": self.card.id,
+                "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
+                            for c in completion.choices],
+                "usage": self.usage([completion])}
+
     # ---- text completions ----------------------------------------------------------------------------------
 
     def completion_prompts(self, body: CompletionRequest) -> list[str | list[int]]:
@@ -605,6 +630,10 @@ def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=
     @app.post("/v1/completions", tags=["openai"])
     async def completions(body: CompletionRequest, request: Request, _: str = Depends(limited)):
         return await service.completions(body, request)
+
+    @app.post("/v1/edits", tags=["openai"])
+    async def edits(body: EditRequest, request: Request, _: str = Depends(limited)):
+        return await service.edits(body, request)
 
     @app.post("/v1/embeddings", tags=["openai"])
     async def embeddings(body: EmbeddingRequest, _: str = Depends(limited)):

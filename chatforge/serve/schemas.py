@@ -84,6 +84,13 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1)
 
 
+class EditRequest(SamplingFields):
+    """OpenAI's legacy /v1/edits: rewrite ``input`` as ``instruction`` says (answered by the chat model)."""
+
+    input: str = Field("", description="the text to edit")
+    instruction: str = Field(min_length=1, description="how to edit it, e.g. 'Fix the spelling mistakes.'")
+
+
 class EmbeddingRequest(Strict):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
