@@ -165,13 +165,12 @@ def make_triples(docs: list[dict], types: list[str], limit: int, max_chars: int,
     code = list(functions(docs, max_chars))
     for index in rng.permutation(len(code)):
         source, node = code[index]
-        if "docstring" in types:
-            stripped = without_docstring(source, node)
-            if stripped is not None:
-                add("docstring", "code", source, stripped)
-                continue
+        stripped = without_docstring(source, node) if "docstring" in types else None
         params = [a.arg for a in node.args.args if a.arg not in ("self", "cls")]
-        if "rename" in types and params:
+        can_rename = "rename" in types and bool(params)
+        if stripped is not None and (not can_rename or rng.random() < 0.5):
+            add("docstring", "code", source, stripped)
+        elif can_rename:
             old = str(rng.choice(params))
             choices = [n for n in NEW_NAMES if not re.search(rf"\b{n}\b", source)]
             if choices:
