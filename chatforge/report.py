@@ -149,6 +149,48 @@ def manifest_section(title: str, path: str) -> Callable[[Path], Section | None]:
     return build
 
 
+def _quoted(text: str, limit: int = 200) -> str:
+    return "`" + text[:limit].replace("`", "'").replace("\n", "⏎") + "`"
+
+
+def insertion_section(run_dir: Path) -> Section | None:
+    """The FIM model next to its left-to-right twin: insertion and ordinary loss (the fim stage's summaries)."""
+    runs = [(label, _read_json(run_dir / folder / "summary.json")) for label, folder in
+            (("FIM", "fim"), ("no FIM (twin)", "fim_baseline"))]
+    runs = [(label, s) for label, s in runs if s and "insertion" in s]
+    if not runs:
+        return None
+    header = ["model", "steps", "left-to-right val loss", "middle loss PSM", "exact match PSM", "middle loss SPM",
+              "exact match SPM", "middle loss from the prefix alone"]
+    rows = [[label, s.get("steps"), s.get("final_val_loss"), s["insertion"]["psm"]["middle_loss"],
+             s["insertion"]["psm"]["exact_match"], s["insertion"]["spm"]["middle_loss"],
+             s["insertion"]["spm"]["exact_match"], s["insertion"]["left_to_right_middle_loss"]] for label, s in runs]
+    first = runs[0][1]["insertion"]
+    samples = "\n".join(f"- before {_quoted(x['prefix_end'])}, after {_quoted(x['suffix_start'])}: removed "
+                         f"{_quoted(x['removed'])}, written {_quoted(x['written'])}" for x in first["psm"]["samples"])
+    return Section("Insert (fill-in-the-middle)", facts={"held-out spans": first["examples"], **first["kinds"]},
+                   tables=[("Middle loss and exact match on held-out spans; the twin trains the same way without FIM",
+                            header, rows)],
+                   text=f"Sample inserts by the {runs[0][0]} model (PSM, greedy):\n\n{samples}")
+
+
+def edit_section(run_dir: Path) -> Section | None:
+    summary = _read_json(run_dir / "edit" / "summary.json")
+    if not summary or "edits" not in summary:
+        return None
+    edits = summary["edits"]
+    rows = [[kind, e["count"], e["exact_match"], e["cer"], e["unchanged_cer"]] for kind, e in edits.items()]
+    samples = "\n".join(f"- {kind}: {_quoted(x['instruction'])} on {_quoted(x['input'], 120)} → "
+                         f"{_quoted(x['written'], 120)} (reference {_quoted(x['output'], 120)})"
+                         for kind, e in edits.items() for x in e["samples"][:1])
+    return Section("Edit (instruction-driven rewrites)",
+                   facts={"steps": summary.get("steps"), "held-out loss before": summary.get("base_val_loss"),
+                          "held-out loss after": summary.get("final_val_loss")},
+                   tables=[("Held-out triples per edit type (CER: character error rate; unchanged: returning the input)",
+                            ["type", "held out", "exact match", "CER", "unchanged CER"], rows)],
+                   plots=sorted((run_dir / "edit").glob("*.png")), text=f"Sample edits (greedy):\n\n{samples}")
+
+
 SECTIONS: list[Callable[[Path], Section | None]] = [
     corpus_section,
     tokenizer_section,
@@ -160,6 +202,9 @@ SECTIONS: list[Callable[[Path], Section | None]] = [
     training_section("PPO (win rates over SFT: by the reward model and by the MiniLM judge)", "ppo"),
     training_section("Code model (held-out code loss before/after fine-tuning)", "code"),
     training_section("HumanEval (pass@k of the code model, sandboxed)", "eval/humaneval"),
+    insertion_section,
+    manifest_section("Edit data (triples built from the corpus)", "edit_data/manifest.json"),
+    edit_section,
     training_section("Embeddings (contrastive pre-training)", "embed"),
     markdown_section("Embeddings: held-out retrieval and linear probe vs MiniLM and the floor", "embed/eval/summary.md"),
     samples_section,

@@ -1,7 +1,8 @@
 """run every stage end to end on the embedded default and write the report card.
 
-data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → embed → samples →
-report card, all under ``run_dir``. Each stage's options are nested (``--pretrain.train.max_minutes=5``,
+data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → fim (and its
+left-to-right twin) → edit-data → edit → embed → samples → report card, all under ``run_dir``. Each stage's
+options are nested (``--pretrain.train.max_minutes=5``,
 ``--tokenizer.vocab_size=4096``); the directories are placed under ``run_dir`` by the speedrun. A stage whose
 outputs exist and whose options are unchanged since it finished is skipped unless a stage it reads from ran
 again, so a rerun after an interruption continues where it stopped (training resumes from its last
@@ -23,10 +24,13 @@ from chatforge.config import ConfigError, nested, option
 from chatforge.data import pipeline as data_stage
 from chatforge import tokenizer_stage
 from chatforge.data import rankings as rankings_stage
+from chatforge.data import edit_data as edit_data_stage
 from chatforge.data import sft_data as sft_data_stage
 from chatforge.embed import train as embed_stage
 from chatforge.evals import eval_stage
 from chatforge.train import code as code_stage
+from chatforge.train import edit as edit_stage
+from chatforge.train import fim as fim_stage
 from chatforge.train import ppo as ppo_stage
 from chatforge.train import pretrain as pretrain_stage
 from chatforge.train import reward as reward_stage
@@ -55,7 +59,7 @@ class Config:
     run_dir: str = option("runs/speedrun", "every stage writes under this directory")
     force: bool = option(False, "redo every stage even when its outputs are up to date")
     only: str = option("", "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, ppo, code, "
-                           "humaneval, embed, samples)")
+                           "humaneval, fim, fim-baseline, edit-data, edit, embed, samples)")
     sample_tokens: int = option(48, "tokens generated per sample prompt")
     device: str = option("auto", "device for sampling: auto, cpu, cuda, cuda:N")
     data: data_stage.Config = nested(data_stage.Config, "the data stage")
@@ -68,6 +72,10 @@ class Config:
     ppo: ppo_stage.Config = nested(ppo_stage.Config, "the ppo stage")
     code: code_stage.Config = nested(code_stage.Config, "the code stage (Codex-style fine-tuning on Python)")
     humaneval: HumanEvalOptions = nested(HumanEvalOptions, "`eval humaneval` of the code model")
+    fim: fim_stage.Config = nested(fim_stage.Config, "the fim stage (fill-in-the-middle continued pretraining)")
+    fim_baseline: fim_stage.Config = nested(fim_stage.Config, "the fim stage's left-to-right twin (fim_rate forced to 0)")
+    edit_data: edit_data_stage.Config = nested(edit_data_stage.Config, "the edit-data stage (edit triples)")
+    edit: edit_stage.Config = nested(edit_stage.Config, "the edit-train stage (instruction-driven edits)")
     embed: embed_stage.Config = nested(embed_stage.Config, "the embed stage (contrastive text/code embeddings)")
 
 
@@ -100,6 +108,12 @@ def _place(cfg: Config) -> None:
     cfg.code.init_from = str(run / "pretrain")
     cfg.code.out_dir = cfg.humaneval.ckpt = str(run / "code")
     cfg.humaneval.out = str(run / "eval" / "humaneval")
+    for fim, folder in ((cfg.fim, "fim"), (cfg.fim_baseline, "fim_baseline")):
+        fim.init_from, fim.data_dir, fim.out_dir = str(run / "pretrain"), str(run / "data"), str(run / folder)
+    cfg.fim_baseline.fim_rate = 0.0
+    cfg.edit_data.data_dir = str(run / "data")
+    cfg.edit_data.out_dir = cfg.edit.data_dir = str(run / "edit_data")
+    cfg.edit.init_from, cfg.edit.out_dir = str(run / "sft"), str(run / "edit")
     cfg.embed.init_from = str(run / "pretrain")
     cfg.embed.data_dir = str(run / "data")
     cfg.embed.out_dir = str(run / "embed")
@@ -130,6 +144,13 @@ def _steps(cfg: Config) -> list[Step]:
         Step("code", cfg.code, run / "code" / "summary.json", lambda: _trained(code_stage, cfg.code), ("pretrain",)),
         Step("humaneval", cfg.humaneval, run / "eval" / "humaneval" / "summary.json",
              lambda: eval_stage.run(cfg.humaneval, ["humaneval"]), ("code",)),
+        Step("fim", cfg.fim, run / "fim" / "summary.json", lambda: _trained(fim_stage, cfg.fim), ("data", "pretrain")),
+        Step("fim-baseline", cfg.fim_baseline, run / "fim_baseline" / "summary.json",
+             lambda: _trained(fim_stage, cfg.fim_baseline), ("data", "pretrain")),
+        Step("edit-data", cfg.edit_data, run / "edit_data" / "manifest.json",
+             lambda: edit_data_stage.run(cfg.edit_data, []), ("data",)),
+        Step("edit", cfg.edit, run / "edit" / "summary.json", lambda: _trained(edit_stage, cfg.edit),
+             ("sft", "edit-data")),
         Step("embed", cfg.embed, run / "embed" / "summary.json", lambda: _trained(embed_stage, cfg.embed),
              ("data", "pretrain")),
         Step("samples", {"tokens": cfg.sample_tokens, "text": TEXT_PROMPTS, "chat": CHAT_PROMPTS}, run / "samples.json",

@@ -26,7 +26,7 @@ TINY = [
     "--data.stdlib=false", "--data.debian=false", "--data.holdout_fraction=0.6", "--data.min_chars=16",
     "--data.val_fraction=0.2",
     "--tokenizer.vocab_size=300",
-    "--pretrain.model.n_layer=1", "--pretrain.model.n_head=2", "--pretrain.model.n_embd=32", "--pretrain.model.block_size=64",
+    "--pretrain.model.n_layer=1", "--pretrain.model.n_head=2", "--pretrain.model.n_embd=32", "--pretrain.model.block_size=256",
     "--pretrain.train.steps=8", "--pretrain.train.batch_size=4", "--pretrain.eval_batches=1",
     "--sft_data.rl_fraction=0.45", "--sft_data.val_fraction=0.1", "--sft_data.prefix_chars=200",
     "--sft.train.steps=6", "--sft.train.batch_size=4",
@@ -38,8 +38,12 @@ TINY = [
     "--humaneval.limit=2", "--humaneval.n=1", "--humaneval.ks=1", "--humaneval.max_tokens=8",
     "--embed.train.steps=2", "--embed.train.batch_size=4", "--embed.max_documents=20", "--embed.val_pairs=4",
     "--embed.pairs.wordnet_pairs=0", "--embed.minilm=false",
+    "--fim.train.steps=2", "--fim.train.batch_size=4", "--fim.eval_batches=1", "--fim.eval_examples=4",
+    "--fim_baseline.train.steps=2", "--fim_baseline.train.batch_size=4", "--fim_baseline.eval_batches=1",
+    "--fim_baseline.eval_examples=4",
+    "--edit_data.max_chars=100", "--edit.train.steps=2", "--edit.train.batch_size=2",
 ]
-FAST = [f"--{stage}.train.{key}" for stage in ("pretrain", "sft", "reward", "ppo", "code", "embed")
+FAST = [f"--{stage}.train.{key}" for stage in ("pretrain", "sft", "reward", "ppo", "code", "embed", "fim", "fim_baseline", "edit")
         for key in ("dtype=fp32", "compile=false", "progress=false", "max_minutes=0", "device=cpu")]
 
 
@@ -51,7 +55,8 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
     run = tmp_path / "run"
     report = (run / "report.md").read_text()
     for title in ("Corpus", "Tokenizer", "Pretraining", "SFT data", "Supervised fine-tuning", "Ranking data",
-                  "Reward model", "PPO", "Code model", "HumanEval", "Embeddings (contrastive pre-training)",
+                  "Reward model", "PPO", "Code model", "HumanEval", "Insert (fill-in-the-middle)", "Edit data",
+                  "Edit (instruction-driven rewrites)", "Embeddings (contrastive pre-training)",
                   "Embeddings: held-out", "Samples", "Wall time per stage"):
         assert f"## {title}" in report, title
     samples = json.loads((run / "samples.json").read_text())
@@ -59,9 +64,10 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert "chatforge chat --ckpt=" in capsys.readouterr().out
     main(args)
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 12
+    assert out.count("up to date, skipped") == 16
     # a changed option reruns that stage and the stages that read its outputs, nothing else
     main(args[:-len(FAST)] + FAST + ["--reward.train.steps=4"])
     out = capsys.readouterr().out
     assert "reward ..." in out and "ppo ..." in out and "samples ..." in out
-    assert all(f"{name}: up to date" in out for name in ("pretrain", "sft", "rankings", "code", "humaneval", "embed"))
+    assert all(f"{name}: up to date" in out for name in ("pretrain", "sft", "rankings", "code", "humaneval", "embed",
+                                                                "fim", "edit"))

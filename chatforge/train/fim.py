@@ -41,7 +41,8 @@ class FIMTrainConfig(TrainConfig):
     warmup_steps: int = option(20, "steps of linear warm-up from 0 to lr")
     eval_every: int = option(100, "steps between validation losses (0 = only at the start and the end)")
     ckpt_every: int = option(100, "steps between checkpoints (0 = only at the end)")
-    max_minutes: float = option(2.5, "wall-time budget in minutes (0 = none)")
+    # no time budget by default: a FIM run and its twin must train the same number of steps to be compared
+    max_minutes: float = option(0.0, "wall-time budget in minutes (0 = none)")
 
 
 @dataclass
