@@ -22,20 +22,8 @@ from pathlib import Path
 from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, nested, option
 from chatforge.data.code_corpus import build_corpus, default_sources
-from chatforge.train.continued import Build, continue_training
-from chatforge.train.loop import SUMMARY_FILE, TrainConfig
-
-
-@dataclass
-class CodeTrainConfig(TrainConfig):
-    steps: int = option(300, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
-    batch_size: int = option(16, "sequences per optimizer step, summed over all processes")
-    lr: float = option(1e-3, "peak learning rate, reached at the end of warm-up")
-    min_lr: float = option(1e-4, "learning rate at the end of the decay")
-    warmup_steps: int = option(20, "steps of linear warm-up from 0 to lr")
-    eval_every: int = option(100, "steps between validation losses (0 = only at the start and the end)")
-    ckpt_every: int = option(100, "steps between checkpoints (0 = only at the end)")
-    max_minutes: float = option(5.0, "wall-time budget in minutes (0 = none)")
+from chatforge.train.continued import Build, ContinuedTrainConfig, continue_training
+from chatforge.train.loop import SUMMARY_FILE
 
 
 @dataclass
@@ -51,7 +39,7 @@ class Config:
     near_dup_threshold: float = option(0.8, "MinHash Jaccard above which a file is a near-duplicate (0 = exact only)")
     val_fraction: float = option(0.05, "share of the files held out for the code loss")
     eval_batches: int = option(20, "validation batches per evaluation (of batch_size windows each)")
-    train: CodeTrainConfig = nested(CodeTrainConfig, "the shared training loop")
+    train: ContinuedTrainConfig = nested(ContinuedTrainConfig, "the shared training loop")
 
     def validate(self) -> None:
         if not 0 < self.val_fraction < 1:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -19,11 +20,23 @@ import numpy as np
 import torch
 
 from chatforge import io
-from chatforge.config import ChatforgeError
+from chatforge.config import ChatforgeError, option
 from chatforge.data.shards import write_shard
 from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
-from chatforge.train.loop import train
+from chatforge.train.loop import TrainConfig, train
 from chatforge.train.pretrain import TOKENS_DIR, PretrainTask, open_shards
+
+@dataclass
+class ContinuedTrainConfig(TrainConfig):
+    steps: int = option(300, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
+    batch_size: int = option(16, "sequences per optimizer step, summed over all processes")
+    lr: float = option(1e-3, "peak learning rate, reached at the end of warm-up")
+    min_lr: float = option(1e-4, "learning rate at the end of the decay")
+    warmup_steps: int = option(20, "steps of linear warm-up from 0 to lr")
+    eval_every: int = option(100, "steps between validation losses (0 = only at the start and the end)")
+    ckpt_every: int = option(100, "steps between checkpoints (0 = only at the end)")
+    max_minutes: float = option(5.0, "wall-time budget in minutes (0 = none)")
+
 
 DATA_DIR = "data"
 CORPUS_FILE = "corpus.json"

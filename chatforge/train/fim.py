@@ -28,19 +28,12 @@ from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, nested, option
 from chatforge.data.documents import read_documents
 from chatforge.data.fim import transform
-from chatforge.train.continued import Build, continue_training
-from chatforge.train.loop import SUMMARY_FILE, TrainConfig
+from chatforge.train.continued import Build, ContinuedTrainConfig, continue_training
+from chatforge.train.loop import SUMMARY_FILE
 
 
 @dataclass
-class FIMTrainConfig(TrainConfig):
-    steps: int = option(300, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
-    batch_size: int = option(16, "sequences per optimizer step, summed over all processes")
-    lr: float = option(1e-3, "peak learning rate, reached at the end of warm-up")
-    min_lr: float = option(1e-4, "learning rate at the end of the decay")
-    warmup_steps: int = option(20, "steps of linear warm-up from 0 to lr")
-    eval_every: int = option(100, "steps between validation losses (0 = only at the start and the end)")
-    ckpt_every: int = option(100, "steps between checkpoints (0 = only at the end)")
+class FIMTrainConfig(ContinuedTrainConfig):
     # no time budget by default: a FIM run and its twin must train the same number of steps to be compared
     max_minutes: float = option(0.0, "wall-time budget in minutes (0 = none)")
 
