@@ -59,7 +59,7 @@ SUMMARIES = {
     "edit": "rewrite text from stdin by an instruction with an edit model (chatforge edit --instruction=...)",
     "serve": "serve a model: OpenAI-compatible API, web chat page with feedback, store that feeds training",
     "feedback": "export the web page's feedback as training data (feedback export --as sft|rankings --out FILE)",
-    "eval": "evaluate a model by executing what it writes: HumanEval pass@k in a sandbox",
+    "eval": "evaluate a model: HumanEval pass@k in a sandbox (humaneval), in-context learning (icl), chain-of-thought (cot)",
     "speedrun": "run every stage end to end on the embedded default and write the report card",
 }
 

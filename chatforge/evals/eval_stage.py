@@ -1,5 +1,8 @@
-"""evaluate a model by executing what it writes: `chatforge eval humaneval`.
+"""evaluate a model: HumanEval pass@k in a sandbox, in-context learning, chain-of-thought.
 
+    chatforge eval icl --ckpt=runs/speedrun/pretrain --icl.shots=0,1,4      # zero-, one- and few-shot
+    chatforge eval icl --icl.tasks=arithmetic,copy --icl.inputs=my_task.jsonl
+    chatforge eval cot --ckpt=runs/speedrun/pretrain --cot.items=100         # worked reasoning vs direct answers
     chatforge eval humaneval --ckpt=runs/speedrun/code --n=10 --temperature=0.2
     chatforge eval humaneval --n=200 --temperature=0.8            # pass@100 as Codex reports it
     chatforge eval humaneval --mode=canonical                      # proves the harness: must be 100 %
@@ -12,6 +15,12 @@ Each problem's prompt is completed ``n`` times (nucleus sampling, stop sequences
 ``results.jsonl`` (one row per problem with every sample, its status and error) and ``summary.json`` to
 ``--out`` (default runs/eval/humaneval-<mode>). ``--mode=canonical`` and ``--mode=empty`` need no model and
 run one sample per problem (their completions are fixed).
+
+``icl`` scores the task suite of ``chatforge.evals.icl`` for every k of ``--icl.shots`` by exact match and by
+multiple choice (log-likelihood of the gold answer among candidates), and writes summary.json, summary.md
+and icl.png (accuracy vs k). ``cot`` compares few-shot prompts with worked reasoning against direct answers
+on multi-step arithmetic (``chatforge.evals.cot``). Both decode greedily; the sampling options above are
+HumanEval's.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -28,8 +38,24 @@ from chatforge.evals.humaneval import DEFAULT_K, STOP_SEQUENCES, Problem, evalua
 from chatforge.evals.sandbox import Sandbox, SandboxLimits
 from chatforge.infer.loading import EngineOptions, load_engine
 
-TASKS = ("humaneval",)
 MODES = ("model", "canonical", "empty")
+
+
+@dataclass
+class ICLOptions:
+    tasks: list[str] = option([], "built-in tasks to run (default: all of define, name_the_word, arithmetic, copy, "
+                                  "reverse, count_letters, capitalize, snippet_kind)")
+    inputs: list[str] = option([], "also these JSONL tasks ({input, output[, candidates]} per line; one task per file)")
+    shots: list[int] = option([0, 1, 4], "numbers of demonstrations in the prompt")
+    items: int = option(60, "items per built-in task, demonstration pool included")
+    pool: int = option(12, "items per task kept as demonstrations (never evaluated)")
+    data_dir: str = option("runs/speedrun/data", "the data stage's out_dir, for WordNet definitions and snippets")
+
+
+@dataclass
+class CoTOptions:
+    items: int = option(100, "problems evaluated")
+    shots: int = option(4, "worked demonstrations in each prompt")
 
 
 @dataclass
@@ -50,6 +76,8 @@ class Config(EngineOptions):
     out: str = option("", "output directory (default: runs/eval/<task>-<mode>)")
     progress: bool = option(True, "show progress bars")
     sandbox: SandboxLimits = nested(SandboxLimits, "limits of each program's sandbox")
+    icl: ICLOptions = nested(ICLOptions, "`eval icl`: in-context learning")
+    cot: CoTOptions = nested(CoTOptions, "`eval cot`: chain-of-thought vs direct answers")
 
     def validate(self) -> None:
         super().validate()
@@ -62,6 +90,12 @@ class Config(EngineOptions):
             raise ConfigError(f"option 'ks' must list positive integers; got {self.ks}")
         if self.workers < 0:
             raise ConfigError(f"option 'workers' must be >= 0 (0 = one per core); got {self.workers}")
+        if not self.icl.shots or any(k < 0 for k in self.icl.shots) or max(self.icl.shots) > self.icl.pool:
+            raise ConfigError(f"option 'icl.shots' must list numbers from 0 to icl.pool ({self.icl.pool}); got {self.icl.shots}")
+        if self.icl.items <= self.icl.pool:
+            raise ConfigError(f"option 'icl.items' ({self.icl.items}) must exceed 'icl.pool' ({self.icl.pool})")
+        if self.cot.items < 1 or self.cot.shots < 0:
+            raise ConfigError(f"options 'cot.items' must be >= 1 and 'cot.shots' >= 0; got {self.cot.items}, {self.cot.shots}")
 
 
 def sample_completions(cfg: Config, problems: list[Problem]) -> list[list[str]]:
@@ -113,12 +147,46 @@ def run_humaneval(cfg: Config) -> dict:
     return summary
 
 
-def run(cfg: Config, args: list[str]) -> None:
-    if len(args) != 1 or args[0] not in TASKS:
-        raise ChatforgeError(f"name one task to evaluate: {', '.join(TASKS)} (got {' '.join(args) or 'none'})")
+def run_icl(cfg: Config) -> None:
+    from chatforge.evals.icl import built_in_tasks, run_suite, user_task
+
+    tasks = built_in_tasks(cfg.icl.data_dir, cfg.icl.items, cfg.seed or 0)
+    known = [t.name for t in tasks]
+    unknown = sorted(set(cfg.icl.tasks) - set(known))
+    if unknown:
+        raise ConfigError(f"option 'icl.tasks': unknown task(s) {', '.join(unknown)}; built-in: {', '.join(known)}")
+    tasks = [t for t in tasks if not cfg.icl.tasks or t.name in cfg.icl.tasks] + [user_task(p) for p in cfg.icl.inputs]
+    out = Path(cfg.out or "runs/eval/icl")
+    print(f"[icl] {len(tasks)} tasks, shots {cfg.icl.shots}, model {cfg.ckpt}")
+    run_suite(load_engine(cfg), tasks, cfg.icl.shots, cfg.icl.pool, cfg.seed or 0, out)
+    print(f"[icl] wrote {out}/summary.json, summary.md and icl.png")
+
+
+def run_cot(cfg: Config) -> None:
+    from chatforge.evals.cot import evaluate_cot
+
+    out = Path(cfg.out or "runs/eval/cot")
+    results = evaluate_cot(load_engine(cfg), cfg.cot.items, cfg.cot.shots, cfg.seed or 0)
+    io.write_json(out / "summary.json", {"task": "cot", "ckpt": cfg.ckpt, **results})
+    for style in ("reasoning", "direct"):
+        print(f"[cot] {style:>9}: accuracy {results[style]['accuracy']:.1%} (a number found in "
+              f"{results[style]['extracted']:.0%} of answers)")
+    print(f"[cot] {results['items']} problems, {results['shots']}-shot; wrote {out}/summary.json")
+
+
+def report_humaneval(cfg: Config) -> None:
     summary = run_humaneval(cfg)
     scores = "  ".join(f"{k} {v:.2%}" for k, v in summary["pass@k"].items())
     print(f"humaneval ({summary['mode']}, {summary['problems']} problems, n={summary['n']}, "
           f"{summary['isolation']} sandbox): {scores}")
     print(f"solved {summary['solved_problems']}/{summary['problems']}; sample statuses {summary['statuses']}; "
           f"wrote {summary['out']}/results.jsonl and summary.json")
+
+
+RUNNERS = {"humaneval": report_humaneval, "icl": run_icl, "cot": run_cot}
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    if len(args) != 1 or args[0] not in RUNNERS:
+        raise ChatforgeError(f"name one task to evaluate: {', '.join(RUNNERS)} (got {' '.join(args) or 'none'})")
+    RUNNERS[args[0]](cfg)
