@@ -100,3 +100,36 @@ def test_eval_icl_and_cot_write_their_results(tiny_ckpt, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "icl", f"--ckpt={tiny_ckpt / 'base'}", "--icl.tasks=telepathy"])
     assert "telepathy" in capsys.readouterr().err
+
+
+def test_adaptive_filtering_keeps_the_best_and_drops_the_worst():
+    from chatforge.prompting.ape import adaptive_filter
+
+    quality = {f"instruction {i}": i / 10 for i in range(10)}
+    calls = []
+
+    def score(instruction, items):
+        calls.append((instruction, len(items)))
+        return [quality[instruction] + 0.01 * (hash(x) % 3) for x, _ in items]
+
+    train = [(f"x{i}", f"y{i}") for i in range(40)]
+    final, alive = adaptive_filter(list(quality), score, train, subset=8, rounds=2, keep=0.5,
+                                   rng=np.random.default_rng(0))
+    assert alive == [10, 5, 3]
+    assert "instruction 9" in final and "instruction 0" not in final
+    assert all(n == 40 for _, n in final.values()) and max(final, key=lambda c: final[c][0]) == "instruction 9"
+    # round subsets are disjoint 8-item chunks; only survivors reach the full set
+    assert sum(1 for c, n in calls if n == 40) == 3 and sum(1 for c, n in calls if n == 8) == 15
+
+
+def test_ape_cli_ranks_instructions_and_compares_the_best_with_baselines(tiny_ckpt):
+    out = tiny_ckpt / "ape"
+    main(["ape", f"--ckpt={tiny_ckpt / 'base'}", "--insert_ckpt=", "--device=cpu", "--task=copy", "--items=30",
+          "--held_out=6", "--forward=4", "--reverse=0", "--subset=4", "--rounds=1", "--mc_rounds=1", "--mc_top=1",
+          "--mc_variants=2", f"--out_dir={out}"])
+    summary = json.loads((out / "summary.json").read_text())
+    ranked = json.loads((out / "ranked.json").read_text())
+    assert summary["proposed"] == {"forward": 4} and summary["alive_per_round"][0] == summary["distinct_candidates"]
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+    assert summary["best_instruction"] == ranked[0]["instruction"]
+    assert set(summary["held_out_score"]) == {"best", "baseline", "none"} and summary["held_out_examples"] == 6

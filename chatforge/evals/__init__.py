@@ -1,1 +1,1 @@
-"""Evaluations that execute model-written code: the sandbox and HumanEval."""
+"""Evaluations: the sandbox and HumanEval, in-context learning, chain-of-thought, insertion and edit scores."""

@@ -1,0 +1,1 @@
+"""Prompting: Automatic Prompt Engineer (APE) over the one engine."""
