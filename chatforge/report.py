@@ -191,6 +191,42 @@ def edit_section(run_dir: Path) -> Section | None:
                    plots=sorted((run_dir / "edit").glob("*.png")), text=f"Sample edits (greedy):\n\n{samples}")
 
 
+def icl_section(run_dir: Path) -> Section | None:
+    folder = run_dir / "eval" / "icl"
+    if not (folder / "summary.md").is_file():
+        return None
+    return Section("In-context learning (EM: exact match; MC: gold among candidates by log-likelihood)",
+                   plots=sorted(folder.glob("*.png")), text=(folder / "summary.md").read_text(encoding="utf-8"))
+
+
+def cot_section(run_dir: Path) -> Section | None:
+    summary = _read_json(run_dir / "eval" / "cot" / "summary.json")
+    if summary is None:
+        return None
+    rows = [[style, summary[style]["accuracy"], summary[style]["extracted"], _quoted(summary[style]["sample"]["written"])]
+            for style in ("reasoning", "direct")]
+    return Section("Chain-of-thought (multi-step arithmetic)", facts={"problems": summary["items"], "shots": summary["shots"]},
+                   tables=[("Few-shot with worked reasoning vs direct answers",
+                            ["prompt style", "accuracy", "answers with a number", "first answer"], rows)])
+
+
+def ape_section(run_dir: Path) -> Section | None:
+    summary = _read_json(run_dir / "ape" / "summary.json")
+    if summary is None:
+        return None
+    facts = {"task": summary["task"], "metric": summary["metric"],
+             **{f"proposed ({mode})": n for mode, n in summary["proposed"].items()},
+             "distinct candidates": summary["distinct_candidates"],
+             "alive per filtering round": " → ".join(map(str, summary["alive_per_round"])),
+             "Monte-Carlo new variants per round": ", ".join(map(str, summary["monte_carlo_new"])) or "none",
+             "best instruction": _quoted(summary["best_instruction"]),
+             "hand-written instruction": _quoted(summary["baseline_instruction"])}
+    rows = [[name, score] for name, score in summary["held_out_score"].items()]
+    return Section("Automatic Prompt Engineer", facts=facts,
+                   tables=[(f"Held-out {summary['metric']} on {summary['held_out_examples']} examples",
+                            ["instruction", summary["metric"]], rows)])
+
+
 SECTIONS: list[Callable[[Path], Section | None]] = [
     corpus_section,
     tokenizer_section,
@@ -205,6 +241,9 @@ SECTIONS: list[Callable[[Path], Section | None]] = [
     insertion_section,
     manifest_section("Edit data (triples built from the corpus)", "edit_data/manifest.json"),
     edit_section,
+    icl_section,
+    cot_section,
+    ape_section,
     training_section("Embeddings (contrastive pre-training)", "embed"),
     markdown_section("Embeddings: held-out retrieval and linear probe vs MiniLM and the floor", "embed/eval/summary.md"),
     samples_section,

@@ -1,8 +1,8 @@
 """run every stage end to end on the embedded default and write the report card.
 
 data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → fim (and its
-left-to-right twin) → edit-data → edit → embed → samples → report card, all under ``run_dir``. Each stage's
-options are nested (``--pretrain.train.max_minutes=5``,
+left-to-right twin) → edit-data → edit → icl → cot → ape → embed → samples → report card, all under
+``run_dir``. Each stage's options are nested (``--pretrain.train.max_minutes=5``,
 ``--tokenizer.vocab_size=4096``); the directories are placed under ``run_dir`` by the speedrun. A stage whose
 outputs exist and whose options are unchanged since it finished is skipped unless a stage it reads from ran
 again, so a rerun after an interruption continues where it stopped (training resumes from its last
@@ -28,6 +28,7 @@ from chatforge.data import edit_data as edit_data_stage
 from chatforge.data import sft_data as sft_data_stage
 from chatforge.embed import train as embed_stage
 from chatforge.evals import eval_stage
+from chatforge.prompting import ape as ape_stage
 from chatforge.train import code as code_stage
 from chatforge.train import edit as edit_stage
 from chatforge.train import fim as fim_stage
@@ -59,7 +60,7 @@ class Config:
     run_dir: str = option("runs/speedrun", "every stage writes under this directory")
     force: bool = option(False, "redo every stage even when its outputs are up to date")
     only: str = option("", "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, ppo, code, "
-                           "humaneval, fim, fim-baseline, edit-data, edit, embed, samples)")
+                           "humaneval, fim, fim-baseline, edit-data, edit, icl, cot, ape, embed, samples)")
     sample_tokens: int = option(48, "tokens generated per sample prompt")
     device: str = option("auto", "device for sampling: auto, cpu, cuda, cuda:N")
     data: data_stage.Config = nested(data_stage.Config, "the data stage")
@@ -76,6 +77,9 @@ class Config:
     fim_baseline: fim_stage.Config = nested(fim_stage.Config, "the fim stage's left-to-right twin (fim_rate forced to 0)")
     edit_data: edit_data_stage.Config = nested(edit_data_stage.Config, "the edit-data stage (edit triples)")
     edit: edit_stage.Config = nested(edit_stage.Config, "the edit-train stage (instruction-driven edits)")
+    icl: eval_stage.Config = nested(eval_stage.Config, "`eval icl` of the pretrained model (its icl.* options)")
+    cot: eval_stage.Config = nested(eval_stage.Config, "`eval cot` of the pretrained model (its cot.* options)")
+    ape: ape_stage.Config = nested(ape_stage.Config, "the ape stage (instructions proposed and scored by the model)")
     embed: embed_stage.Config = nested(embed_stage.Config, "the embed stage (contrastive text/code embeddings)")
 
 
@@ -114,6 +118,10 @@ def _place(cfg: Config) -> None:
     cfg.edit_data.data_dir = str(run / "data")
     cfg.edit_data.out_dir = cfg.edit.data_dir = str(run / "edit_data")
     cfg.edit.init_from, cfg.edit.out_dir = str(run / "sft"), str(run / "edit")
+    for evaluation, task in ((cfg.icl, "icl"), (cfg.cot, "cot")):
+        evaluation.ckpt, evaluation.out, evaluation.icl.data_dir = str(run / "pretrain"), str(run / "eval" / task), str(run / "data")
+    cfg.ape.ckpt, cfg.ape.insert_ckpt, cfg.ape.data_dir = str(run / "pretrain"), str(run / "fim"), str(run / "data")
+    cfg.ape.out_dir = str(run / "ape")
     cfg.embed.init_from = str(run / "pretrain")
     cfg.embed.data_dir = str(run / "data")
     cfg.embed.out_dir = str(run / "embed")
@@ -151,6 +159,10 @@ def _steps(cfg: Config) -> list[Step]:
              lambda: edit_data_stage.run(cfg.edit_data, []), ("data",)),
         Step("edit", cfg.edit, run / "edit" / "summary.json", lambda: _trained(edit_stage, cfg.edit),
              ("sft", "edit-data")),
+        Step("icl", cfg.icl, run / "eval" / "icl" / "summary.json", lambda: eval_stage.run(cfg.icl, ["icl"]),
+             ("data", "pretrain")),
+        Step("cot", cfg.cot, run / "eval" / "cot" / "summary.json", lambda: eval_stage.run(cfg.cot, ["cot"]), ("pretrain",)),
+        Step("ape", cfg.ape, run / "ape" / "summary.json", lambda: ape_stage.run(cfg.ape, []), ("data", "pretrain", "fim")),
         Step("embed", cfg.embed, run / "embed" / "summary.json", lambda: _trained(embed_stage, cfg.embed),
              ("data", "pretrain")),
         Step("samples", {"tokens": cfg.sample_tokens, "text": TEXT_PROMPTS, "chat": CHAT_PROMPTS}, run / "samples.json",

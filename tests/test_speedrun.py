@@ -42,6 +42,10 @@ TINY = [
     "--fim_baseline.train.steps=2", "--fim_baseline.train.batch_size=4", "--fim_baseline.eval_batches=1",
     "--fim_baseline.eval_examples=4",
     "--edit_data.max_chars=100", "--edit.train.steps=2", "--edit.train.batch_size=2",
+    "--icl.icl.items=16", "--icl.icl.pool=4", "--icl.icl.shots=0,1", "--icl.icl.tasks=copy,snippet_kind",
+    "--cot.cot.items=2", "--cot.cot.shots=1",
+    "--ape.items=24", "--ape.held_out=4", "--ape.forward=2", "--ape.reverse=2", "--ape.subset=4", "--ape.rounds=1",
+    "--ape.mc_rounds=0",
 ]
 FAST = [f"--{stage}.train.{key}" for stage in ("pretrain", "sft", "reward", "ppo", "code", "embed", "fim", "fim_baseline", "edit")
         for key in ("dtype=fp32", "compile=false", "progress=false", "max_minutes=0", "device=cpu")]
@@ -56,7 +60,8 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
     report = (run / "report.md").read_text()
     for title in ("Corpus", "Tokenizer", "Pretraining", "SFT data", "Supervised fine-tuning", "Ranking data",
                   "Reward model", "PPO", "Code model", "HumanEval", "Insert (fill-in-the-middle)", "Edit data",
-                  "Edit (instruction-driven rewrites)", "Embeddings (contrastive pre-training)",
+                  "Edit (instruction-driven rewrites)", "In-context learning", "Chain-of-thought",
+                  "Automatic Prompt Engineer", "Embeddings (contrastive pre-training)",
                   "Embeddings: held-out", "Samples", "Wall time per stage"):
         assert f"## {title}" in report, title
     samples = json.loads((run / "samples.json").read_text())
@@ -64,7 +69,7 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert "chatforge chat --ckpt=" in capsys.readouterr().out
     main(args)
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 16
+    assert out.count("up to date, skipped") == 19
     # a changed option reruns that stage and the stages that read its outputs, nothing else
     main(args[:-len(FAST)] + FAST + ["--reward.train.steps=4"])
     out = capsys.readouterr().out
