@@ -6,12 +6,18 @@ A conversation becomes::
 
 Role markers are special tokens, never text, so a user typing "<|assistant|>" cannot forge a turn. The
 leading end-of-text token puts every conversation at a document boundary, as pretraining saw documents.
-Tool results come back as ``tool`` turns (``<|tool_result|>``); an assistant's tool call is the assistant
-turn's text after a ``<|tool_call|>`` token (see ``chatforge.tools``).
+An assistant turn may end in tool calls: each is ``<|tool_call|>`` followed by the JSON
+``{"name": ..., "arguments": {...}}``; the runtime runs the tool and appends a ``tool`` turn
+(``<|tool_result|>`` + the result), and the model writes the next assistant turn, which may call again or
+answer the user (``chatforge.tools``)::
+
+    <|assistant|> <|tool_call|> {"name": "calculator", "arguments": {"expression": "12*7"}} <|end|>
+    <|tool_result|> 84 <|end|> <|assistant|> 12 times 7 is 84. <|end|>
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from chatforge.config import ChatforgeError
@@ -23,6 +29,7 @@ ROLE_TOKENS = {
     "tool": "<|tool_result|>",
 }
 END_OF_TURN = "<|end|>"
+TOOL_CALL = "<|tool_call|>"
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -43,6 +50,12 @@ def validate_messages(messages: list[dict]) -> None:
             raise ChatforgeError(f"message {i} has role {role!r}; roles are {', '.join(ROLE_TOKENS)}")
         if not isinstance(content, str):
             raise ChatforgeError(f"message {i} ({role}) must have string content")
+        calls = message.get("tool_calls") or []
+        if calls and role != "assistant":
+            raise ChatforgeError(f"message {i}: only assistant messages make tool calls")
+        for call in calls:
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(call.get("arguments"), dict):
+                raise ChatforgeError(f"message {i}: a tool call needs a string 'name' and an object 'arguments'")
         if role == "system" and i != 0:
             raise ChatforgeError(f"message {i}: a system message may only come first")
 
@@ -55,8 +68,13 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False)
     validate_messages(messages)
     end = tokenizer.special_id(END_OF_TURN)
     ids, mask = [tokenizer.special_id(END_OF_TEXT)], [0]
+    call = tokenizer.special_id(TOOL_CALL)
     for message in messages:
-        body = tokenizer.encode(message["content"]) + [end]
+        body = tokenizer.encode(message["content"])
+        for tool_call in message.get("tool_calls") or []:
+            body += [call] + tokenizer.encode(json.dumps({"name": tool_call["name"], "arguments": tool_call["arguments"]},
+                                                         ensure_ascii=False))
+        body.append(end)
         learn = 1 if message["role"] == "assistant" else 0
         ids += [tokenizer.special_id(ROLE_TOKENS[message["role"]])] + body
         mask += [0] + [learn] * len(body)
@@ -69,6 +87,36 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False)
 def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
     """The ids a model continues to write the next assistant turn."""
     return render(messages, tokenizer, add_generation_prompt=True).ids
+
+
+def parse_tool_calls(tokenizer, token_ids: list[int]) -> tuple[str, list[dict]]:
+    """(text, tool calls) of a generated assistant turn; a call whose JSON does not parse is kept as
+    ``{"name": None, "error": ...}`` so the runtime can tell the model."""
+    call = tokenizer.special_id(TOOL_CALL)
+    stops = set(stop_token_ids(tokenizer))
+    ids = [t for t in token_ids if t not in stops]
+    parts, current = [], []
+    for token in ids:
+        if token == call:
+            parts.append(current)
+            current = []
+        else:
+            current.append(token)
+    parts.append(current)
+    calls = []
+    for part in parts[1:]:
+        raw = tokenizer.decode(part).strip()
+        try:
+            value = json.loads(raw)
+            if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+                raise ValueError("not an object with a 'name'")
+            arguments = value.get("arguments", {})
+            if not isinstance(arguments, dict):
+                raise ValueError("'arguments' is not an object")
+            calls.append({"name": value["name"], "arguments": arguments})
+        except ValueError as exc:
+            calls.append({"name": None, "error": f"the tool call {raw[:80]!r} is not valid JSON of a call: {exc}"})
+    return tokenizer.decode(parts[0]), calls
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -27,6 +27,7 @@ STAGES: dict[str, tuple[str, bool]] = {
     "edit-data": ("chatforge.data.edit_data", False),
     "edit-train": ("chatforge.train.edit", False),
     "ape": ("chatforge.prompting.ape", False),
+    "tool-data": ("chatforge.tools.data", False),
     "embed": ("chatforge.embed.train", False),
     "eval-embed": ("chatforge.embed.evaluate", False),
     "search": ("chatforge.embed.search_stage", True),
@@ -52,6 +53,7 @@ SUMMARIES = {
     "fim": "continue pretraining with fill-in-the-middle so the model can insert between a prefix and a suffix",
     "edit-data": "build (input, instruction, output) edit triples from the corpus: typos, casing, punctuation, renames, docstrings",
     "edit-train": "fine-tune a chat model to rewrite text by an instruction; scored per edit type on held-out triples",
+    "tool-data": "build tool-use SFT conversations (calculator, retrieval) and held-out arithmetic questions",
     "ape": "Automatic Prompt Engineer: the model proposes instructions for a task, scores and filters them",
     "embed": "train a text/code embedding model from a GPT by contrastive pre-training (CPT), then evaluate it",
     "eval-embed": "evaluate an embedding model on held-out retrieval and a linear probe against MiniLM and a floor",
@@ -61,7 +63,7 @@ SUMMARIES = {
     "edit": "rewrite text from stdin by an instruction with an edit model (chatforge edit --instruction=...)",
     "serve": "serve a model: OpenAI-compatible API, web chat page with feedback, store that feeds training",
     "feedback": "export the web page's feedback as training data (feedback export --as sft|rankings --out FILE)",
-    "eval": "evaluate a model: HumanEval pass@k in a sandbox (humaneval), in-context learning (icl), chain-of-thought (cot)",
+    "eval": "evaluate a model: HumanEval pass@k in a sandbox (humaneval), in-context learning (icl), chain-of-thought (cot), tool use (tools)",
     "speedrun": "run every stage end to end on the embedded default and write the report card",
 }
 

@@ -3,6 +3,7 @@
     chatforge eval icl --ckpt=runs/speedrun/pretrain --icl.shots=0,1,4      # zero-, one- and few-shot
     chatforge eval icl --icl.tasks=arithmetic,copy --icl.inputs=my_task.jsonl
     chatforge eval cot --ckpt=runs/speedrun/pretrain --cot.items=100         # worked reasoning vs direct answers
+    chatforge eval tools --ckpt=runs/speedrun/tools                          # arithmetic with vs without the calculator
     chatforge eval humaneval --ckpt=runs/speedrun/code --n=10 --temperature=0.2
     chatforge eval humaneval --n=200 --temperature=0.8            # pass@100 as Codex reports it
     chatforge eval humaneval --mode=canonical                      # proves the harness: must be 100 %
@@ -59,6 +60,14 @@ class CoTOptions:
 
 
 @dataclass
+class ToolsOptions:
+    questions: str = option("runs/speedrun/tool_data/arithmetic_eval.jsonl",
+                            "held-out arithmetic questions with answers (`chatforge tool-data`)")
+    limit: int = option(100, "questions evaluated (0 = all)")
+    max_calls: int = option(2, "tool calls allowed per answer")
+
+
+@dataclass
 class Config(EngineOptions):
     # decoding defaults as Codex evaluated (temperature 0.2 for pass@1; use 0.8 with large n for pass@100)
     max_tokens: int | None = option(256, "most tokens per completion")
@@ -78,6 +87,7 @@ class Config(EngineOptions):
     sandbox: SandboxLimits = nested(SandboxLimits, "limits of each program's sandbox")
     icl: ICLOptions = nested(ICLOptions, "`eval icl`: in-context learning")
     cot: CoTOptions = nested(CoTOptions, "`eval cot`: chain-of-thought vs direct answers")
+    tools: ToolsOptions = nested(ToolsOptions, "`eval tools`: arithmetic with vs without the calculator")
 
     def validate(self) -> None:
         super().validate()
@@ -174,6 +184,18 @@ def run_cot(cfg: Config) -> None:
     print(f"[cot] {results['items']} problems, {results['shots']}-shot; wrote {out}/summary.json")
 
 
+def run_tools(cfg: Config) -> None:
+    from chatforge.tools.evaluate import evaluate_tools, read_questions
+
+    questions = read_questions(cfg.tools.questions)[: cfg.tools.limit or None]
+    out = Path(cfg.out or "runs/eval/tools")
+    results = evaluate_tools(load_engine(cfg), questions, max_calls=cfg.tools.max_calls)
+    io.write_json(out / "summary.json", {"task": "tools", "ckpt": cfg.ckpt, **results})
+    print(f"[tools] {results['questions']} held-out arithmetic questions: accuracy without tools "
+          f"{results['without_tools']:.1%}, with the calculator {results['with_calculator']:.1%} (called it in "
+          f"{results['called_calculator']:.0%}, a right expression in {results['right_call']:.0%}); wrote {out}/summary.json")
+
+
 def report_humaneval(cfg: Config) -> None:
     summary = run_humaneval(cfg)
     scores = "  ".join(f"{k} {v:.2%}" for k, v in summary["pass@k"].items())
@@ -183,7 +205,7 @@ def report_humaneval(cfg: Config) -> None:
           f"wrote {summary['out']}/results.jsonl and summary.json")
 
 
-RUNNERS = {"humaneval": report_humaneval, "icl": run_icl, "cot": run_cot}
+RUNNERS = {"humaneval": report_humaneval, "icl": run_icl, "cot": run_cot, "tools": run_tools}
 
 
 def run(cfg: Config, args: list[str]) -> None:

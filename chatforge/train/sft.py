@@ -49,6 +49,9 @@ class Config:
     out_dir: str = option("runs/speedrun/sft", "where checkpoints/, metrics.jsonl, loss.png, summary.json go")
     resume: bool = option(False, "continue from out_dir's latest checkpoint")
     max_val_conversations: int = option(200, "held-out conversations in the validation loss")
+    extra_train: list[str] = option([], "more SFT JSONL files mixed into training (e.g. `chatforge tool-data`'s "
+                                        "tool_train.jsonl)")
+    extra_val: list[str] = option([], "more held-out SFT JSONL files added to the validation set")
     train: SFTTrainConfig = nested(SFTTrainConfig, "the shared training loop")
 
     def validate(self) -> None:
@@ -142,5 +145,10 @@ def fine_tune_on_conversations(stage: str, cfg, train_conversations: list[list[d
 def run(cfg: Config, args: list[str]) -> None:
     cfg.validate()
     data = Path(cfg.data_dir)
-    fine_tune_on_conversations("sft", cfg, read_conversations(data / "sft_train.jsonl"),
-                               read_conversations(data / "sft_val.jsonl")[: cfg.max_val_conversations])
+    train_set = read_conversations(data / "sft_train.jsonl")
+    val_set = read_conversations(data / "sft_val.jsonl")[: cfg.max_val_conversations]
+    for path in cfg.extra_train:
+        train_set += read_conversations(Path(path))
+    for path in cfg.extra_val:
+        val_set += read_conversations(Path(path))[: cfg.max_val_conversations]
+    fine_tune_on_conversations("sft", cfg, train_set, val_set, {"extra_train": cfg.extra_train} if cfg.extra_train else None)

@@ -1,0 +1,104 @@
+"""build tool-use SFT conversations offline: arithmetic through the calculator, definitions through retrieval.
+
+    chatforge tool-data                                  # speedrun default: runs/speedrun/tool_data
+    chatforge tool-data --arithmetic=4000 --definitions=1000
+    chatforge sft --extra_train=runs/speedrun/tool_data/tool_train.jsonl   # add them to SFT
+
+Arithmetic questions (multi-digit products, sums, differences, percentages, in several phrasings) are
+answered by a ``calculator`` call whose result the answer repeats. Definition questions are answered by a
+``retrieval`` call whose result is the dictionary entry (WordNet documents of the data stage's corpus).
+Every conversation is in the one chat template's message format with ``tool_calls`` and ``tool`` turns.
+Writes ``tool_train.jsonl`` and ``tool_val.jsonl`` (SFT data) and ``arithmetic_eval.jsonl`` (held-out
+questions with their answers, for ``chatforge eval tools``) to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from chatforge import io
+from chatforge.config import ConfigError, option
+from chatforge.tools.calculator import calculate, format_number
+
+PHRASINGS = {
+    "*": ["What is {a} times {b}?", "Compute {a} * {b}.", "Multiply {a} by {b}.", "How much is {a} x {b}?"],
+    "+": ["What is {a} plus {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "What is the sum of {a} and {b}?"],
+    "-": ["What is {a} minus {b}?", "Compute {a} - {b}.", "Subtract {b} from {a}.", "How much is {a} - {b}?"],
+    "%": ["What is {a}% of {b}?", "Compute {a} percent of {b}."],
+}
+
+
+@dataclass
+class Config:
+    data_dir: str = option("runs/speedrun/data", "the data stage's out_dir (WordNet entries for definition questions)")
+    out_dir: str = option("runs/speedrun/tool_data", "where tool_train.jsonl, tool_val.jsonl, arithmetic_eval.jsonl go")
+    arithmetic: int = option(3000, "arithmetic conversations (calculator)")
+    definitions: int = option(1000, "definition conversations (retrieval), as many as the corpus has entries")
+    val_fraction: float = option(0.05, "share held out as SFT validation")
+    eval_questions: int = option(200, "held-out arithmetic questions with answers for `chatforge eval tools`")
+    seed: int = option(0, "makes the questions reproducible")
+
+    def validate(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"option 'val_fraction' must be in (0, 1); got {self.val_fraction}")
+        for name in ("arithmetic", "definitions", "eval_questions"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"option '{name}' must be >= 0; got {getattr(self, name)}")
+
+
+def arithmetic_question(rng: np.random.Generator) -> tuple[str, str, str]:
+    """(question, calculator expression, answer)."""
+    op = str(rng.choice(list(PHRASINGS)))
+    if op == "*":
+        a, b = int(rng.integers(12, 1000)), int(rng.integers(12, 100))
+    elif op == "%":
+        a, b = int(rng.choice([5, 10, 15, 20, 25, 30, 40, 50, 75])), int(rng.integers(20, 2000))
+    else:
+        a, b = int(rng.integers(100, 10000)), int(rng.integers(100, 10000))
+    expression = f"{a} * {b} / 100" if op == "%" else f"{a} {op} {b}"
+    question = str(rng.choice(PHRASINGS[op])).format(a=a, b=b)
+    return question, expression, format_number(calculate(expression))
+
+
+def calculator_conversation(question: str, expression: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "calculator", "arguments": {"expression": expression}}]},
+            {"role": "tool", "content": answer},
+            {"role": "assistant", "content": f"The answer is {answer}."}]
+
+
+def definition_conversation(word: str, definition: str, rng: np.random.Generator) -> list[dict]:
+    question = str(rng.choice(["What does the word '{w}' mean?", "Define {w}.", "What is the meaning of {w}?"])).format(w=word)
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "retrieval", "arguments": {"query": word}}]},
+            {"role": "tool", "content": f"[wordnet] {word}: {definition}"},
+            {"role": "assistant", "content": f"{word.capitalize()} means {definition}."}]
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    from chatforge.evals.icl import dictionary
+
+    cfg.validate()
+    rng = np.random.default_rng(cfg.seed)
+    conversations = [calculator_conversation(*arithmetic_question(rng)) for _ in range(cfg.arithmetic)]
+    entries = dictionary(cfg.data_dir, limit=cfg.definitions) if cfg.definitions else []
+    conversations += [definition_conversation(w, d, rng) for w, d in entries[: cfg.definitions]]
+    order = rng.permutation(len(conversations))
+    cut = max(1, int(len(conversations) * cfg.val_fraction))
+    rows = [{"messages": conversations[i]} for i in order]
+    seen = {c[0]["content"] for c in conversations}
+    held_out = []
+    while len(held_out) < cfg.eval_questions:
+        question, expression, answer = arithmetic_question(rng)
+        if question not in seen:  # never a question the model was trained on
+            seen.add(question)
+            held_out.append({"question": question, "expression": expression, "answer": answer})
+    out = Path(cfg.out_dir)
+    io.write_jsonl(out / "tool_train.jsonl", rows[cut:])
+    io.write_jsonl(out / "tool_val.jsonl", rows[:cut])
+    io.write_jsonl(out / "arithmetic_eval.jsonl", held_out)
+    print(f"[tool-data] {cfg.arithmetic} calculator and {min(len(entries), cfg.definitions)} retrieval conversations: "
+          f"{len(rows) - cut} train, {cut} val; {len(held_out)} held-out arithmetic questions; wrote {out}")
