@@ -12,6 +12,7 @@ import pytest
 from chatforge.cli import main
 from chatforge.evals.cot import cot_prompt, extract_answer, make_problem
 from chatforge.evals.icl import Task, built_in_tasks, icl_prompt, score_task
+from chatforge.prompting.ape import adaptive_filter
 from train_helpers import make_corpus, tiny_pretrain_args
 
 
@@ -61,6 +62,7 @@ def test_built_in_tasks_have_correct_answers():
         assert int(answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
     assert all(out == inp[::-1] for inp, out in tasks["reverse"].items)
     assert all(int(out) == len(inp) for inp, out in tasks["count_letters"].items)
+    assert len({out for _, out in tasks["count_letters"].items}) >= 4  # more answers than a coin flip
     assert {out for _, out in tasks["snippet_kind"].items} <= {"code", "prose", "chinese"}
 
 
@@ -133,3 +135,33 @@ def test_ape_cli_ranks_instructions_and_compares_the_best_with_baselines(tiny_ck
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
     assert summary["best_instruction"] == ranked[0]["instruction"]
     assert set(summary["held_out_score"]) == {"best", "baseline", "none"} and summary["held_out_examples"] == 6
+
+
+def test_adaptive_filter_cuts_ties_by_share_on_disjoint_subsets():
+    quality = {"good": 1.0, "fair": 0.5, **{f"bad{i}": 0.0 for i in range(6)}}
+    train = [(f"x{i}", f"y{i}") for i in range(20)]
+    seen: dict[str, list[list[str]]] = {}
+
+    def score(instruction, items):
+        seen.setdefault(instruction, []).append([x for x, _ in items])
+        return [quality[instruction]] * len(items)
+
+    final, alive = adaptive_filter(list(quality), score, train, subset=4, rounds=2, keep=0.5,
+                                   rng=np.random.default_rng(0))
+    assert alive == [8, 4, 2] and set(final) == {"good", "fair"}
+    assert final["good"] == (1.0, 20) and final["fair"] == (0.5, 20)
+    first, second, whole = seen["good"]
+    assert len(first) == len(second) == 4 and not set(first) & set(second) and len(whole) == 20
+    # ties at the cut: the top half by running mean survives, not everyone equal to the median
+    assert sorted(len(seen[f"bad{i}"]) for i in range(6)) == [1, 1, 1, 1, 2, 2]
+
+
+def test_ape_skips_reverse_proposals_without_an_insert_model_unless_they_are_all_that_was_asked(tiny_ckpt, capsys):
+    args = ["ape", f"--ckpt={tiny_ckpt / 'base'}", "--device=cpu", "--task=copy", "--items=30", "--held_out=6",
+            "--subset=4", "--rounds=1", "--mc_rounds=0", f"--out_dir={tiny_ckpt / 'ape_skip'}"]
+    main(args + ["--forward=2", "--reverse=2", f"--insert_ckpt={tiny_ckpt / 'base'}"])  # a model not trained by `fim`
+    assert "reverse proposals skipped" in capsys.readouterr().out
+    assert json.loads((tiny_ckpt / "ape_skip" / "summary.json").read_text())["proposed"] == {"forward": 2}
+    with pytest.raises(SystemExit):
+        main(args + ["--forward=0", "--reverse=2", f"--insert_ckpt={tiny_ckpt / 'nowhere'}"])
+    assert "reverse proposals only" in capsys.readouterr().err

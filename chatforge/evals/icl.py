@@ -47,6 +47,9 @@ BUILT_IN_WORDS = [
 ]
 WORDS = ["table", "garden", "pencil", "river", "window", "summer", "basket", "candle", "mirror", "rocket", "silver",
          "planet", "doctor", "butter", "forest", "island", "jacket", "kitten", "ladder", "marble", "orange", "pepper"]
+# lengths 2 to 10, so counting has more than two possible answers (WORDS are all 5 or 6 letters long)
+COUNTED = ["go", "up", "sun", "ink", "tree", "lamp", "apple", "river", "garden", "planet", "kitchen", "blanket",
+           "elephant", "computer", "butterfly", "chocolate", "strawberry", "adventure"]
 KINDS = ("code", "prose", "chinese")
 
 
@@ -104,7 +107,7 @@ def built_in_tasks(data_dir: str | None, size: int, seed: int) -> list[Task]:
     numbers = rng.integers(10, 100, size=(size, 2))
     ops = rng.choice(["+", "-"], size=size)
     letters = [str(rng.choice(WORDS)) for _ in range(size)]
-    counted = [str(rng.choice(WORDS)) for _ in range(size)]
+    counted = [str(rng.choice(COUNTED)) for _ in range(size)]
     return [
         Task("define", "Give the meaning of the word.", [(w, d) for w, d in picked]),
         Task("name_the_word", "Name the word that has this meaning.", [(d, w) for w, d in picked]),

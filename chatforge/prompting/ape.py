@@ -11,7 +11,7 @@
 2. Scoring: ``logprob`` = mean log-probability per token of the gold outputs given instruction + input
    (the paper's log-probability score), or ``accuracy`` = exact match of the greedy output.
 3. Adaptive filtering: all candidates are scored on a small random subset of the training demonstrations;
-   those at or above the ``keep`` quantile survive and are scored on a new disjoint subset, their running
+   the best ``keep`` share by running mean survives and is scored on a new disjoint subset, their running
    mean updated; this repeats for ``rounds`` rounds; the survivors are scored on the whole training set.
 4. Optional iterative Monte-Carlo search (``mc_rounds``): the model proposes variants of the best
    instructions ("Generate a variation of the following instruction ..."); they are scored on the whole
@@ -24,6 +24,7 @@ against the hand-written baseline and against no instruction.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,9 +131,9 @@ def adaptive_filter(candidates: list[str], score, train: list[tuple[str, str]], 
             values = score(c, chunk)
             sums[c] += sum(values)
             seen[c] += len(values)
-        means = np.array([sums[c] / seen[c] for c in alive])
-        threshold = np.quantile(means, 1 - keep)
-        alive = [c for c, m in zip(alive, means) if m >= threshold]
+        # a top share rather than a quantile threshold: ties at the cut (common with accuracy) must not keep everyone
+        ranked = sorted(alive, key=lambda c: -sums[c] / seen[c])
+        alive = ranked[: max(1, math.ceil(keep * len(alive)))]
         counts.append(len(alive))
     final = {c: (float(np.mean(score(c, train))), len(train)) for c in alive}
     return final, counts
@@ -168,8 +169,12 @@ def run(cfg: Config, args: list[str]) -> None:
         if Path(cfg.insert_ckpt).exists() and trained_for_fim(cfg.insert_ckpt):
             inserter = load_engine(EngineOptions(ckpt=cfg.insert_ckpt, device=cfg.device))
             proposals["reverse"] = reverse_proposals(inserter, shown, cfg.reverse, cfg.temperature, cfg.seed)
+        elif not cfg.forward:
+            raise ChatforgeError(f"--forward=0 asks for reverse proposals only, but {cfg.insert_ckpt} is not a model "
+                                 "trained by `chatforge fim`; train one, point --insert_ckpt at one or set --forward")
         else:
-            print(f"[ape] reverse proposals skipped: {cfg.insert_ckpt} is not a model trained by `chatforge fim`")
+            print(f"[ape] reverse proposals skipped: {cfg.insert_ckpt} is not a model trained by `chatforge fim` "
+                  "(train one with `chatforge fim`, or set --insert_ckpt)")
     candidates = list(dict.fromkeys(c for found in proposals.values() for c in found if c))
     if not candidates:
         raise ChatforgeError("the model proposed no non-empty instruction; raise --forward/--reverse or the temperature")
