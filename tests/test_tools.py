@@ -139,3 +139,14 @@ def test_tool_data_answers_are_right_and_held_out_questions_are_new(tmp_path):
     held = [json.loads(line) for line in (tmp_path / "arithmetic_eval.jsonl").read_text().splitlines()]
     assert len(held) == 20 and not trained & {q["question"] for q in held}
     assert same_number("The answer is 4,512.", "4512") and not same_number("no idea", "3")
+
+
+def test_chat_conversation_uses_the_loop_and_remembers_calls(tokenizer, capsys):
+    from chatforge.infer.chat_stage import Conversation
+
+    engine = ScriptedEngine(tokenizer, [{"name": "calculator", "arguments": {"expression": "6 * 7"}}, "42."])
+    engine.block_size = 256
+    chat = Conversation(engine, SamplingParams(temperature=0, max_tokens=16), tools={"calculator": CALCULATOR})
+    assert chat.answer("What is 6 times 7?") == "42."
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "assistant"]
+    assert '[calculator({"expression": "6 * 7"}) -> 42]' in capsys.readouterr().err

@@ -3,12 +3,15 @@
     chatforge chat                                  # talks to runs/speedrun/sft
     chatforge chat --ckpt=runs/speedrun/pretrain --temperature=0.7 --system="You are terse."
     echo "What is Python?" | chatforge chat         # one answer to stdout, for scripts
+    chatforge chat --ckpt=runs/speedrun/tools --tools=calculator         # the model may call the calculator
+    chatforge chat --tools=calculator,retrieval --index=runs/search/index
 
 Interactive commands: ``/reset`` forgets the conversation (keeps the system prompt), ``/system TEXT`` sets
 the system prompt, ``/save FILE`` writes the conversation as JSON (OpenAI ``messages``), ``/quit`` ends.
 When the conversation outgrows the model's context the oldest turns are dropped, never the system prompt.
 Without a terminal on stdin, all of stdin is one user message (or, with ``--messages_file``, a JSON file of
-``messages`` is continued) and the answer goes to stdout.
+``messages`` is continued) and the answer goes to stdout. With ``--tools`` each answer runs the toolset loop
+(``chatforge.tools.loop``): the calls and their results are printed, then the model's answer.
 """
 
 from __future__ import annotations
@@ -37,14 +40,19 @@ class Config(EngineOptions):
     repetition_penalty: float = option(1.1, "CTRL/HF repetition penalty (1 = off)")
     system: str = option("", "system prompt")
     messages_file: str = option("", "JSON file with a conversation ({'messages': [...]} or a list) to continue")
+    tools: list[str] = option([], "built-in tools the model may call: calculator, retrieval")
+    index: str = option("", "search index for the retrieval tool (built by `chatforge search --build`)")
+    max_tool_calls: int = option(3, "tool calls allowed per answer")
 
 
 class Conversation:
     """The messages so far, trimmed to what fits the model's context before each answer."""
 
-    def __init__(self, engine: Engine, params: SamplingParams, system: str = ""):
+    def __init__(self, engine: Engine, params: SamplingParams, system: str = "", tools: dict | None = None,
+                 max_tool_calls: int = 3):
         self.engine = engine
         self.params = params
+        self.tools, self.max_tool_calls = tools or {}, max_tool_calls
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def set_system(self, text: str) -> None:
@@ -59,6 +67,16 @@ class Conversation:
         self.messages.append({"role": "user", "content": user_text})
         budget = self.engine.block_size - (self.params.max_tokens or 1)
         self.messages = fit_to_context(self.messages, self.engine.tokenizer, budget)
+        if self.tools:
+            from chatforge.tools.loop import answer_with_tools
+
+            run = answer_with_tools(self.engine, self.messages, self.tools, self.params, self.max_tool_calls,
+                                    on_call=lambda c: print(f"[{c['name']}({json.dumps(c['arguments'])}) -> {c['result']}]",
+                                                            file=sys.stderr))
+            self.messages = run.messages
+            if on_text is not None:
+                on_text(run.answer)
+            return run.answer
         stream = self.engine.stream(prompt_ids(self.messages, self.engine.tokenizer), self.params)
         for delta in stream:
             if on_text is not None:
@@ -127,7 +145,12 @@ def run(cfg: Config, args: list[str]) -> None:
         if not user_text:
             raise ChatforgeError("no message on stdin")
         args = [user_text]
-    chat = Conversation(load_engine(cfg), params, cfg.system)
+    tools = {}
+    if cfg.tools:
+        from chatforge.tools.registry import builtin_tools
+
+        tools = builtin_tools(cfg.tools, cfg.index, cfg.device)
+    chat = Conversation(load_engine(cfg), params, cfg.system, tools, cfg.max_tool_calls)
     chat.messages += [m for m in history if not (m["role"] == "system" and chat.messages)]
     if not args:
         _interactive(chat)
