@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -168,7 +169,8 @@ def _error(excinfo, status: int) -> dict:
     ({"logit_bias": {"999999": 5}}, 400, None, None),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     ({"n": 1000}, 400, "n", None),
-    ({"extra_body": {"tools": [{"type": "function"}]}}, 400, "tools", "unknown_parameter"),
+    ({"extra_body": {"response_format": {"type": "json_object"}}}, 400, "response_format", "unknown_parameter"),
+    ({"extra_body": {"tools": [{"type": "function"}]}}, 400, "tools.0.function", "missing_required_parameter"),
 ])
 def test_bad_chat_requests_are_4xx_in_openai_shape(client, overrides, status, param, code):
     request = {"model": MODEL, "messages": HELLO, "max_tokens": 4, **overrides}
@@ -382,3 +384,53 @@ def test_serve_command_serves_a_checkpoint(tmp_path, engine, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--compare_k=3"])
     assert "compare_k" in capsys.readouterr().err
+
+
+def _scripted_turns(monkeypatch, engine, turns: list):
+    """Replace the model's turns in the server's tool loop by scripted ones (a dict is a tool call)."""
+    import json as _json
+
+    from chatforge.infer.outputs import Choice, Completion
+    from chatforge.serve import api
+
+    script = list(turns)
+    tok = engine.tokenizer
+
+    def generate(self, prompts, params):
+        turn = script.pop(0)
+        ids = ([tok.special_id("<|tool_call|>")] + tok.encode(_json.dumps(turn))) if isinstance(turn, dict) else tok.encode(turn)
+        ids.append(tok.special_id("<|end|>"))
+        done = [Completion(prompts[0], [Choice(0, tok.decode(ids), ids, "stop")])]
+        self.completions += done
+        return done
+
+    monkeypatch.setattr(api.ScheduledTurns, "generate", generate)
+    return script
+
+
+LOOKUP = {"type": "function", "function": {"name": "lookup", "description": "Find a person.",
+                                           "parameters": {"type": "object", "properties": {"name": {"type": "string"}}}}}
+
+
+def test_client_tools_end_in_tool_calls_and_the_result_is_sent_back(client, engine, monkeypatch):
+    _scripted_turns(monkeypatch, engine, [{"name": "lookup", "arguments": {"name": "Ada"}}, "Ada was a mathematician."])
+    first = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Who was Ada?"}],
+                                           tools=[LOOKUP], temperature=0)
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "lookup"
+    assert json.loads(call.function.arguments) == {"name": "Ada"} and call.id.startswith("call_")
+    second = client.chat.completions.create(model=MODEL, tools=[LOOKUP], temperature=0, messages=[
+        {"role": "user", "content": "Who was Ada?"}, first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "Ada Lovelace, 1815-1852, mathematician"}])
+    assert second.choices[0].message.content == "Ada was a mathematician." and second.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=HELLO, tools=[LOOKUP], n=2)
+
+
+def test_built_in_calculator_runs_on_the_server(scheduler, engine, monkeypatch):
+    _scripted_turns(monkeypatch, engine, [{"name": "calculator", "arguments": {"expression": "12 * 7"}}, "It is 84."])
+    with _server(scheduler, tools=["calculator"]) as server:
+        reply = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": MODEL, "messages": [{"role": "user", "content": "12 times 7?"}]}).json()
+    assert reply["choices"][0]["message"]["content"] == "It is 84."
+    assert reply["tool_runs"] == [{"name": "calculator", "arguments": {"expression": "12 * 7"}, "result": "84"}]

@@ -8,7 +8,9 @@ Endpoints (``/openapi.json`` describes them all):
   ``kind`` (chat or embedding) and ``fim`` (whether ``suffix`` insertion is available).
 * ``POST /v1/chat/completions`` — prompts are rendered by THE chat template (``chatforge.chat_template``);
   ``stream``, ``n``, ``stop``, ``max_tokens``/``max_completion_tokens``, ``temperature``, ``top_p``,
-  presence/frequency penalties, ``logit_bias``, ``seed``, ``logprobs``/``top_logprobs``, ``user``.
+  presence/frequency penalties, ``logit_bias``, ``seed``, ``logprobs``/``top_logprobs``, ``user``; ``tools``
+  (functions the client runs: the answer ends in ``tool_calls``) and ``tool_choice`` (none/auto); with
+  ``--tools`` the server also runs built-in tools (calculator, retrieval) inside the answer.
 * ``POST /v1/completions`` — ``prompt`` as text(s) or token ids, ``suffix`` (only for a model trained for
   fill-in-the-middle, else a 400), ``echo``, ``logprobs``, ``best_of``, ``stream``.
 * ``POST /v1/edits`` — the legacy edit shape (``input``, ``instruction``), rendered with the edit template that
@@ -54,6 +56,8 @@ from chatforge.serve.errors import APIError
 from chatforge.serve.schemas import (ChatCompletionRequest, CompletionRequest, EditRequest, EmbeddingRequest,
                                      SamplingFields)
 from chatforge.serve.security import BodySizeLimit, KeyChecker, RateLimiter
+from chatforge.tools.loop import answer_with_tools
+from chatforge.tools.registry import Tool, builtin_tools
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_STOP_STRINGS = 4
@@ -74,6 +78,9 @@ class ServeOptions:
     compare_k: int = option(4, "answers side by side in the web page's compare mode (4..9, what a ranking needs)")
     fim: bool = option(False, "the model was trained for fill-in-the-middle, so /v1/completions accepts 'suffix' "
                               "(also on when the checkpoint's config.json says \"fim\": true)")
+    tools: list[str] = option([], "built-in tools run server-side in every chat request: calculator, retrieval")
+    index: str = option("", "search index of the retrieval tool (built by `chatforge search --build`)")
+    max_tool_calls: int = option(3, "tool calls the model may make per answer")
 
     def validate(self) -> None:
         from chatforge.data.rankings import MAX_K, MIN_K
@@ -194,6 +201,7 @@ class OpenAIService:
         specials = getattr(self.tokenizer, "specials", {})
         self.chat_ready = all(token in specials for token in ROLE_TOKENS.values())
         self.hidden_ids = self.engine.special_ids  # special tokens add no text, so no logprob entries either
+        self.builtin_tools = builtin_tools(options.tools, options.index) if options.tools else {}
 
     # ---- shared checks -------------------------------------------------------------------------------------
 
@@ -345,11 +353,14 @@ class OpenAIService:
 
     # ---- chat ----------------------------------------------------------------------------------------------
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], int]:
+    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[dict], list[int], int]:
         if not self.chat_ready:
             raise APIError(400, f"The model '{self.card.id}' has no chat-template tokens (its tokenizer lacks "
                                 "<|user|>/<|assistant|>); use /v1/completions.", param="model")
-        messages = [m.as_template() for m in body.messages]
+        try:
+            messages = [m.as_template() for m in body.messages]
+        except ValueError as exc:
+            raise APIError(400, f"a tool call's arguments are not a JSON object: {exc}", param="messages") from None
         for i, m in enumerate(messages):
             _check_text(m["content"], f"messages.{i}.content")
         requested = body.max_completion_tokens or body.max_tokens
@@ -362,16 +373,19 @@ class OpenAIService:
         except ChatforgeError as exc:
             code = "context_length_exceeded" if "context" in str(exc) else None
             raise APIError(400, str(exc), param="messages", code=code) from None
-        return ids, self.resolve_max_tokens(requested, len(ids), param, "messages")
+        return messages, ids, self.resolve_max_tokens(requested, len(ids), param, "messages")
 
     async def chat(self, body: ChatCompletionRequest, request: Request):
         self.check_model(body.model, "chat")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        ids, max_tokens = self.chat_prompt(body)
+        messages, ids, max_tokens = self.chat_prompt(body)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         stop_ids = [] if body.ignore_eos else stop_token_ids(self.tokenizer)
         params = self.sampling(body, max_tokens, logprobs, stop_ids)
+        tools = self.request_tools(body)
+        if tools:
+            return await self.chat_with_tools(body, messages, tools, params)
         handle = self.submit(ids, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -383,6 +397,46 @@ class OpenAIService:
                    for c in completion.choices]
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.card.id,
                 "choices": choices, "usage": self.usage([completion])}
+
+    def request_tools(self, body: ChatCompletionRequest) -> dict[str, Tool]:
+        """The server's built-in tools and the request's functions (the client runs those), unless tool_choice is none."""
+        if body.tool_choice == "none":
+            return {}
+        tools = dict(self.builtin_tools)
+        for spec in body.tools or []:
+            if spec.function.name in tools:
+                raise APIError(400, f"tool name '{spec.function.name}' is taken (built-in tools: {', '.join(self.builtin_tools)})",
+                               param="tools")
+            tools[spec.function.name] = Tool(spec.function.name, spec.function.description or "",
+                                             spec.function.parameters or {"type": "object", "properties": {}})
+        return tools
+
+    async def chat_with_tools(self, body: ChatCompletionRequest, messages: list[dict], tools: dict[str, Tool],
+                              params: SamplingParams):
+        """The toolset loop over the scheduler: built-in calls run here; a call of a client's function ends the
+        answer with ``tool_calls`` (finish_reason "tool_calls") for the client to run and send back."""
+        if params.num_samples != 1 or params.logprobs is not None:
+            raise APIError(400, "with tools, a request returns one choice without logprobs (n = 1)", param="tools")
+        turns = ScheduledTurns(self)
+        run = await anyio.to_thread.run_sync(
+            lambda: answer_with_tools(turns, messages, tools, params, self.options.max_tool_calls))
+        message: dict = {"role": "assistant", "content": run.messages[-1]["content"] or None}
+        if run.pending:
+            message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                      "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+                                     for c in run.pending]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        extra = {"tool_runs": run.calls}  # chatforge: the server-side calls behind the answer
+        if body.stream:
+            async def chunks() -> AsyncIterator[dict]:
+                for delta, finish in (({"role": "assistant", "content": ""}, None),
+                                      ({k: v for k, v in message.items() if k != "role"}, None), ({}, run.finish_reason)):
+                    yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.card.id,
+                           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return EventStream(self.sse(chunks()), [])
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.card.id,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": run.finish_reason}],
+                "usage": self.usage(turns.completions), **extra}
 
     async def chat_chunks(self, handle: RequestHandle, rid: str, created: int, n: int,
                           include_usage: bool) -> AsyncIterator[dict]:
@@ -587,6 +641,24 @@ class OpenAIService:
         limit = self.embedder.spec_.max_tokens
         tokens = sum(min(len(self.embedder.tokenizer.encode(t)), limit) for t in texts)
         return vectors, tokens
+
+
+class ScheduledTurns:
+    """What the tool loop needs of an engine, over the server's scheduler: tool turns batch with other requests."""
+
+    def __init__(self, service: OpenAIService):
+        self.service, self.tokenizer, self.completions = service, service.tokenizer, []
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        out = []
+        for ids in prompts:
+            room = self.service.engine.block_size - len(ids)
+            if room < 1:
+                raise self.service.context_error(len(ids), 1, "messages")
+            settings = dataclasses.replace(params, max_tokens=min(params.max_tokens or room, room))
+            out.append(self.service.submit(ids, settings).result())
+        self.completions += out
+        return out
 
 
 def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=None, embedder=None,

@@ -1,16 +1,18 @@
 """Request bodies of the OpenAI-compatible endpoints, validated strictly.
 
 Types are strict (``"5"`` is not an integer, ``1`` is not a boolean) and unknown fields are rejected, as
-OpenAI does, so a typo or an unsupported option (``tools``, ``response_format``) is a 400 that names it
-rather than a setting silently ignored. ``null`` means "the default" for every optional field. Fields
+OpenAI does, so a typo or an unsupported option (``response_format``) is a 400 that names it rather than a
+setting silently ignored. ``null`` means "the default" for every optional field. Fields
 marked *chatforge* are extensions a client passes through ``extra_body``.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from chatforge.infer.params import MAX_TOP_LOGPROBS
 
@@ -24,19 +26,53 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object in a string")
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="'developer' is OpenAI's newer name for 'system'")
-    content: str | list[TextPart] = Field(description="text, or a list of text parts (joined)")
+    content: str | list[TextPart] | None = Field(None, validate_default=True,
+                                                 description="text, or a list of text parts (joined)")
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant turn's calls of the request's tools")
+
+    @field_validator("content", mode="after")
+    @classmethod
+    def content_unless_calling(cls, value, info: ValidationInfo):
+        # only an assistant turn that calls tools may leave its content out, as in OpenAI's API
+        if value is None and info.data.get("role") != "assistant":
+            raise PydanticCustomError("missing", "Field required")
+        return value
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def calls(self) -> list[dict]:
+        """The tool calls as the chat template takes them; ValueError names a call whose arguments are not JSON."""
+        calls = []
+        for call in self.tool_calls or []:
+            arguments = json.loads(call.function.arguments or "{}")
+            if not isinstance(arguments, dict):
+                raise ValueError(f"tool call {call.id}: arguments must be a JSON object")
+            calls.append({"name": call.function.name, "arguments": arguments})
+        return calls
 
     def as_template(self) -> dict:
         """The message as the chat template takes it."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        return {**message, "tool_calls": self.calls()} if self.tool_calls else message
 
 
 class StreamOptions(Strict):
@@ -68,8 +104,24 @@ class SamplingFields(Strict):
                                                     "when the prompt does not fit, instead of a 400")
 
 
+class FunctionSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = Field(None, description="JSON schema of the arguments")
+    strict: bool | None = None
+
+
+class ToolSpec(Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolSpec] | None = Field(None, description="functions the model may call; the client runs them")
+    tool_choice: Literal["none", "auto"] | None = Field(None, description="'none' forbids calls; 'auto' (default) lets "
+                                                                         "the model decide")
+    parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens")
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
