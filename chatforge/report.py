@@ -227,6 +227,19 @@ def ape_section(run_dir: Path) -> Section | None:
                             ["instruction", summary["metric"]], rows)])
 
 
+def tools_section(run_dir: Path) -> Section | None:
+    summary = _read_json(run_dir / "eval" / "tools" / "summary.json")
+    if summary is None:
+        return None
+    sample = summary["samples"][0] if summary.get("samples") else None
+    text = (f"First held-out question: {_quoted(sample['question'])} (gold {sample['gold']}); direct answer "
+            f"{_quoted(sample['direct'])}; calls {sample['calls']}; answer with the calculator "
+            f"{_quoted(sample['with_calculator'])}") if sample else ""
+    return Section("Tool use (held-out arithmetic, SFT with tool-use conversations)",
+                   facts={k: summary[k] for k in ("questions", "without_tools", "with_calculator", "called_calculator",
+                                                  "right_call")}, text=text)
+
+
 SECTIONS: list[Callable[[Path], Section | None]] = [
     corpus_section,
     tokenizer_section,
@@ -244,6 +257,8 @@ SECTIONS: list[Callable[[Path], Section | None]] = [
     icl_section,
     cot_section,
     ape_section,
+    training_section("SFT with tool-use conversations", "tools"),
+    tools_section,
     training_section("Embeddings (contrastive pre-training)", "embed"),
     markdown_section("Embeddings: held-out retrieval and linear probe vs MiniLM and the floor", "embed/eval/summary.md"),
     samples_section,

@@ -1,8 +1,8 @@
 """run every stage end to end on the embedded default and write the report card.
 
 data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → fim (and its
-left-to-right twin) → edit-data → edit → icl → cot → ape → embed → samples → report card, all under
-``run_dir``. Each stage's options are nested (``--pretrain.train.max_minutes=5``,
+left-to-right twin) → edit-data → edit → icl → cot → ape → tool-data → tools → tools-eval → embed → samples →
+report card, all under ``run_dir``. Each stage's options are nested (``--pretrain.train.max_minutes=5``,
 ``--tokenizer.vocab_size=4096``); the directories are placed under ``run_dir`` by the speedrun. A stage whose
 outputs exist and whose options are unchanged since it finished is skipped unless a stage it reads from ran
 again, so a rerun after an interruption continues where it stopped (training resumes from its last
@@ -29,6 +29,7 @@ from chatforge.data import sft_data as sft_data_stage
 from chatforge.embed import train as embed_stage
 from chatforge.evals import eval_stage
 from chatforge.prompting import ape as ape_stage
+from chatforge.tools import data as tool_data_stage
 from chatforge.train import code as code_stage
 from chatforge.train import edit as edit_stage
 from chatforge.train import fim as fim_stage
@@ -60,7 +61,8 @@ class Config:
     run_dir: str = option("runs/speedrun", "every stage writes under this directory")
     force: bool = option(False, "redo every stage even when its outputs are up to date")
     only: str = option("", "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, ppo, code, "
-                           "humaneval, fim, fim-baseline, edit-data, edit, icl, cot, ape, embed, samples)")
+                           "humaneval, fim, fim-baseline, edit-data, edit, icl, cot, ape, tool-data, tools, "
+                           "tools-eval, embed, samples)")
     sample_tokens: int = option(48, "tokens generated per sample prompt")
     device: str = option("auto", "device for sampling: auto, cpu, cuda, cuda:N")
     data: data_stage.Config = nested(data_stage.Config, "the data stage")
@@ -80,6 +82,9 @@ class Config:
     icl: eval_stage.Config = nested(eval_stage.Config, "`eval icl` of the pretrained model (its icl.* options)")
     cot: eval_stage.Config = nested(eval_stage.Config, "`eval cot` of the pretrained model (its cot.* options)")
     ape: ape_stage.Config = nested(ape_stage.Config, "the ape stage (instructions proposed and scored by the model)")
+    tool_data: tool_data_stage.Config = nested(tool_data_stage.Config, "the tool-data stage (tool-use conversations)")
+    tools: sft_stage.Config = nested(sft_stage.Config, "SFT of the SFT model on its data plus the tool-use conversations")
+    tools_eval: eval_stage.Config = nested(eval_stage.Config, "`eval tools` of that model (its tools.* options)")
     embed: embed_stage.Config = nested(embed_stage.Config, "the embed stage (contrastive text/code embeddings)")
 
 
@@ -122,6 +127,12 @@ def _place(cfg: Config) -> None:
         evaluation.ckpt, evaluation.out, evaluation.icl.data_dir = str(run / "pretrain"), str(run / "eval" / task), str(run / "data")
     cfg.ape.ckpt, cfg.ape.insert_ckpt, cfg.ape.data_dir = str(run / "pretrain"), str(run / "fim"), str(run / "data")
     cfg.ape.out_dir = str(run / "ape")
+    cfg.tool_data.data_dir, cfg.tool_data.out_dir = str(run / "data"), str(run / "tool_data")
+    cfg.tools.data_dir, cfg.tools.init_from, cfg.tools.out_dir = str(run / "sft_data"), str(run / "sft"), str(run / "tools")
+    cfg.tools.extra_train = [str(run / "tool_data" / "tool_train.jsonl")]
+    cfg.tools.extra_val = [str(run / "tool_data" / "tool_val.jsonl")]
+    cfg.tools_eval.ckpt, cfg.tools_eval.out = str(run / "tools"), str(run / "eval" / "tools")
+    cfg.tools_eval.tools.questions = str(run / "tool_data" / "arithmetic_eval.jsonl")
     cfg.embed.init_from = str(run / "pretrain")
     cfg.embed.data_dir = str(run / "data")
     cfg.embed.out_dir = str(run / "embed")
@@ -163,6 +174,12 @@ def _steps(cfg: Config) -> list[Step]:
              ("data", "pretrain")),
         Step("cot", cfg.cot, run / "eval" / "cot" / "summary.json", lambda: eval_stage.run(cfg.cot, ["cot"]), ("pretrain",)),
         Step("ape", cfg.ape, run / "ape" / "summary.json", lambda: ape_stage.run(cfg.ape, []), ("data", "pretrain", "fim")),
+        Step("tool-data", cfg.tool_data, run / "tool_data" / "arithmetic_eval.jsonl",
+             lambda: tool_data_stage.run(cfg.tool_data, []), ("data",)),
+        Step("tools", cfg.tools, run / "tools" / "summary.json", lambda: _trained(sft_stage, cfg.tools),
+             ("sft-data", "sft", "tool-data")),
+        Step("tools-eval", cfg.tools_eval, run / "eval" / "tools" / "summary.json",
+             lambda: eval_stage.run(cfg.tools_eval, ["tools"]), ("tools",)),
         Step("embed", cfg.embed, run / "embed" / "summary.json", lambda: _trained(embed_stage, cfg.embed),
              ("data", "pretrain")),
         Step("samples", {"tokens": cfg.sample_tokens, "text": TEXT_PROMPTS, "chat": CHAT_PROMPTS}, run / "samples.json",

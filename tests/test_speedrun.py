@@ -46,8 +46,11 @@ TINY = [
     "--cot.cot.items=2", "--cot.cot.shots=1",
     "--ape.items=24", "--ape.held_out=4", "--ape.forward=2", "--ape.reverse=2", "--ape.subset=4", "--ape.rounds=1",
     "--ape.mc_rounds=0",
+    "--tool_data.arithmetic=20", "--tool_data.definitions=5", "--tool_data.eval_questions=2",
+    "--tools.train.steps=2", "--tools.train.batch_size=4", "--tools_eval.tools.limit=2",
 ]
-FAST = [f"--{stage}.train.{key}" for stage in ("pretrain", "sft", "reward", "ppo", "code", "embed", "fim", "fim_baseline", "edit")
+FAST = [f"--{stage}.train.{key}" for stage in ("pretrain", "sft", "reward", "ppo", "code", "embed", "fim", "fim_baseline", "edit",
+                                                    "tools")
         for key in ("dtype=fp32", "compile=false", "progress=false", "max_minutes=0", "device=cpu")]
 
 
@@ -61,7 +64,8 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
     for title in ("Corpus", "Tokenizer", "Pretraining", "SFT data", "Supervised fine-tuning", "Ranking data",
                   "Reward model", "PPO", "Code model", "HumanEval", "Insert (fill-in-the-middle)", "Edit data",
                   "Edit (instruction-driven rewrites)", "In-context learning", "Chain-of-thought",
-                  "Automatic Prompt Engineer", "Embeddings (contrastive pre-training)",
+                  "Automatic Prompt Engineer", "SFT with tool-use conversations", "Tool use",
+                  "Embeddings (contrastive pre-training)",
                   "Embeddings: held-out", "Samples", "Wall time per stage"):
         assert f"## {title}" in report, title
     samples = json.loads((run / "samples.json").read_text())
@@ -69,7 +73,7 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert "chatforge chat --ckpt=" in capsys.readouterr().out
     main(args)
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 19
+    assert out.count("up to date, skipped") == 22
     # a changed option reruns that stage and the stages that read its outputs, nothing else
     main(args[:-len(FAST)] + FAST + ["--reward.train.steps=4"])
     out = capsys.readouterr().out
