@@ -163,13 +163,16 @@ def score_task(engine, task: Task, shots: list[int], pool_size: int, seed: int) 
         raise ChatforgeError(f"task {task.name}: {len(task.items)} items leave none to evaluate after {pool_size} demonstrations")
     choice_sets = [candidates(task, i, rng) for i in evaluated]
     results = {"items": len(evaluated), "chance": round(float(np.mean([1 / len(c) for c in choice_sets])), 4)}
+    # room for the gold answer and a little more: a longer line cannot match it, and a tiny model rarely ends
+    # its line, so a fixed budget spent most of the evaluation decoding text that was already wrong
+    budgets = [SamplingParams(temperature=0.0, max_tokens=len(engine.encode(" " + task.items[i][1])) + 2, stop=["\n"],
+                              truncate=True) for i in evaluated]
     for k in shots:
         prompts = []
         for n, i in enumerate(evaluated):
             demos = [pool[j] for j in _rng(f"{task.name}{n}", seed).permutation(len(pool))[:k]]
             prompts.append(icl_prompt(task.description, demos, task.items[i][0]))
-        params = SamplingParams(temperature=0.0, max_tokens=24, stop=["\n"], truncate=True)
-        written = [c.choices[0].text.strip() for c in engine.generate(prompts, params)]
+        written = [c.choices[0].text.strip() for c in engine.generate(prompts, budgets)]
         exact = [w == task.items[i][1].strip() for w, i in zip(written, evaluated)]
         pairs = [(p, " " + c) for p, cands in zip(prompts, choice_sets) for c in cands]
         totals = iter(sum(lps) for lps in engine.score_batch(pairs, truncate=True))
