@@ -13,6 +13,11 @@ Endpoints (``/openapi.json`` describes them all):
   ``--tools`` the server also runs built-in tools (calculator, retrieval) inside the answer.
 * ``POST /v1/completions`` — ``prompt`` as text(s) or token ids, ``suffix`` (only for a model trained for
   fill-in-the-middle, else a 400), ``echo``, ``logprobs``, ``best_of``, ``stream``.
+* ``POST /v1/moderations`` — OpenAI's shape: per input, ``flagged``, ``categories`` and ``category_scores``
+  of the content filters (the ``--safety_policy`` categories, PII, and its classifier if any). With a
+  policy, chat prompts go through the filters before generation (a refusal is a 400 with code
+  ``content_filter``) and answers while they stream (a tripped filter cuts the answer:
+  ``finish_reason: "content_filter"``); every decision is logged to the feedback store.
 * ``POST /v1/edits`` — the legacy edit shape (``input``, ``instruction``), rendered with the edit template that
   ``chatforge edit-train`` trains on; serve an edit model for useful answers.
 * ``POST /v1/embeddings`` — when an embedding model was loaded; otherwise a 400 saying so.
@@ -53,8 +58,9 @@ from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import RequestHandle, Scheduler
 from chatforge.serve import errors
 from chatforge.serve.errors import APIError
+from chatforge.safety.filters import FilterPipeline, Policy, StreamGuard
 from chatforge.serve.schemas import (ChatCompletionRequest, CompletionRequest, EditRequest, EmbeddingRequest,
-                                     SamplingFields)
+                                     ModerationRequest, SamplingFields)
 from chatforge.serve.security import BodySizeLimit, KeyChecker, RateLimiter
 from chatforge.tools.loop import answer_with_tools
 from chatforge.tools.registry import Tool, builtin_tools
@@ -81,6 +87,8 @@ class ServeOptions:
     tools: list[str] = option([], "built-in tools run server-side in every chat request: calculator, retrieval")
     index: str = option("", "search index of the retrieval tool (built by `chatforge search --build`)")
     max_tool_calls: int = option(3, "tool calls the model may make per answer")
+    safety_policy: str = option("", "content-filter policy (TOML/YAML/JSON, see chatforge.safety.filters) applied to "
+                                    "prompts and answers; empty = no filtering (/v1/moderations then checks PII only)")
 
     def validate(self) -> None:
         from chatforge.data.rankings import MAX_K, MIN_K
@@ -202,6 +210,34 @@ class OpenAIService:
         self.chat_ready = all(token in specials for token in ROLE_TOKENS.values())
         self.hidden_ids = self.engine.special_ids  # special tokens add no text, so no logprob entries either
         self.builtin_tools = builtin_tools(options.tools, options.index) if options.tools else {}
+        self.filters = FilterPipeline(Policy.load(options.safety_policy)) if options.safety_policy else None
+        self.moderation = self.filters or FilterPipeline()
+        self.store = None  # the feedback store, where filter decisions are logged (set by create_app)
+
+    def log_decisions(self, where: str, decisions: list) -> None:
+        if self.store is not None and decisions:
+            self.store.log_filter_decisions(where, [d.to_json() for d in decisions], self.card.id)
+
+    def filter_prompt(self, text: str, param: str) -> str:
+        """The prompt text after the input filters; a refusal is a 400 with code content_filter."""
+        if self.filters is None:
+            return text
+        checked = self.filters.check(text)
+        self.log_decisions("input", checked.decisions)
+        if checked.refused is not None:
+            raise APIError(400, checked.message, param=param, code="content_filter")
+        return checked.text
+
+    def output_guards(self, n: int) -> list[StreamGuard] | None:
+        return [StreamGuard(self.filters) for _ in range(n)] if self.filters is not None else None
+
+    def filtered_choice(self, guard: StreamGuard | None, text: str, finish_reason: str) -> tuple[str, str]:
+        """A whole answer through the output filters: cut where a refusing filter tripped."""
+        if guard is None:
+            return text, finish_reason
+        out = guard.feed(text) + guard.finish()
+        self.log_decisions("output", guard.decisions)
+        return out, "content_filter" if guard.tripped is not None else finish_reason
 
     # ---- shared checks -------------------------------------------------------------------------------------
 
@@ -363,6 +399,8 @@ class OpenAIService:
             raise APIError(400, f"a tool call's arguments are not a JSON object: {exc}", param="messages") from None
         for i, m in enumerate(messages):
             _check_text(m["content"], f"messages.{i}.content")
+            if m["role"] in ("user", "system", "tool"):
+                m["content"] = self.filter_prompt(m["content"], f"messages.{i}.content")
         requested = body.max_completion_tokens or body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         self.check_requested(requested, param)
@@ -392,9 +430,12 @@ class OpenAIService:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(self.sse(self.chat_chunks(handle, rid, created, params.n, include_usage)), [handle])
         (completion,) = await self.collect([handle], request)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self.chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
-                   for c in completion.choices]
+        guards = self.output_guards(len(completion.choices))
+        choices = []
+        for c in completion.choices:
+            text, finish = self.filtered_choice(guards[c.index] if guards else None, c.text, c.finish_reason)
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
+                            "logprobs": self.chat_logprobs(c.logprobs), "finish_reason": finish})
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.card.id,
                 "choices": choices, "usage": self.usage([completion])}
 
@@ -447,12 +488,29 @@ class OpenAIService:
         for i in range(n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
+        guards = self.output_guards(n)
+        cut: set[int] = set()
         async for _, delta in merge([handle]):
-            logprobs = self.chat_logprobs(delta.logprobs)
-            if not (delta.text or delta.finish_reason or (logprobs and logprobs["content"])):
+            if delta.index in cut:
                 continue
-            yield chunk([{"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
-                          "logprobs": logprobs, "finish_reason": delta.finish_reason}])
+            logprobs = self.chat_logprobs(delta.logprobs)
+            text, finish = delta.text, delta.finish_reason
+            if guards is not None:
+                guard = guards[delta.index]
+                text = guard.feed(text) + (guard.finish() if finish else "")
+                if guard.tripped is not None or finish:
+                    self.log_decisions("output", guard.decisions)
+                if guard.tripped is not None:  # cut the answer here, mid-stream
+                    finish = "content_filter"
+                    cut.add(delta.index)
+                    if len(cut) == n:
+                        handle.cancel()
+            if not (text or finish or (logprobs and logprobs["content"])):
+                continue
+            yield chunk([{"index": delta.index, "delta": {"content": text} if text else {},
+                          "logprobs": logprobs, "finish_reason": finish}])
+            if len(cut) == n:
+                break
         if include_usage:
             yield chunk([], usage=self.usage([handle.completion]))
 
@@ -461,6 +519,21 @@ class OpenAIService:
         prompt = sum(len(c.prompt_ids) for c in completions)
         generated = sum(c.num_generated_tokens for c in completions)
         return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+    # ---- moderations ---------------------------------------------------------------------------------------
+
+    def moderations(self, body: ModerationRequest) -> dict:
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not texts:
+            raise APIError(400, "'input' must not be an empty list", param="input")
+        results = []
+        for i, text in enumerate(texts):
+            scores = self.moderation.scores(_check_text(text, f"input.{i}"))
+            threshold = self.moderation.policy.classifier_threshold
+            flags = {name: score >= (threshold if name == "classifier" else 1.0) for name, score in scores.items()}
+            results.append({"flagged": any(flags.values()), "categories": flags,
+                            "category_scores": {k: round(v, 4) for k, v in scores.items()}})
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": "chatforge-filters", "results": results}
 
     # ---- edits ---------------------------------------------------------------------------------------------
 
@@ -498,9 +571,7 @@ class OpenAIService:
             prompts = list(prompt)
         if len(prompts) > MAX_PROMPTS:
             raise APIError(400, f"at most {MAX_PROMPTS} prompts per request; got {len(prompts)}", param="prompt")
-        for p in prompts:
-            if isinstance(p, str):
-                _check_text(p, "prompt")
+        prompts = [self.filter_prompt(_check_text(p, "prompt"), "prompt") if isinstance(p, str) else p for p in prompts]
         if body.suffix is not None:
             if not self.card.fim:
                 raise APIError(400, f"The model '{self.card.id}' was not trained for insertion (fill-in-the-middle), "
@@ -544,6 +615,9 @@ class OpenAIService:
             raise
         rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params[0].n
         if body.stream:
+            if self.filters is not None:
+                raise APIError(400, "this server filters answers: stream chat completions, or ask for the whole text "
+                                    "completion (stream=false)", param="stream")
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = self.completion_chunks(handles, all_ids, rid, created, n, echo, body.logprobs, include_usage)
             return EventStream(self.sse(chunks), handles)
@@ -556,8 +630,10 @@ class OpenAIService:
                 if body.logprobs is not None:
                     pairs = list(zip(completion.prompt_ids, completion.prompt_logprobs)) if echo else []
                     logprobs, _ = self.legacy_logprobs(pairs + [(e.token_id, e) for e in c.logprobs], 0)
-                choices.append({"text": prompt_text + c.text, "index": p * n + c.index, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason})
+                guards = self.output_guards(1)
+                text, finish = self.filtered_choice(guards[0] if guards else None, c.text, c.finish_reason)
+                choices.append({"text": prompt_text + text, "index": p * n + c.index, "logprobs": logprobs,
+                                "finish_reason": finish})
         return {"id": rid, "object": "text_completion", "created": created, "model": self.card.id,
                 "choices": choices, "usage": self.usage(completions)}
 
@@ -674,6 +750,7 @@ def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=
                   description="OpenAI-compatible API of a chatforge model, and the feedback store of its web page.")
     app.state.service = service
     app.state.store = store
+    service.store = store
     errors.install(app)
     bearer = HTTPBearer(auto_error=False, description="an API key, when the server was started with some")
 
@@ -702,6 +779,10 @@ def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=
     @app.post("/v1/completions", tags=["openai"])
     async def completions(body: CompletionRequest, request: Request, _: str = Depends(limited)):
         return await service.completions(body, request)
+
+    @app.post("/v1/moderations", tags=["openai"])
+    async def moderations(body: ModerationRequest, _: str = Depends(limited)):
+        return service.moderations(body)
 
     @app.post("/v1/edits", tags=["openai"])
     async def edits(body: EditRequest, request: Request, _: str = Depends(limited)):

@@ -12,6 +12,8 @@ Tables (every row has a timestamp; every row about a model answer records the mo
 * ``ratings`` — thumbs up (+1) / down (-1) / cleared (0) of an answer; the latest counts.
 * ``rankings`` — a compare-mode ranking: the K answers' ids and texts, and their order best to worst.
 * ``edits`` — a person's rewrite of an answer (before, after): a human-corrected demonstration.
+* ``filter_decisions`` — every content-filter decision on a prompt or an answer (where: input or output;
+  category, action, what matched, score, model id).
 * ``signals`` — implicit feedback on an answer: ``copied``, ``regenerated`` (another answer to the same
   question was asked for), ``continued`` (the person replied to it), ``asked_again`` (the person
   re-asked the question that led to it). The last three are recorded by the store itself when messages
@@ -40,7 +42,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
@@ -133,6 +135,19 @@ class Edit(AboutAnswer, Base):
 class Signal(AboutAnswer, Base):
     __tablename__ = "signals"
     kind: Mapped[str] = mapped_column(String(16))
+
+
+class FilterDecision(Base):
+    __tablename__ = "filter_decisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    where: Mapped[str] = mapped_column(String(8))  # input or output
+    category: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(8))
+    matched: Mapped[str] = mapped_column(Text)
+    score: Mapped[float] = mapped_column(Float)
+    model_id: Mapped[str | None] = mapped_column(String(200))
+    client: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class NotFound(ChatforgeError):
@@ -338,6 +353,18 @@ class FeedbackStore:
         return {"id": row.id, "message_ids": row.message_ids, "ranking": row.ranking, "created_at": _iso(row.created_at)}
 
     # ---- exports -------------------------------------------------------------------------------------------
+
+    def log_filter_decisions(self, where: str, decisions: list[dict], model_id: str = "", client: str = "") -> None:
+        """Record content-filter decisions ({category, action, matched, score}) on an input or an output."""
+        with self.session() as s, s.begin():
+            s.add_all(FilterDecision(where=where, model_id=model_id, client=client, **d) for d in decisions)
+
+    def filter_decisions(self) -> list[dict]:
+        with self.session() as s:
+            rows = s.scalars(select(FilterDecision).order_by(FilterDecision.id)).all()
+            return [{"where": r.where, "category": r.category, "action": r.action, "matched": r.matched,
+                     "score": r.score, "model_id": r.model_id, "client": r.client, "created_at": _iso(r.created_at)}
+                    for r in rows]
 
     def sft_records(self, include_implicit: bool = False) -> list[dict]:
         """Demonstrations in ``chatforge sft-data``'s input format (see the module docstring for the rules)."""

@@ -143,6 +143,11 @@ class EditRequest(SamplingFields):
     instruction: str = Field(min_length=1, description="how to edit it, e.g. 'Fix the spelling mistakes.'")
 
 
+class ModerationRequest(Strict):
+    input: str | list[str]
+    model: str | None = None
+
+
 class EmbeddingRequest(Strict):
     model: str
     input: str | list[str] | list[int] | list[list[int]]

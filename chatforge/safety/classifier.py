@@ -1,0 +1,117 @@
+"""train a content classifier (logistic regression on text embeddings) from your labeled JSONL.
+
+    chatforge safety-train --data=labeled.jsonl --positive=toxic                # MiniLM features
+    chatforge safety-train --data=labeled.jsonl --embedder=runs/speedrun/embed --out=runs/safety/chatforge
+    chatforge serve --safety_policy=policy.toml      # whose [classifier] path names the trained model
+
+``data`` has one {"text", "label"} object per line with two labels; ``positive`` is the one the filter acts
+on. Texts are embedded by all-MiniLM-L6-v2 (offline) or a ``chatforge embed`` model, a hash-chosen share is
+held out, and scikit-learn's logistic regression is fitted on the rest. The weights are saved as plain
+arrays (``classifier.npz``) with ``classifier.json`` (embedder, labels, held-out accuracy), never as a
+pickle, and scored with numpy at serving time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from chatforge import io
+from chatforge.config import ChatforgeError, ConfigError, option
+
+WEIGHTS, META = "classifier.npz", "classifier.json"
+
+
+@dataclass
+class Config:
+    data: str = option("", "JSONL of {text, label} with two labels (required)")
+    positive: str = option("unsafe", "the label the filter acts on")
+    embedder: str = option("minilm", "features: 'minilm' or a `chatforge embed` output directory")
+    out: str = option("runs/safety/classifier", "where classifier.npz and classifier.json go")
+    val_fraction: float = option(0.2, "share of the texts held out for the accuracy")
+    c: float = option(1.0, "inverse regularisation strength of the logistic regression")
+    device: str = option("auto", "device of the embedder")
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("option 'data' is required: a JSONL file of {\"text\", \"label\"} lines")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"option 'val_fraction' must be in (0, 1); got {self.val_fraction}")
+        if self.c <= 0:
+            raise ConfigError(f"option 'c' must be > 0; got {self.c}")
+
+
+def read_labeled(path: str, positive: str) -> tuple[list[str], np.ndarray]:
+    texts, labels = [], []
+    for number, row in io.read_jsonl(path, "labeled data"):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or "label" not in row:
+            raise ChatforgeError(f"{path}:{number}: a labeled example needs a string 'text' and a 'label'")
+        texts.append(row["text"])
+        labels.append(str(row["label"]))
+    kinds = sorted(set(labels))
+    if len(kinds) != 2 or positive not in kinds:
+        raise ChatforgeError(f"{path}: needs exactly two labels, one of them '{positive}' (--positive); found {kinds}")
+    return texts, np.array([label == positive for label in labels])
+
+
+def _held_out(text: str, fraction: float) -> bool:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+class SafetyClassifier:
+    """Logistic regression over an embedder's vectors: ``score(texts)`` is P(positive) per text."""
+
+    def __init__(self, embedder, weights: np.ndarray, bias: float, meta: dict):
+        self.embedder, self.weights, self.bias, self.meta = embedder, weights, bias, meta
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        logits = self.embedder.embed(texts) @ self.weights + self.bias
+        return 1 / (1 + np.exp(-logits))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | None = None) -> "SafetyClassifier":
+        from chatforge.embed.search_stage import open_embedder
+
+        folder = Path(directory)
+        if not (folder / WEIGHTS).is_file():
+            raise ChatforgeError(f"no safety classifier at {folder} (train one with `chatforge safety-train`)")
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        arrays = np.load(folder / WEIGHTS)
+        return cls(open_embedder(meta["embedder"], device), arrays["weights"], float(arrays["bias"]), meta)
+
+
+def train_classifier(features: np.ndarray, labels: np.ndarray, held_out: np.ndarray, c: float) -> tuple[np.ndarray, float, dict]:
+    from sklearn.linear_model import LogisticRegression
+
+    if held_out.all() or not held_out.any():
+        raise ChatforgeError("the split left no training or no held-out examples; add data or change --val_fraction")
+    if len(set(labels[~held_out])) < 2:
+        raise ChatforgeError("the training split has only one label; add examples of both")
+    model = LogisticRegression(C=c, max_iter=2000).fit(features[~held_out], labels[~held_out])
+    accuracy = float(model.score(features[held_out], labels[held_out]))
+    majority = float(max(labels[held_out].mean(), 1 - labels[held_out].mean()))
+    return model.coef_[0], float(model.intercept_[0]), {"held_out_accuracy": round(accuracy, 4),
+                                                        "majority_class": round(majority, 4),
+                                                        "train": int((~held_out).sum()), "held_out": int(held_out.sum())}
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    from chatforge.device import resolve_device
+    from chatforge.embed.search_stage import open_embedder
+
+    cfg.validate()
+    texts, labels = read_labeled(cfg.data, cfg.positive)
+    embedder = open_embedder(cfg.embedder, str(resolve_device(cfg.device)))
+    held_out = np.array([_held_out(t, cfg.val_fraction) for t in texts])
+    weights, bias, scores = train_classifier(embedder.embed(texts), labels, held_out, cfg.c)
+    out = Path(cfg.out)
+    with io.atomic_path(out / WEIGHTS) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, weights=weights, bias=np.array(bias))
+    meta = {"embedder": cfg.embedder, "positive": cfg.positive, "data": cfg.data, **scores}
+    io.write_json(out / META, meta)
+    print(f"[safety] {scores['train']} train / {scores['held_out']} held-out texts, features from {cfg.embedder}: "
+          f"held-out accuracy {scores['held_out_accuracy']:.1%} (majority class {scores['majority_class']:.1%}); wrote {out}")

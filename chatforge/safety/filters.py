@@ -1,0 +1,225 @@
+"""The filter pipeline: what a prompt or an answer is checked for, and what happens when a check trips.
+
+A policy (TOML, YAML or JSON) names categories, each with an action::
+
+    [pii]                       # e-mail addresses, phone numbers, IPs, keys (chatforge.data.clean)
+    action = "redact"
+
+    [categories.insults]
+    words = ["idiot", "moron", "笨蛋"]       # whole words; Chinese words match anywhere (no spaces to bound them)
+    regexes = ["stupid\\\\s+\\\\w+"]
+    action = "refuse"                          # allow | redact | refuse
+    message = "I can't help with insults."
+
+    [classifier]                # a `chatforge safety-train` model: its positive label is the category
+    path = "runs/safety/classifier"
+    threshold = 0.5
+    action = "refuse"
+
+``allow`` only records the match; ``redact`` replaces the matched text with ``[category]``; ``refuse`` stops:
+a refused prompt is not generated from, a refused answer is cut where the filter tripped. Every decision
+is returned for logging (the server writes them to the feedback store). The default policy redacts PII only.
+Output streams are checked incrementally by ``StreamGuard``, which holds back the last few characters so a
+word split across two deltas is still caught before it is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatforge.config import ChatforgeError
+from chatforge.data.clean import scrub_pii
+
+ACTIONS = ("allow", "redact", "refuse")
+CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
+DEFAULT_MESSAGE = "This request was blocked by the content policy ({category})."
+
+
+@dataclass
+class Category:
+    name: str
+    action: str
+    pattern: re.Pattern | None = None
+    message: str = ""
+
+
+@dataclass
+class Decision:
+    category: str
+    action: str
+    matched: str
+    score: float = 1.0
+
+    def to_json(self) -> dict:
+        return {"category": self.category, "action": self.action, "matched": self.matched[:200], "score": round(self.score, 4)}
+
+
+@dataclass
+class Checked:
+    text: str  # after redaction
+    decisions: list[Decision] = field(default_factory=list)
+    refused: Decision | None = None
+    message: str = ""  # what to tell the user when refused
+
+
+def _word_pattern(word: str) -> str:
+    escaped = re.escape(word)
+    return escaped if CJK.search(word) else rf"(?<!\w){escaped}(?!\w)"
+
+
+def _category(name: str, spec: dict, source: str) -> Category:
+    if not isinstance(spec, dict):
+        raise ChatforgeError(f"{source}: category '{name}' must be a table of words, regexes, action and message")
+    unknown = set(spec) - {"words", "regexes", "action", "message"}
+    if unknown:
+        raise ChatforgeError(f"{source}: category '{name}' has unknown key(s) {', '.join(sorted(unknown))}")
+    action = spec.get("action", "refuse")
+    if action not in ACTIONS:
+        raise ChatforgeError(f"{source}: category '{name}' action must be one of {', '.join(ACTIONS)}; got {action!r}")
+    words, regexes = spec.get("words", []), spec.get("regexes", [])
+    if not isinstance(words, list) or not isinstance(regexes, list) or not (words or regexes):
+        raise ChatforgeError(f"{source}: category '{name}' needs a non-empty list of 'words' or 'regexes'")
+    parts = [_word_pattern(str(w)) for w in words if str(w).strip()]
+    for regex in regexes:
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise ChatforgeError(f"{source}: category '{name}' regex {regex!r} does not compile: {exc}") from None
+        parts.append(f"(?:{regex})")
+    return Category(name, action, re.compile("|".join(parts), re.IGNORECASE), str(spec.get("message", "")))
+
+
+@dataclass
+class Policy:
+    categories: list[Category] = field(default_factory=list)
+    pii_action: str = "redact"
+    classifier_path: str = ""
+    classifier_threshold: float = 0.5
+    classifier_action: str = "refuse"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        file = Path(path)
+        if not file.is_file():
+            raise ChatforgeError(f"safety policy not found: {file}")
+        text = file.read_text(encoding="utf-8")
+        try:
+            if file.suffix == ".toml":
+                raw = tomllib.loads(text)
+            elif file.suffix in (".yaml", ".yml"):
+                import yaml
+
+                raw = yaml.safe_load(text) or {}
+            elif file.suffix == ".json":
+                raw = json.loads(text)
+            else:
+                raise ChatforgeError(f"safety policy {file}: use a .toml, .yaml or .json file")
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as exc:
+            raise ChatforgeError(f"safety policy {file} does not parse: {exc}") from None
+        return cls.from_dict(raw, str(file))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "safety policy") -> "Policy":
+        if not isinstance(raw, dict):
+            raise ChatforgeError(f"{source}: the policy must be a table")
+        unknown = set(raw) - {"pii", "categories", "classifier"}
+        if unknown:
+            raise ChatforgeError(f"{source}: unknown section(s) {', '.join(sorted(unknown))} (pii, categories, classifier)")
+        pii = raw.get("pii", {}).get("action", "redact")
+        classifier = raw.get("classifier", {})
+        policy = cls([_category(name, spec, source) for name, spec in raw.get("categories", {}).items()], pii,
+                     str(classifier.get("path", "")), float(classifier.get("threshold", 0.5)),
+                     classifier.get("action", "refuse"))
+        for name, action in (("pii", policy.pii_action), ("classifier", policy.classifier_action)):
+            if action not in ACTIONS:
+                raise ChatforgeError(f"{source}: {name} action must be one of {', '.join(ACTIONS)}; got {action!r}")
+        return policy
+
+
+class FilterPipeline:
+    """Checks text against a policy; ``classify(texts) -> scores`` is the classifier, when the policy has one."""
+
+    def __init__(self, policy: Policy | None = None, classify=None):
+        self.policy = policy or Policy()
+        self.classify = classify
+        if self.policy.classifier_path and classify is None:
+            from chatforge.safety.classifier import SafetyClassifier
+
+            self.classify = SafetyClassifier.load(self.policy.classifier_path).score
+        self.longest_match = 64  # characters StreamGuard holds back
+
+    def check(self, text: str) -> Checked:
+        checked = Checked(text)
+        for category in self.policy.categories:
+            matches = list(category.pattern.finditer(checked.text))
+            if not matches:
+                continue
+            checked.decisions += [Decision(category.name, category.action, m.group()) for m in matches]
+            if category.action == "refuse":
+                return self._refuse(checked, checked.decisions[-len(matches)], category.message)
+            if category.action == "redact":
+                checked.text = category.pattern.sub(f"[{category.name}]", checked.text)
+        scrubbed, counts = scrub_pii(checked.text)
+        if counts:
+            checked.decisions.append(Decision("pii", self.policy.pii_action, ", ".join(sorted(counts))))
+            if self.policy.pii_action == "refuse":
+                return self._refuse(checked, checked.decisions[-1], "")
+            if self.policy.pii_action == "redact":
+                checked.text = scrubbed
+        if self.classify is not None and checked.text.strip():
+            score = float(self.classify([checked.text])[0])
+            if score >= self.policy.classifier_threshold:
+                decision = Decision("classifier", self.policy.classifier_action, checked.text[:80], score)
+                checked.decisions.append(decision)
+                if decision.action == "refuse":
+                    return self._refuse(checked, decision, "")
+        return checked
+
+    @staticmethod
+    def _refuse(checked: Checked, decision: Decision, message: str) -> Checked:
+        checked.refused = decision
+        checked.message = message or DEFAULT_MESSAGE.format(category=decision.category)
+        return checked
+
+    def scores(self, text: str) -> dict[str, float]:
+        """Per category, 1.0 when it matched (the classifier's probability for the classifier) else 0.0."""
+        checked = self.check(text)
+        scores = {c.name: 0.0 for c in self.policy.categories} | {"pii": 0.0}
+        if self.classify is not None:
+            scores["classifier"] = float(self.classify([text])[0])
+        for decision in checked.decisions:
+            scores[decision.category] = max(scores.get(decision.category, 0.0), decision.score)
+        return scores
+
+
+class StreamGuard:
+    """Filters an answer while it streams: ``feed(delta)`` returns the text safe to send now; once a refusing
+    filter trips, ``tripped`` holds its decision and nothing more is sent."""
+
+    def __init__(self, pipeline: FilterPipeline):
+        self.pipeline, self.raw, self.sent = pipeline, "", 0
+        self.tripped: Decision | None = None
+        self.decisions: list[Decision] = []
+
+    def _release(self, final: bool) -> str:
+        checked = self.pipeline.check(self.raw)
+        self.decisions = checked.decisions
+        if checked.refused is not None:
+            self.tripped = checked.refused
+            return ""
+        end = len(checked.text) if final else max(self.sent, len(checked.text) - self.pipeline.longest_match)
+        out, self.sent = checked.text[self.sent:end], end
+        return out
+
+    def feed(self, delta: str) -> str:
+        if self.tripped is not None:
+            return ""
+        self.raw += delta
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        return "" if self.tripped is not None else self._release(final=True)
