@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterator
 
@@ -16,3 +17,10 @@ def read_documents(path: str | Path) -> Iterator[dict]:
             raise ChatforgeError(f"{path}:{number}: a document needs an object with a string 'text' field")
         doc.setdefault("id", f"{Path(path).stem}:{number}")
         yield doc
+
+
+def unit_hash(*parts: object) -> float:
+    """A number in [0, 1) fixed by ``parts``: the same on every machine and run (unlike ``hash``), so splits
+    chosen by it are reproducible."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

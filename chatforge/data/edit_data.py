@@ -24,7 +24,6 @@ optional "type", default "user") are split by a hash of their input. Writes ``ed
 from __future__ import annotations
 
 import ast
-import hashlib
 import io as text_io
 import re
 import textwrap
@@ -37,7 +36,7 @@ import numpy as np
 
 from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, option
-from chatforge.data.documents import read_documents
+from chatforge.data.documents import read_documents, unit_hash
 
 INSTRUCTIONS = {
     "spelling": ["Fix the spelling mistakes.", "Correct the typos.", "Fix the spelling."],
@@ -191,10 +190,6 @@ def read_user_triples(path: str) -> list[dict]:
     return triples
 
 
-def _held_out(text: str, fraction: float) -> bool:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-
-
 def _counts(triples: list[dict]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for t in triples:
@@ -212,7 +207,7 @@ def run(cfg: Config, args: list[str]) -> None:
     val = make_triples(val_docs, cfg.types, cfg.val_per_type, cfg.max_chars, rng)
     for path in cfg.inputs:
         for triple in read_user_triples(path):
-            (val if _held_out(triple["input"], cfg.user_val_fraction) else train).append(triple)
+            (val if unit_hash("edit", triple["input"]) < cfg.user_val_fraction else train).append(triple)
     empty = [t for t in cfg.types if not any(x["type"] == t for x in val)]
     if not train:
         raise ChatforgeError(f"no edit triples could be built from {data}; run `chatforge data` first or pass --inputs")

@@ -26,7 +26,6 @@ moved into place together, so a failed run leaves the previous corpus as it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ from typing import Iterable, Iterator
 from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, option
 from chatforge.data import sources
+from chatforge.data.documents import unit_hash
 from chatforge.data.clean import (
     NearDuplicateIndex,
     codex_filter_reason,
@@ -81,12 +81,6 @@ class Config:
             raise ConfigError(f"option 'near_dup_threshold' must be in (0, 1]; got {self.near_dup_threshold}")
         if not (self.sharegpt or self.stdlib or self.debian or self.inputs):
             raise ConfigError("every source is disabled and no --inputs given: nothing to build a corpus from")
-
-
-def unit_hash(*parts: object) -> float:
-    """A number in [0, 1) fixed by ``parts``: the same on every machine and run (unlike ``hash``)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def split_of(doc_id: str, cfg: Config) -> str:

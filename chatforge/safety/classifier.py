@@ -13,7 +13,6 @@ pickle, and scored with numpy at serving time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.data.documents import unit_hash
 
 WEIGHTS, META = "classifier.npz", "classifier.json"
 
@@ -56,10 +56,6 @@ def read_labeled(path: str, positive: str) -> tuple[list[str], np.ndarray]:
     if len(kinds) != 2 or positive not in kinds:
         raise ChatforgeError(f"{path}: needs exactly two labels, one of them '{positive}' (--positive); found {kinds}")
     return texts, np.array([label == positive for label in labels])
-
-
-def _held_out(text: str, fraction: float) -> bool:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
 class SafetyClassifier:
@@ -106,7 +102,7 @@ def run(cfg: Config, args: list[str]) -> None:
     cfg.validate()
     texts, labels = read_labeled(cfg.data, cfg.positive)
     embedder = open_embedder(cfg.embedder, str(resolve_device(cfg.device)))
-    held_out = np.array([_held_out(t, cfg.val_fraction) for t in texts])
+    held_out = np.array([unit_hash("safety", t) < cfg.val_fraction for t in texts])
     weights, bias, scores = train_classifier(embedder.embed(texts), labels, held_out, cfg.c)
     out = Path(cfg.out)
     with io.atomic_path(out / WEIGHTS) as tmp, open(tmp, "wb") as fh:
