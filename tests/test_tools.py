@@ -150,3 +150,20 @@ def test_chat_conversation_uses_the_loop_and_remembers_calls(tokenizer, capsys):
     assert chat.answer("What is 6 times 7?") == "42."
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "assistant"]
     assert '[calculator({"expression": "6 * 7"}) -> 42]' in capsys.readouterr().err
+
+
+def test_retrieval_returns_the_index_hits_and_built_ins_are_checked():
+    from chatforge.tools.registry import builtin_tools, retrieval_tool
+
+    class FakeIndex:
+        def search(self, query, k):
+            return [SimpleNamespace(doc_id="wordnet:1", chunk=f"{query} (noun): a sample entry", score=0.9)][:k]
+
+    tool = retrieval_tool(FakeIndex())
+    assert run_tool(tool, {"query": "apple"}) == "[wordnet:1] apple (noun): a sample entry"
+    assert run_tool(tool, {"q": "apple"}).startswith("error:")
+    assert set(builtin_tools(["calculator"])) == {"calculator"}
+    with pytest.raises(ChatforgeError, match="needs a search index"):
+        builtin_tools(["retrieval"])
+    with pytest.raises(ChatforgeError, match="unknown tool"):
+        builtin_tools(["browser"])
