@@ -199,6 +199,7 @@ def plot(results: dict, shots: list[int], path: Path) -> None:
         ax.set_ylabel("accuracy")
         ax.set_title(title)
         ax.set_xticks(shots)
+        ax.set_ylim(-0.02, 1.02)  # an all-zero exact-match panel otherwise gets a symmetric axis with negative accuracies
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
