@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from chatforge.cli import main
-from chatforge.data.fim import fim_example, insertion_ids, transform
+from chatforge.data.fim import fim_example, insertion_ids, middle_params, transform
 from chatforge.evals.fim_eval import make_examples, remove_span
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
@@ -118,7 +118,7 @@ def test_fim_stage_beats_its_left_to_right_twin_at_inserting_and_generate_uses_s
           "--max_tokens=6", "--stream=false", "--device=cpu"])
     engine = Engine(load_model(tmp_path / "fim")[0], Tokenizer.load(tokenizer_path(tmp_path / "fim")))
     expected = engine.generate([insertion_ids(engine.tokenizer, "alpha beta", "gamma\n")],
-                               SamplingParams(temperature=0, max_tokens=6))[0].choices[0].text
+                               middle_params(engine.tokenizer, SamplingParams(temperature=0, max_tokens=6)))[0].choices[0].text
     assert capsys.readouterr().out == expected + "\n"
     with pytest.raises(SystemExit):
         main(["generate", f"--ckpt={tmp_path / 'twin'}", "alpha", "--suffix=x", "--device=cpu"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from chatforge.chat_template import edit_messages, prompt_ids, stop_token_ids
+from chatforge.data.fim import middle_params
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import Scheduler
 from chatforge.serve.api import ServeOptions, create_app
@@ -327,7 +328,7 @@ def test_insertion_with_a_fim_model_and_embeddings_with_an_embedding_model(sched
                                            temperature=0)
         pre, suf, mid = (engine.tokenizer.special_id(t) for t in ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
         ids = [pre] + engine.tokenizer.encode("def f(x):") + [suf] + engine.tokenizer.encode("    return y") + [mid]
-        expected = engine.generate([ids], SamplingParams(max_tokens=5, temperature=0))[0]
+        expected = engine.generate([ids], middle_params(engine.tokenizer, SamplingParams(max_tokens=5, temperature=0)))[0]
         assert middle.choices[0].text == expected.choices[0].text
         assert middle.usage.prompt_tokens == len(ids)
 

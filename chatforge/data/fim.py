@@ -10,12 +10,16 @@ or in suffix-prefix-middle (SPM) order::
     <|fim_prefix|> <|fim_suffix|> suffix <|fim_middle|> prefix middle <|endoftext|>
 
 The three parts are tokenized separately (character-level cuts), and ``<|endoftext|>`` ends the middle, so
-at inference the model writes the middle after the prompt of ``insertion_ids`` and stops at end-of-text.
+at inference the model writes the middle after the prompt of ``insertion_ids`` and stops at end-of-text;
+``middle_params`` bans the FIM markers from the middle (a small model otherwise likes to emit another marker
+right after ``<|fim_middle|>``, which can never be part of a middle).
 Training data (the ``fim`` stage), the engine's ``suffix`` path (``generate --suffix``, the API's
 ``suffix``), the FIM evaluation and APE's reverse proposals all build their ids here.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -37,6 +41,12 @@ def insertion_ids(tokenizer, prefix: str, suffix: str, order: str = "psm") -> li
     if order == "psm":
         return [pre] + tokenizer.encode(prefix) + [suf] + tokenizer.encode(suffix) + [mid]
     return [pre, suf] + tokenizer.encode(suffix) + [mid] + tokenizer.encode(prefix)
+
+
+def middle_params(tokenizer, params):
+    """``params`` (SamplingParams) with the three FIM markers banned: a middle never contains them."""
+    banned = {tokenizer.special_id(t): -100.0 for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)}
+    return dataclasses.replace(params, logit_bias={**params.logit_bias, **banned})
 
 
 def fim_example(tokenizer, prefix: str, middle: str, suffix: str, order: str = "psm") -> tuple[list[int], int]:

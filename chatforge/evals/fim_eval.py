@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from chatforge.data.fim import ORDERS, insertion_ids
+from chatforge.data.fim import ORDERS, insertion_ids, middle_params
 from chatforge.infer.params import SamplingParams
 
 WORD = re.compile(r"\S+\s*")
@@ -73,8 +73,8 @@ def evaluate_insertion(engine, examples: list[Example], max_new_tokens: int = 48
     for order in ORDERS:
         prompts = [insertion_ids(tokenizer, e.prefix, e.suffix, order) for e in examples]
         scores = engine.score_batch(list(zip(prompts, middles)), truncate=True)
-        params = [SamplingParams(temperature=0.0, max_tokens=min(len(m) + 8, max_new_tokens), truncate=True)
-                  for m in middles]
+        params = [middle_params(tokenizer, SamplingParams(temperature=0.0, max_tokens=min(len(m) + 8, max_new_tokens),
+                                                          truncate=True)) for m in middles]
         written = [c.choices[0].text for c in engine.generate(prompts, params)]
         hits = [w.strip() == e.middle.strip() for w, e in zip(written, examples)]
         results[order] = {

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, option
-from chatforge.data.fim import ORDERS, insertion_ids
+from chatforge.data.fim import ORDERS, insertion_ids, middle_params
 from chatforge.infer.engine import Engine
 from chatforge.infer.outputs import Completion
 from chatforge.infer.loading import EngineOptions, load_engine, unescape
@@ -138,6 +138,7 @@ def run(cfg: Config, args: list[str]) -> None:
                                  "with `chatforge fim` (or drop --suffix)")
         suffix = unescape(cfg.suffix)
         inputs = [insertion_ids(engine.tokenizer, p, suffix, cfg.fim_order) for p in prompts]
+        params = middle_params(engine.tokenizer, params)
     titles = [f"prompt {i + 1}" if len(prompts) > 1 else None for i in range(len(prompts))]
     if cfg.beam_width:
         rows = [{"prompt": p, "beams": _beams(engine, cfg, p, t)} for p, t in zip(prompts, titles)]

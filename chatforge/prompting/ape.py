@@ -32,7 +32,7 @@ import numpy as np
 
 from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, option
-from chatforge.data.fim import insertion_ids
+from chatforge.data.fim import insertion_ids, middle_params
 from chatforge.evals.icl import built_in_tasks, demo_text, user_task
 from chatforge.infer.params import SamplingParams
 
@@ -91,7 +91,8 @@ def forward_proposals(engine, demos: list[tuple[str, str]], count: int, temperat
 
 def reverse_proposals(engine, demos: list[tuple[str, str]], count: int, temperature: float, seed: int) -> list[str]:
     ids = insertion_ids(engine.tokenizer, "Instruction:", "\n\n" + demo_text(demos))
-    params = SamplingParams(n=count, temperature=temperature, max_tokens=24, seed=seed, truncate=True)
+    params = middle_params(engine.tokenizer, SamplingParams(n=count, temperature=temperature, max_tokens=24, seed=seed,
+                                                            truncate=True))
     return [_first_line(c.text) for c in engine.generate([ids], params)[0].choices]
 
 

@@ -52,7 +52,7 @@ from fastapi.staticfiles import StaticFiles
 
 from chatforge.chat_template import ROLE_TOKENS, edit_messages, fit_to_context, prompt_ids, stop_token_ids
 from chatforge.config import ChatforgeError, ConfigError, option
-from chatforge.data.fim import insertion_ids
+from chatforge.data.fim import insertion_ids, middle_params
 from chatforge.infer.outputs import Completion, Delta, TokenLogprob
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import RequestHandle, Scheduler
@@ -605,6 +605,8 @@ class OpenAIService:
         echo = bool(body.echo)
         params = [self.sampling(body, m, body.logprobs, echo=echo and body.logprobs is not None, best_of=body.best_of)
                   for m in max_tokens]
+        if body.suffix is not None:
+            params = [middle_params(self.tokenizer, p) for p in params]
         handles: list[RequestHandle] = []
         try:
             for ids, p in zip(all_ids, params):
