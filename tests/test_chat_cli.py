@@ -88,3 +88,16 @@ def test_bad_messages_file_is_named(setup, capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["chat", *args, f"--messages_file={bad}", "hi"])
     assert "role 'robot'" in capsys.readouterr().err
+
+
+def test_a_max_tokens_as_long_as_the_context_still_leaves_the_prompt_room():
+    """The chat defaults (max_tokens 256) on a 256-token model: the answer gets at most half the context."""
+    from chatforge.infer.chat_stage import Conversation
+    from chatforge.infer.params import SamplingParams
+    from serve_helpers import tiny_engine
+
+    engine = tiny_engine(block_size=64)
+    chat = Conversation(engine, SamplingParams(temperature=0, max_tokens=64))
+    for _ in range(3):  # the conversation outgrows the context and is trimmed, never refused
+        assert isinstance(chat.answer("Hello world, hello there! " * 2), str)
+    assert chat.messages[-1]["role"] == "assistant"

@@ -68,6 +68,8 @@ def test_tool_calls_round_trip_through_the_template_and_typed_markers_are_only_t
 class ScriptedEngine:
     """Writes the scripted assistant turns in order; records every prompt and its sampling settings."""
 
+    block_size = 256
+
     def __init__(self, tokenizer, turns: list[str | dict]):
         self.tokenizer, self.turns, self.seen = tokenizer, list(turns), []
 
@@ -145,7 +147,6 @@ def test_chat_conversation_uses_the_loop_and_remembers_calls(tokenizer, capsys):
     from chatforge.infer.chat_stage import Conversation
 
     engine = ScriptedEngine(tokenizer, [{"name": "calculator", "arguments": {"expression": "6 * 7"}}, "42."])
-    engine.block_size = 256
     chat = Conversation(engine, SamplingParams(temperature=0, max_tokens=16), tools={"calculator": CALCULATOR})
     assert chat.answer("What is 6 times 7?") == "42."
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "assistant"]

@@ -16,6 +16,7 @@ Without a terminal on stdin, all of stdin is one user message (or, with ``--mess
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -65,8 +66,9 @@ class Conversation:
     def answer(self, user_text: str, on_text=None) -> str:
         """Add the user's message, stream the assistant's answer through ``on_text``, remember and return it."""
         self.messages.append({"role": "user", "content": user_text})
-        budget = self.engine.block_size - (self.params.max_tokens or 1)
-        self.messages = fit_to_context(self.messages, self.engine.tokenizer, budget)
+        # the answer may take at most half the context, so a long max_tokens never leaves the prompt no room
+        room = min(self.params.max_tokens or self.engine.block_size, self.engine.block_size // 2)
+        self.messages = fit_to_context(self.messages, self.engine.tokenizer, self.engine.block_size - room)
         if self.tools:
             from chatforge.tools.loop import answer_with_tools
 
@@ -77,7 +79,9 @@ class Conversation:
             if on_text is not None:
                 on_text(run.answer)
             return run.answer
-        stream = self.engine.stream(prompt_ids(self.messages, self.engine.tokenizer), self.params)
+        ids = prompt_ids(self.messages, self.engine.tokenizer)
+        stream = self.engine.stream(ids, dataclasses.replace(self.params, max_tokens=min(
+            self.params.max_tokens or self.engine.block_size, self.engine.block_size - len(ids))))
         for delta in stream:
             if on_text is not None:
                 on_text(delta.text)

@@ -726,15 +726,10 @@ class ScheduledTurns:
 
     def __init__(self, service: OpenAIService):
         self.service, self.tokenizer, self.completions = service, service.tokenizer, []
+        self.block_size = service.engine.block_size
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        out = []
-        for ids in prompts:
-            room = self.service.engine.block_size - len(ids)
-            if room < 1:
-                raise self.service.context_error(len(ids), 1, "messages")
-            settings = dataclasses.replace(params, max_tokens=min(params.max_tokens or room, room))
-            out.append(self.service.submit(ids, settings).result())
+        out = [self.service.submit(ids, params).result() for ids in prompts]
         self.completions += out
         return out
 

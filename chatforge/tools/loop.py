@@ -39,10 +39,15 @@ def answer_with_tools(engine, messages: list[dict], tools: dict[str, Tool], para
     call_id = tokenizer.special_id(TOOL_CALL)
     run = ToolRun(list(messages), "")
     while True:
-        settings = params
+        ids = prompt_ids(run.messages, tokenizer)
+        room = engine.block_size - len(ids)
+        if room < 1:
+            raise ChatforgeError(f"the conversation with its tool results ({len(ids)} tokens) fills the model's context "
+                                 f"of {engine.block_size}; lower max_calls or start a new conversation")
+        settings = dataclasses.replace(params, max_tokens=min(params.max_tokens or room, room))
         if len(run.calls) >= max_calls or not tools:
-            settings = dataclasses.replace(params, logit_bias={**params.logit_bias, call_id: BANNED})
-        choice = engine.generate([prompt_ids(run.messages, tokenizer)], settings)[0].choices[0]
+            settings = dataclasses.replace(settings, logit_bias={**params.logit_bias, call_id: BANNED})
+        choice = engine.generate([ids], settings)[0].choices[0]
         text, calls = parse_tool_calls(tokenizer, choice.token_ids)
         if not calls:
             run.answer, run.finish_reason = text.strip(), choice.finish_reason
