@@ -64,6 +64,7 @@ class Checked:
     decisions: list[Decision] = field(default_factory=list)
     refused: Decision | None = None
     message: str = ""  # what to tell the user when refused
+    classifier_score: float | None = None  # P(positive), when the policy has a classifier and it ran
 
 
 def _word_pattern(word: str) -> str:
@@ -171,7 +172,7 @@ class FilterPipeline:
             if self.policy.pii_action == "redact":
                 checked.text = scrubbed
         if self.classify is not None and checked.text.strip():
-            score = float(self.classify([checked.text])[0])
+            score = checked.classifier_score = float(self.classify([checked.text])[0])
             if score >= self.policy.classifier_threshold:
                 decision = Decision("classifier", self.policy.classifier_action, checked.text[:80], score)
                 checked.decisions.append(decision)
@@ -190,7 +191,9 @@ class FilterPipeline:
         checked = self.check(text)
         scores = {c.name: 0.0 for c in self.policy.categories} | {"pii": 0.0}
         if self.classify is not None:
-            scores["classifier"] = float(self.classify([text])[0])
+            # a refusal before the classifier ran (a block-list hit) still reports the classifier's own score
+            scores["classifier"] = (checked.classifier_score if checked.classifier_score is not None
+                                    else float(self.classify([text])[0]))
         for decision in checked.decisions:
             scores[decision.category] = max(scores.get(decision.category, 0.0), decision.score)
         return scores
