@@ -435,3 +435,24 @@ def test_built_in_calculator_runs_on_the_server(scheduler, engine, monkeypatch):
                            json={"model": MODEL, "messages": [{"role": "user", "content": "12 times 7?"}]}).json()
     assert reply["choices"][0]["message"]["content"] == "It is 84."
     assert reply["tool_runs"] == [{"name": "calculator", "arguments": {"expression": "12 * 7"}, "result": "84"}]
+
+
+def test_streamed_tool_calls_assemble_in_the_openai_stream_helper(client, engine, monkeypatch):
+    _scripted_turns(monkeypatch, engine, [{"name": "lookup", "arguments": {"name": "Ada"}}])
+    with client.beta.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": "Who was Ada?"}],
+                                             tools=[LOOKUP], temperature=0) as stream:
+        final = stream.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in final.message.tool_calls] == [("lookup", {"name": "Ada"})]
+
+
+def test_an_answer_written_after_a_tool_call_goes_through_the_output_filters(scheduler, engine, monkeypatch, tmp_path):
+    _scripted_turns(monkeypatch, engine, [{"name": "calculator", "arguments": {"expression": "12 * 7"}},
+                                          "It is 84, you idiot."])
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"categories": {"insults": {"words": ["idiot"], "action": "refuse"}}}))
+    with _server(scheduler, tools=["calculator"], safety_policy=str(policy)) as server:
+        reply = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": MODEL, "messages": [{"role": "user", "content": "12 times 7?"}]}).json()
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "content_filter" and not choice["message"]["content"]  # a short answer is held back whole

@@ -461,22 +461,29 @@ class OpenAIService:
         turns = ScheduledTurns(self)
         run = await anyio.to_thread.run_sync(
             lambda: answer_with_tools(turns, messages, tools, params, self.options.max_tool_calls))
-        message: dict = {"role": "assistant", "content": run.messages[-1]["content"] or None}
-        if run.pending:
+        guards = self.output_guards(1)
+        content, finish_reason = self.filtered_choice(guards[0] if guards else None, run.messages[-1]["content"],
+                                                      run.finish_reason)
+        message: dict = {"role": "assistant", "content": content or None}
+        if run.pending and finish_reason != "content_filter":
             message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                                       "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
                                      for c in run.pending]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         extra = {"tool_runs": run.calls}  # chatforge: the server-side calls behind the answer
         if body.stream:
+            # streamed calls carry their position: the openai client's stream helpers assemble calls by index
+            delta = {"content": message["content"]}
+            if "tool_calls" in message:
+                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+
             async def chunks() -> AsyncIterator[dict]:
-                for delta, finish in (({"role": "assistant", "content": ""}, None),
-                                      ({k: v for k, v in message.items() if k != "role"}, None), ({}, run.finish_reason)):
+                for part, finish in (({"role": "assistant", "content": ""}, None), (delta, None), ({}, finish_reason)):
                     yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.card.id,
-                           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                           "choices": [{"index": 0, "delta": part, "logprobs": None, "finish_reason": finish}]}
             return EventStream(self.sse(chunks()), [])
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.card.id,
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": run.finish_reason}],
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
                 "usage": self.usage(turns.completions), **extra}
 
     async def chat_chunks(self, handle: RequestHandle, rid: str, created: int, n: int,
