@@ -11,10 +11,12 @@ import openai
 import pytest
 
 from chatforge.chat_template import prompt_ids
+from chatforge.cli import main
 from chatforge.config import ChatforgeError
+from chatforge.infer.chat_stage import Conversation
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import Scheduler
-from chatforge.safety.classifier import SafetyClassifier, train_classifier
+from chatforge.safety.classifier import SafetyClassifier, fit_logistic, train_classifier
 from chatforge.safety.filters import FilterPipeline, Policy, StreamGuard
 from chatforge.serve.api import ServeOptions, create_app
 from chatforge.serve.feedback import FeedbackStore
@@ -56,6 +58,9 @@ def test_stream_guard_catches_a_word_split_across_deltas_before_sending_it(pipel
     sent = "".join(guard.feed(d) for d in ["Well, ", "you are an id", "iot and ", "more"]) + guard.finish()
     assert guard.tripped is not None and guard.tripped.category == "insults"
     assert "id" not in sent.replace("Well", "")  # nothing of the insult left the server
+    chinese = StreamGuard(pipeline)
+    sent = "".join(chinese.feed(d) for d in ["好的，", "你这个笨", "蛋！", "还有"]) + chinese.finish()
+    assert chinese.tripped.category == "insults" and "笨" not in sent
     clean = StreamGuard(pipeline)
     text = "x" * 100 + " Acme " + "y" * 100
     out = "".join(clean.feed(text[i:i + 7]) for i in range(0, len(text), 7)) + clean.finish()
@@ -69,6 +74,11 @@ def test_stream_guard_catches_a_word_split_across_deltas_before_sending_it(pipel
     ({"categories": {"x": {"words": ["a"], "colour": "red"}}}, "unknown key"),
     ({"filters": {}}, "unknown section"),
     ({"pii": {"action": "hide"}}, "pii action"),
+    ({"pii": "redact"}, "'pii' must be a table"),
+    ({"classifier": {"path": "x", "action": "redact"}}, "classifier action must be one of allow, refuse"),
+    ({"classifier": {"threshold": "high"}}, "threshold must be a number"),
+    ({"classifier": {"threshold": 1.5}}, r"threshold must be in \(0, 1\]"),
+    ({"classifier": {"treshold": 0.5}}, "unknown key"),
 ])
 def test_bad_policies_are_clear_errors(policy, message):
     with pytest.raises(ChatforgeError, match=message):
@@ -86,6 +96,14 @@ def test_policy_files_load_from_toml_yaml_and_json(tmp_path):
         Policy.load(tmp_path / "bad.toml")
     with pytest.raises(ChatforgeError, match="not found"):
         Policy.load(tmp_path / "missing.toml")
+    (tmp_path / "p.txt").write_text("idiot")
+    with pytest.raises(ChatforgeError, match="use a .toml, .yaml or .json"):
+        Policy.load(tmp_path / "p.txt")
+    (tmp_path / "bad.yaml").write_text("categories: [idiot\n")
+    with pytest.raises(ChatforgeError, match="does not parse"):
+        Policy.load(tmp_path / "bad.yaml")
+    with pytest.raises(ChatforgeError, match="no safety classifier at"):
+        FilterPipeline(Policy.from_dict({"classifier": {"path": str(tmp_path / "nothing")}}))
 
 
 class HashEmbedder:
@@ -113,6 +131,121 @@ def test_classifier_learns_a_labeled_set_and_scores_held_out_text():
     assert classifier.score(["I want to attack you today"])[0] > 0.5 > classifier.score(["I want to help you today"])[0]
     policy = Policy.from_dict({"classifier": {"threshold": 0.5, "action": "refuse"}})
     assert FilterPipeline(policy, classify=classifier.score).check("I want to kill it today").refused.category == "classifier"
+
+
+def test_fit_logistic_reaches_the_regularised_optimum():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 10))
+    y = x @ rng.normal(size=10) + rng.normal(size=120) > 0.3
+    weights, bias = fit_logistic(x, y, c=2.0)
+    p = 1 / (1 + np.exp(-(x @ weights + bias)))
+    # first-order conditions of c * sum(log-loss) + |w|^2 / 2: the gradient vanishes at the answer
+    assert np.abs(2.0 * x.T @ (p - y) + weights).max() < 1e-6 and abs(np.sum(p - y)) < 1e-6
+    assert np.mean((p > 0.5) == y) > 0.8
+
+
+def _flags(word: str, seen: int, calls: list | None = None):
+    """A classifier that reads only the first ``seen`` characters of each text (as embedders truncate)."""
+    def classify(texts):
+        if calls is not None:
+            calls.append(len(texts))
+        return np.array([1.0 if word in t[:seen] else 0.0 for t in texts])
+    return classify
+
+
+def test_the_classifier_scores_every_window_of_a_long_text():
+    policy = Policy.from_dict({"classifier": {"action": "refuse", "window": 100, "message": "No attacks."}})
+    long = "a calm and friendly sentence. " * 40 + "now attack them."
+    refused = FilterPipeline(policy, classify=_flags("attack", 100)).check(long)
+    assert refused.refused.category == "classifier" and "attack" in refused.refused.matched
+    assert refused.message == "No attacks."
+    allowed = Policy.from_dict({"classifier": {"action": "allow", "window": 100}})
+    checked = FilterPipeline(allowed, classify=_flags("attack", 100)).check(long)
+    assert checked.refused is None and [d.action for d in checked.decisions] == ["allow"]
+
+
+def test_stream_guard_runs_the_classifier_every_half_window_and_sends_only_scored_text():
+    calls: list = []
+    pipeline = FilterPipeline(Policy.from_dict({"classifier": {"action": "refuse", "window": 100}}),
+                              classify=_flags("attack", 100, calls))
+    text = "a calm and friendly sentence. " * 40 + "now attack them. " + "more calm words. " * 10
+    guard, sent = StreamGuard(pipeline), ""
+    for char in text:  # one character per delta, the worst case for a per-delta classifier
+        sent += guard.feed(char)
+        if guard.tripped is None:
+            assert len(sent) <= max(guard.classified, 0)
+    sent += guard.finish()
+    assert guard.tripped.category == "classifier" and "attack" not in sent and text.startswith(sent)
+    assert len(calls) <= len(text) // 50 + 1  # every 50 characters, not every delta
+    clean = StreamGuard(pipeline)
+    calm = "a calm and friendly sentence. " * 10
+    assert "".join(clean.feed(c) for c in calm) + clean.finish() == calm and clean.tripped is None
+
+
+def test_chat_cli_conversation_refuses_redacts_and_cuts_answers(engine):
+    params = SamplingParams(temperature=0, max_tokens=30)
+    plain = Conversation(engine, params).answer("Hello world")
+    blocked = plain[len(plain) // 2: len(plain) // 2 + 3]
+    assert len(plain) > 10 and blocked.strip()
+    filters = FilterPipeline(Policy.from_dict({"categories": {
+        "insults": {"words": ["idiot"], "action": "refuse", "message": "Please keep it civil."},
+        "blocked": {"regexes": [re.escape(blocked)], "action": "refuse"}}}))
+    chat = Conversation(engine, params, filters=filters)
+    shown: list[str] = []
+    assert chat.answer("you idiot", shown.append) == "Please keep it civil." and chat.messages == []
+    cut = chat.answer("Hello world", shown.append)
+    assert blocked not in cut and plain.startswith(cut) and len(cut) < len(plain)
+    assert "".join(shown[1:]).strip() == cut and chat.messages[-1] == {"role": "assistant", "content": cut}
+    chat.answer("mail me at ann@example.com")
+    assert chat.messages[-2]["content"] == "mail me at <EMAIL>"  # the model never saw the address
+
+
+def test_chat_cli_checks_its_policy_before_loading_a_model(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["chat", f"--ckpt={tmp_path / 'no-model'}", f"--safety_policy={tmp_path / 'missing.toml'}", "hi"])
+    assert "safety policy not found" in capsys.readouterr().err
+
+
+def _labeled(path, n=160):
+    rng = np.random.default_rng(0)
+    bad, good = ["hate", "kill", "destroy", "attack", "hurt"], ["love", "help", "share", "build", "grow"]
+    rows = [{"text": f"I want to {rng.choice(bad if i % 2 else good)} {rng.choice(['them', 'it', 'you'])} now {i}",
+             "label": "unsafe" if i % 2 else "safe"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_safety_train_stage_saves_a_classifier_the_server_loads_and_uses(engine, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("chatforge.embed.search_stage.open_embedder", lambda name, device=None: HashEmbedder())
+    out = tmp_path / "clf"
+    main(["safety-train", f"--data={_labeled(tmp_path / 'labeled.jsonl')}", f"--out={out}", "--device=cpu"])
+    meta = json.loads((out / "classifier.json").read_text())
+    assert meta["held_out_accuracy"] >= 0.9 and meta["held_out"] > 10 and meta["embedder"] == "minilm"
+    assert "held-out accuracy" in capsys.readouterr().out
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[classifier]\npath = "{out}"\nthreshold = 0.5\naction = "refuse"\n')
+    store = FeedbackStore(tmp_path / "feedback.db")
+    with Scheduler(engine) as scheduler, BackgroundServer(create_app(
+            scheduler, ServeOptions(model_name=MODEL, safety_policy=str(policy)), store=store)) as server:
+        refused = httpx.post(server.url + "/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "I want to attack you now"}]})
+        moderation = httpx.post(server.url + "/v1/moderations", json={"input": "I want to help you now"}).json()
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "content_filter"
+    assert moderation["results"][0]["flagged"] is False and moderation["results"][0]["category_scores"]["classifier"] < 0.5
+    assert [(d["where"], d["category"], d["action"]) for d in store.filter_decisions()] == [("input", "classifier", "refuse")]
+    store.close()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"text": "a", "label": "safe"}, {"text": "b", "label": "safe"}], "needs exactly two labels"),
+    ([{"text": "a", "label": "safe"}, {"body": "b", "label": "unsafe"}], "needs a string 'text'"),
+])
+def test_bad_labeled_data_is_a_clear_error(tmp_path, capsys, rows, message):
+    data = tmp_path / "labeled.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit):
+        main(["safety-train", f"--data={data}", "--embedder=minilm"])  # the data is read before any model loads
+    assert message in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,17 @@
     echo "What is Python?" | chatforge chat         # one answer to stdout, for scripts
     chatforge chat --ckpt=runs/speedrun/tools --tools=calculator         # the model may call the calculator
     chatforge chat --tools=calculator,retrieval --index=runs/search/index
+    chatforge chat --safety_policy=policy.toml      # content filters on questions and streamed answers
 
 Interactive commands: ``/reset`` forgets the conversation (keeps the system prompt), ``/system TEXT`` sets
 the system prompt, ``/save FILE`` writes the conversation as JSON (OpenAI ``messages``), ``/quit`` ends.
 When the conversation outgrows the model's context the oldest turns are dropped, never the system prompt.
 Without a terminal on stdin, all of stdin is one user message (or, with ``--messages_file``, a JSON file of
 ``messages`` is continued) and the answer goes to stdout. With ``--tools`` each answer runs the toolset loop
-(``chatforge.tools.loop``): the calls and their results are printed, then the model's answer.
+(``chatforge.tools.loop``): the calls and their results are printed, then the model's answer. With
+``--safety_policy`` (the policy file ``chatforge serve`` takes, see ``chatforge.safety.filters``) a refused
+question is answered with the policy's message and not remembered, a redacted one reaches the model redacted,
+and an answer is cut where a refusing filter trips, with a note on stderr.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from chatforge.config import ChatforgeError, option
 from chatforge.infer.engine import Engine
 from chatforge.infer.loading import EngineOptions, load_engine
 from chatforge.infer.params import SamplingParams
+from chatforge.safety.filters import FilterPipeline, StreamGuard, load_filters
 
 HELP = "commands: /reset, /system TEXT, /save FILE, /quit"
 
@@ -44,14 +49,16 @@ class Config(EngineOptions):
     tools: list[str] = option([], "built-in tools the model may call: calculator, retrieval")
     index: str = option("", "search index for the retrieval tool (built by `chatforge search --build`)")
     max_tool_calls: int = option(3, "tool calls allowed per answer")
+    safety_policy: str = option("", "content-filter policy (TOML/YAML/JSON) for questions and answers; empty = none")
 
 
 class Conversation:
     """The messages so far, trimmed to what fits the model's context before each answer."""
 
     def __init__(self, engine: Engine, params: SamplingParams, system: str = "", tools: dict | None = None,
-                 max_tool_calls: int = 3):
+                 max_tool_calls: int = 3, filters: FilterPipeline | None = None):
         self.engine = engine
+        self.filters = filters
         self.params = params
         self.tools, self.max_tool_calls = tools or {}, max_tool_calls
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -65,6 +72,14 @@ class Conversation:
 
     def answer(self, user_text: str, on_text=None) -> str:
         """Add the user's message, stream the assistant's answer through ``on_text``, remember and return it."""
+        guard = StreamGuard(self.filters) if self.filters is not None else None
+        if guard is not None:
+            checked = self.filters.check(user_text)
+            if checked.refused is not None:
+                if on_text is not None:
+                    on_text(checked.message)
+                return checked.message
+            user_text = checked.text
         self.messages.append({"role": "user", "content": user_text})
         # the answer may take at most half the context, so a long max_tokens never leaves the prompt no room
         room = min(self.params.max_tokens or self.engine.block_size, self.engine.block_size // 2)
@@ -75,19 +90,37 @@ class Conversation:
             run = answer_with_tools(self.engine, self.messages, self.tools, self.params, self.max_tool_calls,
                                     on_call=lambda c: print(f"[{c['name']}({json.dumps(c['arguments'])}) -> {c['result']}]",
                                                             file=sys.stderr))
-            self.messages = run.messages
+            self.messages, answer = run.messages, run.answer
+            if guard is not None:
+                answer = guard.feed(answer) + guard.finish()
+                self.messages[-1] = {**self.messages[-1], "content": answer}
+                _note_cut(guard)
             if on_text is not None:
-                on_text(run.answer)
-            return run.answer
+                on_text(answer)
+            return answer
         ids = prompt_ids(self.messages, self.engine.tokenizer)
         stream = self.engine.stream(ids, dataclasses.replace(self.params, max_tokens=min(
             self.params.max_tokens or self.engine.block_size, self.engine.block_size - len(ids))))
+        sent = []
         for delta in stream:
+            sent.append(delta.text if guard is None else guard.feed(delta.text))
             if on_text is not None:
-                on_text(delta.text)
-        text = stream.completion.choices[0].text.strip()
+                on_text(sent[-1])
+            if guard is not None and guard.tripped is not None:
+                break  # leaving the stream stops its decoding
+        if guard is not None:
+            sent.append(guard.finish())
+            if on_text is not None:
+                on_text(sent[-1])
+            _note_cut(guard)
+        text = "".join(sent).strip()
         self.messages.append({"role": "assistant", "content": text})
         return text
+
+
+def _note_cut(guard: StreamGuard) -> None:
+    if guard.tripped is not None:
+        print(f"\n[answer cut by the content filter: {guard.tripped.category}]", file=sys.stderr)
 
 
 def _print_stream(text: str) -> None:
@@ -149,12 +182,13 @@ def run(cfg: Config, args: list[str]) -> None:
         if not user_text:
             raise ChatforgeError("no message on stdin")
         args = [user_text]
+    filters = load_filters(cfg.safety_policy)  # before the model loads: a bad policy fails at once
     tools = {}
     if cfg.tools:
         from chatforge.tools.registry import builtin_tools
 
         tools = builtin_tools(cfg.tools, cfg.index, cfg.device)
-    chat = Conversation(load_engine(cfg), params, cfg.system, tools, cfg.max_tool_calls)
+    chat = Conversation(load_engine(cfg), params, cfg.system, tools, cfg.max_tool_calls, filters)
     chat.messages += [m for m in history if not (m["role"] == "system" and chat.messages)]
     if not args:
         _interactive(chat)

@@ -14,13 +14,21 @@ A policy (TOML, YAML or JSON) names categories, each with an action::
     [classifier]                # a `chatforge safety-train` model: its positive label is the category
     path = "runs/safety/classifier"
     threshold = 0.5
-    action = "refuse"
+    action = "refuse"                          # allow | refuse (a score of a whole text has nothing to redact)
+    window = 400                               # characters per scored window
+    message = "I can't help with that."
 
 ``allow`` only records the match; ``redact`` replaces the matched text with ``[category]``; ``refuse`` stops:
 a refused prompt is not generated from, a refused answer is cut where the filter tripped. Every decision
 is returned for logging (the server writes them to the feedback store). The default policy redacts PII only.
-Output streams are checked incrementally by ``StreamGuard``, which holds back the last few characters so a
-word split across two deltas is still caught before it is sent.
+The classifier scores overlapping windows of ``window`` characters and keeps the highest score: embedders
+truncate (chatforge-embed at 128 tokens, MiniLM at 256), so one vector of a long text never sees its end.
+
+Output streams are checked incrementally by ``StreamGuard``: the block-lists and PII on every delta, holding
+back the last ``HOLD_BACK`` characters so a word split across two deltas is still caught before it is sent
+(a match longer than that may be sent in part); the classifier only each time half a window of new text has
+come, since embedding the answer again on every token would cost far more than generating it. Text is sent
+only once the classifier has scored it.
 """
 
 from __future__ import annotations
@@ -31,12 +39,15 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from chatforge.config import ChatforgeError
 from chatforge.data.clean import scrub_pii
 
 ACTIONS = ("allow", "redact", "refuse")
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
 DEFAULT_MESSAGE = "This request was blocked by the content policy ({category})."
+HOLD_BACK = 64  # characters StreamGuard holds back: longer than any block-listed word
 
 
 @dataclass
@@ -101,6 +112,8 @@ class Policy:
     classifier_path: str = ""
     classifier_threshold: float = 0.5
     classifier_action: str = "refuse"
+    classifier_window: int = 400
+    classifier_message: str = ""
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
@@ -108,18 +121,18 @@ class Policy:
         if not file.is_file():
             raise ChatforgeError(f"safety policy not found: {file}")
         text = file.read_text(encoding="utf-8")
+        import yaml
+
         try:
             if file.suffix == ".toml":
                 raw = tomllib.loads(text)
             elif file.suffix in (".yaml", ".yml"):
-                import yaml
-
                 raw = yaml.safe_load(text) or {}
             elif file.suffix == ".json":
                 raw = json.loads(text)
             else:
                 raise ChatforgeError(f"safety policy {file}: use a .toml, .yaml or .json file")
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as exc:
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError, ValueError) as exc:
             raise ChatforgeError(f"safety policy {file} does not parse: {exc}") from None
         return cls.from_dict(raw, str(file))
 
@@ -130,14 +143,28 @@ class Policy:
         unknown = set(raw) - {"pii", "categories", "classifier"}
         if unknown:
             raise ChatforgeError(f"{source}: unknown section(s) {', '.join(sorted(unknown))} (pii, categories, classifier)")
-        pii = raw.get("pii", {}).get("action", "redact")
-        classifier = raw.get("classifier", {})
-        policy = cls([_category(name, spec, source) for name, spec in raw.get("categories", {}).items()], pii,
-                     str(classifier.get("path", "")), float(classifier.get("threshold", 0.5)),
-                     classifier.get("action", "refuse"))
-        for name, action in (("pii", policy.pii_action), ("classifier", policy.classifier_action)):
-            if action not in ACTIONS:
-                raise ChatforgeError(f"{source}: {name} action must be one of {', '.join(ACTIONS)}; got {action!r}")
+        sections = {"pii": raw.get("pii", {}), "categories": raw.get("categories", {}), "classifier": raw.get("classifier", {})}
+        for name, section in sections.items():
+            if not isinstance(section, dict):
+                raise ChatforgeError(f"{source}: '{name}' must be a table; got {type(section).__name__}")
+        classifier = sections["classifier"]
+        unknown = set(classifier) - {"path", "threshold", "action", "window", "message"}
+        if unknown:
+            raise ChatforgeError(f"{source}: classifier has unknown key(s) {', '.join(sorted(unknown))}")
+        try:
+            threshold, window = float(classifier.get("threshold", 0.5)), int(classifier.get("window", 400))
+        except (TypeError, ValueError):
+            raise ChatforgeError(f"{source}: classifier threshold must be a number and window an integer") from None
+        if not 0 < threshold <= 1 or window < 16:
+            raise ChatforgeError(f"{source}: classifier threshold must be in (0, 1] and window at least 16 characters; "
+                                 f"got {threshold} and {window}")
+        policy = cls([_category(name, spec, source) for name, spec in sections["categories"].items()],
+                     sections["pii"].get("action", "redact"), str(classifier.get("path", "")), threshold,
+                     classifier.get("action", "refuse"), window, str(classifier.get("message", "")))
+        for name, action, allowed in (("pii", policy.pii_action, ACTIONS),
+                                      ("classifier", policy.classifier_action, ("allow", "refuse"))):
+            if action not in allowed:
+                raise ChatforgeError(f"{source}: {name} action must be one of {', '.join(allowed)}; got {action!r}")
         return policy
 
 
@@ -151,9 +178,9 @@ class FilterPipeline:
             from chatforge.safety.classifier import SafetyClassifier
 
             self.classify = SafetyClassifier.load(self.policy.classifier_path).score
-        self.longest_match = 64  # characters StreamGuard holds back
 
-    def check(self, text: str) -> Checked:
+    def check(self, text: str, classify: bool = True) -> Checked:
+        """Block-lists, then PII, then (with ``classify``) the classifier, on ``text``."""
         checked = Checked(text)
         for category in self.policy.categories:
             matches = list(category.pattern.finditer(checked.text))
@@ -171,14 +198,29 @@ class FilterPipeline:
                 return self._refuse(checked, checked.decisions[-1], "")
             if self.policy.pii_action == "redact":
                 checked.text = scrubbed
-        if self.classify is not None and checked.text.strip():
-            score = checked.classifier_score = float(self.classify([checked.text])[0])
-            if score >= self.policy.classifier_threshold:
-                decision = Decision("classifier", self.policy.classifier_action, checked.text[:80], score)
-                checked.decisions.append(decision)
-                if decision.action == "refuse":
-                    return self._refuse(checked, decision, "")
+        if classify and self.classify is not None:
+            self.judge(checked, checked.text)
         return checked
+
+    def classifier_score(self, text: str) -> tuple[float, str]:
+        """The classifier's highest P(positive) over windows of ``text`` overlapping by half, and that window."""
+        size = self.policy.classifier_window
+        windows = [text[start:start + size] for start in range(0, max(len(text) - size, 0) + size // 2, size // 2)]
+        windows = [w for w in windows if w.strip()]
+        if not windows:
+            return 0.0, ""
+        scores = np.asarray(self.classify(windows), dtype=np.float64)
+        return float(scores.max()), windows[int(scores.argmax())]
+
+    def judge(self, checked: Checked, text: str) -> None:
+        """Add the classifier's verdict on ``text`` (part or all of ``checked.text``) to ``checked``."""
+        score, window = self.classifier_score(text)
+        checked.classifier_score = max(score, checked.classifier_score or 0.0)
+        if score >= self.policy.classifier_threshold:
+            decision = Decision("classifier", self.policy.classifier_action, window, score)
+            checked.decisions.append(decision)
+            if decision.action == "refuse":
+                self._refuse(checked, decision, self.policy.classifier_message)
 
     @staticmethod
     def _refuse(checked: Checked, decision: Decision, message: str) -> Checked:
@@ -193,10 +235,15 @@ class FilterPipeline:
         if self.classify is not None:
             # a refusal before the classifier ran (a block-list hit) still reports the classifier's own score
             scores["classifier"] = (checked.classifier_score if checked.classifier_score is not None
-                                    else float(self.classify([text])[0]))
+                                    else self.classifier_score(text)[0])
         for decision in checked.decisions:
             scores[decision.category] = max(scores.get(decision.category, 0.0), decision.score)
         return scores
+
+
+def load_filters(policy_path: str) -> FilterPipeline | None:
+    """The pipeline of a policy file, or None for no path (no filtering)."""
+    return FilterPipeline(Policy.load(policy_path)) if policy_path else None
 
 
 class StreamGuard:
@@ -207,14 +254,31 @@ class StreamGuard:
         self.pipeline, self.raw, self.sent = pipeline, "", 0
         self.tripped: Decision | None = None
         self.decisions: list[Decision] = []
+        # how much of the checked text the classifier has scored, and its decisions so far (kept across deltas:
+        # a later check runs the block-lists and PII only)
+        self.classified = 0 if pipeline.classify is not None else None
+        self.judged: list[Decision] = []
 
     def _release(self, final: bool) -> str:
-        checked = self.pipeline.check(self.raw)
+        checked = self.pipeline.check(self.raw, classify=False)
+        stride = self.pipeline.policy.classifier_window // 2
+        if checked.refused is None and self.classified is not None and (
+                len(checked.text) - self.classified >= stride or (final and len(checked.text) > self.classified)):
+            verdict = Checked(checked.text)
+            # the new text with half a window before it for context
+            self.pipeline.judge(verdict, checked.text[max(0, self.classified - stride):])
+            self.judged += verdict.decisions
+            self.classified = len(checked.text)
+            if verdict.refused is not None:
+                checked.refused = verdict.refused
+        checked.decisions += self.judged
         self.decisions = checked.decisions
         if checked.refused is not None:
             self.tripped = checked.refused
             return ""
-        end = len(checked.text) if final else max(self.sent, len(checked.text) - self.pipeline.longest_match)
+        end = len(checked.text) if final else max(self.sent, len(checked.text) - HOLD_BACK)
+        if self.classified is not None:
+            end = min(end, max(self.sent, self.classified))
         out, self.sent = checked.text[self.sent:end], end
         return out
 
