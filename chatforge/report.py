@@ -237,7 +237,7 @@ def tools_section(run_dir: Path) -> Section | None:
             f"{_quoted(sample['with_calculator'])}") if sample else ""
     return Section("Tool use (held-out arithmetic, SFT with tool-use conversations)",
                    facts={k: summary[k] for k in ("questions", "without_tools", "with_calculator", "called_calculator",
-                                                  "right_call")}, text=text)
+                                                  "right_call", "oracle") if k in summary}, text=text)
 
 
 SECTIONS: list[Callable[[Path], Section | None]] = [

@@ -193,7 +193,8 @@ def run_tools(cfg: Config) -> None:
     io.write_json(out / "summary.json", {"task": "tools", "ckpt": cfg.ckpt, **results})
     print(f"[tools] {results['questions']} held-out arithmetic questions: accuracy without tools "
           f"{results['without_tools']:.1%}, with the calculator {results['with_calculator']:.1%} (called it in "
-          f"{results['called_calculator']:.0%}, a right expression in {results['right_call']:.0%}); wrote {out}/summary.json")
+          f"{results['called_calculator']:.0%}, a right expression in {results['right_call']:.0%}), a perfect caller "
+          f"{results['oracle']:.1%}; wrote {out}/summary.json")
 
 
 def report_humaneval(cfg: Config) -> None:

@@ -3,11 +3,14 @@
     chatforge tool-data                                  # speedrun default: runs/speedrun/tool_data
     chatforge tool-data --arithmetic=4000 --definitions=1000
     chatforge sft --extra_train=runs/speedrun/tool_data/tool_train.jsonl   # add them to SFT
+    chatforge tool-data --direct --out_dir=runs/tools/direct_data        # the same questions answered without tools
 
 Arithmetic questions (multi-digit products, sums, differences, percentages, in several phrasings) are
 answered by a ``calculator`` call whose result the answer repeats. Definition questions are answered by a
 ``retrieval`` call whose result is the dictionary entry (WordNet documents of the data stage's corpus).
 Every conversation is in the one chat template's message format with ``tool_calls`` and ``tool`` turns.
+``--direct`` writes the same questions (same seed, same held-out set) answered directly, without calls: the
+no-tool baseline, fine-tuned on the same questions and answers, that the tool model is compared with.
 Writes ``tool_train.jsonl`` and ``tool_val.jsonl`` (SFT data) and ``arithmetic_eval.jsonl`` (held-out
 questions with their answers, for ``chatforge eval tools``) to ``out_dir``.
 """
@@ -40,6 +43,7 @@ class Config:
     val_fraction: float = option(0.05, "share held out as SFT validation")
     eval_questions: int = option(200, "held-out arithmetic questions with answers for `chatforge eval tools`")
     seed: int = option(0, "makes the questions reproducible")
+    direct: bool = option(False, "answer directly without calling a tool (the baseline for the same questions)")
 
     def validate(self) -> None:
         if not 0 < self.val_fraction < 1:
@@ -63,19 +67,21 @@ def arithmetic_question(rng: np.random.Generator) -> tuple[str, str, str]:
     return question, expression, format_number(calculate(expression))
 
 
-def calculator_conversation(question: str, expression: str, answer: str) -> list[dict]:
-    return [{"role": "user", "content": question},
-            {"role": "assistant", "content": "", "tool_calls": [{"name": "calculator", "arguments": {"expression": expression}}]},
-            {"role": "tool", "content": answer},
-            {"role": "assistant", "content": f"The answer is {answer}."}]
+def tool_conversation(question: str, call: dict, result: str, answer: str, direct: bool = False) -> list[dict]:
+    """The user's question, the call and its result as a tool turn (unless ``direct``), then the answer."""
+    steps = [] if direct else [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": result}]
+    return [{"role": "user", "content": question}, *steps, {"role": "assistant", "content": answer}]
 
 
-def definition_conversation(word: str, definition: str, rng: np.random.Generator) -> list[dict]:
+def calculator_conversation(question: str, expression: str, answer: str, direct: bool = False) -> list[dict]:
+    return tool_conversation(question, {"name": "calculator", "arguments": {"expression": expression}}, answer,
+                             f"The answer is {answer}.", direct)
+
+
+def definition_conversation(word: str, definition: str, rng: np.random.Generator, direct: bool = False) -> list[dict]:
     question = str(rng.choice(["What does the word '{w}' mean?", "Define {w}.", "What is the meaning of {w}?"])).format(w=word)
-    return [{"role": "user", "content": question},
-            {"role": "assistant", "content": "", "tool_calls": [{"name": "retrieval", "arguments": {"query": word}}]},
-            {"role": "tool", "content": f"[wordnet] {word}: {definition}"},
-            {"role": "assistant", "content": f"{word.capitalize()} means {definition}."}]
+    return tool_conversation(question, {"name": "retrieval", "arguments": {"query": word}}, f"[wordnet] {word}: {definition}",
+                             f"{word.capitalize()} means {definition}.", direct)
 
 
 def run(cfg: Config, args: list[str]) -> None:
@@ -83,9 +89,9 @@ def run(cfg: Config, args: list[str]) -> None:
 
     cfg.validate()
     rng = np.random.default_rng(cfg.seed)
-    conversations = [calculator_conversation(*arithmetic_question(rng)) for _ in range(cfg.arithmetic)]
+    conversations = [calculator_conversation(*arithmetic_question(rng), cfg.direct) for _ in range(cfg.arithmetic)]
     entries = dictionary(cfg.data_dir, limit=cfg.definitions) if cfg.definitions else []
-    conversations += [definition_conversation(w, d, rng) for w, d in entries[: cfg.definitions]]
+    conversations += [definition_conversation(w, d, rng, cfg.direct) for w, d in entries[: cfg.definitions]]
     order = rng.permutation(len(conversations))
     cut = max(1, int(len(conversations) * cfg.val_fraction))
     rows = [{"messages": conversations[i]} for i in order]
@@ -100,5 +106,6 @@ def run(cfg: Config, args: list[str]) -> None:
     io.write_jsonl(out / "tool_train.jsonl", rows[cut:])
     io.write_jsonl(out / "tool_val.jsonl", rows[:cut])
     io.write_jsonl(out / "arithmetic_eval.jsonl", held_out)
-    print(f"[tool-data] {cfg.arithmetic} calculator and {min(len(entries), cfg.definitions)} retrieval conversations: "
+    how = "answered directly" if cfg.direct else "through the calculator / retrieval"
+    print(f"[tool-data] {cfg.arithmetic} arithmetic and {min(len(entries), cfg.definitions)} definition conversations {how}: "
           f"{len(rows) - cut} train, {cut} val; {len(held_out)} held-out arithmetic questions; wrote {out}")
