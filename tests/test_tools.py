@@ -84,6 +84,9 @@ def test_calls_are_capped_then_the_call_token_is_banned(tokenizer):
     assert len(run.calls) == 2 and run.answer == "Done."
     marker = tokenizer.special_id(TOOL_CALL)
     assert [params.logit_bias.get(marker) for _, params in engine.seen] == [None, None, BANNED]
+    with pytest.raises(ChatforgeError, match="max_calls"):
+        answer_with_tools(engine, [{"role": "user", "content": "add"}], {"calculator": CALCULATOR},
+                          SamplingParams(temperature=0), max_calls=-1)
 
 
 def test_unknown_tools_bad_arguments_and_client_tools(tokenizer):

@@ -98,6 +98,8 @@ class ServeOptions:
                 raise ConfigError(f"option '{name}' must be >= 1; got {getattr(self, name)}")
         if self.rate_limit < 0:
             raise ConfigError(f"option 'rate_limit' must be >= 0 (0 = off); got {self.rate_limit}")
+        if self.max_tool_calls < 0:
+            raise ConfigError(f"option 'max_tool_calls' must be >= 0 (0 = answer without calls); got {self.max_tool_calls}")
         if not MIN_K <= self.compare_k <= MAX_K:
             raise ConfigError(f"option 'compare_k' must be in {MIN_K}..{MAX_K} (a ranking for the reward model "
                               f"compares that many answers); got {self.compare_k}")

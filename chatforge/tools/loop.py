@@ -33,6 +33,8 @@ class ToolRun:
 
 def answer_with_tools(engine, messages: list[dict], tools: dict[str, Tool], params: SamplingParams,
                       max_calls: int = 3, on_call: Callable[[dict], None] | None = None) -> ToolRun:
+    if max_calls < 0:
+        raise ChatforgeError(f"max_calls (tool calls per answer) must be >= 0; got {max_calls}")
     if params.num_samples != 1:
         raise ChatforgeError("tool use decodes one sample per turn (n = 1, no best_of)")
     tokenizer = engine.tokenizer
