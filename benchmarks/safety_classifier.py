@@ -1,4 +1,5 @@
-"""Safety classifier held-out accuracy: chatforge-embed vs MiniLM features on two labeled sets built offline.
+"""Safety classifier held-out accuracy: chatforge-embed vs MiniLM vs character n-gram features on two labeled
+sets built offline.
 
     .venv/bin/python benchmarks/safety_classifier.py [--out=runs/safety_bench] [--chatforge=runs/speedrun/embed/embedder]
 
@@ -13,7 +14,8 @@ No labeled toxicity data is available offline, so the sets are:
   standard library and Python docs vs ShareGPT, dictionaries and fortunes, English and Chinese), hash split.
 
 Each set is written as ``{"text", "label"}`` JSONL under ``out`` (what ``chatforge safety-train --data``
-reads); the classifier is the stage's own numpy logistic regression (C = 10) on each embedder's vectors;
+reads); the classifier is the stage's own numpy logistic regression (C = 10) on each ``--embedder``'s vectors
+(``ngrams``, ``minilm``, the chatforge embedder);
 the requests rows also report the held-out accuracy per language.
 """
 
@@ -32,8 +34,7 @@ import numpy as np
 from chatforge import io
 from chatforge.config import option, parse
 from chatforge.data.documents import unit_hash
-from chatforge.embed.search_stage import open_embedder
-from chatforge.safety.classifier import read_labeled, train_classifier
+from chatforge.safety.classifier import open_features, read_labeled, train_classifier
 
 EN_TEMPLATES = ["How do I {a} {t}?", "What is the best way to {a} {t}?", "Tell me how to {a} {t}.",
                 "Can you explain how to {a} {t}?", "I need step by step instructions to {a} {t}.",
@@ -63,20 +64,6 @@ class Config:
     unseen: float = option(0.25, "share of actions held out whole in the unseen-action split")
     val_fraction: float = option(0.2, "hash-split held-out share (the stage's default)")
     c: float = option(10.0, "inverse regularisation of the logistic regression (the stage's default)")
-
-
-class CharNgrams:
-    """The floor without a model: hashed character 1-3-grams, L2-normalised (surface forms, no meaning)."""
-
-    name, dims = "char-ngrams", 2048
-
-    def embed(self, texts: list[str], role: str = "document") -> np.ndarray:
-        out = np.zeros((len(texts), self.dims))
-        for i, text in enumerate(texts):
-            for n in (1, 2, 3):
-                for j in range(len(text) - n + 1):
-                    out[i, int(unit_hash("ngram", text[j:j + n]) * self.dims)] += 1
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 def requests_set() -> list[dict]:
@@ -129,10 +116,10 @@ def main(argv: list[str]) -> None:
         "requests/unseen-actions": ("requests", "unsafe", lambda texts: np.array([r["action"] in unseen for r in requests])),
         "code/hash": ("code", "code", lambda texts: np.array([unit_hash("safety", t) < cfg.val_fraction for t in texts])),
     }
-    embedders = ["char-ngrams", "minilm"] + ([cfg.chatforge] if cfg.chatforge else [])
+    embedders = ["ngrams", "minilm"] + ([cfg.chatforge] if cfg.chatforge else [])
     results: dict = {"sets": {"requests": len(requests), "code": len(code)}, "unseen_actions": sorted(unseen), "runs": {}}
     for embedder_name in embedders:
-        embedder = CharNgrams() if embedder_name == "char-ngrams" else open_embedder(embedder_name, "cpu")
+        embedder = open_features(embedder_name, "cpu")
         cache: dict[str, tuple] = {}
         for split, (dataset, positive, held_out_of) in splits.items():
             if dataset not in cache:

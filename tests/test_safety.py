@@ -16,7 +16,7 @@ from chatforge.config import ChatforgeError
 from chatforge.infer.chat_stage import Conversation
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import Scheduler
-from chatforge.safety.classifier import SafetyClassifier, fit_logistic, train_classifier
+from chatforge.safety.classifier import CharNgrams, SafetyClassifier, fit_logistic, train_classifier
 from chatforge.safety.filters import FilterPipeline, Policy, StreamGuard
 from chatforge.serve.api import ServeOptions, create_app
 from chatforge.serve.feedback import FeedbackStore
@@ -106,17 +106,6 @@ def test_policy_files_load_from_toml_yaml_and_json(tmp_path):
         FilterPipeline(Policy.from_dict({"classifier": {"path": str(tmp_path / "nothing")}}))
 
 
-class HashEmbedder:
-    """Bag of hashed words: separable enough for a linear classifier, no model needed."""
-
-    def embed(self, texts, role="document"):
-        out = np.zeros((len(texts), 64))
-        for i, text in enumerate(texts):
-            for word in re.findall(r"\w+", text.lower()):
-                out[i, sum(word.encode()) % 64] += 1
-        return out
-
-
 def test_classifier_learns_a_labeled_set_and_scores_held_out_text():
     rng = np.random.default_rng(0)
     bad = ["hate", "kill", "destroy", "attack", "hurt"]
@@ -124,7 +113,7 @@ def test_classifier_learns_a_labeled_set_and_scores_held_out_text():
     texts = [f"I want to {rng.choice(bad if i % 2 else good)} {rng.choice(['them', 'it', 'you'])} today" for i in range(200)]
     labels = np.array([i % 2 == 1 for i in range(200)])
     held_out = np.arange(200) >= 160
-    embedder = HashEmbedder()
+    embedder = CharNgrams()
     weights, bias, scores = train_classifier(embedder.embed(texts), labels, held_out, c=1.0)
     assert scores["held_out_accuracy"] >= 0.95 and scores["held_out"] == 40 and scores["majority_class"] == 0.5
     classifier = SafetyClassifier(embedder, weights, bias, {})
@@ -215,12 +204,12 @@ def _labeled(path, n=160):
     return path
 
 
-def test_safety_train_stage_saves_a_classifier_the_server_loads_and_uses(engine, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("chatforge.embed.search_stage.open_embedder", lambda name, device=None: HashEmbedder())
+def test_safety_train_stage_saves_a_classifier_the_server_loads_and_uses(engine, tmp_path, capsys):
     out = tmp_path / "clf"
-    main(["safety-train", f"--data={_labeled(tmp_path / 'labeled.jsonl')}", f"--out={out}", "--device=cpu"])
+    main(["safety-train", f"--data={_labeled(tmp_path / 'labeled.jsonl')}", f"--out={out}", "--embedder=ngrams",
+          "--device=cpu"])
     meta = json.loads((out / "classifier.json").read_text())
-    assert meta["held_out_accuracy"] >= 0.9 and meta["held_out"] > 10 and meta["embedder"] == "minilm"
+    assert meta["held_out_accuracy"] >= 0.9 and meta["held_out"] > 10 and meta["embedder"] == "ngrams"
     assert "held-out accuracy" in capsys.readouterr().out
     policy = tmp_path / "policy.toml"
     policy.write_text(f'[classifier]\npath = "{out}"\nthreshold = 0.5\naction = "refuse"\n')

@@ -2,11 +2,13 @@
 
     chatforge safety-train --data=labeled.jsonl --positive=toxic                # MiniLM features
     chatforge safety-train --data=labeled.jsonl --embedder=runs/speedrun/embed --out=runs/safety/chatforge
+    chatforge safety-train --data=labeled.jsonl --embedder=ngrams --out=runs/safety/ngrams   # no model
     chatforge serve --safety_policy=policy.toml      # whose [classifier] path names the trained model
 
 ``data`` has one {"text", "label"} object per line with two labels; ``positive`` is the one the filter acts
-on. Texts are embedded by all-MiniLM-L6-v2 (offline) or a ``chatforge embed`` model, a hash-chosen share is
-held out, and an L2-regularised logistic regression (Newton's method in numpy, the objective of
+on. Texts are embedded by all-MiniLM-L6-v2 (offline), a ``chatforge embed`` model, or turned into hashed
+character n-grams (``ngrams``: no model, surface forms only, but the one choice that reads Chinese well:
+MiniLM is an English model; see benchmarks/safety_classifier.py). A hash-chosen share is held out, and an L2-regularised logistic regression (Newton's method in numpy, the objective of
 scikit-learn's ``LogisticRegression(C=c)``) is fitted on the rest. The weights are saved as plain arrays
 (``classifier.npz``) with ``classifier.json`` (embedder, labels, held-out accuracy), never as a pickle, and
 scored with numpy at serving time.
@@ -15,6 +17,7 @@ scored with numpy at serving time.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +34,7 @@ WEIGHTS, META = "classifier.npz", "classifier.json"
 class Config:
     data: str = option("", "JSONL of {text, label} with two labels (required)")
     positive: str = option("unsafe", "the label the filter acts on")
-    embedder: str = option("minilm", "features: 'minilm' or a `chatforge embed` output directory")
+    embedder: str = option("minilm", "features: 'minilm', 'ngrams' or a `chatforge embed` output directory")
     out: str = option("runs/safety/classifier", "where classifier.npz and classifier.json go")
     val_fraction: float = option(0.2, "share of the texts held out for the accuracy")
     # embeddings are unit vectors, so C = 1 keeps the logits too small to fit: held-out accuracy of MiniLM
@@ -61,6 +64,28 @@ def read_labeled(path: str, positive: str) -> tuple[list[str], np.ndarray]:
     return texts, np.array([label == positive for label in labels])
 
 
+class CharNgrams:
+    """Hashed character 1-3-grams, L2-normalised: features without a model (and without meaning: an unseen
+    word is unknown), for any script, since Chinese has no spaces to split words on."""
+
+    name, dims = "char-ngrams", 4096
+
+    def embed(self, texts: list[str], role: str = "document") -> np.ndarray:
+        out = np.zeros((len(texts), self.dims), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for n in (1, 2, 3):
+                for j in range(len(text) - n + 1):
+                    out[i, zlib.crc32(text[j:j + n].lower().encode()) % self.dims] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def open_features(name: str, device: str | None = None):
+    """The embedder behind a classifier: ``ngrams``, ``minilm`` or a ``chatforge embed`` directory."""
+    from chatforge.embed.search_stage import open_embedder
+
+    return CharNgrams() if name == "ngrams" else open_embedder(name, device)
+
+
 class SafetyClassifier:
     """Logistic regression over an embedder's vectors: ``score(texts)`` is P(positive) per text."""
 
@@ -73,14 +98,12 @@ class SafetyClassifier:
 
     @classmethod
     def load(cls, directory: str | Path, device: str | None = None) -> "SafetyClassifier":
-        from chatforge.embed.search_stage import open_embedder
-
         folder = Path(directory)
         if not (folder / WEIGHTS).is_file():
             raise ChatforgeError(f"no safety classifier at {folder} (train one with `chatforge safety-train`)")
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
         arrays = np.load(folder / WEIGHTS)
-        return cls(open_embedder(meta["embedder"], device), arrays["weights"], float(arrays["bias"]), meta)
+        return cls(open_features(meta["embedder"], device), arrays["weights"], float(arrays["bias"]), meta)
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, c: float, max_iter: int = 100) -> tuple[np.ndarray, float]:
@@ -128,11 +151,10 @@ def train_classifier(features: np.ndarray, labels: np.ndarray, held_out: np.ndar
 
 def run(cfg: Config, args: list[str]) -> None:
     from chatforge.device import resolve_device
-    from chatforge.embed.search_stage import open_embedder
 
     cfg.validate()
     texts, labels = read_labeled(cfg.data, cfg.positive)
-    embedder = open_embedder(cfg.embedder, str(resolve_device(cfg.device)))
+    embedder = open_features(cfg.embedder, str(resolve_device(cfg.device)))
     held_out = np.array([unit_hash("safety", t) < cfg.val_fraction for t in texts])
     weights, bias, scores = train_classifier(embedder.embed(texts), labels, held_out, cfg.c)
     out = Path(cfg.out)
