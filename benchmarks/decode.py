@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from chatforge.config import ChatforgeError, die, option, parse
+from chatforge.config import die, option, parse
+from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import Scheduler
@@ -47,8 +48,8 @@ class Config:
 def _load(cfg: Config):
     ckpt = Path(cfg.ckpt)
     if ckpt.exists():
+        from chatforge.model.checkpoint import load_model, tokenizer_path
         from chatforge.tokenizer import Tokenizer
-        from chatforge.train.checkpoint import load_model, tokenizer_path
 
         model, _ = load_model(ckpt)
         return model, Tokenizer.load(tokenizer_path(ckpt)), f"checkpoint {ckpt}"

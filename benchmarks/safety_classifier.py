@@ -22,7 +22,6 @@ the requests rows also report the held-out accuracy per language.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import sys
 import time

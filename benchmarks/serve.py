@@ -32,7 +32,8 @@ from pathlib import Path
 import httpx
 import openai
 
-from chatforge.config import ChatforgeError, die, option, parse
+from chatforge.config import die, option, parse
+from chatforge.errors import ChatforgeError
 
 MODEL = "bench"
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly.",

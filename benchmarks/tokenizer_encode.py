@@ -11,7 +11,8 @@ import argparse
 import os
 from pathlib import Path
 
-from chatforge.config import ChatforgeError, die
+from chatforge.config import die
+from chatforge.errors import ChatforgeError
 from chatforge.tokenizer import Tokenizer
 from chatforge.tokenizer_stage import compare_encoders, sample_texts
 

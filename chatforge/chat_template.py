@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 ROLE_TOKENS = {
     "system": "<|system|>",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from chatforge.config import ChatforgeError, die, help_text, parse
+from chatforge.config import die, help_text, parse
+from chatforge.errors import ChatforgeError
 
 # stage name -> (module, whether the stage takes positional arguments)
 STAGES: dict[str, tuple[str, bool]] = {

@@ -18,18 +18,9 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from chatforge.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ChatforgeError(Exception):
-    """Bad input from the user (missing file, incompatible checkpoint...); the message names the problem.
-
-    The CLI prints it as one line and exits with status 2, without a traceback.
-    """
-
-
-class ConfigError(ChatforgeError, ValueError):
-    """A configuration value or file that cannot be used."""
 
 
 def option(default: Any, help: str, **kwargs) -> Any:
@@ -177,13 +168,6 @@ def load_file(path: str | Path) -> dict[str, Any]:
     raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
 
 
-def apply(cfg: T, values: dict[str, Any]) -> T:
-    """Set every key of ``values`` (possibly nested dicts or dotted keys) on ``cfg``; returns ``cfg``."""
-    for key, value in values.items():
-        _assign(cfg, key, value)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
 
 
 def split_overrides(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
@@ -252,12 +236,8 @@ def help_text(cls: type, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type[T], values: dict[str, Any]) -> T:
-    return apply(cls(), values)
 
 
 def die(message: str) -> typing.NoReturn:

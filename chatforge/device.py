@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 DTYPES = ("auto", "bf16", "fp32")
 

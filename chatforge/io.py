@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from chatforge.errors import ChatforgeError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -79,8 +81,6 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
 def read_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) of each non-blank line; a missing file or bad JSON is a ChatforgeError naming
     the place. Lines end only at "\n": JSON text may hold U+2028 and friends, which ``str.splitlines`` would split."""
-    from chatforge.config import ChatforgeError
-
     path = Path(path)
     if not path.is_file():
         raise ChatforgeError(f"{what} not found: {path}")

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from chatforge import io
-from chatforge.config import ConfigError, nested, option
-from chatforge.data import pipeline as data_stage
-from chatforge import tokenizer_stage
-from chatforge.data import rankings as rankings_stage
+from chatforge import io, tokenizer_stage
+from chatforge.config import nested, option
 from chatforge.data import edit_data as edit_data_stage
+from chatforge.data import pipeline as data_stage
+from chatforge.data import rankings as rankings_stage
 from chatforge.data import sft_data as sft_data_stage
 from chatforge.embed import train as embed_stage
+from chatforge.errors import ConfigError
 from chatforge.evals import eval_stage
 from chatforge.prompting import ape as ape_stage
 from chatforge.tools import data as tool_data_stage
@@ -203,7 +203,7 @@ def _trained(stage, options) -> None:
     """Run a training stage; an interrupted run continues from its last checkpoint instead of starting over."""
     import shutil
 
-    from chatforge.train.checkpoint import latest_checkpoint
+    from chatforge.model.checkpoint import latest_checkpoint
 
     out_dir = Path(options.out_dir)
     options.resume = latest_checkpoint(out_dir) is not None
@@ -220,8 +220,8 @@ def write_samples(run_dir: Path, max_tokens: int, device: str) -> None:
     from chatforge.device import resolve_device
     from chatforge.infer.engine import Engine
     from chatforge.infer.params import SamplingParams
+    from chatforge.model.checkpoint import latest_checkpoint, load_model, tokenizer_path
     from chatforge.tokenizer import Tokenizer
-    from chatforge.train.checkpoint import latest_checkpoint, load_model, tokenizer_path
 
     models = [("pretrained", run_dir / "pretrain", False), ("code", run_dir / "code", False), ("sft", run_dir / "sft", True),
               ("ppo", run_dir / "ppo", True)]

@@ -25,7 +25,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from chatforge import io
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 # GPT-4's (cl100k) split pattern, except numbers split into runs of at most 2 digits instead of 3: with an
 # 8k vocabulary, 1000 three-digit tokens would cost an eighth of the vocabulary for little compression.

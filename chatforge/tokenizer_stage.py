@@ -26,9 +26,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
 from chatforge.data.documents import read_documents
 from chatforge.data.shards import write_shard
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_FILE, Tokenizer
 
 SPLITS = ("train", "val", "test")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
 from chatforge.model.gpt import GPTConfig

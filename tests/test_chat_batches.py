@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from chatforge.chat_template import render
-from chatforge.config import ChatforgeError
 from chatforge.data.chat_batches import IGNORE, ChatBatches, EpochOrder, encode_conversations
+from chatforge.errors import ChatforgeError
 from chatforge.tokenizer import Tokenizer
 
 

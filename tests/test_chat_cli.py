@@ -17,7 +17,7 @@ from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.hf import export_hf_gpt2
 from chatforge.tokenizer import Tokenizer
 
-pytest.importorskip("chatforge.train.checkpoint")
+pytest.importorskip("chatforge.model.checkpoint")
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world, hello there!"] * 4
 GREEDY = ["--temperature=0", "--top_p=1", "--repetition_penalty=1", "--max_tokens=6"]
@@ -92,9 +92,10 @@ def test_bad_messages_file_is_named(setup, capsys, tmp_path):
 
 def test_a_max_tokens_as_long_as_the_context_still_leaves_the_prompt_room():
     """The chat defaults (max_tokens 256) on a 256-token model: the answer gets at most half the context."""
+    from serve_helpers import tiny_engine
+
     from chatforge.infer.chat_stage import Conversation
     from chatforge.infer.params import SamplingParams
-    from serve_helpers import tiny_engine
 
     engine = tiny_engine(block_size=64)
     chat = Conversation(engine, SamplingParams(temperature=0, max_tokens=64))

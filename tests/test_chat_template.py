@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatforge.chat_template import fit_to_context, prompt_ids, render, stop_token_ids
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.tokenizer import Tokenizer
 
 

@@ -8,14 +8,20 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from chatforge.config import ChatforgeError
-from chatforge.model.hf import export_hf_gpt2
-from chatforge.train.checkpoint import (
-    latest_checkpoint, load_model, load_trainer_state, rng_state, save_checkpoint, set_rng_state, tokenizer_path
-)
-from chatforge.train.loop import train
 from train_helpers import CountingTask, fast_config, tiny_gpt
+
+from chatforge.errors import ChatforgeError
+from chatforge.model.checkpoint import (
+    latest_checkpoint,
+    load_model,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    tokenizer_path,
+)
+from chatforge.model.hf import export_hf_gpt2
+from chatforge.train.loop import train
 
 
 def _save(run, step, model, tokenizer=None, keep=2):

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_helpers import losses, make_corpus, tiny_pretrain_args
 
 from chatforge.cli import main
-from train_helpers import losses, make_corpus, tiny_pretrain_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

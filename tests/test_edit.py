@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 from rapidfuzz.distance import Levenshtein
+from train_helpers import make_corpus, tiny_pretrain_args
 
 from chatforge.cli import main
 from chatforge.data.edit_data import add_typos, make_triples, rename, without_docstring
 from chatforge.evals.edit_eval import apply_edits, cer
 from chatforge.infer.loading import EngineOptions, load_engine
-from train_helpers import make_corpus, tiny_pretrain_args
 
 FUNCTION = '''def scale(x, factor):
     """Multiply x by factor."""

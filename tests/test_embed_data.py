@@ -4,7 +4,6 @@ import textwrap
 
 import pytest
 
-from chatforge.config import ChatforgeError
 from chatforge.embed.data import (
     Pair,
     PairBatches,
@@ -19,6 +18,7 @@ from chatforge.embed.data import (
     split_spans,
     wordnet_pairs,
 )
+from chatforge.errors import ChatforgeError
 
 CODE = textwrap.dedent('''\
     """Module docstring is not a function docstring."""

@@ -3,9 +3,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from chatforge.config import ChatforgeError
-from chatforge.embed.index import SearchIndex, token_windows
 from chatforge.embed.evaluate import retrieval_metrics
+from chatforge.embed.index import SearchIndex, token_windows
+from chatforge.errors import ChatforgeError
 
 
 class BagOfWords:

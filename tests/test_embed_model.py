@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from chatforge.config import ChatforgeError
 from chatforge.embed.model import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -15,6 +14,7 @@ from chatforge.embed.model import (
     info_nce,
     pool,
 )
+from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.tokenizer import Tokenizer
 

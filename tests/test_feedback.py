@@ -9,16 +9,16 @@ import sqlite3
 
 import httpx
 import pytest
+from serve_helpers import MODEL, tiny_engine
 
 from chatforge.cli import main
-from chatforge.config import ChatforgeError
 from chatforge.data.rankings import read_rankings
+from chatforge.errors import ChatforgeError
 from chatforge.infer.scheduler import Scheduler
 from chatforge.serve.api import ServeOptions, create_app
 from chatforge.serve.feedback import FeedbackStore, NotFound
 from chatforge.serve.security import client_id
 from chatforge.serve.server import BackgroundServer
-from serve_helpers import MODEL, tiny_engine
 
 
 @pytest.fixture

@@ -6,16 +6,16 @@ import json
 
 import numpy as np
 import pytest
+from train_helpers import TEXTS, make_corpus, tiny_pretrain_args
 
 from chatforge.cli import main
 from chatforge.data.fim import fim_example, insertion_ids, middle_params, transform
 from chatforge.evals.fim_eval import make_examples, remove_span
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
+from chatforge.model.checkpoint import load_model, tokenizer_path, trained_for_fim
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.checkpoint import load_model, tokenizer_path, trained_for_fim
 from chatforge.train.fim import chunk_text
-from train_helpers import TEXTS, make_corpus, tiny_pretrain_args
 
 TEXT = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n"
 

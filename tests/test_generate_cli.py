@@ -14,8 +14,8 @@ from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.hf import export_hf_gpt2
 from chatforge.tokenizer import Tokenizer
 
-# the stage loads checkpoints through chatforge.train.checkpoint (an HF GPT-2 directory is one of its formats)
-pytest.importorskip("chatforge.train.checkpoint")
+# the stage loads checkpoints through chatforge.model.checkpoint (an HF GPT-2 directory is one of its formats)
+pytest.importorskip("chatforge.model.checkpoint")
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world, hello there!"] * 4
 

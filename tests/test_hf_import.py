@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from chatforge.config import ChatforgeError  # noqa: E402
+from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
 from chatforge.model.hf import export_hf_gpt2, load_hf_gpt2  # noqa: E402
 

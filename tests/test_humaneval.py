@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from chatforge.cli import main
-from chatforge.config import ChatforgeError
-from chatforge.evals.humaneval import (STOP_SEQUENCES, Problem, evaluate, load_problems, pass_at_k,
-                                       truncate_at_stop)
+from chatforge.errors import ChatforgeError
+from chatforge.evals.humaneval import STOP_SEQUENCES, Problem, evaluate, load_problems, pass_at_k, truncate_at_stop
 from chatforge.evals.sandbox import Sandbox, SandboxLimits
 
 ADD = {"task_id": "mine/add", "prompt": "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n",
@@ -144,7 +143,7 @@ def test_stage_rejects_unknown_tasks_and_missing_files(tmp_path, capsys):
 
 
 def test_model_mode_samples_n_completions_per_problem(tmp_path, capsys):
-    pytest.importorskip("chatforge.train.checkpoint")
+    pytest.importorskip("chatforge.model.checkpoint")
     from chatforge.model.gpt import GPT, GPTConfig
     from chatforge.model.hf import export_hf_gpt2
     from chatforge.tokenizer import Tokenizer

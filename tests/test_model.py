@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from chatforge.config import ChatforgeError
-from chatforge.model.gpt import GPT, GPTConfig, PRESETS, preset_config
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, PRESETS, GPTConfig, preset_config
 from chatforge.model.kv_cache import KVCache
 
 TINY = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=16)

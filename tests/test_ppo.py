@@ -112,7 +112,7 @@ def test_ppo_stage_end_to_end(tmp_path, capsys):
     summary = json.loads((tmp_path / "ppo" / "summary.json").read_text())
     assert 0 <= summary["win_rate_rm"] <= 1 and 0 <= summary["win_rate_minilm"] <= 1
     assert summary["steps"] == 4 and (tmp_path / "ppo" / "ppo.png").is_file()
-    from chatforge.train.checkpoint import load_model
+    from chatforge.model.checkpoint import load_model
 
     actor, info = load_model(tmp_path / "ppo")  # the checkpoint loads as a plain GPT (the actor)
     assert info["stage"] == "ppo" and actor.config.vocab_size == tok.vocab_size

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.heads import ScalarHeadModel
 from chatforge.train.preference import (

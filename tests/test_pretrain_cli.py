@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import losses, make_corpus, tiny_pretrain_args
 
 from chatforge.cli import main
 from chatforge.data.shards import TokenWindows
+from chatforge.model.checkpoint import latest_checkpoint, load_model, tokenizer_path
 from chatforge.model.hf import export_hf_gpt2
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.checkpoint import latest_checkpoint, load_model, tokenizer_path
-from train_helpers import losses, make_corpus, tiny_pretrain_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from train_helpers import make_corpus, tiny_pretrain_args
 
 from chatforge.cli import main
 from chatforge.evals.cot import cot_prompt, extract_answer, make_problem
 from chatforge.evals.icl import Task, built_in_tasks, icl_prompt, score_task
 from chatforge.prompting.ape import adaptive_filter
-from train_helpers import make_corpus, tiny_pretrain_args
 
 
 class OracleEngine:

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from chatforge.cli import main
-from chatforge.data.rankings import Config, automatic_rankings, read_rankings, run
+from chatforge.data.rankings import automatic_rankings, read_rankings
 
 POOL = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"question {i}?"}],
          "reference": f"A careful answer number {i} with several words in it."} for i in range(40)]

@@ -9,10 +9,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from serve_helpers import MODEL, tiny_engine
 
 from chatforge.chat_template import prompt_ids
 from chatforge.cli import main
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.infer.chat_stage import Conversation
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import Scheduler
@@ -21,7 +22,6 @@ from chatforge.safety.filters import FilterPipeline, Policy, StreamGuard
 from chatforge.serve.api import ServeOptions, create_app
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.server import BackgroundServer
-from serve_helpers import MODEL, tiny_engine
 
 POLICY = {
     "pii": {"action": "redact"},

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.infer.detokenizer import IncrementalDetokenizer, held_back
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.sampling import BatchSampler, SamplingRow, apply_penalties, filter_logits, sample_from

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.config import ChatforgeError, ConfigError
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evals.sandbox import Sandbox, SandboxLimits, namespace_error
 
 REPO = Path(__file__).resolve().parents[1]

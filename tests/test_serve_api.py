@@ -11,6 +11,7 @@ import numpy as np
 import openai
 import pytest
 import torch
+from serve_helpers import MODEL, tiny_engine
 
 from chatforge.chat_template import edit_messages, prompt_ids, stop_token_ids
 from chatforge.data.fim import middle_params
@@ -18,7 +19,6 @@ from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import Scheduler
 from chatforge.serve.api import ServeOptions, create_app
 from chatforge.serve.server import BackgroundServer
-from serve_helpers import MODEL, tiny_engine
 
 KEY = "sk-test-key"
 HELLO = [{"role": "user", "content": "Hello world"}]

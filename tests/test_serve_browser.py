@@ -8,6 +8,7 @@ import shutil
 import time
 
 import pytest
+from serve_helpers import MODEL, tiny_engine
 
 from chatforge.cli import main
 from chatforge.data.rankings import read_rankings
@@ -15,7 +16,6 @@ from chatforge.infer.scheduler import Scheduler
 from chatforge.serve.api import ServeOptions, create_app
 from chatforge.serve.feedback import FeedbackStore, Message, Ranking
 from chatforge.serve.server import BackgroundServer
-from serve_helpers import MODEL, tiny_engine
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (scripts/setup.sh installs it)")
 By = pytest.importorskip("selenium.webdriver.common.by").By

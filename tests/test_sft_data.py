@@ -4,7 +4,6 @@ import random
 import pytest
 
 from chatforge import cli
-from chatforge.config import ChatforgeError, ConfigError
 from chatforge.data.sft_data import (
     DROP_REASONS,
     Config,
@@ -17,6 +16,7 @@ from chatforge.data.sft_data import (
     read_conversations,
     split,
 )
+from chatforge.errors import ChatforgeError, ConfigError
 
 LONG_ANSWER = ("The answer depends on how the data is stored, which index is used and how often it changes. " * 6).strip()
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from chatforge.config import ChatforgeError
 from chatforge.data.shards import TokenWindows, read_meta, write_shard
+from chatforge.errors import ChatforgeError
 
 VOCAB = 60_000  # above every id of the arange shards below, so x[i, j] + 1 == x[i, j + 1] inside a window
 

@@ -10,9 +10,10 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from chatforge.config import ChatforgeError, ConfigError, parse
-from chatforge.tokenizer import END_OF_TEXT, SPECIAL_TOKENS, Tokenizer
 from chatforge import tokenizer_stage
+from chatforge.config import parse
+from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.tokenizer import END_OF_TEXT, SPECIAL_TOKENS, Tokenizer
 from chatforge.tokenizer_stage import Config, run
 
 ENGLISH = "The quick brown fox jumps over the lazy dog. It's 2024; we'll see 12345 apples, don't you think?"

@@ -9,7 +9,7 @@ import pytest
 
 from chatforge.chat_template import TOOL_CALL, parse_tool_calls, render
 from chatforge.cli import main
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.infer.params import SamplingParams
 from chatforge.tokenizer import Tokenizer
 from chatforge.tools.calculator import CalculatorError, calculate, format_number

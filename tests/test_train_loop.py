@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-
-from chatforge.config import ChatforgeError, ConfigError
-from chatforge.train.checkpoint import latest_checkpoint
-from chatforge.train.loop import Micro, TrainingInterrupted, lm_loss, lr_at, make_optimizer, train
 from train_helpers import CountingTask, fast_config, losses, tiny_gpt
+
+from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.model.checkpoint import latest_checkpoint
+from chatforge.train.loop import Micro, TrainingInterrupted, lm_loss, lr_at, make_optimizer, train
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from chatforge.chat_template import render
-from chatforge.config import ChatforgeError
 from chatforge.data.shards import check_split, rank_slice, to_device
+from chatforge.errors import ChatforgeError
 
 IGNORE = -1  # target id the model's loss skips
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from chatforge.config import ChatforgeError
 from chatforge.data.clean import NearDuplicateIndex, codex_filter_reason, dedup_key
+from chatforge.errors import ChatforgeError
 
 # Directories that hold tests, caches or other installations rather than library code.
 SKIP_DIRS = {"test", "tests", "testing", "idle_test", "__pycache__", "site-packages", "dist-packages", ".git"}

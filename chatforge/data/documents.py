@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from chatforge import io
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 
 def read_documents(path: str | Path) -> Iterator[dict]:

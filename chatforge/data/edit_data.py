@@ -35,8 +35,9 @@ from typing import Iterator
 import numpy as np
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
 from chatforge.data.documents import read_documents, unit_hash
+from chatforge.errors import ChatforgeError, ConfigError
 
 INSTRUCTIONS = {
     "spelling": ["Fix the spelling mistakes.", "Correct the typos.", "Fix the spelling."],

@@ -23,7 +23,7 @@ import dataclasses
 
 import numpy as np
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
 ORDERS = ("psm", "spm")

@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
 from chatforge.data import sources
-from chatforge.data.documents import unit_hash
 from chatforge.data.clean import (
     NearDuplicateIndex,
     codex_filter_reason,
@@ -45,6 +44,8 @@ from chatforge.data.clean import (
     scrub_pii,
     strip_control_chars,
 )
+from chatforge.data.documents import unit_hash
+from chatforge.errors import ChatforgeError, ConfigError
 
 SPLITS = ("train", "val", "test")
 HOLDOUT_FILE = "chat_holdout.jsonl"

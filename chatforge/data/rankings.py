@@ -24,7 +24,8 @@ from pathlib import Path
 
 from chatforge import io
 from chatforge.chat_template import prompt_ids, validate_messages
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.train.preference import normalize_ranking
 
 MIN_K, MAX_K = 4, 9

@@ -32,12 +32,13 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from chatforge import io
 from chatforge.chat_template import validate_messages
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
 from chatforge.data.clean import dedup_key, scrub_pii
+from chatforge.errors import ChatforgeError, ConfigError
 
 CATEGORIES = ("plain", "few-shot", "user-based")
 LANGUAGES = ("en", "zh", "other")

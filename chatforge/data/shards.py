@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from chatforge import io
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 META_FILE = "meta.json"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from chatforge import io
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
                   "bing": "assistant", "assistant": "assistant", "system": "system"}

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from chatforge.config import ChatforgeError, option
+from chatforge.config import option
 from chatforge.data.chat_batches import EpochOrder
+from chatforge.errors import ChatforgeError
 from chatforge.io import read_jsonl
 
 

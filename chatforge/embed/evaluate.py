@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chatforge.config import ChatforgeError, nested, option
+from chatforge.config import nested, option
 from chatforge.data.documents import read_documents
 from chatforge.embed.data import Pair, chat_pairs, comment_pairs, dedupe, docstring_pairs, span_pairs
 from chatforge.embed.index import Embedder
 from chatforge.embed.minilm import MiniLMEmbedder
 from chatforge.embed.model import ChatforgeEmbedder, EmbeddingModel
+from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_path, write_json, write_text
 from chatforge.model.gpt import GPT, GPTConfig
 
@@ -283,7 +284,7 @@ def run(cfg: Config, args: list[str]) -> None:
     base_path = trained.info.get("base")
     base = None
     if base_path and Path(base_path).exists():
-        from chatforge.train.checkpoint import load_model
+        from chatforge.model.checkpoint import load_model
 
         base, _ = load_model(base_path, device=str(trained.device))
     compare(trained, base, cfg.data_dir, cfg.eval, cfg.out_dir or Path(trained.path) / "eval")

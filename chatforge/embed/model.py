@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from chatforge.config import ChatforgeError, option
+from chatforge.config import option
 from chatforge.embed.index import token_windows
+from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_directory
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.tokenizer import Tokenizer

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from chatforge.config import ChatforgeError, option
+from chatforge.config import option
 from chatforge.data.documents import read_documents
 from chatforge.embed.index import BACKENDS, Embedder, SearchIndex, load_embedder
+from chatforge.errors import ChatforgeError
 
 
 @dataclass

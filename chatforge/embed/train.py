@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.config import nested, option
 from chatforge.data.documents import read_documents
 from chatforge.embed.data import PairBatches, PairConfig, build_pairs
 from chatforge.embed.model import ChatforgeEmbedder, EmbeddingModel, EmbedSpec, encode_texts, grad_cache_step, info_nce
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.train.loop import TrainConfig, train
 
 EMBEDDER_DIR = "embedder"
@@ -98,7 +99,7 @@ class ContrastiveTask:
         return self._chunks([p.query for p in pairs], "query", device), self._chunks([p.document for p in pairs], "document", device)
 
     def backward(self, model, batch, micro) -> dict:
-        from chatforge.train.checkpoint import unwrap
+        from chatforge.model.checkpoint import unwrap
 
         queries, documents = batch
         loss = grad_cache_step(_Forward(model, unwrap(model)), queries, documents, loss_weight=micro.scale,
@@ -115,9 +116,9 @@ class ContrastiveTask:
 
 
 def run(cfg: Config, args: list[str]) -> None:
+    from chatforge.model.checkpoint import load_model, tokenizer_path
     from chatforge.tokenizer import Tokenizer
     from chatforge.train import distributed
-    from chatforge.train.checkpoint import load_model, tokenizer_path
 
     cfg.validate()
     gpt, info = load_model(cfg.init_from)

@@ -34,7 +34,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.config import nested, option
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evals.humaneval import DEFAULT_K, STOP_SEQUENCES, Problem, evaluate, load_problems
 from chatforge.evals.sandbox import Sandbox, SandboxLimits
 from chatforge.infer.loading import EngineOptions, load_engine

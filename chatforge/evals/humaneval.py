@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.evals.sandbox import Sandbox, SandboxResult
 
 # Codex's stop sequences: a completed function body ends where top-level code would begin.

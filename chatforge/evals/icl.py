@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from chatforge import io
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.infer.params import SamplingParams
 
 WORDNET_ENTRY = re.compile(r"^([a-z][a-z-]{2,14})(?:, [^(\n]*)? \((noun|verb|adj|adv)\): ([^;\n\"]{10,90})$", re.M)

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from chatforge.config import ChatforgeError, option
+from chatforge.config import option
+from chatforge.errors import ChatforgeError
 
 JAIL = Path(__file__).with_name("_jail.py")
 SETUP_FAILED = 125
@@ -71,7 +72,7 @@ class SandboxLimits:
     sandbox_uid: int = option(65534, "host uid the jail's root maps to when the evaluator runs as root (namespace mode)")
 
     def validate(self) -> None:
-        from chatforge.config import ConfigError
+        from chatforge.errors import ConfigError
 
         if self.isolation not in ("auto", "namespace", "rlimit"):
             raise ConfigError(f"option 'isolation' must be auto, namespace or rlimit; got {self.isolation!r}")

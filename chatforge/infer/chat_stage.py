@@ -28,7 +28,8 @@ from pathlib import Path
 
 from chatforge import io
 from chatforge.chat_template import fit_to_context, prompt_ids, validate_messages
-from chatforge.config import ChatforgeError, option
+from chatforge.config import option
+from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine
 from chatforge.infer.loading import EngineOptions, load_engine
 from chatforge.infer.params import SamplingParams

@@ -15,8 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatforge.config import ChatforgeError, option
 from chatforge.chat_template import edit_messages, prompt_ids
+from chatforge.config import option
+from chatforge.errors import ChatforgeError
 from chatforge.evals.edit_eval import edit_params
 from chatforge.infer.loading import EngineOptions, load_engine
 

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.infer.beam import Beam, beam_search
 from chatforge.infer.detokenizer import IncrementalDetokenizer
 from chatforge.infer.outputs import Completion, Delta

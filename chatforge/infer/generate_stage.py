@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
 from chatforge.data.fim import ORDERS, insertion_ids, middle_params
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.infer.engine import Engine
-from chatforge.infer.outputs import Completion
 from chatforge.infer.loading import EngineOptions, load_engine, unescape
+from chatforge.infer.outputs import Completion
 from chatforge.infer.params import SamplingParams
 
 
@@ -131,7 +132,7 @@ def run(cfg: Config, args: list[str]) -> None:
     engine = load_engine(cfg)
     inputs = prompts
     if cfg.suffix is not None:
-        from chatforge.train.checkpoint import trained_for_fim
+        from chatforge.model.checkpoint import trained_for_fim
 
         if not trained_for_fim(cfg.ckpt):
             raise ChatforgeError(f"{cfg.ckpt} was not trained for insertion, so --suffix would give noise; train one "

@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
 
@@ -37,8 +38,8 @@ def unescape(text: str) -> str:
 def load_engine(options: EngineOptions) -> Engine:
     """The checkpoint's model and tokenizer (or ``--tokenizer``) wrapped in an Engine."""
     from chatforge.device import resolve_device
+    from chatforge.model.checkpoint import load_model, tokenizer_path
     from chatforge.tokenizer import Tokenizer
-    from chatforge.train.checkpoint import load_model, tokenizer_path
 
     if not Path(options.ckpt).exists():
         raise ChatforgeError(f"checkpoint not found: {options.ckpt} (train one, or pass --ckpt)")

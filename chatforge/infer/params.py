@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from chatforge.config import ChatforgeError, option
+from chatforge.config import option
+from chatforge.errors import ChatforgeError
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI: alternatives beyond this are noise and cost a top-k over the vocabulary
 

@@ -17,7 +17,7 @@ import queue
 import threading
 from typing import AsyncIterator, Iterator
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.infer.outputs import Completion, Delta
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.runner import Event, Prepared, Request

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chatforge import io
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

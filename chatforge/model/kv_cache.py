@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 
 @dataclass

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
 from chatforge.data.fim import insertion_ids, middle_params
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evals.icl import built_in_tasks, demo_text, user_task
 from chatforge.infer.params import SamplingParams
 
@@ -153,7 +154,7 @@ def load_demos(cfg: Config) -> tuple[list[tuple[str, str]], str]:
 
 def run(cfg: Config, args: list[str]) -> None:
     from chatforge.infer.loading import EngineOptions, load_engine
-    from chatforge.train.checkpoint import trained_for_fim
+    from chatforge.model.checkpoint import trained_for_fim
 
     cfg.validate()
     items, baseline = load_demos(cfg)

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
 from chatforge.data.documents import unit_hash
+from chatforge.errors import ChatforgeError, ConfigError
 
 WEIGHTS, META = "classifier.npz", "classifier.json"
 

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chatforge.config import ChatforgeError
 from chatforge.data.clean import scrub_pii
+from chatforge.errors import ChatforgeError
 
 ACTIONS = ("allow", "redact", "refuse")
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")

@@ -51,16 +51,23 @@ from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from chatforge.chat_template import ROLE_TOKENS, edit_messages, fit_to_context, prompt_ids, stop_token_ids
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
 from chatforge.data.fim import insertion_ids, middle_params
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.infer.outputs import Completion, Delta, TokenLogprob
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import RequestHandle, Scheduler
+from chatforge.safety.filters import FilterPipeline, Policy, StreamGuard
 from chatforge.serve import errors
 from chatforge.serve.errors import APIError
-from chatforge.safety.filters import FilterPipeline, Policy, StreamGuard
-from chatforge.serve.schemas import (ChatCompletionRequest, CompletionRequest, EditRequest, EmbeddingRequest,
-                                     ModerationRequest, SamplingFields)
+from chatforge.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EditRequest,
+    EmbeddingRequest,
+    ModerationRequest,
+    SamplingFields,
+)
 from chatforge.serve.security import BodySizeLimit, KeyChecker, RateLimiter
 from chatforge.tools.loop import answer_with_tools
 from chatforge.tools.registry import Tool, builtin_tools

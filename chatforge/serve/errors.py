@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 log = logging.getLogger("chatforge.serve")
 

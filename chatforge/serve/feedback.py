@@ -38,7 +38,6 @@ Exports (``chatforge feedback export --as sft|rankings --out FILE``), JSON lines
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from chatforge import io
 from chatforge.chat_template import ROLE_TOKENS
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 SIGNALS = ("copied", "regenerated", "continued", "asked_again")
 CLIENT_SIGNALS = ("copied",)  # the others follow from the messages the client adds

@@ -10,7 +10,7 @@ from typing import Callable, Literal
 from fastapi import APIRouter, Depends
 from pydantic import Field
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.serve.errors import APIError
 from chatforge.serve.feedback import CLIENT_SIGNALS, FeedbackStore, NotFound
 from chatforge.serve.schemas import Strict

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.serve.feedback import EXPORT_FORMATS, FeedbackStore, store_target
 
 

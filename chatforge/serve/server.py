@@ -9,7 +9,7 @@ import time
 
 import uvicorn
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 
 def _config(app, log_level: str) -> uvicorn.Config:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatforge.config import ChatforgeError, option
+from chatforge.config import option
+from chatforge.errors import ChatforgeError
 from chatforge.serve.api import ServeOptions
 
 
@@ -42,10 +43,10 @@ def run(cfg: Config, args: list[str]) -> None:
     from chatforge.device import resolve_device
     from chatforge.infer.loading import EngineOptions, load_engine
     from chatforge.infer.scheduler import Scheduler
+    from chatforge.model.checkpoint import trained_for_fim
     from chatforge.serve.api import create_app
     from chatforge.serve.feedback import FeedbackStore, store_target
     from chatforge.serve.server import serve_forever
-    from chatforge.train.checkpoint import trained_for_fim
 
     if cfg.threads:
         import torch

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 MAX_CHARS = 200
 MAX_DEPTH = 30

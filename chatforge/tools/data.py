@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from chatforge import io
-from chatforge.config import ConfigError, option
+from chatforge.config import option
+from chatforge.errors import ConfigError
 from chatforge.tools.calculator import calculate, format_number
 
 PHRASINGS = {

@@ -17,7 +17,7 @@ import numpy as np
 
 from chatforge import io
 from chatforge.chat_template import END_OF_TURN, TOOL_CALL, prompt_ids
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.infer.outputs import Choice, Completion
 from chatforge.infer.params import SamplingParams
 from chatforge.tools.calculator import CalculatorError, calculate, format_number

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from chatforge.chat_template import TOOL_CALL, parse_tool_calls, prompt_ids
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.infer.params import SamplingParams
 from chatforge.tools.registry import Tool, run_tool
 

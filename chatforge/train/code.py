@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.config import nested, option
 from chatforge.data.code_corpus import build_corpus, default_sources
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.train.continued import Build, ContinuedTrainConfig, continue_training
 from chatforge.train.loop import SUMMARY_FILE
 

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from chatforge import io
-from chatforge.config import ChatforgeError, option
+from chatforge.config import option
 from chatforge.data.shards import write_shard
+from chatforge.errors import ChatforgeError
 from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
 from chatforge.train.loop import TrainConfig, train
 from chatforge.train.pretrain import TOKENS_DIR, PretrainTask, open_shards
+
 
 @dataclass
 class ContinuedTrainConfig(TrainConfig):
@@ -66,7 +68,7 @@ def continue_training(stage: str, cfg, build: Build, describe: Callable[[dict], 
     line printed about the corpus.
     """
     from chatforge.device import resolve_device
-    from chatforge.train.checkpoint import latest_checkpoint, load_model, tokenizer_path
+    from chatforge.model.checkpoint import latest_checkpoint, load_model, tokenizer_path
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ChatforgeError(f"the {stage} stage builds its corpus in-process; run it as one process (without torchrun)")

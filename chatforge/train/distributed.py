@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from chatforge.config import ChatforgeError
 from chatforge.device import device_type, resolve_device
+from chatforge.errors import ChatforgeError
 
 
 @dataclass(frozen=True)

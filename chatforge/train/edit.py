@@ -20,7 +20,8 @@ from pathlib import Path
 
 from chatforge import io
 from chatforge.chat_template import edit_messages, render
-from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.config import nested, option
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.train.loop import SUMMARY_FILE, TrainConfig
 from chatforge.train.sft import fine_tune_on_conversations
 
@@ -70,10 +71,10 @@ def fitting(triples: list[dict], tokenizer, block_size: int) -> list[dict]:
 
 
 def run(cfg: Config, args: list[str]) -> None:
-    from chatforge.infer.loading import EngineOptions, load_engine
     from chatforge.evals.edit_eval import evaluate_edits
+    from chatforge.infer.loading import EngineOptions, load_engine
+    from chatforge.model.checkpoint import load_model, tokenizer_path
     from chatforge.tokenizer import Tokenizer
-    from chatforge.train.checkpoint import load_model, tokenizer_path
 
     cfg.validate()
     data = Path(cfg.data_dir)

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.config import nested, option
 from chatforge.data.documents import read_documents
 from chatforge.data.fim import transform
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.train.continued import Build, ContinuedTrainConfig, continue_training
 from chatforge.train.loop import SUMMARY_FILE
 

@@ -9,7 +9,7 @@ a ``TrainConfig``; the loop does the rest the same way for everyone:
 * DDP over ``torchrun`` processes (``chatforge.train.distributed``), bf16 autocast and ``torch.compile``
   where they pay off (``chatforge.device``);
 * validation every ``eval_every`` steps, checkpoints every ``ckpt_every`` steps and at the end, exact resume
-  (``chatforge.train.checkpoint``), a wall-time budget (``max_minutes``) the schedule is fitted to;
+  (``chatforge.model.checkpoint``), a wall-time budget (``max_minutes``) the schedule is fitted to;
 * a progress bar (loss, tokens/s, ETA), ``metrics.jsonl``, ``loss.png`` and ``summary.json`` in ``out_dir``.
 
 The Task protocol (duck-typed; only ``batch`` and ``loss`` are required)::
@@ -58,9 +58,10 @@ import torch
 from torch import nn
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import option
 from chatforge.device import autocast, dtype_name, resolve_compile, resolve_dtype
-from chatforge.train import checkpoint as ckpt
+from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.model import checkpoint as ckpt
 from chatforge.train import distributed
 
 METRICS_FILE = "metrics.jsonl"

@@ -23,26 +23,33 @@ a message. Every step logs reward, KL, β, entropy, clip fraction, value loss, r
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from chatforge import io
 from chatforge.chat_template import prompt_ids, stop_token_ids
-from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.config import nested, option
 from chatforge.data.chat_batches import EpochOrder
+from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.infer.params import SamplingParams
 from chatforge.model.gpt import GPT
 from chatforge.model.heads import ScalarHeadModel
-from chatforge.infer.params import SamplingParams
 from chatforge.train.loop import TrainConfig, train
+from chatforge.train.ppo_math import (
+    AdaptiveKL,
+    FixedKL,
+    entropy,
+    gae,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
 from chatforge.train.reward import pad_rows
-from chatforge.train.ppo_math import AdaptiveKL, FixedKL, entropy, gae, masked_mean, policy_loss, token_rewards, value_loss, whiten
 
 
 @dataclass
@@ -327,9 +334,9 @@ def win_rates(policy: GPT, baseline: GPT, reward_model: ScalarHeadModel, tokeniz
 def run(cfg: Config, args: list[str]) -> None:
     from chatforge.data.rankings import read_prompt_pool
     from chatforge.data.shards import TokenWindows
+    from chatforge.model.checkpoint import load_model, tokenizer_path
     from chatforge.tokenizer import Tokenizer
     from chatforge.train import distributed
-    from chatforge.train.checkpoint import load_model, tokenizer_path
     from chatforge.train.loop import read_metrics
     from chatforge.train.reward import load_reward_model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 
 def normalize_ranking(ranking: list, num_responses: int) -> list[list[int]]:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.config import nested, option
 from chatforge.data.shards import TokenWindows, read_meta
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model.gpt import GPT, PRESETS, GPTConfig, preset_config
 from chatforge.tokenizer import TOKENIZER_FILE
 from chatforge.train.loop import TrainConfig, lm_loss, train
@@ -139,7 +140,7 @@ def run(cfg: Config, args: list[str]) -> None:
     cfg.validate()
     model, origin = None, f"preset {cfg.model.preset}"
     if cfg.init_from:
-        from chatforge.train.checkpoint import load_model
+        from chatforge.model.checkpoint import load_model
 
         model, info = load_model(cfg.init_from)
         model.train()

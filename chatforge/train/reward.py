@@ -23,9 +23,10 @@ import torch
 
 from chatforge import io
 from chatforge.chat_template import prompt_ids, stop_token_ids
-from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.config import nested, option
 from chatforge.data.chat_batches import EpochOrder
 from chatforge.data.rankings import read_rankings
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model.heads import ScalarHeadModel
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import TrainConfig, train
@@ -132,7 +133,7 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> ScalarHeadModel:
     """A trained reward model (eval mode) with its normalising offset applied."""
     from safetensors.torch import load_file
 
-    from chatforge.train.checkpoint import WEIGHTS_FILE, load_model, resolve_checkpoint
+    from chatforge.model.checkpoint import WEIGHTS_FILE, load_model, resolve_checkpoint
 
     folder = resolve_checkpoint(path)
     gpt, info = load_model(folder, device)
@@ -149,8 +150,8 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> ScalarHeadModel:
 
 
 def run(cfg: Config, args: list[str]) -> None:
+    from chatforge.model.checkpoint import load_model, tokenizer_path
     from chatforge.train import distributed
-    from chatforge.train.checkpoint import load_model, tokenizer_path
 
     cfg.validate()
     gpt, info = load_model(cfg.init_from)

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from chatforge import io
 from chatforge.chat_template import validate_messages
-from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.config import nested, option
 from chatforge.data.chat_batches import IGNORE, ChatBatches, encode_conversations
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import TrainConfig, lm_loss, train
 
@@ -104,7 +105,7 @@ def fine_tune_on_conversations(stage: str, cfg, train_conversations: list[list[d
     """Fine-tune ``cfg.init_from`` on whole conversations, loss on assistant tokens; the SFT stage and the edit
     stage both run through here. ``cfg`` needs init_from, out_dir, resume and train. Returns the loop's summary."""
     from chatforge.device import resolve_device
-    from chatforge.train.checkpoint import load_model, tokenizer_path
+    from chatforge.model.checkpoint import load_model, tokenizer_path
 
     if not cfg.init_from:
         raise ConfigError(f"option 'init_from' is required: {stage} fine-tunes a pretrained model")

@@ -22,6 +22,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+
 import numpy as np
 import torch
 from safetensors import safe_open
@@ -29,8 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from chatforge import io
-from chatforge.config import ChatforgeError
+from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model.hf import load_hf_gpt2
 from chatforge.tokenizer import TOKENIZER_FILE
 
 FORMAT = "chatforge-checkpoint-1"
@@ -233,8 +235,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     """
     folder = resolve_checkpoint(path)
     if _is_hf_dir(folder):
-        from chatforge.model.hf import load_hf_gpt2
-
         model = load_hf_gpt2(folder, device=device)
         info = {"format": "huggingface", "model": model.config.to_dict(), "step": None}
     else:
