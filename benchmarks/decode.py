@@ -88,7 +88,9 @@ def _batch1(cfg: Config, engine: Engine, hf, prompt: list[int]) -> tuple[float, 
 
 def _concurrent(cfg: Config, engine: Engine, prompts: list[list[int]]) -> tuple[float, float, bool]:
     """Median seconds for the requests one after another and all at once, and whether outputs match."""
-    params = SamplingParams(temperature=0.0, max_tokens=cfg.request_tokens, min_tokens=cfg.request_tokens, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=cfg.request_tokens, min_tokens=cfg.request_tokens, ignore_eos=True
+    )
     alone: list = []
 
     def sequential():
@@ -98,6 +100,7 @@ def _concurrent(cfg: Config, engine: Engine, prompts: list[list[int]]) -> tuple[
 
     def concurrent():
         with Scheduler(engine, max_batch_size=len(prompts)) as scheduler:
+
             def client(i):
                 together[i] = scheduler.submit(prompts[i], params).result().choices[0].token_ids
 
@@ -133,17 +136,23 @@ def main(argv: list[str]) -> None:
     prompts = [torch.randint(vocab, (n,), generator=generator).tolist() for n in lengths]
 
     print(f"model: {source}; {model.num_params() / 1e6:.1f}M parameters, vocab {model.config.vocab_size}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"device cpu")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+        f"device cpu"
+    )
     ours, theirs, agree = _batch1(cfg, engine, hf, prompt)
-    print(f"batch-1 greedy decode, {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens, median of "
-          f"{cfg.repeats}: chatforge {ours:.1f} tok/s, transformers {theirs:.1f} tok/s "
-          f"(same tokens at {agree:.0%} of positions)")
+    print(
+        f"batch-1 greedy decode, {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens, median of "
+        f"{cfg.repeats}: chatforge {ours:.1f} tok/s, transformers {theirs:.1f} tok/s "
+        f"(same tokens at {agree:.0%} of positions)"
+    )
     seq, conc, same = _concurrent(cfg, engine, prompts)
     total = cfg.requests * cfg.request_tokens
-    print(f"{cfg.requests} requests x {cfg.request_tokens} tokens: one after another {seq:.2f} s "
-          f"({total / seq:.0f} tok/s), continuous batching {conc:.2f} s ({total / conc:.0f} tok/s); "
-          f"outputs {'identical' if same else 'DIFFER'}")
+    print(
+        f"{cfg.requests} requests x {cfg.request_tokens} tokens: one after another {seq:.2f} s "
+        f"({total / seq:.0f} tok/s), continuous batching {conc:.2f} s ({total / conc:.0f} tok/s); "
+        f"outputs {'identical' if same else 'DIFFER'}"
+    )
     print(f"RESULT continuous_batching_speedup {seq / conc:.2f}")
     print(f"RESULT decode_speed_ratio_vs_hf {ours / theirs:.2f}")
 

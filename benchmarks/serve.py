@@ -124,7 +124,8 @@ async def _phase(url: str, cfg: Config, concurrent: bool) -> tuple[float, list[f
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
         start = time.perf_counter()
         if concurrent:
-            results = await asyncio.gather(*(_one(client, q, cfg.max_tokens) for q in questions), return_exceptions=True)
+            requests = (_one(client, q, cfg.max_tokens) for q in questions)
+            results = await asyncio.gather(*requests, return_exceptions=True)
         else:
             results = []
             for q in questions:
@@ -163,8 +164,10 @@ def main(argv: list[str]) -> None:
         server = _start_server(ckpt, tokenizer, cfg, port, log)
         try:
             _wait_ready(url, server, cfg.startup_timeout, log)
-            print(f"model: {source}; server: chatforge serve on {url}, {cfg.clients} slots, device {cfg.device}, "
-                  f"{os.cpu_count()} CPU cores")
+            print(
+                f"model: {source}; server: chatforge serve on {url}, {cfg.clients} slots, device {cfg.device}, "
+                f"{os.cpu_count()} CPU cores"
+            )
             asyncio.run(_phase(url, Config(**{**cfg.__dict__, "clients": 2}), concurrent=True))  # warm-up
             runs = {False: [], True: []}
             for _ in range(cfg.repeats):  # interleaved, so drifting load on a shared machine hits both alike
@@ -183,9 +186,11 @@ def main(argv: list[str]) -> None:
         ttft = [t for r in runs[concurrent] for t in r[1]]
         errors += sum(r[3] for r in runs[concurrent])
         rates[concurrent] = statistics.median(r[2] / r[0] for r in runs[concurrent])
-        print(f"  {name + ':':12} {statistics.median(walls):6.2f} s, {rates[concurrent]:7.1f} tok/s, time to first "
-              f"token p50 {_percentile(ttft, 0.5) * 1000:.0f} ms, p95 {_percentile(ttft, 0.95) * 1000:.0f} ms, "
-              f"errors {sum(r[3] for r in runs[concurrent])}")
+        print(
+            f"  {name + ':':12} {statistics.median(walls):6.2f} s, {rates[concurrent]:7.1f} tok/s, time to first "
+            f"token p50 {_percentile(ttft, 0.5) * 1000:.0f} ms, p95 {_percentile(ttft, 0.95) * 1000:.0f} ms, "
+            f"errors {sum(r[3] for r in runs[concurrent])}"
+        )
     ratio = rates[True] / rates[False]
     print(f"throughput ratio concurrent / one by one: {ratio:.2f}x (target >= 4x); errors {errors} (target 0)")
     print(f"RESULT serve_concurrency_ratio {ratio:.2f}")

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 from chatforge.config import die
+from chatforge.data.tokenize import compare_encoders, sample_texts
 from chatforge.errors import ChatforgeError
 from chatforge.tokenizer import Tokenizer
-from chatforge.tokenizer_stage import compare_encoders, sample_texts
 
 
 def main() -> None:

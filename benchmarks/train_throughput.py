@@ -52,7 +52,10 @@ def batches(args, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         starts = rng.integers(0, len(tokens) - args.block - 1, size=(args.warmup + args.steps, args.batch))
         rows = [torch.from_numpy(tokens[s[:, None] + np.arange(args.block + 1)].astype(np.int64)) for s in starts]
     else:
-        rows = [torch.from_numpy(rng.integers(0, vocab, size=(args.batch, args.block + 1))) for _ in range(args.warmup + args.steps)]
+        rows = [
+            torch.from_numpy(rng.integers(0, vocab, size=(args.batch, args.block + 1)))
+            for _ in range(args.warmup + args.steps)
+        ]
     return [(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows]
 
 
@@ -97,17 +100,29 @@ def main() -> None:
     cfg = preset_config(args.preset, vocab_size=args.vocab, block_size=args.block)
     compiled = resolve_compile("auto", "cpu")
     fast = resolve_dtype("auto", "cpu", compiled)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: preset {args.preset} "
-          f"({cfg.n_layer} layers, {cfg.n_embd} dims, vocab {cfg.vocab_size}, context {cfg.block_size}), "
-          f"batch {args.batch} x {args.block} tokens, {args.steps} timed steps after {args.warmup} warm-up")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: preset {args.preset} "
+        f"({cfg.n_layer} layers, {cfg.n_embd} dims, vocab {cfg.vocab_size}, context {cfg.block_size}), "
+        f"batch {args.batch} x {args.block} tokens, {args.steps} timed steps after {args.warmup} warm-up"
+    )
     peaks = {torch.float32: matmul_peak(torch.float32), torch.bfloat16: matmul_peak(torch.bfloat16)}
     print("matmul peak: " + ", ".join(f"{dtype_name(d)} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()))
 
     torch.manual_seed(0)
     ours = GPT(cfg)
-    hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                           n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-                           bos_token_id=None, eos_token_id=None)
+    hf_config = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     theirs = GPT2LMHeadModel(hf_config)
     params = ours.num_params()
     assert params == sum(p.numel() for p in theirs.parameters()), "the two models must have the same shape"
@@ -117,8 +132,10 @@ def main() -> None:
     def mfu(rate, dtype):
         return f"MFU {100 * rate * flops_per_token / peaks[dtype]:.1f}% of the {dtype_name(dtype)} peak"
 
-    hf_logits = lambda m, x: m(input_ids=x).logits
-    ours_logits = lambda m, x: m(x)[0]
+    def hf_logits(m, x):
+        return m(input_ids=x).logits
+    def ours_logits(m, x):
+        return m(x)[0]
     label = f"chatforge ({dtype_name(fast)}{' + compile' if compiled else ''}, fused AdamW)"
     ours_rate = measure(label, ours, ours_logits, data, args, fast, compiled)
     hf_rate = measure("transformers (fp32 eager, fused AdamW)", theirs, hf_logits, data, args, torch.float32, False)
@@ -127,8 +144,15 @@ def main() -> None:
     print(f"transformers: {hf_rate:9,.0f} tokens/s, {mfu(hf_rate, torch.float32)}")
     if args.hf_fast:
         torch.manual_seed(0)
-        rate = measure(f"transformers ({dtype_name(fast)}{' + compile' if compiled else ''}, for context)",
-                       GPT2LMHeadModel(hf_config), hf_logits, data, args, fast, compiled)
+        rate = measure(
+            f"transformers ({dtype_name(fast)}{' + compile' if compiled else ''}, for context)",
+            GPT2LMHeadModel(hf_config),
+            hf_logits,
+            data,
+            args,
+            fast,
+            compiled,
+        )
         print(f"transformers on the fast path: {rate:9,.0f} tokens/s, {mfu(rate, fast)}")
     print(f"ratio chatforge / transformers: {ours_rate / hf_rate:.2f}")
     print(f"RESULT train_speed_ratio_vs_hf {ours_rate / hf_rate:.3f}")

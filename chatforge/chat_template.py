@@ -21,16 +21,9 @@ import json
 from dataclasses import dataclass
 
 from chatforge.errors import ChatforgeError
+from chatforge.tokenizer import ASSISTANT, END_OF_TEXT, END_OF_TURN, SYSTEM, TOOL_CALL, TOOL_RESULT, USER
 
-ROLE_TOKENS = {
-    "system": "<|system|>",
-    "user": "<|user|>",
-    "assistant": "<|assistant|>",
-    "tool": "<|tool_result|>",
-}
-END_OF_TURN = "<|end|>"
-TOOL_CALL = "<|tool_call|>"
-END_OF_TEXT = "<|endoftext|>"
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": TOOL_RESULT}
 
 
 @dataclass
@@ -54,7 +47,11 @@ def validate_messages(messages: list[dict]) -> None:
         if calls and role != "assistant":
             raise ChatforgeError(f"message {i}: only assistant messages make tool calls")
         for call in calls:
-            if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(call.get("arguments"), dict):
+            if (
+                not isinstance(call, dict)
+                or not isinstance(call.get("name"), str)
+                or not isinstance(call.get("arguments"), dict)
+            ):
                 raise ChatforgeError(f"message {i}: a tool call needs a string 'name' and an object 'arguments'")
         if role == "system" and i != 0:
             raise ChatforgeError(f"message {i}: a system message may only come first")
@@ -72,8 +69,9 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False)
     for message in messages:
         body = tokenizer.encode(message["content"])
         for tool_call in message.get("tool_calls") or []:
-            body += [call] + tokenizer.encode(json.dumps({"name": tool_call["name"], "arguments": tool_call["arguments"]},
-                                                         ensure_ascii=False))
+            body += [call] + tokenizer.encode(
+                json.dumps({"name": tool_call["name"], "arguments": tool_call["arguments"]}, ensure_ascii=False)
+            )
         body.append(end)
         learn = 1 if message["role"] == "assistant" else 0
         ids += [tokenizer.special_id(ROLE_TOKENS[message["role"]])] + body
@@ -128,7 +126,7 @@ def fit_to_context(messages: list[dict], tokenizer, max_tokens: int) -> list[dic
     """Drop the oldest turns (never the system prompt, never the last message) until the prompt fits."""
     kept = list(messages)
     system = kept[:1] if kept and kept[0]["role"] == "system" else []
-    turns = kept[len(system):]
+    turns = kept[len(system) :]
     while len(turns) > 1 and len(prompt_ids(system + turns, tokenizer)) > max_tokens:
         turns = turns[1:]
         while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation restarts at a user turn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shutil
@@ -79,15 +80,20 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
 
 
 def read_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) of each non-blank line; a missing file or bad JSON is a ChatforgeError naming
-    the place. Lines end only at "\n": JSON text may hold U+2028 and friends, which ``str.splitlines`` would split."""
+    """(line number, parsed value) of each non-blank line of a JSONL file (gzip-compressed when it ends in .gz);
+    a missing or unreadable file or bad JSON is a ChatforgeError naming the place. Lines end only at "\n": JSON
+    text may hold U+2028 and friends, which ``str.splitlines`` would split."""
     path = Path(path)
     if not path.is_file():
         raise ChatforgeError(f"{what} not found: {path}")
-    with open(path, encoding="utf-8", newline="\n") as fh:
-        for number, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ChatforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="\n") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        yield number, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ChatforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
+        raise ChatforgeError(f"{path}: cannot read as UTF-8 JSON lines: {exc}") from None

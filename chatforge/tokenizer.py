@@ -37,19 +37,15 @@ SPLIT_PATTERN = (
 # What HF's ByteLevel pre-tokenizer splits by when use_regex=True: lets GPT-2-style tokenizer.json files load.
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-END_OF_TEXT = "<|endoftext|>"
+END_OF_TEXT = "<|endoftext|>"  # document boundary; every pretraining document ends with it
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"  # a chat turn's role
+END_OF_TURN = "<|end|>"
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+TOOL_CALL, TOOL_RESULT = "<|tool_call|>", "<|tool_result|>"
+PAD = "<|pad|>"
+# the order fixes their ids (right after the 256 byte tokens), so it never changes
 SPECIAL_TOKENS = (
-    END_OF_TEXT,  # document boundary; every pretraining document ends with it
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|end|>",  # end of a chat turn
-    "<|fim_prefix|>",
-    "<|fim_suffix|>",
-    "<|fim_middle|>",
-    "<|tool_call|>",
-    "<|tool_result|>",
-    "<|pad|>",
+    END_OF_TEXT, SYSTEM, USER, ASSISTANT, END_OF_TURN, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, TOOL_CALL, TOOL_RESULT, PAD,
 )
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -74,7 +70,9 @@ def _token_bytes(token: str, source: str) -> bytes:
     try:
         return bytes(_UNICODE_TO_BYTE[char] for char in token)
     except KeyError:
-        raise ChatforgeError(f"{source}: token {token!r} is not byte-level BPE (a char outside GPT-2's byte alphabet)") from None
+        raise ChatforgeError(
+            f"{source}: token {token!r} is not byte-level BPE (a char outside GPT-2's byte alphabet)"
+        ) from None
 
 
 def _split_pattern(pre_tokenizer: dict | None, source: str) -> str:
@@ -115,7 +113,9 @@ def _ranks_from_hf(spec: dict, source: str) -> dict[bytes, int]:
         raise ChatforgeError(f"{source}: vocabulary lacks some of the 256 byte tokens")
     merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
     if len(merges) != len(vocab) - 256:
-        raise ChatforgeError(f"{source}: {len(merges)} merges for {len(vocab)} tokens; expected one merge per non-byte token")
+        raise ChatforgeError(
+            f"{source}: {len(merges)} merges for {len(vocab)} tokens; expected one merge per non-byte token"
+        )
     previous = max(ranks[bytes([b])] for b in range(256))
     for index, (left, right) in enumerate(merges):
         merged = vocab.get(left + right)
@@ -137,7 +137,9 @@ class Tokenizer:
         ranks = _ranks_from_hf(spec, source)
         self.specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
         if sorted(self.specials.values()) != list(range(len(ranks), len(ranks) + len(self.specials))):
-            raise ChatforgeError(f"{source}: special token ids must follow the vocabulary ({sorted(self.specials.values())})")
+            raise ChatforgeError(
+                f"{source}: special token ids must follow the vocabulary ({sorted(self.specials.values())})"
+            )
         self.hash = _content_hash(self.pattern, ranks, self.specials)
         self.encoding = tiktoken.Encoding(
             name=f"chatforge-{self.hash}", pat_str=self.pattern, mergeable_ranks=ranks, special_tokens=self.specials
@@ -154,7 +156,9 @@ class Tokenizer:
         """
         min_size = 256 + len(SPECIAL_TOKENS) + 1
         if vocab_size < min_size:
-            raise ChatforgeError(f"vocab_size={vocab_size} is too small; it must be at least {min_size} (256 bytes + specials + 1 merge)")
+            raise ChatforgeError(
+                f"vocab_size={vocab_size} is too small; it must be at least {min_size} (256 bytes + specials + 1 merge)"
+            )
         hf = HFTokenizer(models.BPE(byte_fallback=False))
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [
@@ -232,7 +236,9 @@ class Tokenizer:
         try:
             return self.specials[name]
         except KeyError:
-            raise ChatforgeError(f"tokenizer has no special token {name!r}; it has {', '.join(self.specials) or 'none'}") from None
+            raise ChatforgeError(
+                f"tokenizer has no special token {name!r}; it has {', '.join(self.specials) or 'none'}"
+            ) from None
 
     @property
     def eot_id(self) -> int:

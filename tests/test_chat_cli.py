@@ -10,11 +10,11 @@ import torch
 
 from chatforge.chat_template import prompt_ids
 from chatforge.cli import main
-from chatforge.infer.chat_stage import Conversation
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.hf import export_hf_gpt2
+from chatforge.serve.terminal import Conversation
 from chatforge.tokenizer import Tokenizer
 
 pytest.importorskip("chatforge.model.checkpoint")
@@ -44,7 +44,9 @@ def test_stdin_message_is_answered_through_the_chat_template(setup, capsys, monk
     engine, args, _ = setup
     monkeypatch.setattr("sys.stdin", stdio.StringIO("Hello world\n"))
     main(["chat", *args, "--system=Be brief."])
-    expected = _expected_answer(engine, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}])
+    expected = _expected_answer(
+        engine, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
+    )
     assert capsys.readouterr().out == expected + "\n"
 
 
@@ -52,8 +54,14 @@ def test_positional_messages_are_one_conversation(setup, capsys):
     engine, args, _ = setup
     main(["chat", *args, "Hello", "The quick"])
     first = _expected_answer(engine, [{"role": "user", "content": "Hello"}])
-    second = _expected_answer(engine, [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
-                                       {"role": "user", "content": "The quick"}])
+    second = _expected_answer(
+        engine,
+        [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "The quick"},
+        ],
+    )
     assert capsys.readouterr().out.splitlines() == [first, second]
 
 
@@ -94,8 +102,8 @@ def test_a_max_tokens_as_long_as_the_context_still_leaves_the_prompt_room():
     """The chat defaults (max_tokens 256) on a 256-token model: the answer gets at most half the context."""
     from serve_helpers import tiny_engine
 
-    from chatforge.infer.chat_stage import Conversation
     from chatforge.infer.params import SamplingParams
+    from chatforge.serve.terminal import Conversation
 
     engine = tiny_engine(block_size=64)
     chat = Conversation(engine, SamplingParams(temperature=0, max_tokens=64))

@@ -111,7 +111,9 @@ def test_rng_state_round_trips():
 def test_incompatible_checkpoint_is_a_clear_error_and_nothing_is_overwritten(tmp_path):
     train(tiny_gpt(), CountingTask(), fast_config(steps=3), tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(ChatforgeError, match=r"incompatible with this model: it has n_embd=32 but this run has n_embd=64"):
+    with pytest.raises(
+        ChatforgeError, match=r"incompatible with this model: it has n_embd=32 but this run has n_embd=64"
+    ):
         train(tiny_gpt(n_embd=64), CountingTask(), fast_config(steps=6), tmp_path, resume=True)
     with pytest.raises(ChatforgeError, match="already holds checkpoints.*--resume"):
         train(tiny_gpt(), CountingTask(), fast_config(steps=6), tmp_path)

@@ -57,9 +57,20 @@ def test_holdout_is_disjoint_and_splits_are_deterministic(tmp_path):
     path = sharegpt_file(tmp_path)
     # a pretraining copy of every conversation arrives as a user file: held-out ones must be caught as duplicates
     copies = tmp_path / "copies.jsonl"
-    copies.write_text("".join(json.dumps({"messages": [{"role": "user" if t["from"] == "human" else "assistant",
-                                                         "content": t["value"]} for t in conversation(i)["conversations"]]}) + "\n"
-                              for i in range(60)))
+    copies.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                        for t in conversation(i)["conversations"]
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(60)
+        )
+    )
     out, manifest = run_stage(tmp_path, f"--sharegpt_file={path}", "--holdout_fraction=0.3", f"--inputs={copies}")
     holdout = read(out / "chat_holdout.jsonl")
     pretrain = [d for split in ("train", "val", "test") for d in read(out / f"pretrain_{split}.jsonl")]
@@ -80,11 +91,18 @@ def test_user_inputs_of_every_format_and_filters_counted(tmp_path):
     (docs / "a.txt").write_text(long_text)
     (docs / "b.md").write_text("# Notes\n\n" + long_text.replace("number 30 ", "number thirty "))
     (docs / "f.txt").write_text("Questions about the survey go to bob.smith@example.org before Friday, thank you.")
-    (docs / "c.jsonl").write_text(json.dumps({"text": long_text.replace("number 40 ", "number forty ") + " extra"}) + "\n"
-                                  + json.dumps({"messages": [{"role": "user", "content": "hi " * 20},
-                                                             {"role": "assistant", "content": "hello " * 20}]}) + "\n")
-    pq.write_table(pa.table({"text": ["Parquet rows are read too, with enough words to pass the length filter.", "tiny"]}),
-                   docs / "d.parquet")
+    (docs / "c.jsonl").write_text(
+        json.dumps({"text": long_text.replace("number 40 ", "number forty ") + " extra"})
+        + "\n"
+        + json.dumps(
+            {"messages": [{"role": "user", "content": "hi " * 20}, {"role": "assistant", "content": "hello " * 20}]}
+        )
+        + "\n"
+    )
+    pq.write_table(
+        pa.table({"text": ["Parquet rows are read too, with enough words to pass the length filter.", "tiny"]}),
+        docs / "d.parquet",
+    )
     (docs / "e.txt").write_text(long_text)  # an exact duplicate of a.txt
     out, manifest = run_stage(tmp_path, "--sharegpt=false", f"--inputs={docs}")
     assert manifest["filters"]["exact_duplicate"] == 1 and manifest["filters"]["too_short"] == 1
@@ -102,8 +120,11 @@ def test_bad_inputs_are_named_and_nothing_is_overwritten(tmp_path, capsys):
     before = (out / "manifest.json").read_text()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok ok ok ok ok ok ok ok ok ok ok ok ok ok ok ok ok ok"}\n{"nope": 1}\n')
-    for inputs, message in [(f"{tmp_path / 'missing.txt'}", "input not found"), (f"{bad}", "bad.jsonl:2"),
-                            (f"{tmp_path / 'x.csv'}", "input not found")]:
+    for inputs, message in [
+        (f"{tmp_path / 'missing.txt'}", "input not found"),
+        (f"{bad}", "bad.jsonl:2"),
+        (f"{tmp_path / 'x.csv'}", "input not found"),
+    ]:
         with pytest.raises(SystemExit):
             main(["data", f"--out_dir={out}", *LOCAL, "--sharegpt=false", f"--inputs={inputs}"])
         assert message in capsys.readouterr().err
@@ -115,4 +136,6 @@ def test_bad_inputs_are_named_and_nothing_is_overwritten(tmp_path, capsys):
 
 def test_helpers():
     assert conversation_group("abc_3") == "abc" and conversation_group("abc") == "abc"
-    assert "NAME" in roff_text('.SH NAME\nls \\- list\n.B bold\n.\\" comment') and "comment" not in roff_text('.\\" comment')
+    assert "NAME" in roff_text('.SH NAME\nls \\- list\n.B bold\n.\\" comment') and "comment" not in roff_text(
+        '.\\" comment'
+    )

@@ -21,9 +21,22 @@ def test_ddp_matches_single_process(tmp_path):
     """Same global batch of 8: 1 process vs 2 processes each accumulating 2 micro-batches of 2."""
     corpus = make_corpus(tmp_path / "tok")
     main(["pretrain", *tiny_pretrain_args(corpus, tmp_path / "single")])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chatforge.cli",
-               "pretrain", *tiny_pretrain_args(corpus, tmp_path / "ddp", train__micro_batch_size=2)]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "chatforge.cli",
+        "pretrain",
+        *tiny_pretrain_args(corpus, tmp_path / "ddp", train__micro_batch_size=2),
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
@@ -34,4 +47,8 @@ def test_ddp_matches_single_process(tmp_path):
     assert summary["ddp"]["tokens_seen"] == summary["single"]["tokens_seen"] == 8 * 8 * 32
     assert summary["ddp"]["final_val_loss"] == pytest.approx(summary["single"]["final_val_loss"], abs=1e-4)
     # only rank 0 wrote: one set of outputs, one checkpoint folder per saved step
-    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["latest", "step_00000004", "step_00000008"]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == [
+        "latest",
+        "step_00000004",
+        "step_00000008",
+    ]

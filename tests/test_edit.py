@@ -62,7 +62,8 @@ def test_cer_is_levenshtein_over_reference_length():
 
 def _docs(root):
     (root / "pretrain_train.jsonl").write_text(
-        "\n".join(json.dumps({"text": f"Line {i}, with commas. " + SENTENCE, "kind": "text"}) for i in range(30)) + "\n")
+        "\n".join(json.dumps({"text": f"Line {i}, with commas. " + SENTENCE, "kind": "text"}) for i in range(30)) + "\n"
+    )
     (root / "pretrain_val.jsonl").write_text(json.dumps({"text": FUNCTION, "kind": "code"}) + "\n")
     (root / "pretrain_test.jsonl").write_text(json.dumps({"text": "Hello, there. " + SENTENCE, "kind": "text"}) + "\n")
     return root
@@ -71,12 +72,27 @@ def _docs(root):
 def test_edit_data_writes_splits_with_user_triples_and_names_a_bad_line(tmp_path, capsys):
     data = _docs(tmp_path)
     user = tmp_path / "mine.jsonl"
-    user.write_text("".join(json.dumps({"input": f"colour {i}", "instruction": "Use US spelling.", "output": f"color {i}"})
-                            + "\n" for i in range(20)))
-    main(["edit-data", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", f"--inputs={user}", "--user_val_fraction=0.3"])
+    user.write_text(
+        "".join(
+            json.dumps({"input": f"colour {i}", "instruction": "Use US spelling.", "output": f"color {i}"}) + "\n"
+            for i in range(20)
+        )
+    )
+    main(
+        [
+            "edit-data",
+            f"--data_dir={data}",
+            f"--out_dir={tmp_path / 'out'}",
+            f"--inputs={user}",
+            "--user_val_fraction=0.3",
+        ]
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["train"]["user"] + manifest["val"]["user"] == 20 and manifest["val"]["user"] >= 1
-    assert manifest["train"]["capitalization"] >= 1 and manifest["val"].get("rename", 0) + manifest["val"].get("docstring", 0) >= 1
+    assert (
+        manifest["train"]["capitalization"] >= 1
+        and manifest["val"].get("rename", 0) + manifest["val"].get("docstring", 0) >= 1
+    )
     user.write_text('{"input": "x", "instruction": "", "output": "y"}\n')
     with pytest.raises(SystemExit):
         main(["edit-data", f"--data_dir={data}", f"--out_dir={tmp_path / 'out2'}", f"--inputs={user}"])
@@ -104,15 +120,33 @@ def test_edit_train_lowers_held_out_loss_scores_each_type_and_edit_cli_uses_the_
     _triples(data / "edit_train.jsonl", 64, 0)
     _triples(data / "edit_val.jsonl", 6, 1)
     out = tmp_path / "edit"
-    main(["edit-train", f"--data_dir={data}", f"--init_from={base}", f"--out_dir={out}", "--train.steps=40",
-          "--train.batch_size=8", "--train.lr=5e-3", "--train.warmup_steps=4", "--train.max_minutes=0",
-          "--train.dtype=fp32", "--train.compile=false", "--train.device=cpu", "--train.progress=false"])
+    main(
+        [
+            "edit-train",
+            f"--data_dir={data}",
+            f"--init_from={base}",
+            f"--out_dir={out}",
+            "--train.steps=40",
+            "--train.batch_size=8",
+            "--train.lr=5e-3",
+            "--train.warmup_steps=4",
+            "--train.max_minutes=0",
+            "--train.dtype=fp32",
+            "--train.compile=false",
+            "--train.device=cpu",
+            "--train.progress=false",
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_val_loss"] < summary["base_val_loss"] - 1.0
     score = summary["edits"]["capitalization"]
     held_out = [json.loads(line) for line in (data / "edit_val.jsonl").read_text().splitlines()]
     unchanged = np.mean([cer(t["input"], t["output"]) for t in held_out])
-    assert score["count"] == 6 and 0 <= score["exact_match"] <= 1 and score["unchanged_cer"] == pytest.approx(unchanged, abs=1e-4)
+    assert (
+        score["count"] == 6
+        and 0 <= score["exact_match"] <= 1
+        and score["unchanged_cer"] == pytest.approx(unchanged, abs=1e-4)
+    )
     capsys.readouterr()
     monkeypatch.setattr("sys.stdin", io.StringIO("we like tea\n"))
     main(["edit", f"--ckpt={out}", "--instruction=Capitalize.", "--device=cpu"])

@@ -122,7 +122,8 @@ def test_wordnet_pairs_parse_lemmas_definitions_and_examples(tmp_path):
 
 def test_user_pairs_accept_both_key_styles_and_name_bad_lines(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps({"query": "q", "document": "d"}) + "\n" + json.dumps({"text_a": "a", "text_b": "b"}) + "\n")
+    rows = [{"query": "q", "document": "d"}, {"text_a": "a", "text_b": "b"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert read_user_pairs(path) == [Pair("q", "d", "user"), Pair("a", "b", "user")]
     path.write_text(json.dumps({"query": "only a query"}) + "\n")
     with pytest.raises(ChatforgeError, match=r"pairs.jsonl:1: a pair needs"):

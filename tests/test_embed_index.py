@@ -3,8 +3,9 @@ import hashlib
 import numpy as np
 import pytest
 
+from chatforge.embed.base import token_windows
 from chatforge.embed.evaluate import retrieval_metrics
-from chatforge.embed.index import SearchIndex, token_windows
+from chatforge.embed.index import SearchIndex
 from chatforge.errors import ChatforgeError
 
 
@@ -65,7 +66,9 @@ def test_faiss_backends_agree_with_exact_numpy_search(backend):
     exact_hits, other_hits = exact.search_vectors(queries, 10), other.search_vectors(queries, 10)
     if backend == "faiss":  # both exact: identical ids in identical order, same scores
         assert [[h.doc_id for h in row] for row in exact_hits] == [[h.doc_id for h in row] for row in other_hits]
-        assert np.allclose([[h.score for h in r] for r in exact_hits], [[h.score for h in r] for r in other_hits], atol=1e-5)
+        assert np.allclose(
+            [[h.score for h in r] for r in exact_hits], [[h.score for h in r] for r in other_hits], atol=1e-5
+        )
     else:  # approximate: nearly all true neighbours found
         found = sum(len({h.doc_id for h in a} & {h.doc_id for h in b}) for a, b in zip(exact_hits, other_hits))
         assert found / 200 >= 0.9

@@ -69,7 +69,9 @@ def _batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _chunks(ids, lengths, size):
     # each chunk padded only to its own longest row, as a real chunked encoder would
-    return [(ids[i : i + size, : int(lengths[i : i + size].max())], lengths[i : i + size]) for i in range(0, len(ids), size)]
+    return [
+        (ids[i : i + size, : int(lengths[i : i + size].max())], lengths[i : i + size]) for i in range(0, len(ids), size)
+    ]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

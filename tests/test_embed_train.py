@@ -22,7 +22,9 @@ ANIMALS = ["cat", "dog", "horse", "sheep", "goat", "duck", "owl", "fox", "bear",
 def docs(offset: int) -> list[dict]:
     out = []
     for i, animal in enumerate(ANIMALS):
-        text = f"The {animal} number {i + offset} lives in the {animal} house. " * 3 + f"Everyone loves the {animal}. " * 3
+        text = (
+            f"The {animal} number {i + offset} lives in the {animal} house. " * 3 + f"Everyone loves the {animal}. " * 3
+        )
         out.append({"id": f"d{i}", "text": text, "kind": "text"})
     return out
 
@@ -37,15 +39,28 @@ def setup(tmp_path_factory):
     tok = Tokenizer.train([d["text"] for d in docs(0)], vocab_size=300)
     tok.save(root / "gpt")
     torch.manual_seed(0)
-    export_hf_gpt2(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)), root / "gpt")
+    export_hf_gpt2(
+        GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)), root / "gpt"
+    )
     return root, [f"--init_from={root / 'gpt'}", f"--data_dir={data}", "--pairs.span_chars=60", *FAST]
 
 
 def test_contrastive_training_learns_and_saves_a_searchable_model(setup):
     root, args = setup
     out = root / "search"
-    main(["embed", *args, f"--out_dir={out}", "--train.steps=30", "--train.batch_size=8", "--train.lr=3e-3",
-          "--train.warmup_steps=3", "--train.eval_every=30", "--val_pairs=12"])
+    main(
+        [
+            "embed",
+            *args,
+            f"--out_dir={out}",
+            "--train.steps=30",
+            "--train.batch_size=8",
+            "--train.lr=3e-3",
+            "--train.warmup_steps=3",
+            "--train.eval_every=30",
+            "--val_pairs=12",
+        ]
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val_loss" in r]
     assert val[-1]["val_loss"] < val[0]["val_loss"]  # held-out InfoNCE falls
@@ -60,7 +75,10 @@ def test_resume_is_exact_and_similarity_kind_has_no_markers(setup):
     common = [*args, "--embedding.kind=similarity", "--train.batch_size=8", "--train.steps=6", "--train.warmup_steps=1"]
     main(["embed", *common, f"--out_dir={root / 'straight'}"])
     main(["embed", *common, f"--out_dir={root / 'split'}", "--train.ckpt_every=3"])
-    losses = lambda d: [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    def losses(d):
+        return [
+            r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+        ]
     # the split run is cut after step 3 by removing its later checkpoint and metrics, then resumed
     import shutil
 

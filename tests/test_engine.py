@@ -193,7 +193,8 @@ def test_invalid_requests_are_rejected_before_decoding(engine):
 
 def test_logprobs_are_the_models_and_agree_with_scoring(engine, model):
     prompt = engine.encode("Hello world")
-    completion = engine.generate([prompt], SamplingParams(max_tokens=8, seed=5, logprobs=3, echo=True, ignore_eos=True))[0]
+    params = SamplingParams(max_tokens=8, seed=5, logprobs=3, echo=True, ignore_eos=True)
+    completion = engine.generate([prompt], params)[0]
     choice = completion.choices[0]
     # PPO's need: the log-probs returned while sampling equal a fresh scoring pass of the same tokens
     scored = engine.score(prompt, choice.token_ids)
@@ -204,7 +205,9 @@ def test_logprobs_are_the_models_and_agree_with_scoring(engine, model):
     top = choice.logprobs[0].top
     assert [t for t, _ in top] == logp[len(prompt) - 1].topk(3).indices.tolist()
     assert completion.prompt_logprobs[0] is None
-    assert [lp.logprob for lp in completion.prompt_logprobs[1:]] == pytest.approx(engine.score(prompt[:1], prompt[1:]), abs=1e-4)
+    assert [lp.logprob for lp in completion.prompt_logprobs[1:]] == pytest.approx(
+        engine.score(prompt[:1], prompt[1:]), abs=1e-4
+    )
 
 
 def test_generation_leaves_a_training_model_in_training_mode(engine, model):
@@ -230,15 +233,22 @@ def test_best_of_keeps_the_sample_with_the_highest_mean_logprob(engine):
 
 # ---- continuous batching -------------------------------------------------------------------------------------
 
-REQUESTS = [("The quick", greedy(12)), ("Hello", greedy(5)), ("A stop", greedy(9)), ([7, 8, 9], greedy(14)),
-            ("brown fox", greedy(3)), ("The lazy dog", greedy(11)),
-            ("Hello there", SamplingParams(max_tokens=10, seed=4, n=2, ignore_eos=True))]
+REQUESTS = [
+    ("The quick", greedy(12)),
+    ("Hello", greedy(5)),
+    ("A stop", greedy(9)),
+    ([7, 8, 9], greedy(14)),
+    ("brown fox", greedy(3)),
+    ("The lazy dog", greedy(11)),
+    ("Hello there", SamplingParams(max_tokens=10, seed=4, n=2, ignore_eos=True)),
+]
 
 
 def test_requests_from_several_threads_complete_as_if_run_alone(engine):
     alone = [engine.generate([p], s)[0] for p, s in REQUESTS]
     results = [None] * len(REQUESTS)
     with Scheduler(engine, max_batch_size=3) as scheduler:
+
         def client(indices):
             for i in indices:  # each client submits its next request while the others' still run
                 results[i] = scheduler.submit(*REQUESTS[i]).result(timeout=60)

@@ -193,9 +193,12 @@ def test_feedback_routes_are_per_api_key(tmp_path):
             one = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer k1"})
             two = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer k2"})
             conv = one.post("/feedback/conversations", json={}).json()
-            q = one.post("/feedback/messages", json={"conversation_id": conv["id"], "role": "user", "content": "hi"}).json()
-            a = one.post("/feedback/messages", json={"conversation_id": conv["id"], "role": "assistant",
-                                                     "content": "hello", "parent_id": q["id"]}).json()
+            message = {"conversation_id": conv["id"], "role": "user", "content": "hi"}
+            q = one.post("/feedback/messages", json=message).json()
+            a = one.post(
+                "/feedback/messages",
+                json={"conversation_id": conv["id"], "role": "assistant", "content": "hello", "parent_id": q["id"]},
+            ).json()
             assert a["model"] == MODEL
             assert one.post(f"/feedback/messages/{a['id']}/rating", json={"value": -1}).json()["rating"] == -1
             assert one.post(f"/feedback/messages/{a['id']}/signal", json={"kind": "copied"}).status_code == 200
@@ -204,11 +207,18 @@ def test_feedback_routes_are_per_api_key(tmp_path):
             assert two.get("/feedback/conversations").json()["data"] == []
             hidden = two.get(f"/feedback/conversations/{conv['id']}")
             assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
-            for path, body in ((f"/feedback/messages/{a['id']}/rating", {"value": 5}),
-                               (f"/feedback/messages/{a['id']}/signal", {"kind": "regenerated"}),
-                               ("/feedback/rankings", {"message_ids": [a["id"], q["id"]], "ranking": [0, 1]})):
+            for path, body in (
+                (f"/feedback/messages/{a['id']}/rating", {"value": 5}),
+                (f"/feedback/messages/{a['id']}/signal", {"kind": "regenerated"}),
+                ("/feedback/rankings", {"message_ids": [a["id"], q["id"]], "ranking": [0, 1]}),
+            ):
                 response = one.post(path, json=body)
-                assert response.status_code == 400 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+                assert response.status_code == 400 and set(response.json()["error"]) == {
+                    "message",
+                    "type",
+                    "param",
+                    "code",
+                }
             assert httpx.get(server.url + "/feedback/conversations").status_code == 401
             assert one.delete(f"/feedback/conversations/{conv['id']}").status_code == 200
             assert one.get("/feedback/conversations").json()["data"] == []
@@ -216,8 +226,10 @@ def test_feedback_routes_are_per_api_key(tmp_path):
     store.close()
 
 
-@pytest.mark.skipif(not os.environ.get("CHATFORGE_TEST_POSTGRES_URL"),
-                    reason="set CHATFORGE_TEST_POSTGRES_URL=postgresql+psycopg://... to test against PostgreSQL")
+@pytest.mark.skipif(
+    not os.environ.get("CHATFORGE_TEST_POSTGRES_URL"),
+    reason="set CHATFORGE_TEST_POSTGRES_URL=postgresql+psycopg://... to test against PostgreSQL",
+)
 def test_postgresql_store():
     store = FeedbackStore(os.environ["CHATFORGE_TEST_POSTGRES_URL"])
     conv = store.create_conversation("m1")["id"]

@@ -91,7 +91,9 @@ def _data_dir(root):
     halves = [" ".join(rng.choice(words, size=5)) for _ in range(300)]
     docs = [f"{h} = {h}\n" for h in halves]
     for split, part in (("train", docs[:280]), ("val", docs[280:])):
-        (root / f"pretrain_{split}.jsonl").write_text("".join(json.dumps({"text": d, "kind": "text"}) + "\n" for d in part))
+        (root / f"pretrain_{split}.jsonl").write_text(
+            "".join(json.dumps({"text": d, "kind": "text"}) + "\n" for d in part)
+        )
     return root
 
 
@@ -100,9 +102,21 @@ def test_fim_stage_beats_its_left_to_right_twin_at_inserting_and_generate_uses_s
     base = tmp_path / "base"
     main(["pretrain", *tiny_pretrain_args(make_corpus(tmp_path / "tok"), base, model__block_size=64)])
     data = _data_dir(tmp_path)
-    common = [f"--init_from={base}", f"--data_dir={data}", "--eval_examples=20", "--eval_batches=2", "--train.steps=800",
-              "--train.batch_size=8", "--train.lr=5e-3", "--train.warmup_steps=5", "--train.max_minutes=0",
-              "--train.dtype=fp32", "--train.compile=false", "--train.device=cpu", "--train.progress=false"]
+    common = [
+        f"--init_from={base}",
+        f"--data_dir={data}",
+        "--eval_examples=20",
+        "--eval_batches=2",
+        "--train.steps=800",
+        "--train.batch_size=8",
+        "--train.lr=5e-3",
+        "--train.warmup_steps=5",
+        "--train.max_minutes=0",
+        "--train.dtype=fp32",
+        "--train.compile=false",
+        "--train.device=cpu",
+        "--train.progress=false",
+    ]
     main(["fim", *common, f"--out_dir={tmp_path / 'fim'}", "--fim_rate=0.9"])
     main(["fim", *common, f"--out_dir={tmp_path / 'twin'}", "--fim_rate=0"])
     fim = json.loads((tmp_path / "fim" / "summary.json").read_text())
@@ -114,13 +128,28 @@ def test_fim_stage_beats_its_left_to_right_twin_at_inserting_and_generate_uses_s
     assert trained_for_fim(tmp_path / "fim") and not trained_for_fim(tmp_path / "twin")
     capsys.readouterr()
 
-    main(["generate", f"--ckpt={tmp_path / 'fim'}", "alpha beta", "--suffix=gamma\\n", "--temperature=0",
-          "--max_tokens=6", "--stream=false", "--device=cpu"])
+    main(
+        [
+            "generate",
+            f"--ckpt={tmp_path / 'fim'}",
+            "alpha beta",
+            "--suffix=gamma\\n",
+            "--temperature=0",
+            "--max_tokens=6",
+            "--stream=false",
+            "--device=cpu",
+        ]
+    )
     engine = Engine(load_model(tmp_path / "fim")[0], Tokenizer.load(tokenizer_path(tmp_path / "fim")))
-    expected = engine.generate([insertion_ids(engine.tokenizer, "alpha beta", "gamma\n")],
-                               middle_params(engine.tokenizer, SamplingParams(temperature=0, max_tokens=6)))[0].choices[0].text
+    expected = (
+        engine.generate(
+            [insertion_ids(engine.tokenizer, "alpha beta", "gamma\n")],
+            middle_params(engine.tokenizer, SamplingParams(temperature=0, max_tokens=6)),
+        )[0]
+        .choices[0]
+        .text
+    )
     assert capsys.readouterr().out == expected + "\n"
     with pytest.raises(SystemExit):
         main(["generate", f"--ckpt={tmp_path / 'twin'}", "alpha", "--suffix=x", "--device=cpu"])
     assert "not trained for insertion" in capsys.readouterr().err
-

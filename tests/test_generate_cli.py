@@ -52,7 +52,10 @@ def test_prompts_file_batch_mode_and_jsonl_output(setup, capsys):
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["The quick", "Hello world"]
-    assert [r["choices"][0]["text"] for r in rows] == [_greedy_text(engine, "The quick"), _greedy_text(engine, "Hello world")]
+    assert [r["choices"][0]["text"] for r in rows] == [
+        _greedy_text(engine, "The quick"),
+        _greedy_text(engine, "Hello world"),
+    ]
     assert "=== prompt 1 ===" in printed and "=== prompt 2 ===" in printed
 
 

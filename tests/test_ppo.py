@@ -13,9 +13,10 @@ from chatforge.chat_template import prompt_ids
 from chatforge.data.shards import TokenWindows, write_shard
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.heads import ScalarHeadModel
+from chatforge.stages.ppo import Config
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import TrainConfig, read_metrics, train
-from chatforge.train.ppo import ActorCritic, Config, KLConfig, PPOTask
+from chatforge.train.ppo import ActorCritic, KLConfig, PPOTask
 
 FAST = dict(dtype="fp32", compile="false", device="cpu", progress=False, max_minutes=0.0, eval_every=0, ckpt_every=0,
             warmup_steps=0, schedule="constant", weight_decay=0.0)
@@ -51,12 +52,20 @@ def make_task(tok, cfg: Config, ptx=None):
     critic = ScalarHeadModel(tiny(tok.vocab_size, 1))
     prompt_len = len(prompt_ids(prompts[0]["messages"], tok))
     policy = ActorCritic(actor, critic)
-    return policy, PPOTask(cfg, policy, reference.eval().requires_grad_(False), EvenTokenReward(32, prompt_len), tok, prompts, ptx)
+    return policy, PPOTask(
+        cfg, policy, reference.eval().requires_grad_(False), EvenTokenReward(32, prompt_len), tok, prompts, ptx
+    )
 
 
 def test_ppo_raises_a_known_reward_while_kl_stays_under_its_limit(tok, tmp_path):
-    cfg = Config(rollout_prompts=16, epochs=4, max_tokens=8, ptx_coef=0.0, kl=KLConfig(beta=0.02, target=4.0, limit=20.0),
-                 train=TrainConfig(steps=48, batch_size=8, lr=3e-2, min_lr=3e-2, **FAST))
+    cfg = Config(
+        rollout_prompts=16,
+        epochs=4,
+        max_tokens=8,
+        ptx_coef=0.0,
+        kl=KLConfig(beta=0.02, target=4.0, limit=20.0),
+        train=TrainConfig(steps=48, batch_size=8, lr=3e-2, min_lr=3e-2, **FAST),
+    )
     policy, task = make_task(tok, cfg)
     train(policy, task, cfg.train, tmp_path / "ppo")
     rows = [r for r in read_metrics(tmp_path / "ppo") if "reward" in r]
@@ -69,8 +78,14 @@ def test_ppo_raises_a_known_reward_while_kl_stays_under_its_limit(tok, tmp_path)
 
 
 def test_kl_limit_stops_the_run_with_a_message(tok, tmp_path, capsys):
-    cfg = Config(rollout_prompts=16, epochs=2, max_tokens=8, ptx_coef=0.0, kl=KLConfig(beta=0.0, adaptive=False, limit=0.05),
-                 train=TrainConfig(steps=48, batch_size=8, lr=1e-2, min_lr=1e-2, **FAST))
+    cfg = Config(
+        rollout_prompts=16,
+        epochs=2,
+        max_tokens=8,
+        ptx_coef=0.0,
+        kl=KLConfig(beta=0.0, adaptive=False, limit=0.05),
+        train=TrainConfig(steps=48, batch_size=8, lr=1e-2, min_lr=1e-2, **FAST),
+    )
     policy, task = make_task(tok, cfg)
     summary = train(policy, task, cfg.train, tmp_path / "ppo")
     assert summary["stopped_by"] == "task" and summary["steps"] < 48
@@ -80,8 +95,13 @@ def test_kl_limit_stops_the_run_with_a_message(tok, tmp_path, capsys):
 def test_ptx_mixes_a_pretraining_loss_into_each_update(tok, tmp_path):
     write_shard(tmp_path / "tokens" / "train.bin", [np.arange(200) % tok.vocab_size], tok.vocab_size)
     ptx = TokenWindows(tmp_path / "tokens" / "train.bin", 32, seed=0)
-    cfg = Config(rollout_prompts=8, epochs=1, max_tokens=4, ptx_coef=0.5,
-                 train=TrainConfig(steps=2, batch_size=8, lr=1e-3, min_lr=1e-3, **FAST))
+    cfg = Config(
+        rollout_prompts=8,
+        epochs=1,
+        max_tokens=4,
+        ptx_coef=0.5,
+        train=TrainConfig(steps=2, batch_size=8, lr=1e-3, min_lr=1e-3, **FAST),
+    )
     policy, task = make_task(tok, cfg, ptx)
     train(policy, task, cfg.train, tmp_path / "ppo")
     rows = [r for r in read_metrics(tmp_path / "ppo") if "ptx_loss" in r]
@@ -97,18 +117,50 @@ def test_ppo_stage_end_to_end(tmp_path, capsys):
     tok = Tokenizer.train(["a helpful answer", "zzz qqq", "question"] * 5, vocab_size=290)
     tok.save(tmp_path / "sft")
     torch.manual_seed(0)
-    export_hf_gpt2(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=32)), tmp_path / "sft")
-    pool = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"question {i}"}], "reference": "a helpful answer"}
-            for i in range(24)]
+    export_hf_gpt2(
+        GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=32)), tmp_path / "sft"
+    )
+    pool = [
+        {"id": f"p{i}", "messages": [{"role": "user", "content": f"question {i}"}], "reference": "a helpful answer"}
+        for i in range(24)
+    ]
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pool))
-    fast = ["--train.dtype=fp32", "--train.compile=false", "--train.device=cpu", "--train.progress=false", "--train.max_minutes=0"]
+    fast = [
+        "--train.dtype=fp32",
+        "--train.compile=false",
+        "--train.device=cpu",
+        "--train.progress=false",
+        "--train.max_minutes=0",
+    ]
     main(["rankings", f"--prompts={tmp_path / 'pool.jsonl'}", "--ckpt=", f"--out_dir={tmp_path / 'rankings'}"])
-    main(["reward", f"--rankings_dir={tmp_path / 'rankings'}", f"--init_from={tmp_path / 'sft'}",
-          f"--out_dir={tmp_path / 'rm'}", "--train.steps=6", "--train.batch_size=4", *fast])
+    main(
+        [
+            "reward",
+            f"--rankings_dir={tmp_path / 'rankings'}",
+            f"--init_from={tmp_path / 'sft'}",
+            f"--out_dir={tmp_path / 'rm'}",
+            "--train.steps=6",
+            "--train.batch_size=4",
+            *fast,
+        ]
+    )
     write_shard(tmp_path / "tokens" / "train.bin", [np.arange(500) % tok.vocab_size], tok.vocab_size)
-    main(["ppo", f"--policy={tmp_path / 'sft'}", f"--reward_model={tmp_path / 'rm'}", f"--prompts={tmp_path / 'pool.jsonl'}",
-          f"--pretrain_tokens={tmp_path / 'tokens' / 'train.bin'}", f"--out_dir={tmp_path / 'ppo'}", "--rollout_prompts=8",
-          "--held_out_prompts=8", "--max_tokens=6", "--train.steps=4", "--train.batch_size=4", *fast])
+    main(
+        [
+            "ppo",
+            f"--policy={tmp_path / 'sft'}",
+            f"--reward_model={tmp_path / 'rm'}",
+            f"--prompts={tmp_path / 'pool.jsonl'}",
+            f"--pretrain_tokens={tmp_path / 'tokens' / 'train.bin'}",
+            f"--out_dir={tmp_path / 'ppo'}",
+            "--rollout_prompts=8",
+            "--held_out_prompts=8",
+            "--max_tokens=6",
+            "--train.steps=4",
+            "--train.batch_size=4",
+            *fast,
+        ]
+    )
     summary = json.loads((tmp_path / "ppo" / "summary.json").read_text())
     assert 0 <= summary["win_rate_rm"] <= 1 and 0 <= summary["win_rate_minilm"] <= 1
     assert summary["steps"] == 4 and (tmp_path / "ppo" / "ppo.png").is_file()

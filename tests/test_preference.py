@@ -7,16 +7,11 @@ import math
 import pytest
 import torch
 
+from chatforge.data.rankings import normalize_ranking
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.heads import ScalarHeadModel
-from chatforge.train.preference import (
-    normalize_ranking,
-    ordered_pairs,
-    pairwise_accuracy,
-    pairwise_loss,
-    plackett_luce_loss,
-)
+from chatforge.train.preference import ordered_pairs, pairwise_accuracy, pairwise_loss, plackett_luce_loss
 
 
 def _nll_sigmoid(x: float) -> float:

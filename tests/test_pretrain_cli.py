@@ -57,7 +57,9 @@ def test_init_from_a_hugging_face_folder_starts_from_its_weights(corpus, tmp_pat
     from chatforge.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(5)
-    start = GPT(GPTConfig(vocab_size=Tokenizer.load(corpus).vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    start = GPT(
+        GPTConfig(vocab_size=Tokenizer.load(corpus).vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    ).eval()
     export_hf_gpt2(start, tmp_path / "hf")
     main(["pretrain", *tiny_pretrain_args(corpus, tmp_path / "run", train__steps=2), f"--init_from={tmp_path / 'hf'}"])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -116,15 +118,27 @@ def test_bad_input_is_one_clear_error_and_overwrites_nothing(corpus, tmp_path, c
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(corpus, tmp_path):
     """SIGKILL a real `chatforge pretrain` process after its step-10 checkpoint; --resume redoes steps 11-20 exactly."""
+
     def args(out):
         # a wider model makes each step take long enough to kill the run between its checkpoints
-        return tiny_pretrain_args(corpus, out, train__steps=20, train__ckpt_every=10, train__eval_every=10,
-                                  train__batch_size=16, model__n_embd=64)
+        return tiny_pretrain_args(
+            corpus,
+            out,
+            train__steps=20,
+            train__ckpt_every=10,
+            train__eval_every=10,
+            train__batch_size=16,
+            model__n_embd=64,
+        )
 
     main(["pretrain", *args(tmp_path / "straight")])
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "chatforge.cli", "pretrain", *args(out)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatforge.cli", "pretrain", *args(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while latest_checkpoint(out) is None and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -145,8 +159,14 @@ def test_the_fast_path_compiles_and_learns(corpus, tmp_path):
     if not compile_supported("cpu"):
         pytest.skip("no C++ compiler for torch.compile here")
     out = tmp_path / "run"
-    main(["pretrain", *tiny_pretrain_args(corpus, out, train__steps=12, train__compile="true", train__dtype="bf16",
-                                          train__lr=1e-2)])
+    main(
+        [
+            "pretrain",
+            *tiny_pretrain_args(
+                corpus, out, train__steps=12, train__compile="true", train__dtype="bf16", train__lr=1e-2
+            ),
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compiled"] and summary["dtype"] == "bf16"
     curve = losses(out)

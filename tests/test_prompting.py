@@ -55,7 +55,9 @@ def test_exact_match_needs_demonstrations_and_multiple_choice_picks_the_likelies
     demos_in = [p.count("Input:") - 1 for p in engine.prompts]
     assert demos_in == [0] * 15 + [1] * 15 + [3] * 15
     # demonstrations come from the pool only: no evaluated item is shown as its own demonstration
-    assert all(p.count(f"Input: {q}\n") == 1 for p in engine.prompts for q in [re.findall(r"Input: (.*)\nOutput:$", p)[0]])
+    assert all(
+        p.count(f"Input: {q}\n") == 1 for p in engine.prompts for q in [re.findall(r"Input: (.*)\nOutput:$", p)[0]]
+    )
 
 
 def test_built_in_tasks_have_correct_answers():
@@ -91,16 +93,41 @@ def tiny_ckpt(tmp_path_factory):
 
 def test_eval_icl_and_cot_write_their_results(tiny_ckpt, capsys):
     task = tiny_ckpt / "animals.jsonl"
-    task.write_text("".join(json.dumps({"input": f"animal {i}", "output": ["cat", "dog"][i % 2], "candidates": ["cat", "dog"]})
-                            + "\n" for i in range(10)))
+    task.write_text(
+        "".join(
+            json.dumps({"input": f"animal {i}", "output": ["cat", "dog"][i % 2], "candidates": ["cat", "dog"]}) + "\n"
+            for i in range(10)
+        )
+    )
     out = tiny_ckpt / "icl"
-    main(["eval", "icl", f"--ckpt={tiny_ckpt / 'base'}", "--device=cpu", "--icl.tasks=copy,arithmetic",
-          f"--icl.inputs={task}", "--icl.items=10", "--icl.pool=4", "--icl.shots=0,2", f"--out={out}"])
+    main(
+        [
+            "eval",
+            "icl",
+            f"--ckpt={tiny_ckpt / 'base'}",
+            "--device=cpu",
+            "--icl.tasks=copy,arithmetic",
+            f"--icl.inputs={task}",
+            "--icl.items=10",
+            "--icl.pool=4",
+            "--icl.shots=0,2",
+            f"--out={out}",
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["results"]) == {"copy", "arithmetic", "animals"} and summary["shots"] == [0, 2]
     assert summary["results"]["animals"]["chance"] == 0.5 and (out / "icl.png").is_file()
-    main(["eval", "cot", f"--ckpt={tiny_ckpt / 'base'}", "--device=cpu", "--cot.items=3", "--cot.shots=1",
-          f"--out={tiny_ckpt / 'cot'}"])
+    main(
+        [
+            "eval",
+            "cot",
+            f"--ckpt={tiny_ckpt / 'base'}",
+            "--device=cpu",
+            "--cot.items=3",
+            "--cot.shots=1",
+            f"--out={tiny_ckpt / 'cot'}",
+        ]
+    )
     cot = json.loads((tiny_ckpt / "cot" / "summary.json").read_text())
     assert cot["items"] == 3 and 0 <= cot["reasoning"]["accuracy"] <= 1 and 0 <= cot["direct"]["accuracy"] <= 1
     with pytest.raises(SystemExit):
@@ -119,8 +146,9 @@ def test_adaptive_filtering_keeps_the_best_and_drops_the_worst():
         return [quality[instruction] + 0.01 * (hash(x) % 3) for x, _ in items]
 
     train = [(f"x{i}", f"y{i}") for i in range(40)]
-    final, alive = adaptive_filter(list(quality), score, train, subset=8, rounds=2, keep=0.5,
-                                   rng=np.random.default_rng(0))
+    final, alive = adaptive_filter(
+        list(quality), score, train, subset=8, rounds=2, keep=0.5, rng=np.random.default_rng(0)
+    )
     assert alive == [10, 5, 3]
     assert "instruction 9" in final and "instruction 0" not in final
     assert all(n == 40 for _, n in final.values()) and max(final, key=lambda c: final[c][0]) == "instruction 9"
@@ -130,9 +158,25 @@ def test_adaptive_filtering_keeps_the_best_and_drops_the_worst():
 
 def test_ape_cli_ranks_instructions_and_compares_the_best_with_baselines(tiny_ckpt):
     out = tiny_ckpt / "ape"
-    main(["ape", f"--ckpt={tiny_ckpt / 'base'}", "--insert_ckpt=", "--device=cpu", "--task=copy", "--items=30",
-          "--held_out=6", "--forward=4", "--reverse=0", "--subset=4", "--rounds=1", "--mc_rounds=1", "--mc_top=1",
-          "--mc_variants=2", f"--out_dir={out}"])
+    main(
+        [
+            "ape",
+            f"--ckpt={tiny_ckpt / 'base'}",
+            "--insert_ckpt=",
+            "--device=cpu",
+            "--task=copy",
+            "--items=30",
+            "--held_out=6",
+            "--forward=4",
+            "--reverse=0",
+            "--subset=4",
+            "--rounds=1",
+            "--mc_rounds=1",
+            "--mc_top=1",
+            "--mc_variants=2",
+            f"--out_dir={out}",
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     ranked = json.loads((out / "ranked.json").read_text())
     assert summary["proposed"] == {"forward": 4} and summary["alive_per_round"][0] == summary["distinct_candidates"]
@@ -150,8 +194,9 @@ def test_adaptive_filter_cuts_ties_by_share_on_disjoint_subsets():
         seen.setdefault(instruction, []).append([x for x, _ in items])
         return [quality[instruction]] * len(items)
 
-    final, alive = adaptive_filter(list(quality), score, train, subset=4, rounds=2, keep=0.5,
-                                   rng=np.random.default_rng(0))
+    final, alive = adaptive_filter(
+        list(quality), score, train, subset=4, rounds=2, keep=0.5, rng=np.random.default_rng(0)
+    )
     assert alive == [8, 4, 2] and set(final) == {"good", "fair"}
     assert final["good"] == (1.0, 20) and final["fair"] == (0.5, 20)
     first, second, whole = seen["good"]
@@ -161,8 +206,18 @@ def test_adaptive_filter_cuts_ties_by_share_on_disjoint_subsets():
 
 
 def test_ape_skips_reverse_proposals_without_an_insert_model_unless_they_are_all_that_was_asked(tiny_ckpt, capsys):
-    args = ["ape", f"--ckpt={tiny_ckpt / 'base'}", "--device=cpu", "--task=copy", "--items=30", "--held_out=6",
-            "--subset=4", "--rounds=1", "--mc_rounds=0", f"--out_dir={tiny_ckpt / 'ape_skip'}"]
+    args = [
+        "ape",
+        f"--ckpt={tiny_ckpt / 'base'}",
+        "--device=cpu",
+        "--task=copy",
+        "--items=30",
+        "--held_out=6",
+        "--subset=4",
+        "--rounds=1",
+        "--mc_rounds=0",
+        f"--out_dir={tiny_ckpt / 'ape_skip'}",
+    ]
     main(args + ["--forward=2", "--reverse=2", f"--insert_ckpt={tiny_ckpt / 'base'}"])  # a model not trained by `fim`
     assert "reverse proposals skipped" in capsys.readouterr().out
     assert json.loads((tiny_ckpt / "ape_skip" / "summary.json").read_text())["proposed"] == {"forward": 2}

@@ -15,7 +15,9 @@ POOL = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"question {i}?
 
 
 def test_reference_beats_samples_beat_corruptions():
-    records = automatic_rankings(POOL[:3], lambda prompts: [["sampled a", "sampled b"] for _ in prompts], random.Random(0))
+    records = automatic_rankings(
+        POOL[:3], lambda prompts: [["sampled a", "sampled b"] for _ in prompts], random.Random(0)
+    )
     first = records[0]
     assert first["completions"][0] == POOL[0]["reference"]
     assert first["completions"][1:3] == ["sampled a", "sampled b"]
@@ -28,7 +30,11 @@ def test_reference_beats_samples_beat_corruptions():
 
 
 def test_human_rankings_are_validated_with_file_and_line(tmp_path):
-    good = {"prompt": [{"role": "user", "content": "hi"}], "completions": ["a", "b", "c", "d"], "ranking": [[1], [0, 2]]}
+    good = {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "completions": ["a", "b", "c", "d"],
+        "ranking": [[1], [0, 2]],
+    }
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "completions": ["a", "b"]}) + "\n")
     with pytest.raises(Exception, match=r"r.jsonl:2: 2 completions"):
@@ -42,14 +48,16 @@ def test_stage_writes_disjoint_splits_and_counts_sources(tmp_path):
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps(p) + "\n" for p in POOL))
     human = tmp_path / "human.jsonl"
-    human.write_text(json.dumps({"prompt": [{"role": "user", "content": "x"}], "completions": list("abcd"),
-                                 "ranking": [0, 1, 2, 3]}) + "\n")
+    human.write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "x"}], "completions": list("abcd"), "ranking": [0, 1, 2, 3]})
+        + "\n"
+    )
     out = tmp_path / "rankings"
     main(["rankings", f"--prompts={pool}", "--ckpt=", f"--inputs={human}", f"--out_dir={out}", "--val_fraction=0.3"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sources"] == {"auto": 40, "human": 1}
-    train = [json.loads(l)["id"] for l in (out / "train.jsonl").read_text().splitlines()]
-    val = [json.loads(l)["id"] for l in (out / "val.jsonl").read_text().splitlines()]
+    train = [json.loads(line)["id"] for line in (out / "train.jsonl").read_text().splitlines()]
+    val = [json.loads(line)["id"] for line in (out / "val.jsonl").read_text().splitlines()]
     assert not set(train) & set(val) and len(train) + len(val) == 41
 
 

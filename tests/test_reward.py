@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from chatforge.cli import main
+from chatforge.data.chat_batches import pad_rows
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.hf import export_hf_gpt2
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.reward import RewardTask, encode_ranking, load_reward_model, pad_rows
+from chatforge.train.reward import RewardTask, encode_ranking, load_reward_model
 
 FAST = ["--train.dtype=fp32", "--train.compile=false", "--train.device=cpu", "--train.progress=false",
         "--train.max_minutes=0"]
@@ -32,7 +33,9 @@ def setup(tmp_path_factory):
     tok = Tokenizer.train(GOOD + BAD + [f"question {i}" for i in range(20)], vocab_size=300)
     tok.save(root / "base")
     torch.manual_seed(0)
-    export_hf_gpt2(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)), root / "base")
+    export_hf_gpt2(
+        GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)), root / "base"
+    )
     data = root / "rankings"
     data.mkdir()
     (data / "train.jsonl").write_text("".join(json.dumps(ranking(i)) + "\n" for i in range(32)))
@@ -43,8 +46,17 @@ def setup(tmp_path_factory):
 def test_reward_model_learns_the_ranking_and_is_normalised(setup):
     root, args = setup
     out = root / "rm"
-    main(["reward", *args, f"--out_dir={out}", "--train.steps=30", "--train.batch_size=4", "--train.lr=3e-3",
-          "--train.warmup_steps=3"])
+    main(
+        [
+            "reward",
+            *args,
+            f"--out_dir={out}",
+            "--train.steps=30",
+            "--train.batch_size=4",
+            "--train.lr=3e-3",
+            "--train.warmup_steps=3",
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_accuracy"] >= 0.9
     model = load_reward_model(out)

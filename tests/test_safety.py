@@ -14,7 +14,6 @@ from serve_helpers import MODEL, tiny_engine
 from chatforge.chat_template import prompt_ids
 from chatforge.cli import main
 from chatforge.errors import ChatforgeError
-from chatforge.infer.chat_stage import Conversation
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import Scheduler
 from chatforge.safety.classifier import CharNgrams, SafetyClassifier, fit_logistic, train_classifier
@@ -22,6 +21,7 @@ from chatforge.safety.filters import FilterPipeline, Policy, StreamGuard
 from chatforge.serve.api import ServeOptions, create_app
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.server import BackgroundServer
+from chatforge.serve.terminal import Conversation
 
 POLICY = {
     "pii": {"action": "redact"},
@@ -110,7 +110,9 @@ def test_classifier_learns_a_labeled_set_and_scores_held_out_text():
     rng = np.random.default_rng(0)
     bad = ["hate", "kill", "destroy", "attack", "hurt"]
     good = ["love", "help", "share", "build", "grow"]
-    texts = [f"I want to {rng.choice(bad if i % 2 else good)} {rng.choice(['them', 'it', 'you'])} today" for i in range(200)]
+    texts = [
+        f"I want to {rng.choice(bad if i % 2 else good)} {rng.choice(['them', 'it', 'you'])} today" for i in range(200)
+    ]
     labels = np.array([i % 2 == 1 for i in range(200)])
     held_out = np.arange(200) >= 160
     embedder = CharNgrams()
@@ -119,7 +121,10 @@ def test_classifier_learns_a_labeled_set_and_scores_held_out_text():
     classifier = SafetyClassifier(embedder, weights, bias, {})
     assert classifier.score(["I want to attack you today"])[0] > 0.5 > classifier.score(["I want to help you today"])[0]
     policy = Policy.from_dict({"classifier": {"threshold": 0.5, "action": "refuse"}})
-    assert FilterPipeline(policy, classify=classifier.score).check("I want to kill it today").refused.category == "classifier"
+    assert (
+        FilterPipeline(policy, classify=classifier.score).check("I want to kill it today").refused.category
+        == "classifier"
+    )
 
 
 def test_fit_logistic_reaches_the_regularised_optimum():
@@ -135,10 +140,12 @@ def test_fit_logistic_reaches_the_regularised_optimum():
 
 def _flags(word: str, seen: int, calls: list | None = None):
     """A classifier that reads only the first ``seen`` characters of each text (as embedders truncate)."""
+
     def classify(texts):
         if calls is not None:
             calls.append(len(texts))
         return np.array([1.0 if word in t[:seen] else 0.0 for t in texts])
+
     return classify
 
 
@@ -155,8 +162,9 @@ def test_the_classifier_scores_every_window_of_a_long_text():
 
 def test_stream_guard_runs_the_classifier_every_half_window_and_sends_only_scored_text():
     calls: list = []
-    pipeline = FilterPipeline(Policy.from_dict({"classifier": {"action": "refuse", "window": 100}}),
-                              classify=_flags("attack", 100, calls))
+    pipeline = FilterPipeline(
+        Policy.from_dict({"classifier": {"action": "refuse", "window": 100}}), classify=_flags("attack", 100, calls)
+    )
     text = "a calm and friendly sentence. " * 40 + "now attack them. " + "more calm words. " * 10
     guard, sent = StreamGuard(pipeline), ""
     for char in text:  # one character per delta, the worst case for a per-delta classifier
@@ -174,11 +182,18 @@ def test_stream_guard_runs_the_classifier_every_half_window_and_sends_only_score
 def test_chat_cli_conversation_refuses_redacts_and_cuts_answers(engine):
     params = SamplingParams(temperature=0, max_tokens=30)
     plain = Conversation(engine, params).answer("Hello world")
-    blocked = plain[len(plain) // 2: len(plain) // 2 + 3]
+    blocked = plain[len(plain) // 2 : len(plain) // 2 + 3]
     assert len(plain) > 10 and blocked.strip()
-    filters = FilterPipeline(Policy.from_dict({"categories": {
-        "insults": {"words": ["idiot"], "action": "refuse", "message": "Please keep it civil."},
-        "blocked": {"regexes": [re.escape(blocked)], "action": "refuse"}}}))
+    filters = FilterPipeline(
+        Policy.from_dict(
+            {
+                "categories": {
+                    "insults": {"words": ["idiot"], "action": "refuse", "message": "Please keep it civil."},
+                    "blocked": {"regexes": [re.escape(blocked)], "action": "refuse"},
+                }
+            }
+        )
+    )
     chat = Conversation(engine, params, filters=filters)
     shown: list[str] = []
     assert chat.answer("you idiot", shown.append) == "Please keep it civil." and chat.messages == []
@@ -198,37 +213,62 @@ def test_chat_cli_checks_its_policy_before_loading_a_model(tmp_path, capsys):
 def _labeled(path, n=160):
     rng = np.random.default_rng(0)
     bad, good = ["hate", "kill", "destroy", "attack", "hurt"], ["love", "help", "share", "build", "grow"]
-    rows = [{"text": f"I want to {rng.choice(bad if i % 2 else good)} {rng.choice(['them', 'it', 'you'])} now {i}",
-             "label": "unsafe" if i % 2 else "safe"} for i in range(n)]
+    rows = [
+        {
+            "text": f"I want to {rng.choice(bad if i % 2 else good)} {rng.choice(['them', 'it', 'you'])} now {i}",
+            "label": "unsafe" if i % 2 else "safe",
+        }
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def test_safety_train_stage_saves_a_classifier_the_server_loads_and_uses(engine, tmp_path, capsys):
     out = tmp_path / "clf"
-    main(["safety-train", f"--data={_labeled(tmp_path / 'labeled.jsonl')}", f"--out={out}", "--embedder=ngrams",
-          "--device=cpu"])
+    main(
+        [
+            "safety-train",
+            f"--data={_labeled(tmp_path / 'labeled.jsonl')}",
+            f"--out={out}",
+            "--embedder=ngrams",
+            "--device=cpu",
+        ]
+    )
     meta = json.loads((out / "classifier.json").read_text())
     assert meta["held_out_accuracy"] >= 0.9 and meta["held_out"] > 10 and meta["embedder"] == "ngrams"
     assert "held-out accuracy" in capsys.readouterr().out
     policy = tmp_path / "policy.toml"
     policy.write_text(f'[classifier]\npath = "{out}"\nthreshold = 0.5\naction = "refuse"\n')
     store = FeedbackStore(tmp_path / "feedback.db")
-    with Scheduler(engine) as scheduler, BackgroundServer(create_app(
-            scheduler, ServeOptions(model_name=MODEL, safety_policy=str(policy)), store=store)) as server:
-        refused = httpx.post(server.url + "/v1/chat/completions", json={
-            "model": MODEL, "messages": [{"role": "user", "content": "I want to attack you now"}]})
+    with (
+        Scheduler(engine) as scheduler,
+        BackgroundServer(
+            create_app(scheduler, ServeOptions(model_name=MODEL, safety_policy=str(policy)), store=store)
+        ) as server,
+    ):
+        refused = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "I want to attack you now"}]},
+        )
         moderation = httpx.post(server.url + "/v1/moderations", json={"input": "I want to help you now"}).json()
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "content_filter"
-    assert moderation["results"][0]["flagged"] is False and moderation["results"][0]["category_scores"]["classifier"] < 0.5
-    assert [(d["where"], d["category"], d["action"]) for d in store.filter_decisions()] == [("input", "classifier", "refuse")]
+    assert (
+        moderation["results"][0]["flagged"] is False and moderation["results"][0]["category_scores"]["classifier"] < 0.5
+    )
+    assert [(d["where"], d["category"], d["action"]) for d in store.filter_decisions()] == [
+        ("input", "classifier", "refuse")
+    ]
     store.close()
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"text": "a", "label": "safe"}, {"text": "b", "label": "safe"}], "needs exactly two labels"),
-    ([{"text": "a", "label": "safe"}, {"body": "b", "label": "unsafe"}], "needs a string 'text'"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"text": "a", "label": "safe"}, {"text": "b", "label": "safe"}], "needs exactly two labels"),
+        ([{"text": "a", "label": "safe"}, {"body": "b", "label": "unsafe"}], "needs a string 'text'"),
+    ],
+)
 def test_bad_labeled_data_is_a_clear_error(tmp_path, capsys, rows, message):
     data = tmp_path / "labeled.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -246,33 +286,48 @@ def test_api_filters_prompts_cuts_streams_logs_decisions_and_moderates(engine, t
     hello = [{"role": "user", "content": "Hello world"}]
     whole = engine.generate([prompt_ids(hello, engine.tokenizer)], SamplingParams(temperature=0, max_tokens=40))[0]
     text = whole.choices[0].text
-    blocked = text[len(text) // 2: len(text) // 2 + 3]
+    blocked = text[len(text) // 2 : len(text) // 2 + 3]
     assert len(text) > 10 and blocked.strip()
     policy = tmp_path / "policy.json"
-    policy.write_text(json.dumps({"categories": {
-        "insults": {"words": ["idiot"], "action": "refuse", "message": "Please keep it civil."},
-        "blocked": {"regexes": [re.escape(blocked)], "action": "refuse"}}}))
+    policy.write_text(
+        json.dumps(
+            {
+                "categories": {
+                    "insults": {"words": ["idiot"], "action": "refuse", "message": "Please keep it civil."},
+                    "blocked": {"regexes": [re.escape(blocked)], "action": "refuse"},
+                }
+            }
+        )
+    )
     store = FeedbackStore(tmp_path / "feedback.db")
-    with Scheduler(engine) as scheduler, BackgroundServer(create_app(
-            scheduler, ServeOptions(model_name=MODEL, safety_policy=str(policy)), store=store)) as server:
+    with (
+        Scheduler(engine) as scheduler,
+        BackgroundServer(
+            create_app(scheduler, ServeOptions(model_name=MODEL, safety_policy=str(policy)), store=store)
+        ) as server,
+    ):
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.BadRequestError) as excinfo:
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "you idiot"}])
         assert excinfo.value.body["code"] == "content_filter" and "civil" in excinfo.value.body["message"]
-        chunks = list(client.chat.completions.create(model=MODEL, messages=hello, max_tokens=40, temperature=0,
-                                                     stream=True))
+        chunks = list(
+            client.chat.completions.create(model=MODEL, messages=hello, max_tokens=40, temperature=0, stream=True)
+        )
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert chunks[-1].choices[0].finish_reason == "content_filter"
         assert blocked not in streamed and text.startswith(streamed) and len(streamed) < text.index(blocked) + 1
         whole_reply = client.chat.completions.create(model=MODEL, messages=hello, max_tokens=40, temperature=0)
         assert whole_reply.choices[0].finish_reason == "content_filter"
-        moderation = httpx.post(server.url + "/v1/moderations",
-                                json={"input": ["you idiot", "a calm sentence", "mail me: a@b.org"]}).json()
+        moderation = httpx.post(
+            server.url + "/v1/moderations", json={"input": ["you idiot", "a calm sentence", "mail me: a@b.org"]}
+        ).json()
     assert moderation["id"].startswith("modr-") and len(moderation["results"]) == 3
     flagged = [r["flagged"] for r in moderation["results"]]
     assert flagged == [True, False, True] and moderation["results"][0]["categories"]["insults"] is True
     assert moderation["results"][2]["category_scores"]["pii"] == 1.0
     decisions = store.filter_decisions()
-    assert {(d["where"], d["category"], d["action"]) for d in decisions} >= {("input", "insults", "refuse"),
-                                                                             ("output", "blocked", "refuse")}
+    assert {(d["where"], d["category"], d["action"]) for d in decisions} >= {
+        ("input", "insults", "refuse"),
+        ("output", "blocked", "refuse"),
+    }
     store.close()

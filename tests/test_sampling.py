@@ -19,7 +19,8 @@ def _kept(logits: torch.Tensor) -> list[list[int]]:
 
 def _filter(rows: int, top_k=0, top_p=1.0, min_p=0.0):
     logits = PROBS.log().repeat(rows, 1)
-    per_row = lambda v, dtype=torch.float32: torch.tensor(v if isinstance(v, list) else [v] * rows, dtype=dtype)
+    def per_row(v, dtype=torch.float32):
+        return torch.tensor(v if isinstance(v, list) else [v] * rows, dtype=dtype)
     return filter_logits(logits, per_row(top_k, torch.long), per_row(top_p), per_row(min_p))
 
 
@@ -31,7 +32,8 @@ def test_top_p_keeps_exactly_the_nucleus_per_row():
 
 def test_top_p_boundary_a_nucleus_that_reaches_top_p_exactly_is_complete():
     logits = torch.tensor([0.5, 0.25, 0.125, 0.125]).log()[None]  # exact in binary: cumulative 0.5, 0.75
-    one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype)
+    def one(v, dtype=torch.float32):
+        return torch.tensor([v], dtype=dtype)
     assert _kept(filter_logits(logits, one(0, torch.long), one(0.75), one(0.0))) == [[0, 1]]
 
 
@@ -50,7 +52,8 @@ def test_penalties_follow_openai_and_ctrl_definitions():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0]])
     prompt_mask = torch.tensor([[True, False, False, False, False]])  # token 0 in the prompt
     counts = torch.tensor([[0.0, 2.0, 1.0, 0.0, 0.0]])  # token 1 generated twice, token 2 once
-    one = lambda v: torch.tensor([v])
+    def one(v):
+        return torch.tensor([v])
     rep = apply_penalties(logits, prompt_mask, counts, one(2.0), one(0.0), one(0.0))
     assert rep.tolist() == [[1.0, -2.0, 0.25, 3.0, 1.0]]  # positive / 2, negative * 2, unseen unchanged
     presence = apply_penalties(logits, prompt_mask, counts, one(1.0), one(0.5), one(0.0))

@@ -328,7 +328,8 @@ def test_insertion_with_a_fim_model_and_embeddings_with_an_embedding_model(sched
                                            temperature=0)
         pre, suf, mid = (engine.tokenizer.special_id(t) for t in ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
         ids = [pre] + engine.tokenizer.encode("def f(x):") + [suf] + engine.tokenizer.encode("    return y") + [mid]
-        expected = engine.generate([ids], middle_params(engine.tokenizer, SamplingParams(max_tokens=5, temperature=0)))[0]
+        params = middle_params(engine.tokenizer, SamplingParams(max_tokens=5, temperature=0))
+        expected = engine.generate([ids], params)[0]
         assert middle.choices[0].text == expected.choices[0].text
         assert middle.usage.prompt_tokens == len(ids)
 
@@ -360,10 +361,24 @@ def test_serve_command_serves_a_checkpoint(tmp_path, engine, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "chatforge.cli", "serve", f"--ckpt={tmp_path / 'tiny-ckpt'}",
-                               f"--tokenizer={tmp_path / 'tok'}", "--device=cpu", f"--port={port}",
-                               f"--run_dir={tmp_path / 'run'}", f"--api_keys_file={tmp_path / 'keys.txt'}",
-                               "--log_level=warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chatforge.cli",
+            "serve",
+            f"--ckpt={tmp_path / 'tiny-ckpt'}",
+            f"--tokenizer={tmp_path / 'tok'}",
+            "--device=cpu",
+            f"--port={port}",
+            f"--run_dir={tmp_path / 'run'}",
+            f"--api_keys_file={tmp_path / 'keys.txt'}",
+            "--log_level=warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
         deadline = time.monotonic() + 120
@@ -376,7 +391,10 @@ def test_serve_command_serves_a_checkpoint(tmp_path, engine, capsys):
                 time.sleep(0.2)
         assert [m.id for m in models] == ["tiny-ckpt"]
         reply = client.chat.completions.create(model="tiny-ckpt", messages=HELLO, max_tokens=5, temperature=0)
-        assert reply.choices[0].message.content == _engine_answer(engine, HELLO, max_tokens=5, temperature=0)[1].choices[0].text
+        assert (
+            reply.choices[0].message.content
+            == _engine_answer(engine, HELLO, max_tokens=5, temperature=0)[1].choices[0].text
+        )
     finally:
         server.terminate()
         output = server.communicate(timeout=30)[0]
@@ -399,7 +417,11 @@ def _scripted_turns(monkeypatch, engine, turns: list):
 
     def generate(self, prompts, params):
         turn = script.pop(0)
-        ids = ([tok.special_id("<|tool_call|>")] + tok.encode(_json.dumps(turn))) if isinstance(turn, dict) else tok.encode(turn)
+        ids = (
+            ([tok.special_id("<|tool_call|>")] + tok.encode(_json.dumps(turn)))
+            if isinstance(turn, dict)
+            else tok.encode(turn)
+        )
         ids.append(tok.special_id("<|end|>"))
         done = [Completion(prompts[0], [Choice(0, tok.decode(ids), ids, "stop")])]
         self.completions += done
@@ -409,20 +431,34 @@ def _scripted_turns(monkeypatch, engine, turns: list):
     return script
 
 
-LOOKUP = {"type": "function", "function": {"name": "lookup", "description": "Find a person.",
-                                           "parameters": {"type": "object", "properties": {"name": {"type": "string"}}}}}
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Find a person.",
+        "parameters": {"type": "object", "properties": {"name": {"type": "string"}}},
+    },
+}
 
 
 def test_client_tools_end_in_tool_calls_and_the_result_is_sent_back(client, engine, monkeypatch):
     _scripted_turns(monkeypatch, engine, [{"name": "lookup", "arguments": {"name": "Ada"}}, "Ada was a mathematician."])
-    first = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Who was Ada?"}],
-                                           tools=[LOOKUP], temperature=0)
+    first = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Who was Ada?"}], tools=[LOOKUP], temperature=0
+    )
     call = first.choices[0].message.tool_calls[0]
     assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "lookup"
     assert json.loads(call.function.arguments) == {"name": "Ada"} and call.id.startswith("call_")
-    second = client.chat.completions.create(model=MODEL, tools=[LOOKUP], temperature=0, messages=[
-        {"role": "user", "content": "Who was Ada?"}, first.choices[0].message.model_dump(exclude_none=True),
-        {"role": "tool", "tool_call_id": call.id, "content": "Ada Lovelace, 1815-1852, mathematician"}])
+    second = client.chat.completions.create(
+        model=MODEL,
+        tools=[LOOKUP],
+        temperature=0,
+        messages=[
+            {"role": "user", "content": "Who was Ada?"},
+            first.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "Ada Lovelace, 1815-1852, mathematician"},
+        ],
+    )
     assert second.choices[0].message.content == "Ada was a mathematician." and second.choices[0].finish_reason == "stop"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=HELLO, tools=[LOOKUP], n=2)
@@ -431,28 +467,40 @@ def test_client_tools_end_in_tool_calls_and_the_result_is_sent_back(client, engi
 def test_built_in_calculator_runs_on_the_server(scheduler, engine, monkeypatch):
     _scripted_turns(monkeypatch, engine, [{"name": "calculator", "arguments": {"expression": "12 * 7"}}, "It is 84."])
     with _server(scheduler, tools=["calculator"]) as server:
-        reply = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                           json={"model": MODEL, "messages": [{"role": "user", "content": "12 times 7?"}]}).json()
+        reply = httpx.post(
+            server.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": MODEL, "messages": [{"role": "user", "content": "12 times 7?"}]},
+        ).json()
     assert reply["choices"][0]["message"]["content"] == "It is 84."
     assert reply["tool_runs"] == [{"name": "calculator", "arguments": {"expression": "12 * 7"}, "result": "84"}]
 
 
 def test_streamed_tool_calls_assemble_in_the_openai_stream_helper(client, engine, monkeypatch):
     _scripted_turns(monkeypatch, engine, [{"name": "lookup", "arguments": {"name": "Ada"}}])
-    with client.beta.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": "Who was Ada?"}],
-                                             tools=[LOOKUP], temperature=0) as stream:
+    with client.beta.chat.completions.stream(
+        model=MODEL, messages=[{"role": "user", "content": "Who was Ada?"}], tools=[LOOKUP], temperature=0
+    ) as stream:
         final = stream.get_final_completion().choices[0]
     assert final.finish_reason == "tool_calls"
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in final.message.tool_calls] == [("lookup", {"name": "Ada"})]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in final.message.tool_calls] == [
+        ("lookup", {"name": "Ada"})
+    ]
 
 
 def test_an_answer_written_after_a_tool_call_goes_through_the_output_filters(scheduler, engine, monkeypatch, tmp_path):
-    _scripted_turns(monkeypatch, engine, [{"name": "calculator", "arguments": {"expression": "12 * 7"}},
-                                          "It is 84, you idiot."])
+    _scripted_turns(
+        monkeypatch, engine, [{"name": "calculator", "arguments": {"expression": "12 * 7"}}, "It is 84, you idiot."]
+    )
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"categories": {"insults": {"words": ["idiot"], "action": "refuse"}}}))
     with _server(scheduler, tools=["calculator"], safety_policy=str(policy)) as server:
-        reply = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                           json={"model": MODEL, "messages": [{"role": "user", "content": "12 times 7?"}]}).json()
+        reply = httpx.post(
+            server.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": MODEL, "messages": [{"role": "user", "content": "12 times 7?"}]},
+        ).json()
     choice = reply["choices"][0]
-    assert choice["finish_reason"] == "content_filter" and not choice["message"]["content"]  # a short answer is held back whole
+    assert (
+        choice["finish_reason"] == "content_filter" and not choice["message"]["content"]
+    )  # a short answer is held back whole

@@ -23,11 +23,20 @@ def setup(tmp_path_factory):
     tokenizer = Tokenizer.train([q + " " + a for q, a in QA] * 10, vocab_size=300)
     tokenizer.save(root / "base")
     torch.manual_seed(0)
-    export_hf_gpt2(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32)), root / "base")
+    export_hf_gpt2(
+        GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32)), root / "base"
+    )
     data = root / "sft_data"
     data.mkdir()
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
-    rows.append({"messages": [{"role": "user", "content": "Line\u2028separators"}, {"role": "assistant", "content": "are text."}]})
+    rows.append(
+        {
+            "messages": [
+                {"role": "user", "content": "Line\u2028separators"},
+                {"role": "assistant", "content": "are text."},
+            ]
+        }
+    )
     # ensure_ascii=False keeps U+2028 raw inside a JSON line, as sft-data writes it: it must not split the line
     (data / "sft_train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows * 4))
     (data / "sft_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -37,14 +46,34 @@ def setup(tmp_path_factory):
 def test_sft_lowers_the_held_out_assistant_loss(setup, capsys):
     root, args = setup
     out = root / "run"
-    main(["sft", *args, f"--out_dir={out}", "--train.steps=80", "--train.batch_size=4", "--train.lr=5e-3",
-          "--train.warmup_steps=5", "--train.max_minutes=0"])
+    main(
+        [
+            "sft",
+            *args,
+            f"--out_dir={out}",
+            "--train.steps=80",
+            "--train.batch_size=4",
+            "--train.lr=5e-3",
+            "--train.warmup_steps=5",
+            "--train.max_minutes=0",
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_val_loss"] < summary["base_val_loss"] - 1.0
     assert (out / "loss.png").is_file()
     # the trained model answers through the shared chat template
-    main(["chat", f"--ckpt={out}", "--device=cpu", "--temperature=0", "--top_p=1", "--repetition_penalty=1",
-          "--max_tokens=12", "What colour is the sky?"])
+    main(
+        [
+            "chat",
+            f"--ckpt={out}",
+            "--device=cpu",
+            "--temperature=0",
+            "--top_p=1",
+            "--repetition_penalty=1",
+            "--max_tokens=12",
+            "What colour is the sky?",
+        ]
+    )
     assert "blue" in capsys.readouterr().out.splitlines()[-1]
 
 

@@ -4,21 +4,14 @@ import random
 import pytest
 
 from chatforge import cli
-from chatforge.data.sft_data import (
-    DROP_REASONS,
-    Config,
-    Conversation,
-    Curator,
-    cutoff_reason,
-    fit_max_chars,
-    language_id,
-    parse_line,
-    read_conversations,
-    split,
-)
+from chatforge.data.sft_data import DROP_REASONS, Conversation, Curator, parse_row, read_conversations, split
+from chatforge.data.sft_rules import cutoff_reason, fit_max_chars, language_id
 from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.stages.sft_data import Config
 
-LONG_ANSWER = ("The answer depends on how the data is stored, which index is used and how often it changes. " * 6).strip()
+LONG_ANSWER = (
+    "The answer depends on how the data is stored, which index is used and how often it changes. " * 6
+).strip()
 
 
 def chat(prompt, answer="Sure, here is a short and complete answer.", **extra):
@@ -27,7 +20,7 @@ def chat(prompt, answer="Sure, here is a short and complete answer.", **extra):
 
 def curate(rows, **options):
     curator = Curator(Config(**options))
-    reasons = [curator.add(parse_line(json.dumps(row), f"t.jsonl:{i}", "user")) for i, row in enumerate(rows, 1)]
+    reasons = [curator.add(parse_row(row, f"t.jsonl:{i}", "user")) for i, row in enumerate(rows, 1)]
     return curator, reasons
 
 
@@ -66,7 +59,10 @@ def test_common_prefix_drops_prompts_that_start_like_an_earlier_kept_one():
 
 def test_pii_is_scrubbed_and_counted_by_kind():
     rows = [
-        chat("Mail jane.doe@example.com or call +1 415 555 0100 about the order", answer="I will mail jane.doe@example.com."),
+        chat(
+            "Mail jane.doe@example.com or call +1 415 555 0100 about the order",
+            answer="I will mail jane.doe@example.com.",
+        ),
         chat("No personal data here"),
     ]
     curator, reasons = curate(rows)
@@ -85,8 +81,11 @@ def test_pii_is_scrubbed_and_counted_by_kind():
         ("\u200b...", "empty_assistant"),
         (LONG_ANSWER + " For example, the", "cut_off"),
         ("Too many requests in 1 hour. Try again later.", "cut_off"),
-        ("Para mejorar la experiencia de usuario, es importante que la interfaz sea clara y que los pasos sean pocos.",
-         "language"),
+        (
+            "Para mejorar la experiencia de usuario, es importante que la interfaz sea clara y que los pasos "
+            "sean pocos.",
+            "language",
+        ),
         ("Конечно, вот короткий и полный ответ на ваш вопрос.", "language"),
         ("もちろんです。これは短い答えです。", "language"),
         ("Sure, here is a short and complete answer.", None),
@@ -130,8 +129,11 @@ def test_trimming_to_the_last_assistant_turn_and_conversations_without_one():
 
 
 def test_exact_duplicates_are_dropped_ignoring_case_and_spacing():
-    rows = [chat("What is 2 + 2?", answer="It is 4."), chat("what is  2 + 2?", answer="It is\n4."),
-            chat("What is 2 + 2?", answer="Four.")]
+    rows = [
+        chat("What is 2 + 2?", answer="It is 4."),
+        chat("what is  2 + 2?", answer="It is\n4."),
+        chat("What is 2 + 2?", answer="Four."),
+    ]
     curator, reasons = curate(rows)
     # the third differs in its answer, so it is no duplicate; its prompt is, so the prefix rule takes it
     assert reasons == [None, "duplicate", "common_prefix"]
@@ -150,8 +152,12 @@ def test_max_chars_keeps_whole_leading_exchanges():
 
 
 def test_category_is_kept_normalised_or_unknown():
-    rows = [chat("One", category="plain"), chat("Two", category="Few_Shot"), chat("Three", category="user based"),
-            chat("Four")]
+    rows = [
+        chat("One", category="plain"),
+        chat("Two", category="Few_Shot"),
+        chat("Three", category="user based"),
+        chat("Four"),
+    ]
     curator, _ = curate(rows)
     assert [c.category for c in curator.kept] == ["plain", "few-shot", "user-based", "unknown"]
     with pytest.raises(ChatforgeError, match=r"t\.jsonl:1: category 'fancy'"):
@@ -159,8 +165,14 @@ def test_category_is_kept_normalised_or_unknown():
 
 
 def test_counts_cover_every_conversation():
-    rows = [chat(f"Prompt number {i % 7}", answer=random.Random(i).choice(["ok.", "", LONG_ANSWER + " and"]),
-                 user_id=str(i % 3)) for i in range(60)]
+    rows = [
+        chat(
+            f"Prompt number {i % 7}",
+            answer=random.Random(i).choice(["ok.", "", LONG_ANSWER + " and"]),
+            user_id=str(i % 3),
+        )
+        for i in range(60)
+    ]
     curator, reasons = curate(rows, max_per_user=2)
     counts = curator.counts()
     assert counts["kept"] + sum(counts["dropped"].values()) == 60
@@ -185,8 +197,15 @@ def test_counts_cover_every_conversation():
         (LONG_ANSWER + " This is how it works in", "mid_sentence"),
         (LONG_ANSWER + " For example,", "mid_sentence"),
         (LONG_ANSWER + " Here is the code:", "mid_sentence"),
-        (LONG_ANSWER + "\n\n* Description: a small mole-like creature with a brown and grey body and two", "mid_sentence"),
-        (LONG_ANSWER + "\n\n首先，我们需要打开设置页面，然后在列表里选择正确的选项，以便完成后续的配置工作，接着再检查网络和", "mid_sentence"),
+        (
+            LONG_ANSWER + "\n\n* Description: a small mole-like creature with a brown and grey body and two",
+            "mid_sentence",
+        ),
+        (
+            LONG_ANSWER
+            + "\n\n首先，我们需要打开设置页面，然后在列表里选择正确的选项，以便完成后续的配置工作，接着再检查网络和",
+            "mid_sentence",
+        ),
         (LONG_ANSWER + "\n\n```python\ndef f(x):\n    return x +", "open_code_block"),
         ("Here is the first part of the file. [truncated]", "marker"),
         ("The log ends here (truncated at 1000 lines)", "marker"),
@@ -267,11 +286,15 @@ def _many(n, offset=0):
     rows = []
     for i in range(offset, offset + n):
         messages = [{"role": "system", "content": "Be helpful."}] if i % 5 == 0 else []
-        messages += [{"role": "user", "content": f"Question {i}: what is {i} squared?"},
-                     {"role": "assistant", "content": f"{i} squared is {i * i}."}]
+        messages += [
+            {"role": "user", "content": f"Question {i}: what is {i} squared?"},
+            {"role": "assistant", "content": f"{i} squared is {i * i}."},
+        ]
         if i % 3 == 0:
-            messages += [{"role": "user", "content": "And plus one?"},
-                         {"role": "assistant", "content": f"That makes {i * i + 1}."}]
+            messages += [
+                {"role": "user", "content": "And plus one?"},
+                {"role": "assistant", "content": f"That makes {i * i + 1}."},
+            ]
         rows.append({"id": f"c{i}", "messages": messages})
     return rows
 
@@ -331,19 +354,32 @@ def _read(path):
 
 
 def test_stage_end_to_end(tmp_path, capsys):
-    holdout = write_jsonl(tmp_path / "chat_holdout.jsonl",
-                          [dict(row, source="sharegpt") for row in _many(60)] + [chat("Tell me", answer="")])
-    mine = write_jsonl(tmp_path / "mine.jsonl", [
-        chat("Question 1: what is 1 squared? Please answer.", answer="It is 1.", user_id="ann", category="plain"),
-        chat("My own prompt about sorting lists", user_id="ann", category="few-shot"),
-    ])
-    feedback = write_jsonl(tmp_path / "feedback.jsonl", [
-        chat("Corrected: how do I reverse a list in Python?", answer="Use reversed(xs) or xs[::-1].",
-             source="feedback", id="fb-1"),
-    ])
+    holdout = write_jsonl(
+        tmp_path / "chat_holdout.jsonl",
+        [dict(row, source="sharegpt") for row in _many(60)] + [chat("Tell me", answer="")],
+    )
+    mine = write_jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            chat("Question 1: what is 1 squared? Please answer.", answer="It is 1.", user_id="ann", category="plain"),
+            chat("My own prompt about sorting lists", user_id="ann", category="few-shot"),
+        ],
+    )
+    feedback = write_jsonl(
+        tmp_path / "feedback.jsonl",
+        [
+            chat(
+                "Corrected: how do I reverse a list in Python?",
+                answer="Use reversed(xs) or xs[::-1].",
+                source="feedback",
+                id="fb-1",
+            ),
+        ],
+    )
     out = tmp_path / "sft"
-    cli.main(["sft-data", f"--holdout={holdout}", f"--inputs={mine}", f"--feedback={feedback}", f"--out_dir={out}",
-              "--prefix_chars=20", "--val_fraction=0.1", "--rl_fraction=0.2"])
+    args = [f"--holdout={holdout}", f"--inputs={mine}", f"--feedback={feedback}", f"--out_dir={out}"]
+    args += ["--prefix_chars=20", "--val_fraction=0.1", "--rl_fraction=0.2"]
+    cli.main(["sft-data", *args])
     assert "kept 62" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
@@ -354,8 +390,11 @@ def test_stage_end_to_end(tmp_path, capsys):
     assert manifest["by_source"] == {"sharegpt": 59, "user": 2, "feedback": 1}
     assert manifest["by_category"] == {"unknown": 60, "plain": 1, "few-shot": 1}
     rows = {name: _read(out / name) for name in ("sft_train.jsonl", "sft_val.jsonl", "rl_prompts.jsonl")}
-    assert {name: len(r) for name, r in rows.items()} == {"sft_train.jsonl": 44, "sft_val.jsonl": 6,
-                                                          "rl_prompts.jsonl": 12}
+    assert {name: len(r) for name, r in rows.items()} == {
+        "sft_train.jsonl": 44,
+        "sft_val.jsonl": 6,
+        "rl_prompts.jsonl": 12,
+    }
     assert all(manifest["files"][name]["rows"] == len(r) for name, r in rows.items())
     ids = [r["id"] for part in rows.values() for r in part]
     assert len(ids) == len(set(ids)) == 62
@@ -364,8 +403,7 @@ def test_stage_end_to_end(tmp_path, capsys):
     assert [(r["user_id"], r["language"]) for r in users] == [("ann", "en")] * 2
     # the same run again writes byte-identical files
     before = {name: (out / name).read_bytes() for name in rows}
-    cli.main(["sft-data", f"--holdout={holdout}", f"--inputs={mine}", f"--feedback={feedback}", f"--out_dir={out}",
-              "--prefix_chars=20", "--val_fraction=0.1", "--rl_fraction=0.2"])
+    cli.main(["sft-data", *args])
     assert {name: (out / name).read_bytes() for name in rows} == before
 
 
@@ -397,5 +435,10 @@ def test_cap_stops_reading(tmp_path):
 
 def test_conversation_record_round_trips():
     conv = Conversation(id="x", messages=[{"role": "user", "content": "hi"}], source="user", language="en")
-    assert conv.record() == {"id": "x", "messages": [{"role": "user", "content": "hi"}], "source": "user",
-                             "category": "unknown", "language": "en"}
+    assert conv.record() == {
+        "id": "x",
+        "messages": [{"role": "user", "content": "hi"}],
+        "source": "user",
+        "category": "unknown",
+        "language": "en",
+    }

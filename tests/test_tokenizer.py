@@ -10,11 +10,11 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from chatforge import tokenizer_stage
 from chatforge.config import parse
+from chatforge.data import tokenize
 from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.stages.tokenizer import Config, run
 from chatforge.tokenizer import END_OF_TEXT, SPECIAL_TOKENS, Tokenizer
-from chatforge.tokenizer_stage import Config, run
 
 ENGLISH = "The quick brown fox jumps over the lazy dog. It's 2024; we'll see 12345 apples, don't you think?"
 CHINESE = "今天天气很好，我们去公园散步吧。机器学习是人工智能的一个分支。"
@@ -136,7 +136,8 @@ def test_loads_a_gpt2_style_tokenizer_file(tmp_path):
     """GPT-2's tokenizer.json splits inside ByteLevel(use_regex=True) and has only <|endoftext|>."""
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.BpeTrainer(vocab_size=350, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=350, initial_alphabet=alphabet, show_progress=False)
     hf.train_from_iterator(corpus(), trainer)
     hf.add_special_tokens([END_OF_TEXT])
     hf.save(str(tmp_path / "tokenizer.json"))
@@ -153,7 +154,9 @@ def test_loads_a_gpt2_style_tokenizer_file(tmp_path):
 
 
 def write_docs(path, docs):
-    path.write_text("".join(json.dumps({"id": str(i), "source": "t", **d}, ensure_ascii=False) + "\n" for i, d in enumerate(docs)))
+    path.write_text(
+        "".join(json.dumps({"id": str(i), "source": "t", **d}, ensure_ascii=False) + "\n" for i, d in enumerate(docs))
+    )
 
 
 def make_data(data_dir, with_chinese=True):
@@ -169,8 +172,11 @@ def make_data(data_dir, with_chinese=True):
 
 
 def run_stage(data_dir, out_dir, **overrides):
-    cfg, _ = parse(Config, [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--vocab_size=400", "--num_threads=2"]
-                   + [f"--{k}={v}" for k, v in overrides.items()])
+    cfg, _ = parse(
+        Config,
+        [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--vocab_size=400", "--num_threads=2"]
+        + [f"--{k}={v}" for k, v in overrides.items()],
+    )
     run(cfg, [])
     return json.loads((out_dir / "tokenizer_report.json").read_text())
 
@@ -234,7 +240,7 @@ def test_config_rejects_bad_values():
 
 
 def test_language_buckets():
-    bucket = tokenizer_stage.language_bucket
+    bucket = tokenize.language_bucket
     assert bucket({"kind": "code", "text": CHINESE}) == "code"
     assert bucket({"kind": "text", "text": CHINESE + " some ascii"}) == "chinese"
     assert bucket({"kind": "chat", "text": ENGLISH}) == "english"

@@ -99,24 +99,48 @@ def test_unknown_tools_bad_arguments_and_client_tools(tokenizer):
     lookup = Tool("lookup", "Look a name up.", {"type": "object", "properties": {"name": {"type": "string"}},
                                                 "required": ["name"]})
     engine = ScriptedTurns(tokenizer, [{"name": "lookup", "arguments": {"name": "Ada"}}])
-    run = answer_with_tools(engine, [{"role": "user", "content": "who"}], {"lookup": lookup}, SamplingParams(temperature=0))
+    run = answer_with_tools(
+        engine, [{"role": "user", "content": "who"}], {"lookup": lookup}, SamplingParams(temperature=0)
+    )
     assert run.finish_reason == "tool_calls" and run.pending == [{"name": "lookup", "arguments": {"name": "Ada"}}]
 
 
 def test_schema_checks_types_enums_and_unknown_arguments():
-    tool = Tool("t", "", {"type": "object", "properties": {"n": {"type": "integer"}, "mode": {"enum": ["a", "b"]}},
-                          "required": ["n"], "additionalProperties": False}, lambda a: "ran")
+    tool = Tool(
+        "t",
+        "",
+        {
+            "type": "object",
+            "properties": {"n": {"type": "integer"}, "mode": {"enum": ["a", "b"]}},
+            "required": ["n"],
+            "additionalProperties": False,
+        },
+        lambda a: "ran",
+    )
     check_arguments(tool, {"n": 3, "mode": "a"})
-    for arguments, message in (({"n": "3"}, "type integer"), ({"n": True}, "type integer"), ({"n": 1, "mode": "c"}, "one of"),
-                               ({"n": 1, "x": 2}, "unknown argument"), ({}, "missing")):
+    for arguments, message in (
+        ({"n": "3"}, "type integer"),
+        ({"n": True}, "type integer"),
+        ({"n": 1, "mode": "c"}, "one of"),
+        ({"n": 1, "x": 2}, "unknown argument"),
+        ({}, "missing"),
+    ):
         with pytest.raises(ChatforgeError, match=message):
             check_arguments(tool, arguments)
     assert run_tool(tool, {"n": 1}) == "ran" and run_tool(tool, {}).startswith("error:")
 
 
 def test_tool_data_answers_are_right_and_held_out_questions_are_new(tmp_path):
-    main(["tool-data", f"--out_dir={tmp_path}", "--arithmetic=50", "--definitions=0", "--eval_questions=20",
-          "--data_dir="])
+    main(
+        [
+            "tool-data",
+            f"--out_dir={tmp_path}",
+            "--arithmetic=50",
+            "--definitions=0",
+            "--eval_questions=20",
+            "--data_dir=",
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "tool_train.jsonl").read_text().splitlines()]
     for row in rows:
         call = row["messages"][1]["tool_calls"][0]
@@ -128,7 +152,7 @@ def test_tool_data_answers_are_right_and_held_out_questions_are_new(tmp_path):
 
 
 def test_chat_conversation_uses_the_loop_and_remembers_calls(tokenizer, capsys):
-    from chatforge.infer.chat_stage import Conversation
+    from chatforge.serve.terminal import Conversation
 
     engine = ScriptedTurns(tokenizer, [{"name": "calculator", "arguments": {"expression": "6 * 7"}}, "42."])
     chat = Conversation(engine, SamplingParams(temperature=0, max_tokens=16), tools={"calculator": CALCULATOR})
@@ -162,26 +186,58 @@ def test_a_short_sft_on_tool_data_teaches_a_tiny_model_to_call_the_calculator(tm
     from chatforge.model.hf import export_hf_gpt2
 
     tools = tmp_path / "tool_data"
-    main(["tool-data", f"--out_dir={tools}", "--arithmetic=300", "--definitions=0", "--eval_questions=12", "--data_dir="])
+    main(
+        ["tool-data", f"--out_dir={tools}", "--arithmetic=300", "--definitions=0", "--eval_questions=12", "--data_dir="]
+    )
     rows = [json.loads(line) for line in (tools / "tool_train.jsonl").read_text().splitlines()]
     texts = [json.dumps(row["messages"]) for row in rows]
     tokenizer = Tokenizer.train(texts, vocab_size=400)
     tokenizer.save(tmp_path / "base")
     torch.manual_seed(0)
-    export_hf_gpt2(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=96, n_layer=2, n_head=2, n_embd=48)),
-                   tmp_path / "base")
+    export_hf_gpt2(
+        GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=96, n_layer=2, n_head=2, n_embd=48)),
+        tmp_path / "base",
+    )
     chats = tmp_path / "sft_data"
     chats.mkdir()
-    small_talk = "".join(json.dumps({"messages": [{"role": "user", "content": "Say hello."},
-                                                  {"role": "assistant", "content": "Hello!"}]}) + "\n" for _ in range(4))
+    small_talk = "".join(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}
+        )
+        + "\n"
+        for _ in range(4)
+    )
     (chats / "sft_train.jsonl").write_text(small_talk)
     (chats / "sft_val.jsonl").write_text(small_talk)
-    main(["sft", f"--data_dir={chats}", f"--init_from={tmp_path / 'base'}", f"--out_dir={tmp_path / 'run'}",
-          f"--extra_train={tools / 'tool_train.jsonl'}", f"--extra_val={tools / 'tool_val.jsonl'}",
-          "--train.dtype=fp32", "--train.compile=false", "--train.device=cpu", "--train.progress=false",
-          "--train.steps=120", "--train.batch_size=8", "--train.lr=5e-3", "--train.warmup_steps=5", "--train.max_minutes=0"])
-    main(["eval", "tools", f"--ckpt={tmp_path / 'run'}", "--device=cpu", f"--tools.questions={tools / 'arithmetic_eval.jsonl'}",
-          f"--out={tmp_path / 'eval'}"])
+    main(
+        [
+            "sft",
+            f"--data_dir={chats}",
+            f"--init_from={tmp_path / 'base'}",
+            f"--out_dir={tmp_path / 'run'}",
+            f"--extra_train={tools / 'tool_train.jsonl'}",
+            f"--extra_val={tools / 'tool_val.jsonl'}",
+            "--train.dtype=fp32",
+            "--train.compile=false",
+            "--train.device=cpu",
+            "--train.progress=false",
+            "--train.steps=120",
+            "--train.batch_size=8",
+            "--train.lr=5e-3",
+            "--train.warmup_steps=5",
+            "--train.max_minutes=0",
+        ]
+    )
+    main(
+        [
+            "eval",
+            "tools",
+            f"--ckpt={tmp_path / 'run'}",
+            "--device=cpu",
+            f"--tools.questions={tools / 'arithmetic_eval.jsonl'}",
+            f"--out={tmp_path / 'eval'}",
+        ]
+    )
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     # the call format is learned in a few steps (the numbers are not, at this size); the loop and scoring are sound
     assert summary["called_calculator"] >= 0.9 and summary["oracle"] == 1.0
@@ -190,8 +246,17 @@ def test_a_short_sft_on_tool_data_teaches_a_tiny_model_to_call_the_calculator(tm
 
 def test_direct_tool_data_asks_the_same_questions_without_calls(tmp_path):
     for name, extra in (("tools", []), ("direct", ["--direct"])):
-        main(["tool-data", f"--out_dir={tmp_path / name}", "--arithmetic=20", "--definitions=0", "--eval_questions=5",
-              "--data_dir=", *extra])
+        main(
+            [
+                "tool-data",
+                f"--out_dir={tmp_path / name}",
+                "--arithmetic=20",
+                "--definitions=0",
+                "--eval_questions=5",
+                "--data_dir=",
+                *extra,
+            ]
+        )
 
     def read(name: str, file: str) -> list[dict]:
         return [json.loads(line) for line in (tmp_path / name / file).read_text().splitlines()]

@@ -39,7 +39,9 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     decayed = sorted(names[id(p)] for p in decay["params"])
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert decayed and all(n.endswith("weight") and ".ln_" not in n for n in decayed)
-    assert {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "h.0.attn.c_attn.bias"} <= {names[id(p)] for p in no_decay["params"]}
+    assert {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "h.0.attn.c_attn.bias"} <= {
+        names[id(p)] for p in no_decay["params"]
+    }
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
@@ -117,7 +119,9 @@ def test_a_task_may_run_its_own_backward(tmp_path):
     plain, custom = tiny_gpt(), tiny_gpt()
     train(plain, CountingTask(), fast_config(steps=3), tmp_path / "plain")
     train(custom, GradCacheLikeTask(), fast_config(steps=3, micro_batch_size=4), tmp_path / "custom")
-    assert list(losses(tmp_path / "plain").values()) == pytest.approx(list(losses(tmp_path / "custom").values()), abs=1e-5)
+    assert list(losses(tmp_path / "plain").values()) == pytest.approx(
+        list(losses(tmp_path / "custom").values()), abs=1e-5
+    )
     for p, q in zip(plain.parameters(), custom.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
 

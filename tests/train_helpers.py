@@ -20,13 +20,26 @@ VOCAB, BLOCK = 64, 16
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{"vocab_size": VOCAB, "block_size": BLOCK, "n_layer": 2, "n_head": 2, "n_embd": 32, **overrides}))
+    return GPT(
+        GPTConfig(**{"vocab_size": VOCAB, "block_size": BLOCK, "n_layer": 2, "n_head": 2, "n_embd": 32, **overrides})
+    )
 
 
 def fast_config(**overrides) -> TrainConfig:
     """fp32, eager, CPU, no progress bar: quick and bit-for-bit repeatable."""
-    values = dict(steps=20, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=3, eval_every=0, ckpt_every=0,
-                  dtype="fp32", compile="false", device="cpu", progress=False)
+    values = dict(
+        steps=20,
+        batch_size=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=3,
+        eval_every=0,
+        ckpt_every=0,
+        dtype="fp32",
+        compile="false",
+        device="cpu",
+        progress=False,
+    )
     return TrainConfig(**{**values, **overrides})
 
 
@@ -88,9 +101,24 @@ def make_corpus(root: str | Path, train_copies: int = 20) -> Path:
 
 def tiny_pretrain_args(tokenizer_dir: Path, out_dir: Path, **overrides) -> list[str]:
     """`chatforge pretrain` options for a 2-layer model trained in a second or two."""
-    values = {"tokenizer_dir": tokenizer_dir, "out_dir": out_dir, "model.n_layer": 2, "model.n_head": 2,
-              "model.n_embd": 32, "model.block_size": 32, "eval_batches": 2, "train.steps": 8, "train.batch_size": 8,
-              "train.warmup_steps": 2, "train.eval_every": 4, "train.ckpt_every": 4, "train.max_minutes": 0,
-              "train.dtype": "fp32", "train.compile": "false", "train.device": "cpu", "train.progress": "false"}
+    values = {
+        "tokenizer_dir": tokenizer_dir,
+        "out_dir": out_dir,
+        "model.n_layer": 2,
+        "model.n_head": 2,
+        "model.n_embd": 32,
+        "model.block_size": 32,
+        "eval_batches": 2,
+        "train.steps": 8,
+        "train.batch_size": 8,
+        "train.warmup_steps": 2,
+        "train.eval_every": 4,
+        "train.ckpt_every": 4,
+        "train.max_minutes": 0,
+        "train.dtype": "fp32",
+        "train.compile": "false",
+        "train.device": "cpu",
+        "train.progress": "false",
+    }
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
     return [f"--{k}={v}" for k, v in values.items()]

@@ -38,7 +38,9 @@ class EpochOrder:
         return rank_slice(self._order[index * self.batch_size : (index + 1) * self.batch_size], rank, world_size)
 
 
-def encode_conversations(conversations: Iterable[list[dict]], tokenizer, block_size: int) -> list[tuple[list[int], list[int]]]:
+def encode_conversations(
+    conversations: Iterable[list[dict]], tokenizer, block_size: int
+) -> list[tuple[list[int], list[int]]]:
     """(ids, loss mask) per conversation, cut to ``block_size + 1`` tokens; conversations with no assistant token
     inside the window teach nothing and are left out."""
     encoded = []
@@ -62,7 +64,9 @@ class ChatBatches:
     def batch(self, step: int, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"):
         return self.rows(self.order.indices(step, rank, world_size), device)
 
-    def eval_batches(self, batch_size: int, device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(
+        self, batch_size: int, device: str | torch.device = "cpu"
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every conversation once, in order (the last batch may be smaller)."""
         for start in range(0, len(self.encoded), batch_size):
             yield self.rows(np.arange(start, min(start + batch_size, len(self.encoded))), device)
@@ -78,3 +82,12 @@ class ChatBatches:
             # the target at position t is token t+1, learned only where token t+1 is the assistant's
             y[row, :n] = torch.tensor([t if m else IGNORE for t, m in zip(ids[1:], mask[1:])])
         return to_device(x, device), to_device(y, device)
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids right-padded with ``pad_id`` into one [len(rows), longest] tensor, and their lengths."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    return ids, torch.tensor([len(r) for r in rows])

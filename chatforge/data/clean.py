@@ -64,7 +64,9 @@ _CONTEXT_SECRET = re.compile(
     """
 )
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24}(?![\w(@-])")
-_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)")
+_IPV4 = re.compile(
+    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)"
+)
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 # Separators are required (a bare run of digits is a number, not a phone), and spaces as separators only
 # after a +country code or a (area code), since "1024 2048 4096" is a row of numbers.
@@ -195,9 +197,7 @@ class _Powers:
         size = max(n, 2 * len(self.up))
         with np.errstate(over="ignore"):
             self.up = np.cumprod(np.concatenate([[np.uint64(1)], np.full(size - 1, _BASE)]), dtype=np.uint64)
-            self.down = np.cumprod(
-                np.concatenate([[np.uint64(1)], np.full(size - 1, _BASE_INVERSE)]), dtype=np.uint64
-            )
+            self.down = np.cumprod(np.concatenate([[np.uint64(1)], np.full(size - 1, _BASE_INVERSE)]), dtype=np.uint64)
 
 
 _POWERS = _Powers()

@@ -1,24 +1,6 @@
-"""build (input, instruction, output) edit triples from the corpus: prose and code, held-out split per type.
+"""Edit triples (input, instruction, output) made from the corpus: typos, casing, punctuation, renames, docstrings.
 
-    chatforge edit-data                                  # speedrun default: from runs/speedrun/data
-    chatforge edit-data --inputs=my_edits.jsonl          # plus your own triples
-    chatforge edit-data --max_per_type=1000 --types=spelling,rename
-
-Every triple is made by damaging or changing real text, so the embedded default needs nothing extra:
-
-* ``spelling``: typos injected into a sentence (letters swapped, dropped or doubled) -> "fix the spelling"
-* ``capitalization``: the sentence lower-cased -> "restore the capitalization"
-* ``punctuation``: the sentence without its punctuation -> "restore the punctuation"
-* ``rename``: a Python function with a parameter renamed everywhere it is a name (by the ``tokenize`` module,
-  so strings and comments are left alone) -> "rename x to y"
-* ``docstring``: a Python function with its docstring removed -> "add a docstring" (the reverse of the
-  standard library's own)
-
-Sentences come from the data stage's prose and chat documents, functions from its code documents. Training
-triples come from ``pretrain_train.jsonl`` and held-out ones from ``pretrain_{val,test}.jsonl``, so no held-out
-sentence or function was seen in training. User triples (JSONL with "input", "instruction", "output" and an
-optional "type", default "user") are split by a hash of their input. Writes ``edit_train.jsonl``,
-``edit_val.jsonl`` and ``manifest.json`` (counts per type and split) to ``out_dir``.
+The `chatforge edit-data` stage (chatforge/stages/edit_data.py) writes them.
 """
 
 from __future__ import annotations
@@ -28,16 +10,12 @@ import io as text_io
 import re
 import textwrap
 import tokenize
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from chatforge import io
-from chatforge.config import option
-from chatforge.data.documents import read_documents, unit_hash
-from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.errors import ChatforgeError
 
 INSTRUCTIONS = {
     "spelling": ["Fix the spelling mistakes.", "Correct the typos.", "Fix the spelling."],
@@ -52,29 +30,6 @@ SENTENCE = re.compile(r"[A-Z][^\n]*?[.!?](?=\s|$)")
 PUNCTUATION = re.compile(r"[.,;:!?]")
 
 
-@dataclass
-class Config:
-    data_dir: str = option("runs/speedrun/data", "the data stage's out_dir (pretrain_train.jsonl, pretrain_val.jsonl)")
-    out_dir: str = option("runs/speedrun/edit_data", "where edit_train.jsonl, edit_val.jsonl, manifest.json go")
-    inputs: list[str] = option([], "also these JSONL files of your own triples (input, instruction, output[, type])")
-    types: list[str] = option(list(TYPES), f"edit types to build ({', '.join(TYPES)})")
-    max_per_type: int = option(2000, "training triples per type (at most)")
-    val_per_type: int = option(40, "held-out triples per type (at most)")
-    max_chars: int = option(240, "longest input or output in characters (both must fit the model's context)")
-    user_val_fraction: float = option(0.1, "share of user triples held out")
-    seed: int = option(0, "makes the damage and the sampling reproducible")
-
-    def validate(self) -> None:
-        unknown = sorted(set(self.types) - set(TYPES))
-        if unknown or not self.types:
-            raise ConfigError(f"option 'types' must name some of {', '.join(TYPES)}; got {', '.join(self.types) or 'none'}")
-        for name in ("max_per_type", "val_per_type", "max_chars"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1; got {getattr(self, name)}")
-        if not 0 <= self.user_val_fraction < 1:
-            raise ConfigError(f"option 'user_val_fraction' must be in [0, 1); got {self.user_val_fraction}")
-
-
 def sentences(docs: list[dict], max_chars: int) -> Iterator[str]:
     """Whole English sentences of prose and chat documents, 30 to max_chars characters."""
     for doc in docs:
@@ -82,7 +37,11 @@ def sentences(docs: list[dict], max_chars: int) -> Iterator[str]:
             continue
         for match in SENTENCE.finditer(doc["text"]):
             sentence = match.group()
-            if 30 <= len(sentence) <= max_chars and sentence.isascii() and PUNCTUATION.search(sentence[:-1]) is not None:
+            if (
+                30 <= len(sentence) <= max_chars
+                and sentence.isascii()
+                and PUNCTUATION.search(sentence[:-1]) is not None
+            ):
                 yield sentence
 
 
@@ -111,22 +70,30 @@ def add_typos(sentence: str, rng: np.random.Generator) -> str:
     if not words:
         return sentence
     text = sentence
-    for match in sorted(rng.choice(words, size=min(len(words), int(rng.integers(1, 3))), replace=False),
-                        key=lambda m: -m.start()):
+    for match in sorted(
+        rng.choice(words, size=min(len(words), int(rng.integers(1, 3))), replace=False), key=lambda m: -m.start()
+    ):
         word, i = match.group(), int(rng.integers(1, len(match.group()) - 2))
-        damaged = [word[:i] + word[i + 1] + word[i] + word[i + 2:], word[:i] + word[i + 1:], word[:i] + word[i] + word[i:]]
-        text = text[: match.start()] + damaged[int(rng.integers(0, 3))] + text[match.end():]
+        damaged = [
+            word[:i] + word[i + 1] + word[i] + word[i + 2 :],
+            word[:i] + word[i + 1 :],
+            word[:i] + word[i] + word[i:],
+        ]
+        text = text[: match.start()] + damaged[int(rng.integers(0, 3))] + text[match.end() :]
     return text
 
 
 def rename(source: str, old: str, new: str) -> str:
     """``source`` with every NAME token ``old`` replaced by ``new`` (strings and comments untouched)."""
     lines = source.splitlines(keepends=True)
-    tokens = [t for t in tokenize.generate_tokens(text_io.StringIO(source).readline)
-              if t.type == tokenize.NAME and t.string == old]
+    tokens = [
+        t
+        for t in tokenize.generate_tokens(text_io.StringIO(source).readline)
+        if t.type == tokenize.NAME and t.string == old
+    ]
     for token in reversed(tokens):
         row, col = token.start
-        lines[row - 1] = lines[row - 1][:col] + new + lines[row - 1][col + len(old):]
+        lines[row - 1] = lines[row - 1][:col] + new + lines[row - 1][col + len(old) :]
     return "".join(lines)
 
 
@@ -138,10 +105,12 @@ def without_docstring(source: str, node: ast.FunctionDef) -> str | None:
     lines = source.splitlines(keepends=True)
     if doc.lineno == node.lineno or lines[doc.lineno - 1].strip()[:3] not in ('"""', "'''", 'r""'):
         return None
-    return "".join(lines[: doc.lineno - 1] + lines[doc.end_lineno:])
+    return "".join(lines[: doc.lineno - 1] + lines[doc.end_lineno :])
 
 
-def make_triples(docs: list[dict], types: list[str], limit: int, max_chars: int, rng: np.random.Generator) -> list[dict]:
+def make_triples(
+    docs: list[dict], types: list[str], limit: int, max_chars: int, rng: np.random.Generator
+) -> list[dict]:
     """Up to ``limit`` triples per type from ``docs``."""
     found: dict[str, list[dict]] = {t: [] for t in types}
 
@@ -149,8 +118,9 @@ def make_triples(docs: list[dict], types: list[str], limit: int, max_chars: int,
         """The model is asked to turn ``damaged`` into ``output``."""
         if damaged != output and len(found[kind]) < limit:
             instruction = str(rng.choice(INSTRUCTIONS[kind])).format(**names)
-            found[kind].append({"type": kind, "instruction": instruction, "input": damaged, "output": output,
-                                "source": source})
+            found[kind].append(
+                {"type": kind, "instruction": instruction, "input": damaged, "output": output, "source": source}
+            )
 
     prose = list(sentences(docs, max_chars))
     for index in rng.permutation(len(prose)):
@@ -182,41 +152,26 @@ def make_triples(docs: list[dict], types: list[str], limit: int, max_chars: int,
 def read_user_triples(path: str) -> list[dict]:
     triples = []
     for number, row in io.read_jsonl(path, "edit triples file"):
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row.get(k) for k in
-                                                 ("input", "instruction", "output")):
-            raise ChatforgeError(f"{path}:{number}: an edit triple needs non-empty string 'input', 'instruction' "
-                                 "and 'output' fields")
-        triples.append({"type": str(row.get("type") or "user"), "instruction": row["instruction"], "input": row["input"],
-                        "output": row["output"], "source": path})
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) and row.get(k) for k in ("input", "instruction", "output")
+        ):
+            raise ChatforgeError(
+                f"{path}:{number}: an edit triple needs non-empty string 'input', 'instruction' and 'output' fields"
+            )
+        triples.append(
+            {
+                "type": str(row.get("type") or "user"),
+                "instruction": row["instruction"],
+                "input": row["input"],
+                "output": row["output"],
+                "source": path,
+            }
+        )
     return triples
 
 
-def _counts(triples: list[dict]) -> dict[str, int]:
+def counts(triples: list[dict]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for t in triples:
         counts[t["type"]] = counts.get(t["type"], 0) + 1
     return counts
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    cfg.validate()
-    data = Path(cfg.data_dir)
-    rng = np.random.default_rng(cfg.seed)
-    train_docs = list(read_documents(data / "pretrain_train.jsonl"))
-    val_docs = [doc for split in ("val", "test") for doc in read_documents(data / f"pretrain_{split}.jsonl")]
-    train = make_triples(train_docs, cfg.types, cfg.max_per_type, cfg.max_chars, rng)
-    val = make_triples(val_docs, cfg.types, cfg.val_per_type, cfg.max_chars, rng)
-    for path in cfg.inputs:
-        for triple in read_user_triples(path):
-            (val if unit_hash("edit", triple["input"]) < cfg.user_val_fraction else train).append(triple)
-    empty = [t for t in cfg.types if not any(x["type"] == t for x in val)]
-    if not train:
-        raise ChatforgeError(f"no edit triples could be built from {data}; run `chatforge data` first or pass --inputs")
-    out = Path(cfg.out_dir)
-    io.write_jsonl(out / "edit_train.jsonl", train)
-    io.write_jsonl(out / "edit_val.jsonl", val)
-    manifest = {"train": _counts(train), "val": _counts(val), "types_without_held_out": empty,
-                "inputs": cfg.inputs, "seed": cfg.seed}
-    io.write_json(out / "manifest.json", manifest)
-    print(f"[edit-data] train {manifest['train']}; held out {manifest['val']}" +
-          (f"; no held-out triples for {', '.join(empty)}" if empty else "") + f"; wrote {out}")

@@ -24,8 +24,8 @@ import dataclasses
 import numpy as np
 
 from chatforge.errors import ChatforgeError
+from chatforge.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
-FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
 ORDERS = ("psm", "spm")
 
 

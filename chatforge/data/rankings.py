@@ -1,17 +1,5 @@
-"""build the ranking data for the reward model: human/feedback rankings plus an automatic builder.
-
-A ranking record (JSONL, one per line)::
-
-    {"id": "...", "prompt": [{"role": "user", "content": "..."}], "completions": ["...", ...],
-     "ranking": [[0], [2, 3], [1]], "source": "human"}
-
-``completions`` holds K responses (4 ≤ K ≤ 9); ``ranking`` lists tiers best first (a flat list of indices is
-a total order; responses in the same tier are tied; responses in no tier are unranked). Sources, in order of
-trust: ranking files given with ``--inputs`` (``human``; the serving layer's ``chatforge feedback export
---as rankings`` writes this format), then the automatic builder, since no preference data ships in any
-package: for each prompt of the RLHF pool, the held-out reference answer ranks above answers sampled from
-the SFT model, which rank above corrupted answers (another prompt's answer, a truncated, a shuffled and a
-looping answer). The manifest counts records per source and split.
+"""The ranking data format (K completions per prompt, tiers best first, K in [MIN_K, MAX_K]), its reader and the
+automatic builder (reference > sampled > corrupted). The `chatforge rankings` stage writes the files.
 """
 
 from __future__ import annotations
@@ -19,37 +7,27 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge import io
-from chatforge.chat_template import prompt_ids, validate_messages
-from chatforge.config import option
-from chatforge.errors import ChatforgeError, ConfigError
-from chatforge.train.preference import normalize_ranking
+from chatforge.chat_template import validate_messages
+from chatforge.errors import ChatforgeError
 
 MIN_K, MAX_K = 4, 9
 
 
-@dataclass
-class Config:
-    prompts: str = option("runs/speedrun/sft_data/rl_prompts.jsonl", "RLHF prompt pool with reference answers")
-    ckpt: str = option("runs/speedrun/sft", "SFT checkpoint that samples the middle-ranked answers ('' = none)")
-    inputs: list[str] = option([], "human ranking files (JSONL, the format above), trusted first")
-    out_dir: str = option("runs/speedrun/rankings", "writes train.jsonl, val.jsonl, manifest.json here")
-    max_prompts: int = option(400, "automatic rankings built for at most this many prompts")
-    samples_per_prompt: int = option(2, "SFT answers per prompt (ranked below the reference, above corruptions)")
-    max_tokens: int = option(64, "longest sampled answer in tokens")
-    temperature: float = option(1.0, "sampling temperature of the SFT answers")
-    val_fraction: float = option(0.15, "share of prompts held out to measure the reward model's accuracy")
-    device: str = option("auto", "device for sampling")
-    seed: int = option(0, "seed for sampling, corruptions and the split")
-
-    def validate(self) -> None:
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"option 'val_fraction' must be in (0, 1); got {self.val_fraction}")
-        if not 0 <= self.samples_per_prompt <= MAX_K - 5:
-            raise ConfigError(f"option 'samples_per_prompt' must be in 0..{MAX_K - 5} so that K stays ≤ {MAX_K}")
+def normalize_ranking(ranking: list, num_responses: int) -> list[list[int]]:
+    """Tiers from either a flat best-first list of indices or a list of tiers; checks every index once."""
+    tiers = [[r] if isinstance(r, int) else list(r) for r in ranking]
+    seen = [i for tier in tiers for i in tier]
+    if any(not isinstance(i, int) or not 0 <= i < num_responses for i in seen):
+        raise ChatforgeError(f"ranking {ranking} names a response outside 0..{num_responses - 1}")
+    if len(seen) != len(set(seen)):
+        raise ChatforgeError(f"ranking {ranking} names a response twice")
+    tiers = [t for t in tiers if t]
+    if len(tiers) < 2:
+        raise ChatforgeError(f"ranking {ranking} orders nothing: it needs at least two tiers")
+    return tiers
 
 
 def read_rankings(path: str | Path, source: str = "human") -> list[dict]:
@@ -97,12 +75,21 @@ def automatic_rankings(pool: list[dict], sample_answers, rng: random.Random) -> 
     sampled = sample_answers([p["messages"] for p in pool])
     records = []
     for i, (item, samples) in enumerate(zip(pool, sampled)):
-        other = pool[(i + 1 + rng.randrange(len(pool) - 1)) % len(pool)]["reference"] if len(pool) > 1 else "I don't know."
+        other = (
+            pool[(i + 1 + rng.randrange(len(pool) - 1)) % len(pool)]["reference"] if len(pool) > 1 else "I don't know."
+        )
         bad = corruptions(item["reference"], other, rng)
         completions = [item["reference"], *samples, *bad]
         tiers = [[0], list(range(1, 1 + len(samples))), list(range(1 + len(samples), len(completions)))]
-        records.append({"id": item["id"], "prompt": item["messages"], "completions": completions,
-                        "ranking": [t for t in tiers if t], "source": "auto"})
+        records.append(
+            {
+                "id": item["id"],
+                "prompt": item["messages"],
+                "completions": completions,
+                "ranking": [t for t in tiers if t],
+                "source": "auto",
+            }
+        )
     return records
 
 
@@ -122,47 +109,6 @@ def read_prompt_pool(path: str | Path) -> list[dict]:
     return pool
 
 
-def _sampler(cfg: Config):
-    if not cfg.ckpt or not cfg.samples_per_prompt:
-        return lambda prompts: [[] for _ in prompts]
-    from chatforge.infer.loading import EngineOptions, load_engine
-    from chatforge.infer.params import SamplingParams
-
-    engine = load_engine(EngineOptions(ckpt=cfg.ckpt, device=cfg.device))
-    # the full distribution: no top-k/top-p, so the samples are what the policy really says
-    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, n=cfg.samples_per_prompt,
-                            seed=cfg.seed, truncate=True)
-
-    def sample(prompts: list[list[dict]]) -> list[list[str]]:
-        ids = [prompt_ids(m, engine.tokenizer) for m in prompts]
-        return [[c.text.strip() for c in out.choices] for out in engine.generate(ids, params)]
-
-    return sample
-
-
-def _split(record_id: str, seed: int, val_fraction: float) -> str:
+def assign_split(record_id: str, seed: int, val_fraction: float) -> str:
     digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    cfg.validate()
-    rng = random.Random(cfg.seed)
-    records = [r for path in cfg.inputs for r in read_rankings(path)]
-    pool = read_prompt_pool(cfg.prompts)[: cfg.max_prompts]
-    records += automatic_rankings(pool, _sampler(cfg), rng)
-    splits: dict[str, list[dict]] = {"train": [], "val": []}
-    for record in records:
-        splits[_split(record["id"], cfg.seed, cfg.val_fraction)].append(record)
-    if not splits["train"] or not splits["val"]:
-        raise ChatforgeError(f"{len(records)} rankings are too few to hold some out; add prompts or rankings")
-    out = Path(cfg.out_dir)
-    manifest = {"records": len(records), "splits": {}, "sources": {}}
-    for name, rows in splits.items():
-        io.write_jsonl(out / f"{name}.jsonl", rows)
-        manifest["splits"][name] = len(rows)
-        for row in rows:
-            manifest["sources"][row["source"]] = manifest["sources"].get(row["source"], 0) + 1
-    manifest["completions_per_prompt"] = sorted({len(r["completions"]) for r in records})
-    io.write_json(out / "manifest.json", manifest)
-    print(json.dumps(manifest, indent=2))

@@ -1,44 +1,30 @@
-"""Curate the SFT demonstrations, the held-out SFT eval split and the RLHF prompt pool (InstructGPT-style).
+"""SFT curation: reading chat JSONL, the Curator (caps, common-prefix rule, de-duplication) and the splits.
 
-Inputs, read in this order (so the conversation cap and the common-prefix rule favour your own data): user
-files in the OpenAI chat format (``--inputs``), the serving layer's feedback exports (``--feedback``), then
-the ShareGPT hold-out of the data stage (``--holdout``). Every line is a JSON object::
-
-    {"id": "...", "messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...],
-     "user_id": "...", "category": "plain"|"few-shot"|"user-based", "source": "..."}
-
-where only ``messages`` is required. A line that is not JSON, has a bad role or a message without string
-content stops the stage with an error naming ``file:line``.
-
-Curation, each rule counted in ``manifest.json`` (in the order applied to a conversation):
-turns after the last assistant turn are trimmed (no assistant turn, or no user turn: dropped); dropped when an
-assistant turn is empty, cut off (see ``cutoff_reason``) or not in ``languages`` (see ``language_id``);
-personal information scrubbed (counted by kind); later turns dropped to fit ``max_chars``; exact duplicate
-conversations dropped; prompts whose first user turn starts with the same ``prefix_chars`` characters as an
-earlier kept prompt dropped; at most ``max_per_user`` prompts per user id; at most ``max_conversations`` kept.
-
-Outputs in ``out_dir``: ``sft_train.jsonl`` and ``sft_val.jsonl`` (whole conversations) and
-``rl_prompts.jsonl`` ({"id", "messages" up to and excluding the last assistant answer, "reference": that
-answer, ...}), disjoint by conversation, split by ranking a hash of each conversation's content and the
-seed (see ``split``); and ``manifest.json`` with the counts. Each file is written atomically, the manifest last.
+The `chatforge sft-data` stage (chatforge/stages/sft_data.py) describes the inputs and rules and runs it; the
+per-conversation rules are in ``sft_rules``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
-import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from chatforge import io
 from chatforge.chat_template import validate_messages
-from chatforge.config import option
-from chatforge.data.clean import dedup_key, scrub_pii
-from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.data.sft_rules import (
+    conversation_key,
+    cutoff_reason,
+    first_user_turn,
+    fit_max_chars,
+    is_empty,
+    language_id,
+    scrub_messages,
+    trim_to_last_assistant,
+)
+from chatforge.errors import ChatforgeError
 
 CATEGORIES = ("plain", "few-shot", "user-based")
 LANGUAGES = ("en", "zh", "other")
@@ -58,42 +44,6 @@ DROP_REASONS = (
     "common_prefix",
     "user_cap",
 )
-
-
-@dataclass
-class Config:
-    holdout: str = option(
-        "runs/speedrun/data/chat_holdout.jsonl", "ShareGPT hold-out written by `chatforge data` ('' = none)"
-    )
-    inputs: list[str] = option([], "user JSONL files in the OpenAI chat format (optional user_id, category)")
-    feedback: list[str] = option([], "feedback exports of the serving layer (`chatforge feedback export --as sft`)")
-    out_dir: str = option("runs/speedrun/sft_data", "writes sft_train/sft_val/rl_prompts.jsonl and manifest.json")
-    max_per_user: int = option(200, "at most this many prompts per user id (InstructGPT's cap)")
-    prefix_chars: int = option(
-        64, "drop a prompt whose first user turn starts with the same this-many characters as a kept one"
-    )
-    languages: list[str] = option(["en", "zh"], "allowed languages of the assistant turns (en, zh, other)")
-    cutoff_min_chars: int = option(400, "an answer this long that stops mid-sentence counts as cut off")
-    max_chars: int = option(12_000, "keep at most this many characters of a conversation (whole turns)")
-    max_conversations: int = option(5_000, "stop after keeping this many conversations (0 = no cap)")
-    val_fraction: float = option(0.05, "share of conversations held out as sft_val")
-    rl_fraction: float = option(0.25, "share of conversations turned into the RLHF prompt pool")
-    seed: int = option(0, "seed of the split hash")
-
-    def validate(self) -> None:
-        for name in ("max_per_user", "prefix_chars", "cutoff_min_chars", "max_chars"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be positive; got {getattr(self, name)}")
-        if self.max_conversations < 0:
-            raise ConfigError(f"option 'max_conversations' must be ≥ 0; got {self.max_conversations}")
-        unknown = [lang for lang in self.languages if lang not in LANGUAGES]
-        if unknown or not self.languages:
-            raise ConfigError(f"option 'languages' takes some of {', '.join(LANGUAGES)}; got {self.languages}")
-        for name in ("val_fraction", "rl_fraction"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be in [0, 1); got {getattr(self, name)}")
-        if self.val_fraction + self.rl_fraction >= 1:
-            raise ConfigError("options 'val_fraction' + 'rl_fraction' must leave some conversations for training")
 
 
 @dataclass
@@ -136,12 +86,8 @@ def _scalar_id(value, name: str, where: str) -> str | None:
     return str(value)
 
 
-def parse_line(line: str, where: str, default_source: str) -> Conversation:
-    """One JSONL line as a Conversation; anything malformed raises ChatforgeError naming ``where``."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ChatforgeError(f"{where}: not valid JSON ({exc.msg})") from None
+def parse_row(row: Any, where: str, default_source: str) -> Conversation:
+    """One parsed JSONL row as a Conversation; anything malformed raises ChatforgeError naming ``where``."""
     if not isinstance(row, dict):
         raise ChatforgeError(f"{where}: expected a JSON object with 'messages'; got {type(row).__name__}")
     if "messages" not in row:
@@ -165,179 +111,8 @@ def parse_line(line: str, where: str, default_source: str) -> Conversation:
 
 def read_conversations(path: str | Path, default_source: str) -> Iterator[Conversation]:
     """The conversations of a JSONL file, in order; blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"chat file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if line.strip():
-                yield parse_line(line, f"{path}:{number}", default_source)
-
-
-# --- rules ---------------------------------------------------------------------------------------------------
-
-_ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
-
-
-def is_empty(text: str) -> bool:
-    """Blank, zero-width characters only, or only an ellipsis (a placeholder some chat exports leave)."""
-    return not text.strip().strip(_ZERO_WIDTH).strip().strip(".…").strip()
-
-
-# Bracketed markers that tools and exports put where they cut text, looked for near the end of an answer.
-TRUNCATION_MARKERS = ("[truncated", "(truncated", "<truncated", "truncated]", "truncated)", "[continued", "(continued",
-                      "[cut off", "(cut off", "[output cut", "[message cut")
-# Error messages of the ChatGPT web UI that ShareGPT captured in place of an answer (they open the turn).
-ERROR_OPENINGS = ("too many requests in 1 hour", "an error occurred. if this issue persists", "network error",
-                  "only one message at a time", "something went wrong. if this issue persists")
-_SENTENCE_END = ".!?。！？…"
-_CLOSERS = "\"'”’」』）)]}>*`|~_"  # quotes, brackets, markdown/HTML/table closers after a finished sentence
-# A final word or character that cannot end an English sentence: the answer stopped in the middle of one.
-_DANGLING_WORDS = frozenset(
-    "a an the of to and or but with for in on at by from into that which who whose is are was were be can will "
-    "would should could may might your our their its this these those as than like such".split()
-)
-_DANGLING_CHARS = ",:;(-–—/\\&=+[{，：；、（"
-_LIST_MARKER = re.compile(r"^\s*(?:[-*+•]|\d+[.)]|#+|>)\s*")
-# A last line up to this long may be a heading, a name or a table cell without a full stop; a list item
-# (after its marker) may be longer: "10. Mongolian English Immersion and Cultural Exchange Center".
-SHORT_LAST_LINE = 40
-SHORT_LIST_ITEM = 70
-
-
-def cutoff_reason(text: str, min_chars: int = 400) -> str | None:
-    """Why an assistant answer looks cut off ("marker", "error_message", "open_code_block", "mid_sentence"),
-    or None.
-
-    The heuristic, in order:
-    - a truncation marker ("[truncated]", "(continued ...") in the last 200 characters, or a ChatGPT UI error
-      message ("Too many requests in 1 hour...", "network error") opening the answer;
-    - an answer of at least ``min_chars`` characters (short answers like "Paris" or "Sure thing" are complete
-      without punctuation) whose text, zero-width characters stripped, ends
-      - inside a code block (an odd number of ``` fences) and not with a sentence end, or
-      - with a character or word that cannot end a sentence (",", ":", "(", "and", "the", "of", ...), or
-      - with a letter or digit on a last line longer than ``SHORT_LAST_LINE`` characters, or
-        ``SHORT_LIST_ITEM`` for a list item after its marker (so "- Retailer.cs", a heading or a signature
-        "Jane Doe" still count as finished).
-    It misses cut-offs that happen to land right after a full stop, and flags the rare long answer that
-    deliberately ends without punctuation on a long line (a bare URL, a long list item).
-    """
-    if any(marker in text[-200:].lower() for marker in TRUNCATION_MARKERS):
-        return "marker"
-    if text.lstrip(" \n!" + _ZERO_WIDTH).lower().startswith(ERROR_OPENINGS):
-        return "error_message"
-    body = text.strip().strip(_ZERO_WIDTH).rstrip()
-    if len(body) < min_chars:
-        return None
-    if body.count("```") % 2 and body[-1] not in _SENTENCE_END:
-        return "open_code_block"
-    last_word = re.split(r"\s+", body)[-1].lower()
-    if body[-1] in _DANGLING_CHARS or last_word in _DANGLING_WORDS:
-        return "mid_sentence"
-    if body[-1] in _SENTENCE_END or body[-1] in _CLOSERS or not body[-1].isalnum():
-        return None
-    last_line = body.rsplit("\n", 1)[-1]
-    item = _LIST_MARKER.sub("", last_line)
-    limit = SHORT_LIST_ITEM if len(item) < len(last_line) else SHORT_LAST_LINE
-    return "mid_sentence" if len(item) > limit else None
-
-
-_CODE_BLOCK = re.compile(r"```.*?(?:```|\Z)", re.S)
-_INLINE_CODE = re.compile(r"`[^`\n]*`")
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
-_KANA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9d]")
-_LATIN = "A-Za-z\u00c0-\u024f\u1e00-\u1eff"
-_LATIN_WORD = re.compile(rf"[{_LATIN}]+(?:'[A-Za-z]+)?")
-# Runs of letters of any other script (Cyrillic, Arabic, Hangul, Devanagari, Thai...).
-_OTHER_WORD = re.compile(
-    rf"(?:(?![{_LATIN}\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9d"
-    r"\U00020000-\U0002fa1f])[^\W\d_])+"
-)
-# Frequent function words of English, and of the commonest other Latin-script languages (Spanish, French,
-# Portuguese, Italian, German, Dutch, Scandinavian, Polish, Turkish, Indonesian/Malay, Vietnamese, romanised
-# Hindi). Words that are also English words, names or tech terms ("die", "per", "non", "os", "com", "del",
-# "mit", "jest", "los", "el", "et", "est", "es", "la", "dan") are left out of the second list.
-_ENGLISH_WORDS = frozenset(
-    "the of and to is that for it with as be by this are from at which but not have has you your can they we "
-    "their there what when would should these more also been were its our how about than then into such may "
-    "all any each some it's i'm don't here".split()
-)
-_FOREIGN_WORDS = frozenset(
-    "de que por una para les des une pas dans sur avec qui sont nous vous und der das ist nicht ein eine zu "
-    "von auf für ich wir sie het een niet zijn il che della sono uma não och att det är som jeg ikke nie się "
-    "że bir için ile yang untuk dengan itu saya tidak và của là các có những hai nahi kya hain".split()
-)
-MIN_HAN_SHARE = 0.3  # of script units: a Han character counts as one unit, like a word of another script
-
-
-def language_id(text: str, fallback: str = "") -> str:
-    """"en", "zh" or "other" from the scripts of the text, code blocks and inline code removed.
-
-    Each Han or kana character counts as one unit, each word of another script as one unit. Chinese: Han
-    characters make at least ``MIN_HAN_SHARE`` of the units and kana (Japanese) under a quarter of the CJK
-    characters. English: Latin-script words are the majority, and frequent English function words are at
-    least twice as many as frequent function words of other Latin-script languages (Spanish "que", German
-    "und", Malay "yang"...). Anything else is "other". Text without letters (only code, numbers or
-    symbols) is judged by ``fallback`` (e.g. the user turns) when given, else "other".
-
-    Limits: it tells scripts apart, and English from the commonest Latin-script languages by a few dozen
-    function words, not languages in general: Cantonese or classical Chinese count as "zh"; a Latin-script
-    language not in the word list, or a short text with none of the listed words ("Gracias", a list of
-    Spanish nouns), counts as English; mixed-language answers go by the majority.
-    """
-    prose = _INLINE_CODE.sub(" ", _CODE_BLOCK.sub(" ", text))
-    han = len(_HAN.findall(prose))
-    kana = len(_KANA.findall(prose))
-    latin = _LATIN_WORD.findall(prose)
-    units = han + kana + len(latin) + len(_OTHER_WORD.findall(prose))
-    if units == 0:
-        return language_id(fallback) if fallback else "other"
-    if han / units >= MIN_HAN_SHARE and kana < 0.25 * (han + kana):
-        return "zh"
-    if len(latin) * 2 <= units:
-        return "other"
-    words = Counter(word.lower() for word in latin)
-    english = sum(n for word, n in words.items() if word in _ENGLISH_WORDS)
-    foreign = sum(n for word, n in words.items() if word in _FOREIGN_WORDS)
-    return "en" if english >= 2 * foreign else "other"
-
-
-def trim_to_last_assistant(messages: list[dict]) -> list[dict]:
-    """The conversation up to and including its last assistant turn (empty if it has none)."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    return messages[: last + 1]
-
-
-def fit_max_chars(messages: list[dict], max_chars: int) -> list[dict]:
-    """The longest run of leading turns ending in an assistant turn with at most ``max_chars`` characters of
-    content (empty if even the first exchange is longer)."""
-    total, end = 0, 0
-    for i, message in enumerate(messages):
-        total += len(message["content"])
-        if total > max_chars:
-            break
-        if message["role"] == "assistant":
-            end = i + 1
-    return messages[:end]
-
-
-def conversation_key(messages: list[dict]) -> bytes:
-    """Same key for the same conversation (case and runs of whitespace ignored)."""
-    return dedup_key("\x00".join(f"{m['role']}\x01{m['content']}" for m in messages))
-
-
-def first_user_turn(messages: list[dict]) -> str | None:
-    return next((m["content"] for m in messages if m["role"] == "user"), None)
-
-
-def scrub_messages(messages: list[dict]) -> tuple[list[dict], Counter]:
-    """Every turn with personal information replaced by placeholders, and the replacements by kind."""
-    scrubbed, found = [], Counter()
-    for message in messages:
-        text, counts = scrub_pii(message["content"])
-        found.update(counts)
-        scrubbed.append({"role": message["role"], "content": text})
-    return scrubbed, found
+    for number, row in io.read_jsonl(path, "chat file"):
+        yield parse_row(row, f"{path}:{number}", default_source)
 
 
 # --- curation ------------------------------------------------------------------------------------------------
@@ -347,7 +122,7 @@ def scrub_messages(messages: list[dict]) -> tuple[list[dict], Counter]:
 class Curator:
     """Applies the rules to conversations one at a time, remembering what it kept; ``counts`` is the funnel."""
 
-    cfg: Config
+    cfg: Any  # the sft-data stage's options
     dropped: Counter = field(default_factory=Counter)
     cut_off: Counter = field(default_factory=Counter)
     modified: Counter = field(default_factory=Counter)
@@ -446,7 +221,7 @@ def rl_prompt(conv: Conversation) -> dict:
     return row
 
 
-def split(kept: list[Conversation], cfg: Config) -> dict[str, list[dict]]:
+def split(kept: list[Conversation], cfg) -> dict[str, list[dict]]:
     """Conversations ranked by their hash draw: the lowest ``val_fraction`` go to val, the next
     ``rl_fraction`` to the RLHF prompt pool, the rest to train (at least one each for a non-zero fraction).
 
@@ -470,7 +245,7 @@ def split(kept: list[Conversation], cfg: Config) -> dict[str, list[dict]]:
     return out
 
 
-def input_files(cfg: Config) -> list[tuple[Path, str]]:
+def input_files(cfg) -> list[tuple[Path, str]]:
     """(path, default source) of every input, in reading order: user files, feedback, hold-out."""
     files = [(Path(p), "user") for p in cfg.inputs] + [(Path(p), "feedback") for p in cfg.feedback]
     if cfg.holdout:
@@ -485,7 +260,7 @@ def input_files(cfg: Config) -> list[tuple[Path, str]]:
     return files
 
 
-def curate(cfg: Config) -> tuple[Curator, list[dict]]:
+def curate(cfg) -> tuple[Curator, list[dict]]:
     """Read every input through a Curator until the cap; returns it and per-file statistics."""
     curator = Curator(cfg)
     stats = []
@@ -499,35 +274,3 @@ def curate(cfg: Config) -> tuple[Curator, list[dict]]:
             curator.add(conv)
         stats.append({"path": str(path), "source": source, "read": read, "kept": len(curator.kept) - before})
     return curator, stats
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    start = time.perf_counter()
-    curator, inputs = curate(cfg)
-    if not curator.kept:
-        raise ChatforgeError(f"no conversation survived curation: {curator.counts()['dropped']}")
-    splits = split(curator.kept, cfg)
-    out = Path(cfg.out_dir)
-    files = {}
-    for name, rows in splits.items():
-        path = out / SPLIT_FILES[name]
-        io.write_jsonl(path, rows)
-        files[SPLIT_FILES[name]] = {"rows": len(rows), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    manifest = {
-        "inputs": inputs,
-        "stopped_at_cap": curator.full,
-        "counts": curator.counts(),
-        "files": files,
-        "by_source": dict(Counter(c.source for c in curator.kept).most_common()),
-        "by_category": dict(Counter(c.category for c in curator.kept).most_common()),
-        "by_language": dict(Counter(c.language for c in curator.kept).most_common()),
-        "seconds": round(time.perf_counter() - start, 3),
-        "config": asdict(cfg),
-    }
-    io.write_json(out / MANIFEST, manifest)
-    counts = manifest["counts"]
-    dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items() if v)
-    print(f"sft-data: read {sum(i['read'] for i in inputs)}, kept {counts['kept']} "
-          f"(train {files[SPLIT_FILES['train']]['rows']}, val {files[SPLIT_FILES['val']]['rows']}, "
-          f"rl prompts {files[SPLIT_FILES['rl']]['rows']}); dropped: {dropped or 'none'}; "
-          f"{manifest['seconds']:.1f}s -> {out}")

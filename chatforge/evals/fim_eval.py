@@ -69,22 +69,34 @@ def evaluate_insertion(engine, examples: list[Example], max_new_tokens: int = 48
     """Per order (psm, spm): middle loss and exact match, overall and per kind; and the left-to-right middle loss."""
     tokenizer = engine.tokenizer
     middles = [tokenizer.encode(e.middle) for e in examples]
-    results: dict = {"examples": len(examples), "kinds": {k: sum(e.kind == k for e in examples) for k in ("code", "text")}}
+    results: dict = {
+        "examples": len(examples),
+        "kinds": {k: sum(e.kind == k for e in examples) for k in ("code", "text")},
+    }
     for order in ORDERS:
         prompts = [insertion_ids(tokenizer, e.prefix, e.suffix, order) for e in examples]
         scores = engine.score_batch(list(zip(prompts, middles)), truncate=True)
-        params = [middle_params(tokenizer, SamplingParams(temperature=0.0, max_tokens=min(len(m) + 8, max_new_tokens),
-                                                          truncate=True)) for m in middles]
+        params = [
+            middle_params(
+                tokenizer, SamplingParams(temperature=0.0, max_tokens=min(len(m) + 8, max_new_tokens), truncate=True)
+            )
+            for m in middles
+        ]
         written = [c.choices[0].text for c in engine.generate(prompts, params)]
         hits = [w.strip() == e.middle.strip() for w, e in zip(written, examples)]
         results[order] = {
             "middle_loss": round(_mean_nll(scores), 4),
             "exact_match": round(float(np.mean(hits)), 4),
-            **{f"exact_match_{k}": round(float(np.mean([h for h, e in zip(hits, examples) if e.kind == k])), 4)
-               for k in ("code", "text") if results["kinds"][k]},
+            **{
+                f"exact_match_{k}": round(float(np.mean([h for h, e in zip(hits, examples) if e.kind == k])), 4)
+                for k in ("code", "text")
+                if results["kinds"][k]
+            },
         }
-        results[order]["samples"] = [{"prefix_end": e.prefix[-60:], "suffix_start": e.suffix[:60], "removed": e.middle,
-                                      "written": w} for e, w in list(zip(examples, written))[:5]]
+        results[order]["samples"] = [
+            {"prefix_end": e.prefix[-60:], "suffix_start": e.suffix[:60], "removed": e.middle, "written": w}
+            for e, w in list(zip(examples, written))[:5]
+        ]
     start = [tokenizer.eot_id]  # documents follow end-of-text in the training stream
     pairs = [(start + tokenizer.encode(e.prefix), m) for e, m in zip(examples, middles)]
     results["left_to_right_middle_loss"] = round(_mean_nll(engine.score_batch(pairs, truncate=True)), 4)

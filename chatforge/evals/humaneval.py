@@ -7,14 +7,13 @@ format. Each sample is run as ``prompt + completion + test + check(entry_point)`
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+from chatforge import io
 from chatforge.errors import ChatforgeError
 from chatforge.evals.sandbox import Sandbox, SandboxResult
 
@@ -59,31 +58,22 @@ def load_problems(path: str | Path | None = None, *, need_canonical: bool = Fals
     path = Path(path) if path else humaneval_path()
     if not path.is_file():
         raise ChatforgeError(f"problems file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
     problems: list[Problem] = []
     seen: dict[str, int] = {}
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    problem = _parse_problem(line, f"{path}:{lineno}", need_canonical)
-                    if problem.task_id in seen:
-                        raise ChatforgeError(f"{path}:{lineno}: task_id {problem.task_id!r} already used on line "
-                                             f"{seen[problem.task_id]}")
-                    seen[problem.task_id] = lineno
-                    problems.append(problem)
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
-        raise ChatforgeError(f"{path}: cannot read as UTF-8 JSON lines: {exc}") from None
+    for lineno, row in io.read_jsonl(path, "problems file"):
+        problem = _parse_problem(row, f"{path}:{lineno}", need_canonical)
+        if problem.task_id in seen:
+            raise ChatforgeError(
+                f"{path}:{lineno}: task_id {problem.task_id!r} already used on line {seen[problem.task_id]}"
+            )
+        seen[problem.task_id] = lineno
+        problems.append(problem)
     if not problems:
         raise ChatforgeError(f"{path}: no problems in file")
     return problems
 
 
-def _parse_problem(line: str, where: str, need_canonical: bool) -> Problem:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ChatforgeError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+def _parse_problem(row: Any, where: str, need_canonical: bool) -> Problem:
     if not isinstance(row, dict):
         raise ChatforgeError(f"{where}: expected a JSON object, got {type(row).__name__}")
     required = REQUIRED_FIELDS + (("canonical_solution",) if need_canonical else ())

@@ -87,7 +87,7 @@ def snippets(data_dir: str | None, rng: np.random.Generator, count: int) -> list
     path = Path(data_dir or "") / "pretrain_train.jsonl"
     if data_dir and path.is_file():
         for _, doc in io.read_jsonl(path, "document file"):
-            line = next((l.strip() for l in doc["text"].splitlines() if len(l.strip()) > 20), "")[:60]
+            line = next((t.strip() for t in doc["text"].splitlines() if len(t.strip()) > 20), "")[:60]
             kind = "code" if doc.get("kind") == "code" else (
                 "chinese" if re.search(r"[\u4e00-\u9fff]", line) else "prose")
             if line and len(found[kind]) < count:
@@ -131,7 +131,9 @@ def user_task(path: str) -> Task:
         items.append((row["input"], row["output"]))
         labels = row.get("candidates") or labels
     if len(items) < 4:
-        raise ChatforgeError(f"{path}: an ICL task needs at least 4 items (demonstrations and evaluated ones); got {len(items)}")
+        raise ChatforgeError(
+            f"{path}: an ICL task needs at least 4 items (demonstrations and evaluated ones); got {len(items)}"
+        )
     return Task(Path(path).stem, "", items, [str(c) for c in labels])
 
 
@@ -160,13 +162,19 @@ def score_task(engine, task: Task, shots: list[int], pool_size: int, seed: int) 
     pool = [task.items[i] for i in order[:pool_size]]
     evaluated = [int(i) for i in order[pool_size:]]
     if not evaluated:
-        raise ChatforgeError(f"task {task.name}: {len(task.items)} items leave none to evaluate after {pool_size} demonstrations")
+        raise ChatforgeError(
+            f"task {task.name}: {len(task.items)} items leave none to evaluate after {pool_size} demonstrations"
+        )
     choice_sets = [candidates(task, i, rng) for i in evaluated]
     results = {"items": len(evaluated), "chance": round(float(np.mean([1 / len(c) for c in choice_sets])), 4)}
     # room for the gold answer and a little more: a longer line cannot match it, and a tiny model rarely ends
     # its line, so a fixed budget spent most of the evaluation decoding text that was already wrong
-    budgets = [SamplingParams(temperature=0.0, max_tokens=len(engine.encode(" " + task.items[i][1])) + 2, stop=["\n"],
-                              truncate=True) for i in evaluated]
+    budgets = [
+        SamplingParams(
+            temperature=0.0, max_tokens=len(engine.encode(" " + task.items[i][1])) + 2, stop=["\n"], truncate=True
+        )
+        for i in evaluated
+    ]
     for k in shots:
         prompts = []
         for n, i in enumerate(evaluated):
@@ -177,10 +185,15 @@ def score_task(engine, task: Task, shots: list[int], pool_size: int, seed: int) 
         pairs = [(p, " " + c) for p, cands in zip(prompts, choice_sets) for c in cands]
         totals = iter(sum(lps) for lps in engine.score_batch(pairs, truncate=True))
         picked = [int(np.argmax([next(totals) for _ in cands])) == 0 for cands in choice_sets]
-        results[str(k)] = {"exact_match": round(float(np.mean(exact)), 4),
-                           "multiple_choice": round(float(np.mean(picked)), 4),
-                           "sample": {"input": task.items[evaluated[0]][0], "gold": task.items[evaluated[0]][1],
-                                      "written": written[0]}}
+        results[str(k)] = {
+            "exact_match": round(float(np.mean(exact)), 4),
+            "multiple_choice": round(float(np.mean(picked)), 4),
+            "sample": {
+                "input": task.items[evaluated[0]][0],
+                "gold": task.items[evaluated[0]][1],
+                "written": written[0],
+            },
+        }
     return results
 
 
@@ -199,7 +212,9 @@ def plot(results: dict, shots: list[int], path: Path) -> None:
         ax.set_ylabel("accuracy")
         ax.set_title(title)
         ax.set_xticks(shots)
-        ax.set_ylim(-0.02, 1.02)  # an all-zero exact-match panel otherwise gets a symmetric axis with negative accuracies
+        ax.set_ylim(
+            -0.02, 1.02
+        )  # an all-zero exact-match panel otherwise gets a symmetric axis with negative accuracies
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
@@ -220,11 +235,17 @@ def run_suite(engine, tasks: list[Task], shots: list[int], pool_size: int, seed:
     results = {}
     for task in tasks:
         results[task.name] = score_task(engine, task, shots, pool_size, seed)
-        print(f"[icl] {task.name:>14}: " + "  ".join(
-            f"{k}-shot EM {results[task.name][str(k)]['exact_match']:.0%} MC {results[task.name][str(k)]['multiple_choice']:.0%}"
-            for k in shots) + f"  (chance {results[task.name]['chance']:.0%})", flush=True)
+        print(
+            f"[icl] {task.name:>14}: "
+            + "  ".join(
+                f"{k}-shot EM {results[task.name][str(k)]['exact_match']:.0%} MC "
+                f"{results[task.name][str(k)]['multiple_choice']:.0%}"
+                for k in shots
+            )
+            + f"  (chance {results[task.name]['chance']:.0%})",
+            flush=True,
+        )
     io.write_json(out / "summary.json", {"task": "icl", "shots": shots, "results": results})
     io.write_text(out / "summary.md", markdown(results, shots))
     plot(results, shots, out / "icl.png")
     return results
-

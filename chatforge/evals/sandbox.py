@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from chatforge.config import option
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, ConfigError
 
 JAIL = Path(__file__).with_name("_jail.py")
 SETUP_FAILED = 125
@@ -68,12 +68,14 @@ class SandboxLimits:
     output_kb: int = option(1024, "stdout+stderr kept; a program printing more is killed")
     disk_mb: int = option(64, "size of the writable /sandbox tmpfs; largest file it may write (RLIMIT_FSIZE)")
     max_open_files: int = option(64, "open file descriptors per process (RLIMIT_NOFILE)")
-    isolation: str = option("auto", "namespace, rlimit (weaker, see docs/sandbox.md) or auto (namespace when available)")
-    sandbox_uid: int = option(65534, "host uid the jail's root maps to when the evaluator runs as root (namespace mode)")
+    isolation: str = option(
+        "auto", "namespace, rlimit (weaker, see docs/sandbox.md) or auto (namespace when available)"
+    )
+    sandbox_uid: int = option(
+        65534, "host uid the jail's root maps to when the evaluator runs as root (namespace mode)"
+    )
 
     def validate(self) -> None:
-        from chatforge.errors import ConfigError
-
         if self.isolation not in ("auto", "namespace", "rlimit"):
             raise ConfigError(f"option 'isolation' must be auto, namespace or rlimit; got {self.isolation!r}")
         for name in ("timeout", "cpu_seconds", "memory_mb", "max_processes", "output_kb", "disk_mb", "max_open_files"):
@@ -156,8 +158,11 @@ def namespace_error(sandbox_uid: int = 65534) -> str | None:
             limits = SandboxLimits(timeout=30, isolation="namespace", sandbox_uid=sandbox_uid)
             try:
                 result = Sandbox(limits)._run("print(6 * 7)", "namespace")
-                _probe[sandbox_uid] = None if result.stdout.strip() == "42" else (
-                    f"probe program failed ({result.status}): {result.stderr.strip()[-300:]}")
+                _probe[sandbox_uid] = (
+                    None
+                    if result.stdout.strip() == "42"
+                    else (f"probe program failed ({result.status}): {result.stderr.strip()[-300:]}")
+                )
             except ChatforgeError as exc:
                 _probe[sandbox_uid] = str(exc)
         return _probe[sandbox_uid]
@@ -166,8 +171,9 @@ def namespace_error(sandbox_uid: int = 65534) -> str | None:
 class Sandbox:
     """Runs Python programs under ``limits``; ``run`` one, or ``run_many`` in parallel with a progress bar."""
 
-    def __init__(self, limits: SandboxLimits | None = None, python: str = sys.executable,
-                 read_only: Sequence[str] = ()) -> None:
+    def __init__(
+        self, limits: SandboxLimits | None = None, python: str = sys.executable, read_only: Sequence[str] = ()
+    ) -> None:
         self.limits = limits or SandboxLimits()
         self.limits.validate()
         self.python = python
@@ -186,23 +192,29 @@ class Sandbox:
                 if error and wanted == "namespace":
                     raise ChatforgeError(f"namespace sandbox unavailable: {error}")
                 if error:
-                    print(f"chatforge: warning: namespace sandbox unavailable ({error}); falling back to the "
-                          "weaker rlimit sandbox (see docs/sandbox.md)", file=sys.stderr)
+                    print(
+                        f"chatforge: warning: namespace sandbox unavailable ({error}); falling back to the "
+                        "weaker rlimit sandbox (see docs/sandbox.md)",
+                        file=sys.stderr,
+                    )
                 self._mode = "rlimit" if error else "namespace"
         return self._mode
 
     def run(self, program: str) -> SandboxResult:
         return self._run(program, self.mode)
 
-    def run_many(self, programs: Sequence[str], workers: int = 0, desc: str = "sandbox",
-                 progress: bool = True) -> list[SandboxResult]:
+    def run_many(
+        self, programs: Sequence[str], workers: int = 0, desc: str = "sandbox", progress: bool = True
+    ) -> list[SandboxResult]:
         """Results in the order of ``programs``; ``workers`` = 0 means one per CPU core."""
         from tqdm import tqdm
 
         mode = self.mode
         workers = workers or os.cpu_count() or 1
-        with ThreadPoolExecutor(max_workers=workers) as pool, \
-                tqdm(total=len(programs), desc=desc, unit="prog", disable=not progress, file=sys.stderr) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            tqdm(total=len(programs), desc=desc, unit="prog", disable=not progress, file=sys.stderr) as bar,
+        ):
             futures = [pool.submit(self._run, program, mode) for program in programs]
             results = []
             for future in futures:
@@ -213,20 +225,35 @@ class Sandbox:
     # --- one program ------------------------------------------------------------------------------------------
 
     def _read_only_paths(self) -> list[str]:
-        prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                    os.path.dirname(os.path.dirname(os.path.realpath(self.python)))}
+        prefixes = {
+            sys.prefix,
+            sys.base_prefix,
+            sys.exec_prefix,
+            sys.base_exec_prefix,
+            os.path.dirname(os.path.dirname(os.path.realpath(self.python))),
+        }
         paths = sorted({*SYSTEM_PATHS, *prefixes, *self.extra_read_only})
         # a path inside another bound directory is already there (and binding it twice would fail read-only)
-        kept = [p for p in paths if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in paths
-                                            if not os.path.islink(q))]
+        kept = [
+            p
+            for p in paths
+            if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in paths if not os.path.islink(q))
+        ]
         return kept
 
     def _spec(self, workdir: str, mode: str, status_fd: int) -> dict:
         limits = self.limits
         switch_user = os.geteuid() == 0 and limits.sandbox_uid != 0
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
-               "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONHASHSEED": "0",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
         home = "/sandbox" if mode == "namespace" else workdir
         env.update(HOME=home, TMPDIR=home, PWD=home)
         read_only = self._read_only_paths()
@@ -267,8 +294,13 @@ class Sandbox:
             started = time.monotonic()
             proc = subprocess.Popen(
                 [self.python, "-I", "-S", str(JAIL), json.dumps(spec)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True, pass_fds=(status_w,), cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(status_w,),
+                cwd=workdir,
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
             )
             os.close(status_w)
@@ -288,14 +320,17 @@ class Sandbox:
         if setup.startswith("error:"):
             raise ChatforgeError(f"sandbox setup failed ({mode} mode): {setup[6:].strip()}")
         if reason is None and setup != "ok":
-            raise ChatforgeError(f"sandbox setup failed ({mode} mode, exit {proc.returncode}): "
-                                 f"{stderr.decode(errors='replace').strip()[-500:]}")
+            raise ChatforgeError(
+                f"sandbox setup failed ({mode} mode, exit {proc.returncode}): "
+                f"{stderr.decode(errors='replace').strip()[-500:]}"
+            )
         returncode = proc.returncode
         if reason is None and returncode == 128 + signal.SIGXCPU:
             reason = "timeout"  # the CPU-time limit
         status: Status = reason or ("passed" if returncode == 0 else "failed")
-        return SandboxResult(status, returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"),
-                             round(seconds, 3))
+        return SandboxResult(
+            status, returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"), round(seconds, 3)
+        )
 
     def _collect(self, proc: subprocess.Popen, started: float) -> tuple[bytes, bytes, Status | None]:
         """Read stdout/stderr until both close, the output cap is hit or the deadline passes (then kill)."""

@@ -24,9 +24,10 @@ from chatforge.infer.outputs import Completion, Delta
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.runner import BatchRunner, Event, Prepared
 from chatforge.infer.sampling import token_logprobs
+from chatforge.tokenizer import END_OF_TEXT, END_OF_TURN
 
 Prompt = str | Sequence[int]
-_END_TOKENS = ("<|endoftext|>", "<|end|>")  # stop a sample unless the request sets ignore_eos
+_END_TOKENS = (END_OF_TEXT, END_OF_TURN)  # stop a sample unless the request sets ignore_eos
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -55,7 +56,9 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         if tokenizer is not None:
             if tokenizer.vocab_size > self.vocab_size:
-                raise ChatforgeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {self.vocab_size}")
+                raise ChatforgeError(
+                    f"tokenizer has {tokenizer.vocab_size} tokens but the model only {self.vocab_size}"
+                )
             self.vocab_size = tokenizer.vocab_size  # ids past the tokenizer (padding rows) are never sampled
         specials = getattr(tokenizer, "specials", {})
         self.special_ids = frozenset(specials.values())
@@ -96,8 +99,10 @@ class Engine:
             raise ChatforgeError("stop strings need a tokenizer; give stop_token_ids instead")
         room = params.max_tokens or 1
         if room >= self.block_size:
-            raise ChatforgeError(f"max_tokens={params.max_tokens} leaves no room for a prompt in the model's context "
-                                 f"of {self.block_size} tokens")
+            raise ChatforgeError(
+                f"max_tokens={params.max_tokens} leaves no room for a prompt in the model's context "
+                f"of {self.block_size} tokens"
+            )
         if len(ids) + room > self.block_size:
             if not params.truncate:
                 raise ChatforgeError(
@@ -123,8 +128,14 @@ class Engine:
 
     def new_runner(self, max_batch_size: int | None = None, max_len: int | None = None) -> BatchRunner:
         """A continuous-batching loop over a fresh KV cache (the Scheduler keeps one for its lifetime)."""
-        return BatchRunner(self.model, self.vocab_size, max_batch_size or self.max_batch_size, max_len or self.block_size,
-                           self.new_detokenizer, self.new_generator)
+        return BatchRunner(
+            self.model,
+            self.vocab_size,
+            max_batch_size or self.max_batch_size,
+            max_len or self.block_size,
+            self.new_detokenizer,
+            self.new_generator,
+        )
 
     @contextlib.contextmanager
     def inference(self):
@@ -139,8 +150,9 @@ class Engine:
 
     # ---- generation ----------------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[Completion]:
         """Complete every prompt, each with its own settings if ``params`` is a list, in continuous batches."""
         if isinstance(prompts, str):
             raise ChatforgeError("generate takes a list of prompts; use [prompt] for one")
@@ -175,16 +187,32 @@ class Engine:
             for _, event in events:
                 yield event
 
-    def beam_search(self, prompt: Prompt, width: int = 4, max_tokens: int | None = 64, length_penalty: float = 1.0,
-                    early_stopping: bool = False, n: int = 1, stop_token_ids: Sequence[int] | None = None) -> list[Beam]:
+    def beam_search(
+        self,
+        prompt: Prompt,
+        width: int = 4,
+        max_tokens: int | None = 64,
+        length_penalty: float = 1.0,
+        early_stopping: bool = False,
+        n: int = 1,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[Beam]:
         """The ``n`` best of ``width`` beams, best first, scored by sum log-prob / length**length_penalty."""
         if not 1 <= n <= width:
             raise ChatforgeError(f"beam search needs 1 <= n <= width; got n={n}, width={width}")
         settings = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=list(stop_token_ids or []))
         prepared = self.prepare(prompt, settings)
         with self.inference():
-            beams = beam_search(self.model, prepared.prompt_ids, width, prepared.max_new_tokens, length_penalty,
-                                early_stopping, prepared.stop_ids, self.vocab_size)
+            beams = beam_search(
+                self.model,
+                prepared.prompt_ids,
+                width,
+                prepared.max_new_tokens,
+                length_penalty,
+                early_stopping,
+                prepared.stop_ids,
+                self.vocab_size,
+            )
         for beam in beams[:n]:
             detok = self.new_detokenizer(prepared.params)
             for token in beam.token_ids:
@@ -212,8 +240,9 @@ class Engine:
             excess = len(p_ids) + len(c_ids) - self.block_size
             if excess > 0:
                 if not truncate or excess >= len(p_ids):
-                    raise ChatforgeError(f"pair {i}: {len(p_ids)} + {len(c_ids)} tokens exceed the model's context "
-                                         f"of {self.block_size}")
+                    raise ChatforgeError(
+                        f"pair {i}: {len(p_ids)} + {len(c_ids)} tokens exceed the model's context of {self.block_size}"
+                    )
                 p_ids = p_ids[excess:]
             rows.append((p_ids, c_ids))
         results = []

@@ -6,10 +6,14 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatforge.chat_template import prompt_ids
 from chatforge.config import option
+from chatforge.device import resolve_device
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
+from chatforge.model.checkpoint import load_model, tokenizer_path
+from chatforge.tokenizer import Tokenizer
 
 
 @dataclass
@@ -37,12 +41,24 @@ def unescape(text: str) -> str:
 
 def load_engine(options: EngineOptions) -> Engine:
     """The checkpoint's model and tokenizer (or ``--tokenizer``) wrapped in an Engine."""
-    from chatforge.device import resolve_device
-    from chatforge.model.checkpoint import load_model, tokenizer_path
-    from chatforge.tokenizer import Tokenizer
-
     if not Path(options.ckpt).exists():
         raise ChatforgeError(f"checkpoint not found: {options.ckpt} (train one, or pass --ckpt)")
     model, _ = load_model(options.ckpt, device=resolve_device(options.device))
     tokenizer = Tokenizer.load(options.tokenizer or tokenizer_path(options.ckpt))
     return Engine(model, tokenizer, max_batch_size=options.max_batch_size)
+
+
+def answer_sampler(ckpt: str, device: str, n: int, max_tokens: int, temperature: float, seed: int):
+    """A function from chat prompts (message lists) to ``n`` sampled answers each, by the model at ``ckpt``;
+    without a checkpoint or with ``n`` = 0 it returns no answers."""
+    if not ckpt or not n:
+        return lambda prompts: [[] for _ in prompts]
+    engine = load_engine(EngineOptions(ckpt=ckpt, device=device))
+    # the full distribution: no top-k/top-p, so the samples are what the policy really says
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed, truncate=True)
+
+    def sample(prompts: list[list[dict]]) -> list[list[str]]:
+        ids = [prompt_ids(m, engine.tokenizer) for m in prompts]
+        return [[c.text.strip() for c in out.choices] for out in engine.generate(ids, params)]
+
+    return sample

@@ -50,7 +50,9 @@ class SamplingParams:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ChatforgeError(f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ChatforgeError(
+                f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         params = cls(**values)
         params.validate()
         return params

@@ -67,7 +67,9 @@ class Request:
         params = self.prepared.params
         ranked = self.sequences
         if not self.streams:  # keep the n samples with the highest mean log-prob per token, as OpenAI's best_of
-            ranked = sorted(ranked, key=lambda s: s.cumulative_logprob / max(len(s.tokens), 1), reverse=True)[: params.n]
+            ranked = sorted(ranked, key=lambda s: s.cumulative_logprob / max(len(s.tokens), 1), reverse=True)[
+                : params.n
+            ]
         choices = [
             Choice(
                 index=i,
@@ -90,16 +92,22 @@ def _logprob_entries(tokens: list[int], chosen: torch.Tensor, top_ids, top_logpr
     """Host-side TokenLogprob list from the tensors of ``token_logprobs`` (one transfer each)."""
     tops = [[] for _ in tokens]
     if top_ids is not None:
-        tops = [list(zip(i, l)) for i, l in zip(top_ids.tolist(), top_logprobs.tolist())]
+        tops = [list(zip(ids, lps)) for ids, lps in zip(top_ids.tolist(), top_logprobs.tolist())]
     return [TokenLogprob(t, v, top) for t, v, top in zip(tokens, chosen.tolist(), tops)]
 
 
 class BatchRunner:
     """Owns a KV cache of ``max_batch_size`` slots and steps every admitted sequence one token at a time."""
 
-    def __init__(self, model, vocab_size: int, max_batch_size: int, max_len: int,
-                 new_detokenizer: Callable[[SamplingParams], IncrementalDetokenizer],
-                 new_generator: Callable[[SamplingParams, int], torch.Generator | None]):
+    def __init__(
+        self,
+        model,
+        vocab_size: int,
+        max_batch_size: int,
+        max_len: int,
+        new_detokenizer: Callable[[SamplingParams], IncrementalDetokenizer],
+        new_generator: Callable[[SamplingParams, int], torch.Generator | None],
+    ):
         self.model = model
         self.vocab_size = vocab_size
         self.capacity = max_batch_size

@@ -138,7 +138,9 @@ class BatchSampler:
                 "presence": col([p.presence_penalty for p in params]),
                 "frequency": col([p.frequency_penalty for p in params]),
                 "all_greedy": all(p.greedy for p in params),
-                "any_penalty": any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params),
+                "any_penalty": any(
+                    p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params
+                ),
                 "any_filter": any(p.top_k or p.top_p < 1 or p.min_p for p in params),
                 "any_logprobs": any(r.wants_logprobs for r in self.rows),
                 "top": max((p.logprobs or 0 for p in params), default=0),

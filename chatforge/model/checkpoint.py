@@ -179,10 +179,12 @@ def check_compatible(checkpoint: str | Path, model: nn.Module, model_config: dic
     saved = read_config(checkpoint).get("model")
     if saved is not None and model_config is not None:
         # dropout changes nothing a checkpoint holds, so resuming with another rate is allowed
-        diff = [k for k in sorted(set(saved) | set(model_config)) if k != "dropout" and saved.get(k) != model_config.get(k)]
+        keys = sorted(set(saved) | set(model_config))
+        diff = [k for k in keys if k != "dropout" and saved.get(k) != model_config.get(k)]
         if diff:
             raise ChatforgeError(
-                f"checkpoint {checkpoint} is incompatible with this model: it has {_describe({k: saved.get(k) for k in diff})} "
+                f"checkpoint {checkpoint} is incompatible with this model: it has "
+                f"{_describe({k: saved.get(k) for k in diff})} "
                 f"but this run has {_describe({k: model_config.get(k) for k in diff})}; "
                 "train with the checkpoint's model settings or write to another out_dir"
             )
@@ -192,9 +194,13 @@ def check_compatible(checkpoint: str | Path, model: nn.Module, model_config: dic
     if found != expected:
         missing = sorted(set(expected) - set(found))[:3]
         extra = sorted(set(found) - set(expected))[:3]
-        shapes = [f"{k}: {found[k]} vs {expected[k]}" for k in sorted(set(found) & set(expected)) if found[k] != expected[k]][:3]
-        raise ChatforgeError(f"checkpoint {checkpoint} does not fit this model (missing {missing}, unexpected {extra}, "
-                             f"shapes {shapes}); train with the checkpoint's model settings or write to another out_dir")
+        shapes = [
+            f"{k}: {found[k]} vs {expected[k]}" for k in sorted(set(found) & set(expected)) if found[k] != expected[k]
+        ][:3]
+        raise ChatforgeError(
+            f"checkpoint {checkpoint} does not fit this model (missing {missing}, unexpected {extra}, "
+            f"shapes {shapes}); train with the checkpoint's model settings or write to another out_dir"
+        )
 
 
 def load_weights(checkpoint: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> None:
@@ -221,8 +227,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     found = latest_checkpoint(path)
     if found is None:
-        raise ChatforgeError(f"no checkpoint in {path}: expected a checkpoint folder, a run directory with "
-                             f"{CHECKPOINTS_DIR}/, or a Hugging Face GPT-2 folder (config.json + model.safetensors)")
+        raise ChatforgeError(
+            f"no checkpoint in {path}: expected a checkpoint folder, a run directory with "
+            f"{CHECKPOINTS_DIR}/, or a Hugging Face GPT-2 folder (config.json + model.safetensors)"
+        )
     return found
 
 
@@ -240,7 +248,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     else:
         info = read_config(folder)
         if info.get("format") != FORMAT:
-            raise ChatforgeError(f"{folder} holds checkpoint format {info.get('format')!r}; this chatforge reads {FORMAT}")
+            raise ChatforgeError(
+                f"{folder} holds checkpoint format {info.get('format')!r}; this chatforge reads {FORMAT}"
+            )
         if not isinstance(info.get("model"), dict):
             raise ChatforgeError(f"{folder / CONFIG_FILE} records no GPT model config, so it cannot be loaded as a GPT")
         try:
@@ -249,12 +259,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
             raise ChatforgeError(f"{folder / CONFIG_FILE}: bad model config: {exc}") from None
         prefix = info.get("model_prefix", "")
         state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         model = GPT(config).to(device)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ChatforgeError(f"{folder / WEIGHTS_FILE} does not fit its recorded model config "
-                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ChatforgeError(
+                f"{folder / WEIGHTS_FILE} does not fit its recorded model config "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     return model.eval(), {**info, "path": str(folder)}
 
 

@@ -25,7 +25,9 @@ def _config_from_hf(hf: dict, path: Path) -> GPTConfig:
         raise ChatforgeError(f"{path}: model_type {hf.get('model_type')!r} is not supported (only 'gpt2')")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in _SUPPORTED_ACTIVATIONS:
-        raise ChatforgeError(f"{path}: activation_function {activation!r} not supported ({', '.join(_SUPPORTED_ACTIVATIONS)})")
+        raise ChatforgeError(
+            f"{path}: activation_function {activation!r} not supported ({', '.join(_SUPPORTED_ACTIVATIONS)})"
+        )
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise ChatforgeError(f"{path}: n_inner={hf['n_inner']} not supported (must be 4 * n_embd)")
     return GPTConfig(
@@ -58,7 +60,9 @@ def load_hf_gpt2(directory: str | Path, device: str | torch.device = "cpu") -> G
     model = GPT(cfg).to(device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ChatforgeError(f"{weights_path}: weights do not fit GPT-2 (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise ChatforgeError(
+            f"{weights_path}: weights do not fit GPT-2 (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     return model
 
 
@@ -69,7 +73,9 @@ def export_hf_gpt2(model: GPT, directory: str | Path, eos_token_id: int | None =
     state = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().float().cpu()
-        state["transformer." + name] = tensor.t().contiguous() if name.endswith(_CONV1D_SUFFIXES) else tensor.contiguous()
+        state["transformer." + name] = (
+            tensor.t().contiguous() if name.endswith(_CONV1D_SUFFIXES) else tensor.contiguous()
+        )
     if not cfg.bias:  # GPT-2 always has biases; zeros are the exact equivalent
         for name, tensor in list(state.items()):
             if name.endswith(".weight") and not name.endswith(("wte.weight", "wpe.weight")):

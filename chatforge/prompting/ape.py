@@ -1,100 +1,43 @@
-"""Automatic Prompt Engineer (APE): the model writes candidate instructions for a task and scores them.
+"""Automatic Prompt Engineer: instruction proposals (forward and by insertion), scoring and the adaptive filter.
 
-    chatforge ape --task=capitalize                      # a built-in ICL task (chatforge.evals.icl)
-    chatforge ape --demos=my_task.jsonl --baseline="Translate the word into French."
-    chatforge ape --task=reverse --metric=accuracy --mc_rounds=2
-
-1. Proposals (Zhou et al., 2022). Forward: the model continues "I gave a friend an instruction and some
-   inputs. ... The instruction was" after demonstrations. Reverse: an insert-capable model
-   (``chatforge fim``, ``--insert_ckpt``) fills the blank of "Instruction: ___" placed before the
-   demonstrations (``chatforge.data.fim``). Candidates are sampled, cut at the line end and de-duplicated.
-2. Scoring: ``logprob`` = mean log-probability per token of the gold outputs given instruction + input
-   (the paper's log-probability score), or ``accuracy`` = exact match of the greedy output.
-3. Adaptive filtering: all candidates are scored on a small random subset of the training demonstrations;
-   the best ``keep`` share by running mean survives and is scored on a new disjoint subset, their running
-   mean updated; this repeats for ``rounds`` rounds; the survivors are scored on the whole training set.
-4. Optional iterative Monte-Carlo search (``mc_rounds``): the model proposes variants of the best
-   instructions ("Generate a variation of the following instruction ..."); they are scored on the whole
-   training set and the best are kept.
-
-Writes ``out_dir/ranked.json`` (every scored instruction, best first, with the number of examples behind
-its score) and ``summary.json``: candidate counts per round, and the held-out score of the best instruction
-against the hand-written baseline and against no instruction.
+The `chatforge ape` stage (chatforge/stages/ape.py) runs them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from chatforge import io
-from chatforge.config import option
 from chatforge.data.fim import insertion_ids, middle_params
-from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.errors import ConfigError
 from chatforge.evals.icl import built_in_tasks, demo_text, user_task
 from chatforge.infer.params import SamplingParams
 
 FORWARD_HEAD = ("I gave a friend an instruction and some inputs. The friend read the instruction and wrote an "
                 "output for every one of the inputs. Here are the input-output pairs:\n\n")
-VARIATION = "Generate a variation of the following instruction while keeping the semantic meaning.\n\nInput: {}\n\nOutput:"
+VARIATION = (
+    "Generate a variation of the following instruction while keeping the semantic meaning.\n\nInput: {}\n\nOutput:"
+)
 METRICS = ("logprob", "accuracy")
 
 
-@dataclass
-class Config:
-    ckpt: str = option("runs/speedrun/pretrain", "the model that proposes, executes and scores instructions")
-    insert_ckpt: str = option("runs/speedrun/fim", "an insert-capable model for reverse proposals ('' = forward only)")
-    task: str = option("capitalize", "a built-in ICL task (see `chatforge eval --help`), unless --demos is given")
-    demos: str = option("", "JSONL of {input, output} demonstrations: the task to find an instruction for")
-    baseline: str = option("", "a hand-written instruction to compare with (default: the built-in task's description)")
-    data_dir: str = option("runs/speedrun/data", "the data stage's out_dir (for built-in tasks that read the corpus)")
-    out_dir: str = option("runs/speedrun/ape", "where ranked.json and summary.json go")
-    items: int = option(60, "items of a built-in task")
-    held_out: int = option(20, "demonstrations kept aside to evaluate the best instruction")
-    prompt_demos: int = option(5, "demonstrations shown when proposing")
-    forward: int = option(16, "forward-mode candidates sampled")
-    reverse: int = option(16, "reverse-mode candidates sampled (needs insert_ckpt)")
-    temperature: float = option(0.9, "sampling temperature of proposals")
-    metric: str = option("logprob", "logprob (mean log-prob of gold outputs) or accuracy (exact match)")
-    subset: int = option(8, "demonstrations per adaptive-filtering round")
-    rounds: int = option(2, "adaptive-filtering rounds on disjoint subsets before the full evaluation")
-    keep: float = option(0.5, "share of candidates kept after each round (by running mean)")
-    mc_rounds: int = option(1, "iterative Monte-Carlo rounds of variants of the best (0 = none)")
-    mc_top: int = option(3, "best instructions varied per Monte-Carlo round")
-    mc_variants: int = option(4, "variants sampled per instruction per Monte-Carlo round")
-    seed: int = option(0, "makes the sampling and the subsets reproducible")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-
-    def validate(self) -> None:
-        if self.metric not in METRICS:
-            raise ConfigError(f"option 'metric' must be one of {', '.join(METRICS)}; got {self.metric!r}")
-        if not 0 < self.keep <= 1:
-            raise ConfigError(f"option 'keep' must be in (0, 1]; got {self.keep}")
-        for name in ("held_out", "prompt_demos", "subset"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1; got {getattr(self, name)}")
-        if self.forward + self.reverse < 1:
-            raise ConfigError("options 'forward' and 'reverse' ask for no candidates at all")
-
-
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     return text.strip().split("\n")[0].strip().strip('"').strip()
 
 
 def forward_proposals(engine, demos: list[tuple[str, str]], count: int, temperature: float, seed: int) -> list[str]:
     prompt = FORWARD_HEAD + demo_text(demos) + "The instruction was"
     params = SamplingParams(n=count, temperature=temperature, max_tokens=24, stop=["\n"], seed=seed, truncate=True)
-    return [_first_line(c.text) for c in engine.generate([prompt], params)[0].choices]
+    return [first_line(c.text) for c in engine.generate([prompt], params)[0].choices]
 
 
 def reverse_proposals(engine, demos: list[tuple[str, str]], count: int, temperature: float, seed: int) -> list[str]:
     ids = insertion_ids(engine.tokenizer, "Instruction:", "\n\n" + demo_text(demos))
-    params = middle_params(engine.tokenizer, SamplingParams(n=count, temperature=temperature, max_tokens=24, seed=seed,
-                                                            truncate=True))
-    return [_first_line(c.text) for c in engine.generate([ids], params)[0].choices]
+    params = middle_params(
+        engine.tokenizer, SamplingParams(n=count, temperature=temperature, max_tokens=24, seed=seed, truncate=True)
+    )
+    return [first_line(c.text) for c in engine.generate([ids], params)[0].choices]
 
 
 class Scorer:
@@ -110,15 +53,26 @@ class Scorer:
     def score(self, instruction: str, items: list[tuple[str, str]]) -> list[float]:
         prompts = [self.prompt(instruction, x) for x, _ in items]
         if self.metric == "logprob":
-            return [float(np.mean(lps)) for lps in
-                    self.engine.score_batch([(p, " " + y) for p, (_, y) in zip(prompts, items)], truncate=True)]
+            return [
+                float(np.mean(lps))
+                for lps in self.engine.score_batch([(p, " " + y) for p, (_, y) in zip(prompts, items)], truncate=True)
+            ]
         params = SamplingParams(temperature=0.0, max_tokens=24, stop=["\n"], truncate=True)
-        return [float(c.choices[0].text.strip() == y.strip()) for c, (_, y) in
-                zip(self.engine.generate(prompts, params), items)]
+        return [
+            float(c.choices[0].text.strip() == y.strip())
+            for c, (_, y) in zip(self.engine.generate(prompts, params), items)
+        ]
 
 
-def adaptive_filter(candidates: list[str], score, train: list[tuple[str, str]], subset: int, rounds: int, keep: float,
-                    rng: np.random.Generator) -> tuple[dict[str, tuple[float, int]], list[int]]:
+def adaptive_filter(
+    candidates: list[str],
+    score,
+    train: list[tuple[str, str]],
+    subset: int,
+    rounds: int,
+    keep: float,
+    rng: np.random.Generator,
+) -> tuple[dict[str, tuple[float, int]], list[int]]:
     """APE's filtering: score on disjoint random subsets, keep the best share by running mean, then score the
     survivors on the whole set. Returns ({instruction: (mean score, examples)}, candidates alive per round)."""
     order = rng.permutation(len(train))
@@ -141,7 +95,7 @@ def adaptive_filter(candidates: list[str], score, train: list[tuple[str, str]], 
     return final, counts
 
 
-def load_demos(cfg: Config) -> tuple[list[tuple[str, str]], str]:
+def load_demos(cfg) -> tuple[list[tuple[str, str]], str]:
     if cfg.demos:
         task = user_task(cfg.demos)
     else:
@@ -150,64 +104,3 @@ def load_demos(cfg: Config) -> tuple[list[tuple[str, str]], str]:
             raise ConfigError(f"option 'task' must be one of {', '.join(tasks)} (or pass --demos); got {cfg.task!r}")
         task = tasks[cfg.task]
     return task.items, cfg.baseline or task.description
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    from chatforge.infer.loading import EngineOptions, load_engine
-    from chatforge.model.checkpoint import trained_for_fim
-
-    cfg.validate()
-    items, baseline = load_demos(cfg)
-    rng = np.random.default_rng(cfg.seed)
-    shuffled = [items[i] for i in rng.permutation(len(items))]
-    held_out, train = shuffled[: cfg.held_out], shuffled[cfg.held_out:]
-    if len(train) < cfg.prompt_demos + cfg.subset:
-        raise ChatforgeError(f"{len(items)} demonstrations leave {len(train)} for proposing and scoring; need at least "
-                             f"{cfg.prompt_demos + cfg.subset} besides the {cfg.held_out} held out")
-    engine = load_engine(EngineOptions(ckpt=cfg.ckpt, device=cfg.device))
-    shown = train[: cfg.prompt_demos]
-    proposals = {"forward": forward_proposals(engine, shown, cfg.forward, cfg.temperature, cfg.seed) if cfg.forward else []}
-    if cfg.reverse and cfg.insert_ckpt:
-        if Path(cfg.insert_ckpt).exists() and trained_for_fim(cfg.insert_ckpt):
-            inserter = load_engine(EngineOptions(ckpt=cfg.insert_ckpt, device=cfg.device))
-            proposals["reverse"] = reverse_proposals(inserter, shown, cfg.reverse, cfg.temperature, cfg.seed)
-        elif not cfg.forward:
-            raise ChatforgeError(f"--forward=0 asks for reverse proposals only, but {cfg.insert_ckpt} is not a model "
-                                 "trained by `chatforge fim`; train one, point --insert_ckpt at one or set --forward")
-        else:
-            print(f"[ape] reverse proposals skipped: {cfg.insert_ckpt} is not a model trained by `chatforge fim` "
-                  "(train one with `chatforge fim`, or set --insert_ckpt)")
-    candidates = list(dict.fromkeys(c for found in proposals.values() for c in found if c))
-    if not candidates:
-        raise ChatforgeError("the model proposed no non-empty instruction; raise --forward/--reverse or the temperature")
-    print(f"[ape] proposed {', '.join(f'{len(v)} {k}' for k, v in proposals.items())}: {len(candidates)} distinct candidates")
-    scorer = Scorer(engine, cfg.metric)
-    scored, alive = adaptive_filter(candidates, scorer.score, train, cfg.subset, cfg.rounds, cfg.keep, rng)
-    print(f"[ape] adaptive filtering, candidates alive per round: {' -> '.join(map(str, alive))}")
-    monte_carlo = []
-    for r in range(cfg.mc_rounds):
-        best = sorted(scored, key=lambda c: -scored[c][0])[: cfg.mc_top]
-        params = SamplingParams(n=cfg.mc_variants, temperature=cfg.temperature, max_tokens=24, stop=["\n"],
-                                seed=cfg.seed + 1 + r, truncate=True)
-        variants = [_first_line(choice.text) for c in engine.generate([VARIATION.format(b) for b in best], params)
-                    for choice in c.choices]
-        new = [v for v in dict.fromkeys(variants) if v and v not in scored]
-        scored.update({v: (float(np.mean(scorer.score(v, train))), len(train)) for v in new})
-        monte_carlo.append(len(new))
-        print(f"[ape] Monte-Carlo round {r + 1}: {len(new)} new variants of the best {len(best)}")
-    ranked = sorted(({"instruction": c, "score": round(s, 4), "examples": n} for c, (s, n) in scored.items()),
-                    key=lambda row: -row["score"])
-    best = ranked[0]["instruction"]
-    held = {name: round(float(np.mean(scorer.score(text, held_out))), 4)
-            for name, text in (("best", best), ("baseline", baseline), ("none", ""))}
-    summary = {"task": cfg.demos or cfg.task, "metric": cfg.metric, "ckpt": cfg.ckpt,
-               "proposed": {k: len(v) for k, v in proposals.items()}, "distinct_candidates": len(candidates),
-               "alive_per_round": alive, "monte_carlo_new": monte_carlo, "best_instruction": best,
-               "baseline_instruction": baseline, "held_out_examples": len(held_out), "held_out_score": held,
-               "top": ranked[:5]}
-    out = Path(cfg.out_dir)
-    io.write_json(out / "ranked.json", ranked)
-    io.write_json(out / "summary.json", summary)
-    print(f"[ape] best instruction: {best!r} (train {cfg.metric} {ranked[0]['score']:.4f})")
-    print(f"[ape] held-out {cfg.metric} on {len(held_out)} examples: best {held['best']:.4f}, hand-written "
-          f"{held['baseline']:.4f} ({baseline!r}), no instruction {held['none']:.4f}; wrote {out}")

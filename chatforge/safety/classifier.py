@@ -1,55 +1,21 @@
-"""train a content classifier (logistic regression on text embeddings) from your labeled JSONL.
-
-    chatforge safety-train --data=labeled.jsonl --positive=toxic                # MiniLM features
-    chatforge safety-train --data=labeled.jsonl --embedder=runs/speedrun/embed --out=runs/safety/chatforge
-    chatforge safety-train --data=labeled.jsonl --embedder=ngrams --out=runs/safety/ngrams   # no model
-    chatforge serve --safety_policy=policy.toml      # whose [classifier] path names the trained model
-
-``data`` has one {"text", "label"} object per line with two labels; ``positive`` is the one the filter acts
-on. Texts are embedded by all-MiniLM-L6-v2 (offline), a ``chatforge embed`` model, or turned into hashed
-character n-grams (``ngrams``: no model, surface forms only, but the one choice that reads Chinese well:
-MiniLM is an English model; see benchmarks/safety_classifier.py). A hash-chosen share is held out, and an L2-regularised logistic regression (Newton's method in numpy, the objective of
-scikit-learn's ``LogisticRegression(C=c)``) is fitted on the rest. The weights are saved as plain arrays
-(``classifier.npz``) with ``classifier.json`` (embedder, labels, held-out accuracy), never as a pickle, and
-scored with numpy at serving time.
+"""The content classifier: labeled JSONL, features (an embedder or hashed character n-grams), logistic
+regression fitted in numpy, saved as plain arrays. `chatforge safety-train` (chatforge/stages/safety_train.py)
+trains one; the filters score with it.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from chatforge import io
-from chatforge.config import option
-from chatforge.data.documents import unit_hash
-from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.embed.index import open_embedder
+from chatforge.errors import ChatforgeError
 
 WEIGHTS, META = "classifier.npz", "classifier.json"
-
-
-@dataclass
-class Config:
-    data: str = option("", "JSONL of {text, label} with two labels (required)")
-    positive: str = option("unsafe", "the label the filter acts on")
-    embedder: str = option("minilm", "features: 'minilm', 'ngrams' or a `chatforge embed` output directory")
-    out: str = option("runs/safety/classifier", "where classifier.npz and classifier.json go")
-    val_fraction: float = option(0.2, "share of the texts held out for the accuracy")
-    # embeddings are unit vectors, so C = 1 keeps the logits too small to fit: held-out accuracy of MiniLM
-    # features on benchmarks/safety_classifier.py's requests set, 5 random splits, was 0.81 at C = 1, 0.87 at 10
-    c: float = option(10.0, "inverse regularisation strength of the logistic regression")
-    device: str = option("auto", "device of the embedder")
-
-    def validate(self) -> None:
-        if not self.data:
-            raise ConfigError("option 'data' is required: a JSONL file of {\"text\", \"label\"} lines")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"option 'val_fraction' must be in (0, 1); got {self.val_fraction}")
-        if self.c <= 0:
-            raise ConfigError(f"option 'c' must be > 0; got {self.c}")
 
 
 def read_labeled(path: str, positive: str) -> tuple[list[str], np.ndarray]:
@@ -76,14 +42,12 @@ class CharNgrams:
         for i, text in enumerate(texts):
             for n in (1, 2, 3):
                 for j in range(len(text) - n + 1):
-                    out[i, zlib.crc32(text[j:j + n].lower().encode()) % self.dims] += 1
+                    out[i, zlib.crc32(text[j : j + n].lower().encode()) % self.dims] += 1
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 def open_features(name: str, device: str | None = None):
     """The embedder behind a classifier: ``ngrams``, ``minilm`` or a ``chatforge embed`` directory."""
-    from chatforge.embed.search_stage import open_embedder
-
     return CharNgrams() if name == "ngrams" else open_embedder(name, device)
 
 
@@ -137,7 +101,9 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, c: float, max_iter: i
     return theta[:-1], float(theta[-1])
 
 
-def train_classifier(features: np.ndarray, labels: np.ndarray, held_out: np.ndarray, c: float) -> tuple[np.ndarray, float, dict]:
+def train_classifier(
+    features: np.ndarray, labels: np.ndarray, held_out: np.ndarray, c: float
+) -> tuple[np.ndarray, float, dict]:
     if held_out.all() or not held_out.any():
         raise ChatforgeError("the split left no training or no held-out examples; add data or change --val_fraction")
     if len(set(labels[~held_out])) < 2:
@@ -146,22 +112,13 @@ def train_classifier(features: np.ndarray, labels: np.ndarray, held_out: np.ndar
     predicted = features[held_out] @ weights + bias > 0
     accuracy = float(np.mean(predicted == labels[held_out]))
     majority = float(max(labels[held_out].mean(), 1 - labels[held_out].mean()))
-    return weights, bias, {"held_out_accuracy": round(accuracy, 4), "majority_class": round(majority, 4),
-                           "train": int((~held_out).sum()), "held_out": int(held_out.sum())}
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    from chatforge.device import resolve_device
-
-    cfg.validate()
-    texts, labels = read_labeled(cfg.data, cfg.positive)
-    embedder = open_features(cfg.embedder, str(resolve_device(cfg.device)))
-    held_out = np.array([unit_hash("safety", t) < cfg.val_fraction for t in texts])
-    weights, bias, scores = train_classifier(embedder.embed(texts), labels, held_out, cfg.c)
-    out = Path(cfg.out)
-    with io.atomic_path(out / WEIGHTS) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, weights=weights, bias=np.array(bias))
-    meta = {"embedder": cfg.embedder, "positive": cfg.positive, "data": cfg.data, **scores}
-    io.write_json(out / META, meta)
-    print(f"[safety] {scores['train']} train / {scores['held_out']} held-out texts, features from {cfg.embedder}: "
-          f"held-out accuracy {scores['held_out_accuracy']:.1%} (majority class {scores['majority_class']:.1%}); wrote {out}")
+    return (
+        weights,
+        bias,
+        {
+            "held_out_accuracy": round(accuracy, 4),
+            "majority_class": round(majority, 4),
+            "train": int((~held_out).sum()),
+            "held_out": int(held_out.sum()),
+        },
+    )

@@ -43,6 +43,7 @@ import numpy as np
 
 from chatforge.data.clean import scrub_pii
 from chatforge.errors import ChatforgeError
+from chatforge.safety.classifier import SafetyClassifier
 
 ACTIONS = ("allow", "redact", "refuse")
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
@@ -66,7 +67,12 @@ class Decision:
     score: float = 1.0
 
     def to_json(self) -> dict:
-        return {"category": self.category, "action": self.action, "matched": self.matched[:200], "score": round(self.score, 4)}
+        return {
+            "category": self.category,
+            "action": self.action,
+            "matched": self.matched[:200],
+            "score": round(self.score, 4),
+        }
 
 
 @dataclass
@@ -142,8 +148,14 @@ class Policy:
             raise ChatforgeError(f"{source}: the policy must be a table")
         unknown = set(raw) - {"pii", "categories", "classifier"}
         if unknown:
-            raise ChatforgeError(f"{source}: unknown section(s) {', '.join(sorted(unknown))} (pii, categories, classifier)")
-        sections = {"pii": raw.get("pii", {}), "categories": raw.get("categories", {}), "classifier": raw.get("classifier", {})}
+            raise ChatforgeError(
+                f"{source}: unknown section(s) {', '.join(sorted(unknown))} (pii, categories, classifier)"
+            )
+        sections = {
+            "pii": raw.get("pii", {}),
+            "categories": raw.get("categories", {}),
+            "classifier": raw.get("classifier", {}),
+        }
         for name, section in sections.items():
             if not isinstance(section, dict):
                 raise ChatforgeError(f"{source}: '{name}' must be a table; got {type(section).__name__}")
@@ -156,13 +168,23 @@ class Policy:
         except (TypeError, ValueError):
             raise ChatforgeError(f"{source}: classifier threshold must be a number and window an integer") from None
         if not 0 < threshold <= 1 or window < 16:
-            raise ChatforgeError(f"{source}: classifier threshold must be in (0, 1] and window at least 16 characters; "
-                                 f"got {threshold} and {window}")
-        policy = cls([_category(name, spec, source) for name, spec in sections["categories"].items()],
-                     sections["pii"].get("action", "redact"), str(classifier.get("path", "")), threshold,
-                     classifier.get("action", "refuse"), window, str(classifier.get("message", "")))
-        for name, action, allowed in (("pii", policy.pii_action, ACTIONS),
-                                      ("classifier", policy.classifier_action, ("allow", "refuse"))):
+            raise ChatforgeError(
+                f"{source}: classifier threshold must be in (0, 1] and window at least 16 characters; "
+                f"got {threshold} and {window}"
+            )
+        policy = cls(
+            [_category(name, spec, source) for name, spec in sections["categories"].items()],
+            sections["pii"].get("action", "redact"),
+            str(classifier.get("path", "")),
+            threshold,
+            classifier.get("action", "refuse"),
+            window,
+            str(classifier.get("message", "")),
+        )
+        for name, action, allowed in (
+            ("pii", policy.pii_action, ACTIONS),
+            ("classifier", policy.classifier_action, ("allow", "refuse")),
+        ):
             if action not in allowed:
                 raise ChatforgeError(f"{source}: {name} action must be one of {', '.join(allowed)}; got {action!r}")
         return policy
@@ -175,8 +197,6 @@ class FilterPipeline:
         self.policy = policy or Policy()
         self.classify = classify
         if self.policy.classifier_path and classify is None:
-            from chatforge.safety.classifier import SafetyClassifier
-
             self.classify = SafetyClassifier.load(self.policy.classifier_path).score
 
     def check(self, text: str, classify: bool = True) -> Checked:
@@ -205,7 +225,7 @@ class FilterPipeline:
     def classifier_score(self, text: str) -> tuple[float, str]:
         """The classifier's highest P(positive) over windows of ``text`` overlapping by half, and that window."""
         size = self.policy.classifier_window
-        windows = [text[start:start + size] for start in range(0, max(len(text) - size, 0) + size // 2, size // 2)]
+        windows = [text[start : start + size] for start in range(0, max(len(text) - size, 0) + size // 2, size // 2)]
         windows = [w for w in windows if w.strip()]
         if not windows:
             return 0.0, ""
@@ -234,8 +254,9 @@ class FilterPipeline:
         scores = {c.name: 0.0 for c in self.policy.categories} | {"pii": 0.0}
         if self.classify is not None:
             # a refusal before the classifier ran (a block-list hit) still reports the classifier's own score
-            scores["classifier"] = (checked.classifier_score if checked.classifier_score is not None
-                                    else self.classifier_score(text)[0])
+            scores["classifier"] = (
+                checked.classifier_score if checked.classifier_score is not None else self.classifier_score(text)[0]
+            )
         for decision in checked.decisions:
             scores[decision.category] = max(scores.get(decision.category, 0.0), decision.score)
         return scores
@@ -262,11 +283,14 @@ class StreamGuard:
     def _release(self, final: bool) -> str:
         checked = self.pipeline.check(self.raw, classify=False)
         stride = self.pipeline.policy.classifier_window // 2
-        if checked.refused is None and self.classified is not None and (
-                len(checked.text) - self.classified >= stride or (final and len(checked.text) > self.classified)):
+        if (
+            checked.refused is None
+            and self.classified is not None
+            and (len(checked.text) - self.classified >= stride or (final and len(checked.text) > self.classified))
+        ):
             verdict = Checked(checked.text)
             # the new text with half a window before it for context
-            self.pipeline.judge(verdict, checked.text[max(0, self.classified - stride):])
+            self.pipeline.judge(verdict, checked.text[max(0, self.classified - stride) :])
             self.judged += verdict.decisions
             self.classified = len(checked.text)
             if verdict.refused is not None:
@@ -279,7 +303,7 @@ class StreamGuard:
         end = len(checked.text) if final else max(self.sent, len(checked.text) - HOLD_BACK)
         if self.classified is not None:
             end = min(end, max(self.sent, self.classified))
-        out, self.sent = checked.text[self.sent:end], end
+        out, self.sent = checked.text[self.sent : end], end
         return out
 
     def feed(self, delta: str) -> str:

@@ -53,6 +53,7 @@ from fastapi.staticfiles import StaticFiles
 from chatforge.chat_template import ROLE_TOKENS, edit_messages, fit_to_context, prompt_ids, stop_token_ids
 from chatforge.config import option
 from chatforge.data.fim import insertion_ids, middle_params
+from chatforge.data.rankings import MAX_K, MIN_K
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.infer.outputs import Completion, Delta, TokenLogprob
 from chatforge.infer.params import SamplingParams
@@ -60,6 +61,7 @@ from chatforge.infer.scheduler import RequestHandle, Scheduler
 from chatforge.safety.filters import FilterPipeline, Policy, StreamGuard
 from chatforge.serve import errors
 from chatforge.serve.errors import APIError
+from chatforge.serve.feedback_api import feedback_router
 from chatforge.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -98,8 +100,6 @@ class ServeOptions:
                                     "prompts and answers; empty = no filtering (/v1/moderations then checks PII only)")
 
     def validate(self) -> None:
-        from chatforge.data.rankings import MAX_K, MIN_K
-
         for name in ("max_request_bytes", "max_tokens", "max_samples", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"option '{name}' must be >= 1; got {getattr(self, name)}")
@@ -815,8 +815,6 @@ def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=
                 "max_tokens": service.token_limit, "auth": keys.enabled, "feedback": store is not None}
 
     if store is not None:
-        from chatforge.serve.feedback_api import feedback_router
-
         app.include_router(feedback_router(store, service.card.id, client))
 
     @app.get("/", include_in_schema=False)

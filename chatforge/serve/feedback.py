@@ -47,6 +47,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from chatforge import io
 from chatforge.chat_template import ROLE_TOKENS
+from chatforge.data.rankings import MAX_K, MIN_K
 from chatforge.errors import ChatforgeError
 
 SIGNALS = ("copied", "regenerated", "continued", "asked_again")
@@ -391,8 +392,6 @@ class FeedbackStore:
 
     def ranking_records(self) -> tuple[list[dict], int]:
         """(ranking records in the reward data's format, how many rankings were skipped for their size)."""
-        from chatforge.data.rankings import MAX_K, MIN_K
-
         records, skipped = [], 0
         with self.session() as s:
             for r in s.scalars(select(Ranking).order_by(Ranking.created_at)):

@@ -70,7 +70,15 @@ class _Parser:
             op, right = self.take(), self.unary()
             if op != "*" and right == 0:
                 raise CalculatorError("division by zero")
-            value = value * right if op == "*" else value / right if op == "/" else value // right if op == "//" else value % right
+            value = (
+                value * right
+                if op == "*"
+                else value / right
+                if op == "/"
+                else value // right
+                if op == "//"
+                else value % right
+            )
         return value
 
     def power(self) -> float:
@@ -83,7 +91,7 @@ class _Parser:
             if base == 0 and exponent < 0:
                 raise CalculatorError("division by zero")
             try:
-                result = base ** exponent
+                result = base**exponent
             except OverflowError:
                 raise CalculatorError("the result is too large") from None
             if isinstance(result, complex):

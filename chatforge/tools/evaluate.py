@@ -48,9 +48,13 @@ class ScriptedTurns:
 def read_questions(path: str) -> list[dict]:
     rows = []
     for number, row in io.read_jsonl(path, "arithmetic questions (run `chatforge tool-data` first)"):
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("question", "expression", "answer")):
-            raise ChatforgeError(f"{path}:{number}: a question needs string 'question', 'expression' (the call a "
-                                 "perfect caller makes) and 'answer' fields")
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) for k in ("question", "expression", "answer")
+        ):
+            raise ChatforgeError(
+                f"{path}:{number}: a question needs string 'question', 'expression' (the call a "
+                "perfect caller makes) and 'answer' fields"
+            )
         rows.append(row)
     return rows
 
@@ -63,14 +67,28 @@ def same_number(text: str, gold: str) -> bool:
 def evaluate_tools(engine, questions: list[dict], max_tokens: int = 48, max_calls: int = 2) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     chats = [[{"role": "user", "content": q["question"]}] for q in questions]
-    banned = SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                            logit_bias={engine.tokenizer.special_id(TOOL_CALL): BANNED})
+    banned = SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, logit_bias={engine.tokenizer.special_id(TOOL_CALL): BANNED}
+    )
     direct = [c.choices[0].text for c in engine.generate([prompt_ids(m, engine.tokenizer) for m in chats], banned)]
     runs = [answer_with_tools(engine, m, {"calculator": CALCULATOR}, params, max_calls=max_calls) for m in chats]
-    oracle = [answer_with_tools(ScriptedTurns(engine.tokenizer, [
-        {"name": "calculator", "arguments": {"expression": q["expression"]}},
-        f"The answer is {format_number(calculate(q['expression']))}."], engine.block_size),
-        m, {"calculator": CALCULATOR}, params, max_calls=max_calls) for m, q in zip(chats, questions)]
+    oracle = [
+        answer_with_tools(
+            ScriptedTurns(
+                engine.tokenizer,
+                [
+                    {"name": "calculator", "arguments": {"expression": q["expression"]}},
+                    f"The answer is {format_number(calculate(q['expression']))}.",
+                ],
+                engine.block_size,
+            ),
+            m,
+            {"calculator": CALCULATOR},
+            params,
+            max_calls=max_calls,
+        )
+        for m, q in zip(chats, questions)
+    ]
 
     def right_call(run, gold: str) -> bool:
         for call in run.calls:
@@ -84,10 +102,20 @@ def evaluate_tools(engine, questions: list[dict], max_tokens: int = 48, max_call
     return {
         "questions": len(questions),
         "without_tools": round(float(np.mean([same_number(t, q["answer"]) for t, q in zip(direct, questions)])), 4),
-        "with_calculator": round(float(np.mean([same_number(r.answer, q["answer"]) for r, q in zip(runs, questions)])), 4),
+        "with_calculator": round(
+            float(np.mean([same_number(r.answer, q["answer"]) for r, q in zip(runs, questions)])), 4
+        ),
         "called_calculator": round(float(np.mean([bool(r.calls) for r in runs])), 4),
         "right_call": round(float(np.mean([right_call(r, q["answer"]) for r, q in zip(runs, questions)])), 4),
         "oracle": round(float(np.mean([same_number(r.answer, q["answer"]) for r, q in zip(oracle, questions)])), 4),
-        "samples": [{"question": q["question"], "gold": q["answer"], "direct": d.strip(), "calls": r.calls,
-                     "with_calculator": r.answer} for q, d, r in list(zip(questions, direct, runs))[:5]],
+        "samples": [
+            {
+                "question": q["question"],
+                "gold": q["answer"],
+                "direct": d.strip(),
+                "calls": r.calls,
+                "with_calculator": r.answer,
+            }
+            for q, d, r in list(zip(questions, direct, runs))[:5]
+        ],
     }

@@ -44,8 +44,10 @@ def answer_with_tools(engine, messages: list[dict], tools: dict[str, Tool], para
         ids = prompt_ids(run.messages, tokenizer)
         room = engine.block_size - len(ids)
         if room < 1:
-            raise ChatforgeError(f"the conversation with its tool results ({len(ids)} tokens) fills the model's context "
-                                 f"of {engine.block_size}; lower max_calls or start a new conversation")
+            raise ChatforgeError(
+                f"the conversation with its tool results ({len(ids)} tokens) fills the model's context "
+                f"of {engine.block_size}; lower max_calls or start a new conversation"
+            )
         settings = dataclasses.replace(params, max_tokens=min(params.max_tokens or room, room))
         if len(run.calls) >= max_calls or not tools:
             settings = dataclasses.replace(settings, logit_bias={**params.logit_bias, call_id: BANNED})

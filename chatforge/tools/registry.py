@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from chatforge.embed.index import SearchIndex
 from chatforge.errors import ChatforgeError
 from chatforge.tools.calculator import CalculatorError, calculate, format_number
 
@@ -44,7 +45,9 @@ def check_arguments(tool: Tool, arguments: dict) -> None:
                 raise ChatforgeError(f"{tool.name}: unknown argument '{name}'")
             continue
         expected = JSON_TYPES.get(schema.get("type", ""))
-        if expected and (not isinstance(value, expected) or (schema.get("type") != "boolean" and isinstance(value, bool))):
+        if expected and (
+            not isinstance(value, expected) or (schema.get("type") != "boolean" and isinstance(value, bool))
+        ):
             raise ChatforgeError(f"{tool.name}: argument '{name}' must be of type {schema['type']}")
         if "enum" in schema and value not in schema["enum"]:
             raise ChatforgeError(f"{tool.name}: argument '{name}' must be one of {schema['enum']}")
@@ -66,9 +69,17 @@ def _calculate(arguments: dict) -> str:
         raise ChatforgeError(str(exc)) from None
 
 
-CALCULATOR = Tool("calculator", "Evaluate an arithmetic expression (+ - * / // % ** and parentheses).",
-                  {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"],
-                   "additionalProperties": False}, _calculate)
+CALCULATOR = Tool(
+    "calculator",
+    "Evaluate an arithmetic expression (+ - * / // % ** and parentheses).",
+    {
+        "type": "object",
+        "properties": {"expression": {"type": "string"}},
+        "required": ["expression"],
+        "additionalProperties": False,
+    },
+    _calculate,
+)
 
 
 def retrieval_tool(index, k: int = 2, max_chars: int = 400) -> Tool:
@@ -78,9 +89,17 @@ def retrieval_tool(index, k: int = 2, max_chars: int = 400) -> Tool:
         hits = index.search(arguments["query"], k=k)
         return "\n".join(f"[{h.doc_id}] {h.chunk[:max_chars]}" for h in hits) or "no results"
 
-    return Tool("retrieval", "Search the document index for passages about a query.",
-                {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"],
-                 "additionalProperties": False}, search)
+    return Tool(
+        "retrieval",
+        "Search the document index for passages about a query.",
+        {
+            "type": "object",
+            "properties": {"query": {"type": "string"}},
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+        search,
+    )
 
 
 def builtin_tools(names: list[str], index_dir: str = "", device: str | None = None) -> dict[str, Tool]:
@@ -90,10 +109,10 @@ def builtin_tools(names: list[str], index_dir: str = "", device: str | None = No
         if name == "calculator":
             tools[name] = CALCULATOR
         elif name == "retrieval":
-            from chatforge.embed.index import SearchIndex
-
             if not index_dir:
-                raise ChatforgeError("the retrieval tool needs a search index: pass --index (built by `chatforge search --build`)")
+                raise ChatforgeError(
+                    "the retrieval tool needs a search index: pass --index (built by `chatforge search --build`)"
+                )
             tools[name] = retrieval_tool(SearchIndex.load(index_dir, device=device))
         else:
             raise ChatforgeError(f"unknown tool {name!r}; built-in tools: calculator, retrieval")

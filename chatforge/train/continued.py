@@ -22,7 +22,9 @@ import torch
 from chatforge import io
 from chatforge.config import option
 from chatforge.data.shards import write_shard
+from chatforge.device import resolve_device
 from chatforge.errors import ChatforgeError
+from chatforge.model.checkpoint import latest_checkpoint, load_model, tokenizer_path
 from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
 from chatforge.train.loop import TrainConfig, train
 from chatforge.train.pretrain import TOKENS_DIR, PretrainTask, open_shards
@@ -67,11 +69,10 @@ def continue_training(stage: str, cfg, build: Build, describe: Callable[[dict], 
     ``cfg`` needs init_from, out_dir, resume, eval_batches and train (a TrainConfig); ``describe(counts)`` is the
     line printed about the corpus.
     """
-    from chatforge.device import resolve_device
-    from chatforge.model.checkpoint import latest_checkpoint, load_model, tokenizer_path
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ChatforgeError(f"the {stage} stage builds its corpus in-process; run it as one process (without torchrun)")
+        raise ChatforgeError(
+            f"the {stage} stage builds its corpus in-process; run it as one process (without torchrun)"
+        )
     out = Path(cfg.out_dir)
     if not cfg.resume and latest_checkpoint(out) is not None:
         raise ChatforgeError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out_dir")
@@ -84,11 +85,13 @@ def continue_training(stage: str, cfg, build: Build, describe: Callable[[dict], 
     print(f"[{stage}] corpus: {describe(counts)}")
     tokenizer_copy, train_windows, val_windows = open_shards(data, model.config.block_size, cfg.train.seed)
     if model.config.vocab_size < train_windows.vocab_size:
-        raise ChatforgeError(f"{tokenizer_copy} has {train_windows.vocab_size} tokens but {cfg.init_from} only "
-                             f"{model.config.vocab_size}")
+        raise ChatforgeError(
+            f"{tokenizer_copy} has {train_windows.vocab_size} tokens but {cfg.init_from} only {model.config.vocab_size}"
+        )
     chunk = cfg.train.micro_batch_size or cfg.train.batch_size
-    task = PretrainTask(train_windows, val_windows, cfg.train.batch_size, cfg.eval_batches * cfg.train.batch_size // chunk,
-                        chunk)
+    task = PretrainTask(
+        train_windows, val_windows, cfg.train.batch_size, cfg.eval_batches * cfg.train.batch_size // chunk, chunk
+    )
     device = resolve_device(cfg.train.device)
     with torch.no_grad():
         base_val_loss = task.eval_loss(model.to(device).eval(), device)

@@ -1,20 +1,6 @@
-"""continue pretraining with fill-in-the-middle, so the model can insert text between a prefix and a suffix.
+"""Fill-in-the-middle continued pretraining: the FIM corpus (chunks transformed to PSM/SPM) and its evaluation.
 
-    chatforge fim                                        # speedrun default: pretrain checkpoint + the corpus
-    chatforge fim --fim_rate=0 --out_dir=runs/speedrun/fim_baseline   # the same training without FIM
-    chatforge fim --fim_rate=0.9 --spm_rate=0.5 --train.steps=1000
-    chatforge generate --ckpt=runs/speedrun/fim --suffix=' return a + b' 'def add(a, b):'
-
-Reads the data stage's documents (``data_dir``/pretrain_{train,val}.jsonl), cuts them into chunks of about a
-context's length at line boundaries, and rewrites ``fim_rate`` of the training chunks in FIM order
-(``chatforge.data.fim``: prefix/middle/suffix at random character positions; SPM order for ``spm_rate`` of
-them, else PSM), the rest left to right, every chunk ending in ``<|endoftext|>``. Training is the pretrain
-task on the shared loop (``chatforge.train.continued``); the validation loss is plain left-to-right on the
-held-out chunks, so FIM's cost to ordinary modelling shows directly. The checkpoints record ``"fim": true``
-when fim_rate > 0, which lets ``chatforge serve`` accept ``suffix``. At the end the model is evaluated on
-held-out chunks with a removed span (``chatforge.evals.fim_eval``: middle loss and exact match, PSM and SPM,
-and the left-to-right middle loss) into summary.json's ``insertion``. Train a ``--fim_rate=0`` twin with the
-same options to see what FIM buys: the speedrun does, and the report card sets the two side by side.
+The `chatforge fim` stage (chatforge/stages/fim.py) runs it.
 """
 
 from __future__ import annotations
@@ -24,43 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
-from chatforge import io
-from chatforge.config import nested, option
+from chatforge.config import option
 from chatforge.data.documents import read_documents
 from chatforge.data.fim import transform
-from chatforge.errors import ChatforgeError, ConfigError
-from chatforge.train.continued import Build, ContinuedTrainConfig, continue_training
-from chatforge.train.loop import SUMMARY_FILE
+from chatforge.errors import ChatforgeError
+from chatforge.evals.fim_eval import evaluate_insertion, make_examples
+from chatforge.infer.loading import EngineOptions, load_engine
+from chatforge.train.continued import Build, ContinuedTrainConfig
 
 
 @dataclass
 class FIMTrainConfig(ContinuedTrainConfig):
     # no time budget by default: a FIM run and its twin must train the same number of steps to be compared
     max_minutes: float = option(0.0, "wall-time budget in minutes (0 = none)")
-
-
-@dataclass
-class Config:
-    init_from: str = option("runs/speedrun/pretrain", "starting weights: checkpoint, run directory or HF GPT-2 folder")
-    data_dir: str = option("runs/speedrun/data", "the data stage's out_dir (pretrain_train.jsonl, pretrain_val.jsonl)")
-    out_dir: str = option("runs/speedrun/fim", "where data/, checkpoints/, metrics.jsonl, loss.png, summary.json go")
-    resume: bool = option(False, "continue from out_dir's latest checkpoint (reuses out_dir/data)")
-    fim_rate: float = option(0.5, "share of training chunks rewritten in FIM order (0 = an ordinary left-to-right twin)")
-    spm_rate: float = option(0.5, "share of the FIM chunks in suffix-prefix-middle order (the rest prefix-suffix-middle)")
-    chunk_chars: int = option(0, "characters per chunk, cut at line ends (0 = 3 per token of the model's context)")
-    max_train_chars: int = option(8_000_000, "a seeded random subset of the training chunks up to this many characters")
-    eval_examples: int = option(200, "held-out chunks with a removed span for the insertion evaluation (0 = skip it)")
-    eval_batches: int = option(20, "validation batches per evaluation (of batch_size windows each)")
-    train: FIMTrainConfig = nested(FIMTrainConfig, "the shared training loop")
-
-    def validate(self) -> None:
-        for name in ("fim_rate", "spm_rate"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"option '{name}' must be in [0, 1]; got {getattr(self, name)}")
-        for name, low in (("chunk_chars", 0), ("max_train_chars", 1), ("eval_examples", 0), ("eval_batches", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"option '{name}' must be >= {low}; got {getattr(self, name)}")
-        self.train.validate()
 
 
 def chunk_text(text: str, size: int) -> list[str]:
@@ -82,7 +44,7 @@ def read_chunks(path: Path, size: int) -> list[tuple[str, str]]:
             for doc in read_documents(path) for chunk in chunk_text(doc["text"], size)]
 
 
-def fim_corpus(cfg: Config) -> Build:
+def fim_corpus(cfg) -> Build:
     def build(tokenizer, block_size: int) -> tuple[dict, dict]:
         chunk_chars = cfg.chunk_chars or 3 * block_size
         data = Path(cfg.data_dir)
@@ -107,31 +69,17 @@ def fim_corpus(cfg: Config) -> Build:
     return build
 
 
-def _describe(counts: dict) -> str:
-    return (f"{counts['train_chunks']} train chunks of <= {counts['chunk_chars']} chars ({counts['train_tokens'] / 1e6:.2f}M "
-            f"tokens, {counts['fim_rate']:.0%} in FIM order), {counts['val_chunks']} held out")
+def describe(counts: dict) -> str:
+    return (
+        f"{counts['train_chunks']} train chunks of <= {counts['chunk_chars']} chars "
+        f"({counts['train_tokens'] / 1e6:.2f}M "
+        f"tokens, {counts['fim_rate']:.0%} in FIM order), {counts['val_chunks']} held out"
+    )
 
 
-def evaluate(cfg: Config, chunk_chars: int) -> dict:
-    from chatforge.evals.fim_eval import evaluate_insertion, make_examples
-    from chatforge.infer.loading import EngineOptions, load_engine
-
-    examples = make_examples(read_chunks(Path(cfg.data_dir) / "pretrain_val.jsonl", chunk_chars), cfg.eval_examples,
-                             seed=cfg.train.seed)
+def evaluate(cfg, chunk_chars: int) -> dict:
+    examples = make_examples(
+        read_chunks(Path(cfg.data_dir) / "pretrain_val.jsonl", chunk_chars), cfg.eval_examples, seed=cfg.train.seed
+    )
     engine = load_engine(EngineOptions(ckpt=cfg.out_dir, device=cfg.train.device))
     return evaluate_insertion(engine, examples)
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    cfg.validate()
-    summary, base_val_loss = continue_training("fim", cfg, fim_corpus(cfg), _describe,
-                                               {"fim": cfg.fim_rate > 0, "fim_rate": cfg.fim_rate})
-    summary["left_to_right_loss"] = {"before": round(base_val_loss, 4), "after": summary.get("final_val_loss")}
-    if cfg.eval_examples and summary.get("final_val_loss") is not None:
-        summary["insertion"] = evaluate(cfg, summary["corpus"]["chunk_chars"])
-        ins = summary["insertion"]
-        print(f"[fim] insertion on {ins['examples']} held-out spans: middle loss PSM {ins['psm']['middle_loss']:.3f} / "
-              f"SPM {ins['spm']['middle_loss']:.3f} (left to right {ins['left_to_right_middle_loss']:.3f}); exact match "
-              f"PSM {ins['psm']['exact_match']:.1%} / SPM {ins['spm']['exact_match']:.1%}")
-    io.write_json(Path(cfg.out_dir) / SUMMARY_FILE, summary)
-    print(f"[fim] held-out left-to-right loss: {base_val_loss:.4f} before -> {summary.get('final_val_loss')} after")

@@ -1,44 +1,27 @@
-"""optimise the SFT policy against the reward model with PPO, a per-token KL penalty and PPO-ptx.
+"""PPO for language models (InstructGPT step 3): the actor-critic, the rollout and the PPO task on the shared loop.
 
-    chatforge ppo                                       # speedrun default: SFT + reward model + RL prompts
-    chatforge ppo --ptx_coef=0 --kl.adaptive=false --kl.beta=0.05
-
-InstructGPT step 3. Four models: the actor (initialised from SFT, trained), the critic (a separate GPT with a
-scalar head, initialised from the reward model and trained: its own network, so value-loss gradients never
-pull on the policy's features, and initialising it from the RM gives it a head start at judging answers as
-InstructGPT does), the frozen reference (SFT) and the frozen reward model.
-
-Each rollout samples answers to ``rollout_prompts`` prompts through the shared inference engine from the
-actor's full distribution (temperature 1, no top-k/top-p/min-p/min-length: the KL term assumes the policy's
-own distribution, and truncating it makes the KL estimate go negative). The per-token reward is
-−β·(log π − log π_ref), plus the reward model's score at the last token; β adapts toward ``kl.target``
-(or stays fixed). Advantages come from GAE and are whitened; the policy takes the clipped surrogate
-(ε = ``clip``), the critic a clipped value loss; ``epochs`` passes of minibatches per rollout. PPO-ptx adds
-``ptx_coef`` × the next-token loss on a pretraining batch to every update (0 disables it). The rollout buffer
-is part of the checkpoint, so a resumed run continues exactly. A run whose KL passes ``kl.limit`` stops with
-a message. Every step logs reward, KL, β, entropy, clip fraction, value loss, response length and ptx loss
-(metrics.jsonl, ppo.png).
+The `chatforge ppo` stage (chatforge/stages/ppo.py) describes the recipe and runs it; the arithmetic is in
+``ppo_math``; the win rates and curves are in ``chatforge.evals.ppo_eval``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from chatforge import io
-from chatforge.chat_template import prompt_ids, stop_token_ids
-from chatforge.config import nested, option
-from chatforge.data.chat_batches import EpochOrder
-from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.chat_template import stop_token_ids
+from chatforge.config import option
+from chatforge.data.chat_batches import EpochOrder, pad_rows
+from chatforge.evals.ppo_eval import reward_scores
+from chatforge.infer.answers import sample_answers
 from chatforge.infer.params import SamplingParams
 from chatforge.model.gpt import GPT
 from chatforge.model.heads import ScalarHeadModel
-from chatforge.train.loop import TrainConfig, train
+from chatforge.tokenizer import PAD
+from chatforge.train.loop import TrainConfig
 from chatforge.train.ppo_math import (
     AdaptiveKL,
     FixedKL,
@@ -49,7 +32,6 @@ from chatforge.train.ppo_math import (
     value_loss,
     whiten,
 )
-from chatforge.train.reward import pad_rows
 
 
 @dataclass
@@ -74,41 +56,6 @@ class PPOTrainConfig(TrainConfig):
     ckpt_every: int = option(48, "steps between checkpoints (best a multiple of the updates per rollout)")
     max_minutes: float = option(6.0, "wall-time budget in minutes (0 = none)")
     compile: str = option("false", "torch.compile (off by default: rollouts switch between shapes constantly)")
-
-
-@dataclass
-class Config:
-    policy: str = option("runs/speedrun/sft", "the SFT model: the actor's start and the frozen reference")
-    reward_model: str = option("runs/speedrun/reward", "the trained reward model (also the critic's start)")
-    prompts: str = option("runs/speedrun/sft_data/rl_prompts.jsonl", "the RLHF prompt pool")
-    pretrain_tokens: str = option("runs/speedrun/tokenizer/tokens/train.bin", "token shard for PPO-ptx batches")
-    out_dir: str = option("runs/speedrun/ppo", "where checkpoints/, metrics.jsonl, ppo.png, summary.json go")
-    resume: bool = option(False, "continue from out_dir's latest checkpoint")
-    rollout_prompts: int = option(16, "prompts answered per rollout")
-    epochs: int = option(2, "passes over each rollout")
-    max_tokens: int = option(48, "longest sampled answer")
-    gamma: float = option(1.0, "discount in GAE")
-    lam: float = option(0.95, "λ in GAE")
-    clip: float = option(0.2, "PPO ratio clip ε")
-    value_clip: float = option(0.2, "clip of the value update around the rollout's values")
-    value_coef: float = option(0.5, "weight of the value loss")
-    ptx_coef: float = option(1.0, "γ: weight of the pretraining next-token loss mixed into each update (0 = off)")
-    held_out_prompts: int = option(48, "prompts in the win-rate evaluation after training")
-    kl: KLConfig = nested(KLConfig, "the KL penalty")
-    train: PPOTrainConfig = nested(PPOTrainConfig, "the shared training loop")
-
-    def validate(self) -> None:
-        for name in ("rollout_prompts", "epochs", "max_tokens", "held_out_prompts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1; got {getattr(self, name)}")
-        if self.rollout_prompts % self.train.batch_size:
-            raise ConfigError(f"option 'rollout_prompts' ({self.rollout_prompts}) must be a multiple of "
-                              f"train.batch_size ({self.train.batch_size})")
-        if not 0 < self.clip < 1 or self.value_clip <= 0 or self.ptx_coef < 0:
-            raise ConfigError("options 'clip' must be in (0, 1), 'value_clip' > 0 and 'ptx_coef' >= 0")
-        if self.kl.beta < 0 or self.kl.target <= 0 or self.kl.limit <= 0:
-            raise ConfigError("options 'kl.beta' must be >= 0, 'kl.target' and 'kl.limit' > 0")
-        self.train.validate()
 
 
 class ActorCritic(nn.Module):
@@ -146,93 +93,102 @@ def state_values(values: torch.Tensor, start: torch.Tensor, width: int) -> torch
     return values.gather(1, positions)
 
 
-def sample_answers(model: GPT, tokenizer, prompts: list[list[dict]], max_tokens: int, params) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids incl. a final stop token) for each conversation, through the shared engine."""
-    from chatforge.infer.engine import Engine
-
-    engine = Engine(model, tokenizer, max_batch_size=len(prompts))
-    # one seed per request: equal prompts must still get independent samples
-    settings = [dataclasses.replace(params, max_tokens=max_tokens, truncate=True, n=1,
-                                    seed=None if params.seed is None else params.seed * 10_007 + i) for i in range(len(prompts))]
-    outs = engine.generate([prompt_ids(p, tokenizer) for p in prompts], settings)
-    return [(o.prompt_ids, list(o.choices[0].token_ids)) for o in outs]
-
-
-def reward_scores(reward_model: ScalarHeadModel, pairs, end_id: int, pad_id: int, device: str) -> torch.Tensor:
-    """Scores of prompt + response, with <|end|> appended to answers that ran out of tokens (the reward model
-    was trained on finished answers), keeping each sequence's end when it exceeds the context."""
-    block = reward_model.config.block_size
-    rows = [(p + r + ([] if r and r[-1] == end_id else [end_id]))[-block:] for p, r in pairs]
-    ids, lengths = pad_rows(rows, pad_id)
-    with torch.no_grad():
-        return reward_model.score(ids.to(device), lengths.to(device)).float()
-
-
 class PPOTask:
-    """Step ``s`` is minibatch ``s % per_rollout`` of rollout ``s // per_rollout``; a rollout is generated (by
-    the shared engine, with a seed fixed by its index) the first time one of its minibatches is drawn."""
+    """PPO on the shared training loop (its optimizer, schedule, checkpoints, DDP and time budget).
 
-    def __init__(self, cfg: Config, policy: ActorCritic, reference: GPT, reward_model: ScalarHeadModel, tokenizer,
-                 prompts: list[dict], ptx_windows=None):
+    The loop asks for step ``s``; PPO's structure is the arithmetic of ``s``:
+
+        for rollout in 0, 1, ...:                        # rollout = s // per_rollout
+            1-4. make the rollout (``rollout``)           # sample → score → KL-shaped rewards → GAE
+            for epoch in range(cfg.epochs):              # epoch = (s % per_rollout) // per_epoch
+                for minibatch in range(per_epoch):       # a fresh order per (rollout, epoch)
+                    5. clipped objective + value loss + ptx, one optimizer step (``loss``)
+
+    A rollout is made the first time one of its minibatches is drawn, with a seed fixed by its index, so a
+    resumed run (the buffer is in the checkpoint) continues exactly.
+    """
+
+    def __init__(
+        self,
+        cfg,
+        policy: ActorCritic,
+        reference: GPT,
+        reward_model: ScalarHeadModel,
+        tokenizer,
+        prompts: list[dict],
+        ptx_windows=None,
+    ):
         self.cfg, self.policy, self.reference, self.reward_model = cfg, policy, reference, reward_model
         self.tokenizer, self.prompts, self.ptx_windows = tokenizer, prompts, ptx_windows
         self.order = EpochOrder(len(prompts), cfg.rollout_prompts, cfg.train.seed, what="RL prompts")
         self.per_epoch = cfg.rollout_prompts // cfg.train.batch_size
         self.per_rollout = self.per_epoch * cfg.epochs
         self.kl = AdaptiveKL(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKL(cfg.kl.beta)
-        self.pad = tokenizer.special_id("<|pad|>")
+        self.pad = tokenizer.special_id(PAD)
         self.end = stop_token_ids(tokenizer)[0]
         self.buffer: dict | None = None
         self.stop_reason: str | None = None
 
-    # ---- rollouts ----------------------------------------------------------------------------------------
-
-    def answer(self, prompts: list[list[dict]], seed: int) -> list[tuple[list[int], list[int]]]:
-        """(prompt ids, response ids) sampled from the actor's full distribution by the shared engine."""
-        return sample_answers(self.policy.actor, self.tokenizer, prompts, self.cfg.max_tokens,
-                              SamplingParams(temperature=1.0, seed=seed))
-
-    def score(self, pairs: list[tuple[list[int], list[int]]], device: str) -> torch.Tensor:
-        return reward_scores(self.reward_model, pairs, self.end, self.pad, device)
-
     @torch.no_grad()
     def rollout(self, index: int, device: str) -> dict:
+        """Steps 1-4 for rollout ``index``; B = rollout_prompts, T = the longest response."""
+        # 1. rollout: answers sampled from the actor's full distribution (temperature 1) by the shared engine
         chosen = [self.prompts[i]["messages"] for i in self.order.indices(index)]
-        pairs = self.answer(chosen, seed=self.cfg.train.seed * 100_003 + index)
+        params = SamplingParams(temperature=1.0, seed=self.cfg.train.seed * 100_003 + index)
+        pairs = sample_answers(self.policy.actor, self.tokenizer, chosen, self.cfg.max_tokens, params)
         ids, _ = pad_rows([p + r for p, r in pairs], self.pad)
-        ids = ids.to(device)
-        start = torch.tensor([len(p) for p, _ in pairs], device=device)
-        width = max(1, max(len(r) for _, r in pairs))
-        mask = (torch.arange(width, device=device).unsqueeze(0) < torch.tensor([len(r) for _, r in pairs], device=device).unsqueeze(1)).float()
+        ids = ids.to(device)  # [B, prompt + response]
+        start = torch.tensor([len(p) for p, _ in pairs], device=device)  # [B] where each response begins
+        width = max(1, max(len(r) for _, r in pairs))  # T
+        lengths = torch.tensor([len(r) for _, r in pairs], device=device)
+        mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).float()  # [B, T]
         self.policy.eval()
         logits, values, _ = self.policy(ids)
         self.policy.train()
-        old_logprobs = token_logprobs(logits, ids, start, width) * mask
-        ref_logprobs = token_logprobs(self.reference(ids)[0], ids, start, width) * mask
-        old_values = state_values(values, start, width) * mask
-        scores = self.score(pairs, device)
-        rewards, kl = token_rewards(old_logprobs, ref_logprobs, scores, mask, self.kl.beta)
-        advantages, returns = gae(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)
+        old_logprobs = token_logprobs(logits, ids, start, width) * mask  # [B, T] log π_old
+        ref_logprobs = token_logprobs(self.reference(ids)[0], ids, start, width) * mask  # [B, T] log π_ref
+        old_values = state_values(values, start, width) * mask  # [B, T] V_old
+        # 2. reward-model scores of the finished answers
+        scores = reward_scores(self.reward_model, pairs, self.end, self.pad, device)  # [B]
+        # 3. per-token rewards: −β·(log π − log π_ref) at every token, plus the score at the last one
+        rewards, kl = token_rewards(old_logprobs, ref_logprobs, scores, mask, self.kl.beta)  # [B, T] each
+        # 4. GAE advantages (whitened) and returns
+        advantages, returns = gae(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)  # [B, T] each
         kl_per_response = float(kl.sum(1).mean())
-        stats = {"reward": float(scores.mean()), "kl": kl_per_response, "beta": self.kl.beta,
-                 "response_length": float(mask.sum(1).mean())}
+        stats = {
+            "reward": float(scores.mean()),
+            "kl": kl_per_response,
+            "beta": self.kl.beta,
+            "response_length": float(mask.sum(1).mean()),
+        }
         self.kl.update(kl_per_response, len(pairs))
         if kl_per_response > self.cfg.kl.limit:
-            self.stop_reason = (f"KL per response {kl_per_response:.2f} passed kl.limit {self.cfg.kl.limit} at rollout "
-                                f"{index}: the policy is drifting from the SFT model; lower train.lr or raise kl.beta")
-        return {"index": index, "ids": ids.cpu(), "start": start.cpu(), "mask": mask.cpu(), "old_logprobs": old_logprobs.cpu(),
-                "old_values": old_values.cpu(), "advantages": whiten(advantages, mask).cpu(), "returns": returns.cpu(),
-                "stats": stats}
+            self.stop_reason = (
+                f"KL per response {kl_per_response:.2f} passed kl.limit {self.cfg.kl.limit} at rollout "
+                f"{index}: the policy is drifting from the SFT model; lower train.lr or raise kl.beta"
+            )
+        return {
+            "index": index,
+            "ids": ids.cpu(),
+            "start": start.cpu(),
+            "mask": mask.cpu(),
+            "old_logprobs": old_logprobs.cpu(),
+            "old_values": old_values.cpu(),
+            "advantages": whiten(advantages, mask).cpu(),
+            "returns": returns.cpu(),
+            "stats": stats,
+        }
 
-    # ---- the loop's Task protocol ------------------------------------------------------------------------
+    # ---- the shared loop's Task protocol -----------------------------------------------------------------
 
     def batch(self, step: int, part: int, parts: int, device: str):
-        index, within = divmod(step, self.per_rollout)
+        """The minibatch of step ``step`` (this process's ``part`` of it) and a pretraining batch for ptx."""
+        index, within = divmod(step, self.per_rollout)  # rollout, position inside its epochs × minibatches
+        epoch, minibatch = divmod(within, self.per_epoch)
         if self.buffer is None or self.buffer["index"] != index:
             self.buffer = self.rollout(index, device)  # every process makes the same rollout and takes its part
-        minibatch = within % self.per_epoch
         # each epoch visits the rollout's responses in a fresh order fixed by (rollout, epoch)
-        order = np.random.default_rng([self.cfg.train.seed, index, within // self.per_epoch]).permutation(self.cfg.rollout_prompts)
+        order = np.random.default_rng([self.cfg.train.seed, index, epoch]).permutation(self.cfg.rollout_prompts)
         size = self.cfg.train.batch_size
         rows = order[minibatch * size : (minibatch + 1) * size]
         rows = rows[part * len(rows) // parts : (part + 1) * len(rows) // parts]
@@ -243,17 +199,23 @@ class PPOTask:
         return picked, ptx
 
     def loss(self, model, batch) -> dict:
+        """5. Clipped policy objective + value_coef × clipped value loss + ptx_coef × pretraining loss."""
         b, ptx = batch
-        mask = b["mask"]
+        mask = b["mask"]  # [b, T]
         width = mask.size(1)
         ids = b["ids"][:, : int((b["start"] + width).max())]
-        logits, values, ptx_loss = model(ids, ptx)
-        logprobs = token_logprobs(logits, ids, b["start"], width)
-        new_values = state_values(values, b["start"], width)
+        logits, values, ptx_loss = model(ids, ptx)  # [b, L, vocab], [b, L], scalar or None
+        logprobs = token_logprobs(logits, ids, b["start"], width)  # [b, T] log π_θ
+        new_values = state_values(values, b["start"], width)  # [b, T]
         pg, clip_frac = policy_loss(logprobs, b["old_logprobs"], b["advantages"], mask, self.cfg.clip)
         vf = value_loss(new_values, b["old_values"], b["returns"], mask, self.cfg.value_clip)
         total = pg + self.cfg.value_coef * vf
-        out = {"policy_loss": float(pg.detach()), "value_loss": float(vf.detach()), "clip_frac": float(clip_frac), **self.buffer["stats"]}
+        out = {
+            "policy_loss": float(pg.detach()),
+            "value_loss": float(vf.detach()),
+            "clip_frac": float(clip_frac),
+            **self.buffer["stats"],
+        }
         with torch.no_grad():
             out["entropy"] = float(entropy(response_logits(logits, b["start"], width), mask))
         if ptx_loss is not None:
@@ -272,118 +234,3 @@ class PPOTask:
 
     def should_stop(self) -> str | None:
         return self.stop_reason
-
-
-PLOTTED = ("reward", "kl", "beta", "entropy", "clip_frac", "value_loss", "response_length", "ptx_loss")
-
-
-def plot_ppo(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6))
-    for ax, key in zip(axes.flat, PLOTTED):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points))
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-
-
-def win_rates(policy: GPT, baseline: GPT, reward_model: ScalarHeadModel, tokenizer, held_out: list[dict],
-              max_tokens: int, device: str, seed: int) -> dict:
-    """How often the policy's answer beats the baseline's on held-out prompts, judged by the reward model and
-    by a judge no stage trained: cosine similarity to the held-out reference answer under all-MiniLM-L6-v2."""
-    from chatforge.embed.minilm import MiniLMEmbedder
-
-    prompts = [item["messages"] for item in held_out]
-    params = SamplingParams(temperature=0.7, top_p=0.9, seed=seed)
-    answers = {name: sample_answers(model, tokenizer, prompts, max_tokens, params)
-               for name, model in (("policy", policy), ("baseline", baseline))}
-    end, pad = stop_token_ids(tokenizer)[0], tokenizer.special_id("<|pad|>")
-    rm = {name: reward_scores(reward_model, pairs, end, pad, device) for name, pairs in answers.items()}
-    texts = {name: [tokenizer.decode([t for t in r if t not in stop_token_ids(tokenizer)]) for _, r in pairs]
-             for name, pairs in answers.items()}
-    judge = MiniLMEmbedder(device=device)
-    references = judge.embed([item["reference"] for item in held_out])
-    similarity = {name: (judge.embed(t) * references).sum(1) for name, t in texts.items()}
-
-    def rate(a, b) -> float:
-        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-        return float(((a > b) + 0.5 * (a == b)).mean())
-
-    return {
-        "win_rate_rm": round(rate(rm["policy"].cpu(), rm["baseline"].cpu()), 4),
-        "win_rate_minilm": round(rate(similarity["policy"], similarity["baseline"]), 4),
-        "held_out_prompts": len(held_out),
-        "mean_reward_policy": round(float(rm["policy"].mean()), 4),
-        "mean_reward_baseline": round(float(rm["baseline"].mean()), 4),
-        "mean_similarity_policy": round(float(similarity["policy"].mean()), 4),
-        "mean_similarity_baseline": round(float(similarity["baseline"].mean()), 4),
-        "examples": [{"prompt": p[-1]["content"], "policy": texts["policy"][i], "baseline": texts["baseline"][i]}
-                     for i, p in enumerate(prompts[:3])],
-    }
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    from chatforge.data.rankings import read_prompt_pool
-    from chatforge.data.shards import TokenWindows
-    from chatforge.model.checkpoint import load_model, tokenizer_path
-    from chatforge.tokenizer import Tokenizer
-    from chatforge.train import distributed
-    from chatforge.train.loop import read_metrics
-    from chatforge.train.reward import load_reward_model
-
-    cfg.validate()
-    job = distributed.init(cfg.train.device)
-    device = job.device
-    actor, info = load_model(cfg.policy, device)
-    reference, _ = load_model(cfg.policy, device)
-    reference.requires_grad_(False)
-    reward_model = load_reward_model(cfg.reward_model, device).requires_grad_(False)
-    critic = load_reward_model(cfg.reward_model, device)
-    if critic.config.vocab_size != actor.config.vocab_size:
-        raise ChatforgeError(f"the reward model's vocabulary ({critic.config.vocab_size}) differs from the policy's "
-                             f"({actor.config.vocab_size}); train both from the same SFT model")
-    tokenizer_file = tokenizer_path(cfg.policy)
-    tokenizer = Tokenizer.load(tokenizer_file)
-    pool = read_prompt_pool(cfg.prompts)
-    if len(pool) < cfg.held_out_prompts + cfg.rollout_prompts:
-        raise ChatforgeError(f"{cfg.prompts} has {len(pool)} prompts; PPO needs rollout_prompts ({cfg.rollout_prompts}) "
-                             f"+ held_out_prompts ({cfg.held_out_prompts})")
-    train_pool, held_out = pool[: -cfg.held_out_prompts], pool[-cfg.held_out_prompts :]
-    ptx = None
-    if cfg.ptx_coef > 0:
-        if not Path(cfg.pretrain_tokens).is_file():
-            raise ChatforgeError(f"PPO-ptx needs pretraining tokens: {cfg.pretrain_tokens} not found "
-                                 "(set --pretrain_tokens, or --ptx_coef=0 to disable the mix)")
-        ptx = TokenWindows(cfg.pretrain_tokens, actor.config.block_size, cfg.train.seed)
-    policy = ActorCritic(actor.train(), critic.train())
-    task = PPOTask(cfg, policy, reference.eval(), reward_model, tokenizer, train_pool, ptx)
-    if job.is_main:
-        print(f"[ppo] actor {info['path']} ({actor.num_params() / 1e6:.2f}M), reward model {cfg.reward_model}; "
-              f"{len(train_pool)} train prompts, {len(held_out)} held out; {task.per_rollout} updates per rollout")
-    meta = {"stage": "ppo", "policy": str(info["path"]), "reward_model": cfg.reward_model, "model": actor.config.to_dict(),
-            "model_prefix": "actor.", "stage_config": dataclasses.asdict(cfg)}
-    summary = train(policy, task, cfg.train, cfg.out_dir, resume=cfg.resume, meta=meta, tokenizer=tokenizer_file)
-    if not job.is_main:
-        return
-    out = Path(cfg.out_dir)
-    rows = read_metrics(out)
-    plot_ppo(rows, out / "ppo.png")
-    baseline, _ = load_model(cfg.policy, device)
-    rates = win_rates(actor, baseline, reward_model, tokenizer, held_out, cfg.max_tokens, device, cfg.train.seed)
-    last = next((r for r in reversed(rows) if "reward" in r), {})
-    summary.update({k: v for k, v in rates.items() if k != "examples"},
-                   final_reward=last.get("reward"), final_kl=last.get("kl"), final_beta=last.get("beta"),
-                   stopped_early=task.stop_reason)
-    io.write_json(out / "summary.json", summary)
-    io.write_json(out / "win_rate_examples.json", rates["examples"])
-    print(f"[ppo] win rate over SFT on {len(held_out)} held-out prompts: reward model {rates['win_rate_rm']:.2f}, "
-          f"MiniLM similarity to the reference {rates['win_rate_minilm']:.2f}")

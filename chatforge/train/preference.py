@@ -11,26 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chatforge.errors import ChatforgeError
-
-
-def normalize_ranking(ranking: list, num_responses: int) -> list[list[int]]:
-    """Tiers from either a flat best-first list of indices or a list of tiers; checks every index once."""
-    tiers = [[r] if isinstance(r, int) else list(r) for r in ranking]
-    seen = [i for tier in tiers for i in tier]
-    if any(not isinstance(i, int) or not 0 <= i < num_responses for i in seen):
-        raise ChatforgeError(f"ranking {ranking} names a response outside 0..{num_responses - 1}")
-    if len(seen) != len(set(seen)):
-        raise ChatforgeError(f"ranking {ranking} names a response twice")
-    tiers = [t for t in tiers if t]
-    if len(tiers) < 2:
-        raise ChatforgeError(f"ranking {ranking} orders nothing: it needs at least two tiers")
-    return tiers
-
 
 def ordered_pairs(tiers: list[list[int]]) -> list[tuple[int, int]]:
     """(winner, loser) for every pair whose order the tiers fix."""
-    return [(w, l) for i, better in enumerate(tiers) for worse in tiers[i + 1 :] for w in better for l in worse]
+    return [(w, lose) for i, better in enumerate(tiers) for worse in tiers[i + 1 :] for w in better for lose in worse]
 
 
 def pairwise_loss(scores: torch.Tensor, tiers: list[list[int]]) -> torch.Tensor:
@@ -54,4 +38,4 @@ def plackett_luce_loss(scores: torch.Tensor, tiers: list[list[int]]) -> torch.Te
 def pairwise_accuracy(scores: torch.Tensor, tiers: list[list[int]]) -> tuple[int, int]:
     """(pairs the scores order correctly, pairs with a known order)."""
     pairs = ordered_pairs(tiers)
-    return sum(int(scores[w] > scores[l]) for w, l in pairs), len(pairs)
+    return sum(int(scores[w] > scores[lose]) for w, lose in pairs), len(pairs)

@@ -1,33 +1,21 @@
-"""pretrain a GPT by next-token prediction on the token shards.
+"""Pretraining: the model and loop option groups, the next-token task and the token shards it reads.
 
-    chatforge pretrain                                   # the speedrun default: preset nano, ~10 min on 2 cores
-    chatforge pretrain --model.preset=ada --train.steps=2000 --out_dir=runs/ada
-    chatforge pretrain --resume                          # continue exactly from out_dir's latest checkpoint
-    torchrun --nproc_per_node=2 -m chatforge.cli pretrain  # the same run as 2 data-parallel processes
-
-Reads ``tokenizer_dir``'s ``tokenizer.json`` and ``tokens/{train,val}.bin`` (written by ``chatforge tokenizer``)
-and trains on random windows of ``block_size + 1`` tokens from the train shard (a pure function of the step,
-so resumes are exact), with the validation loss on fixed windows of the val shard. Writes to ``out_dir``:
-``checkpoints/`` (with a copy of the tokenizer), ``metrics.jsonl``, ``loss.png`` and ``summary.json``.
-Any ``chatforge generate --ckpt=<out_dir>`` or ``checkpoint.load_model(out_dir)`` then uses the latest
-checkpoint. ``init_from`` starts from other weights (a checkpoint, run directory or Hugging Face GPT-2
-folder) instead of a random initialisation.
+The `chatforge pretrain` stage (chatforge/stages/pretrain.py) runs it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from chatforge.config import nested, option
+from chatforge.config import option
 from chatforge.data.shards import TokenWindows, read_meta
-from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, PRESETS, GPTConfig, preset_config
-from chatforge.tokenizer import TOKENIZER_FILE
-from chatforge.train.loop import TrainConfig, lm_loss, train
+from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
+from chatforge.train.loop import TrainConfig, lm_loss
 
 TOKENS_DIR = "tokens"
 
@@ -80,24 +68,6 @@ class PretrainTrainConfig(TrainConfig):
                                        "speed and the run stops with a checkpoint when it is spent (0 = none)")
 
 
-@dataclass
-class Config:
-    tokenizer_dir: str = option("runs/speedrun/tokenizer", "the tokenizer stage's out_dir (tokenizer.json, tokens/)")
-    out_dir: str = option("runs/speedrun/pretrain", "where checkpoints/, metrics.jsonl, loss.png, summary.json go")
-    init_from: str = option("", "start from these weights (checkpoint, run directory or HF GPT-2 folder) instead of random ones")
-    resume: bool = option(False, "continue from out_dir's latest checkpoint (exactly, including data order)")
-    eval_batches: int = option(20, "validation batches per evaluation (of batch_size windows each)")
-    model: ModelConfig = nested(ModelConfig, "the GPT (ignored with init_from, which brings its own shape)")
-    train: PretrainTrainConfig = nested(PretrainTrainConfig, "the shared training loop")
-
-    def validate(self) -> None:
-        if self.model.preset not in PRESETS:
-            raise ConfigError(f"option 'model.preset' must be one of {', '.join(PRESETS)}; got {self.model.preset!r}")
-        if self.eval_batches < 1:
-            raise ConfigError(f"option 'eval_batches' must be >= 1; got {self.eval_batches}")
-        self.train.validate()
-
-
 class PretrainTask:
     """Random windows of the train shard; the validation loss over fixed windows of the val shard."""
 
@@ -112,62 +82,32 @@ class PretrainTask:
     loss = staticmethod(lm_loss)
 
     def eval_loss(self, model, device: str) -> float:
-        losses = [float(model(x, y)[1]) for x, y in self.val_windows.eval_batches(self.eval_batches, self.eval_batch_size, device=device)]
+        losses = [
+            float(model(x, y)[1])
+            for x, y in self.val_windows.eval_batches(self.eval_batches, self.eval_batch_size, device=device)
+        ]
         return sum(losses) / len(losses)
 
 
 def open_shards(tokenizer_dir: str | Path, block_size: int, seed: int) -> tuple[Path, TokenWindows, TokenWindows]:
     """(tokenizer.json, train windows, val windows) of a tokenizer stage's output, checked to belong together."""
-    from chatforge.tokenizer import Tokenizer
-
     root = Path(tokenizer_dir)
     if not root.is_dir():
-        raise ChatforgeError(f"tokenizer directory not found: {root} (run `chatforge tokenizer` first, or set --tokenizer_dir)")
+        raise ChatforgeError(
+            f"tokenizer directory not found: {root} (run `chatforge tokenizer` first, or set --tokenizer_dir)"
+        )
     tokenizer_file = root / TOKENIZER_FILE
     tokenizer = Tokenizer.load(tokenizer_file)
     tokens = root / TOKENS_DIR
     meta = read_meta(tokens)
     if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
-        raise ChatforgeError(f"{tokens} was encoded with another tokenizer than {tokenizer_file} "
-                             f"({meta.get('tokenizer_hash')} vs {tokenizer.hash}); rerun `chatforge tokenizer`")
+        raise ChatforgeError(
+            f"{tokens} was encoded with another tokenizer than {tokenizer_file} "
+            f"({meta.get('tokenizer_hash')} vs {tokenizer.hash}); rerun `chatforge tokenizer`"
+        )
     if meta["vocab_size"] != tokenizer.vocab_size:
-        raise ChatforgeError(f"{tokens} has vocabulary size {meta['vocab_size']} but {tokenizer_file} has {tokenizer.vocab_size}")
+        raise ChatforgeError(
+            f"{tokens} has vocabulary size {meta['vocab_size']} but {tokenizer_file} has {tokenizer.vocab_size}"
+        )
     windows = [TokenWindows(tokens / f"{split}.bin", block_size, seed) for split in ("train", "val")]
     return tokenizer_file, *windows
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    cfg.validate()
-    model, origin = None, f"preset {cfg.model.preset}"
-    if cfg.init_from:
-        from chatforge.model.checkpoint import load_model
-
-        model, info = load_model(cfg.init_from)
-        model.train()
-        origin = f"initialised from {info['path']}"
-    block_size = model.config.block_size if model else cfg.model.build(vocab_size=1).block_size
-    tokenizer_file, train_windows, val_windows = open_shards(cfg.tokenizer_dir, block_size, cfg.train.seed)
-    if model is None:
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every rerun
-        model = GPT(cfg.model.build(train_windows.vocab_size))
-    elif model.config.vocab_size != train_windows.vocab_size:
-        raise ChatforgeError(f"init_from {cfg.init_from} has a vocabulary of {model.config.vocab_size} tokens but the "
-                             f"token shards use {train_windows.vocab_size}; pretrain with the tokenizer it was trained with")
-    shape = model.config
-    print(f"[pretrain] model ({origin}): {shape.n_layer} layers, {shape.n_head} heads, {shape.n_embd} dims, context "
-          f"{shape.block_size}, vocabulary {shape.vocab_size}: {model.num_params() / 1e6:.2f}M parameters")
-    print(f"[pretrain] data: {train_windows.num_tokens / 1e6:.2f}M train tokens, {val_windows.num_tokens / 1e6:.2f}M val tokens")
-    # evaluation walks eval_batches * batch_size fixed windows in micro-batch sized chunks, so the validation set
-    # is the same whatever the micro-batch size or the number of processes
-    chunk = cfg.train.micro_batch_size or cfg.train.batch_size
-    task = PretrainTask(train_windows, val_windows, cfg.train.batch_size, cfg.eval_batches * cfg.train.batch_size // chunk, chunk)
-    meta = {
-        "stage": "pretrain",
-        "preset": None if cfg.init_from else cfg.model.preset,
-        "init_from": cfg.init_from or None,
-        "block_size": shape.block_size,
-        "train_tokens_available": train_windows.num_tokens,
-        "model": shape.to_dict(),
-        "stage_config": dataclasses.asdict(cfg),
-    }
-    train(model, task, cfg.train, cfg.out_dir, resume=cfg.resume, meta=meta, tokenizer=tokenizer_file)

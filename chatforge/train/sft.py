@@ -1,16 +1,6 @@
-"""supervised fine-tuning (SFT) of a GPT on chat demonstrations, loss on assistant tokens only.
+"""Supervised fine-tuning: conversations read and batched with the loss on assistant tokens only, on the shared loop.
 
-    chatforge sft                                        # speedrun default: pretrain checkpoint + sft_data
-    chatforge sft --init_from=path/to/hf-gpt2 --train.steps=500
-    chatforge sft --resume                               # continue exactly from out_dir's latest checkpoint
-
-Reads ``data_dir``'s ``sft_train.jsonl`` and ``sft_val.jsonl`` (written by ``chatforge sft-data``: lines with
-OpenAI-style ``messages``), renders every conversation whole with the one chat template
-(``chatforge.chat_template``: role tokens, ``<|end|>`` after each turn) and trains next-token prediction
-where only the assistant's tokens (and their closing ``<|end|>``) carry loss. Conversations are cut at the
-model's context. The held-out loss on assistant tokens is measured for the starting model before training
-(``base_val_loss`` in summary.json) and during training (``val_loss``), so the report card can show what SFT
-bought. Starts from a chatforge checkpoint or run directory or a Hugging Face GPT-2 folder (``init_from``).
+The `chatforge sft` stage (chatforge/stages/sft.py) runs it.
 """
 
 from __future__ import annotations
@@ -24,10 +14,12 @@ import torch.nn.functional as F
 
 from chatforge import io
 from chatforge.chat_template import validate_messages
-from chatforge.config import nested, option
+from chatforge.config import option
 from chatforge.data.chat_batches import IGNORE, ChatBatches, encode_conversations
+from chatforge.device import resolve_device
 from chatforge.errors import ChatforgeError, ConfigError
-from chatforge.tokenizer import Tokenizer
+from chatforge.model.checkpoint import load_model, tokenizer_path
+from chatforge.tokenizer import PAD, Tokenizer
 from chatforge.train.loop import TrainConfig, lm_loss, train
 
 
@@ -41,24 +33,6 @@ class SFTTrainConfig(TrainConfig):
     eval_every: int = option(100, "steps between validation losses (0 = only at the start and the end)")
     ckpt_every: int = option(100, "steps between checkpoints (0 = only at the end)")
     max_minutes: float = option(4.0, "wall-time budget in minutes (0 = none)")
-
-
-@dataclass
-class Config:
-    data_dir: str = option("runs/speedrun/sft_data", "the sft-data stage's out_dir (sft_train.jsonl, sft_val.jsonl)")
-    init_from: str = option("runs/speedrun/pretrain", "starting weights: checkpoint, run directory or HF GPT-2 folder")
-    out_dir: str = option("runs/speedrun/sft", "where checkpoints/, metrics.jsonl, loss.png, summary.json go")
-    resume: bool = option(False, "continue from out_dir's latest checkpoint")
-    max_val_conversations: int = option(200, "held-out conversations in the validation loss")
-    extra_train: list[str] = option([], "more SFT JSONL files mixed into training (e.g. `chatforge tool-data`'s "
-                                        "tool_train.jsonl)")
-    extra_val: list[str] = option([], "more held-out SFT JSONL files added to the validation set")
-    train: SFTTrainConfig = nested(SFTTrainConfig, "the shared training loop")
-
-    def validate(self) -> None:
-        if self.max_val_conversations < 1:
-            raise ConfigError(f"option 'max_val_conversations' must be >= 1; got {self.max_val_conversations}")
-        self.train.validate()
 
 
 def read_conversations(path: Path) -> list[list[dict]]:
@@ -95,34 +69,45 @@ class SFTTask:
         total, count = 0.0, 0
         for x, y in self.val_batches.eval_batches(self.eval_batch_size, device):
             logits, _ = model(x)
-            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
+            total += float(
+                F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+            )
             count += int((y != IGNORE).sum())
         return total / max(count, 1)
 
 
-def fine_tune_on_conversations(stage: str, cfg, train_conversations: list[list[dict]],
-                                val_conversations: list[list[dict]], meta: dict | None = None) -> dict:
+def fine_tune_on_conversations(
+    stage: str,
+    cfg,
+    train_conversations: list[list[dict]],
+    val_conversations: list[list[dict]],
+    meta: dict | None = None,
+) -> dict:
     """Fine-tune ``cfg.init_from`` on whole conversations, loss on assistant tokens; the SFT stage and the edit
     stage both run through here. ``cfg`` needs init_from, out_dir, resume and train. Returns the loop's summary."""
-    from chatforge.device import resolve_device
-    from chatforge.model.checkpoint import load_model, tokenizer_path
-
     if not cfg.init_from:
         raise ConfigError(f"option 'init_from' is required: {stage} fine-tunes a pretrained model")
     model, info = load_model(cfg.init_from)
     tokenizer_file = tokenizer_path(cfg.init_from)
     tokenizer = Tokenizer.load(tokenizer_file)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ChatforgeError(f"{tokenizer_file} has {tokenizer.vocab_size} tokens but {cfg.init_from} only {model.config.vocab_size}")
+        raise ChatforgeError(
+            f"{tokenizer_file} has {tokenizer.vocab_size} tokens but {cfg.init_from} only {model.config.vocab_size}"
+        )
     block = model.config.block_size
     train_set = encode_conversations(train_conversations, tokenizer, block)
     val_set = encode_conversations(val_conversations, tokenizer, block)
-    pad = tokenizer.special_id("<|pad|>")
-    task = SFTTask(ChatBatches(train_set, pad, cfg.train.batch_size, cfg.train.seed),
-                   ChatBatches(val_set, pad, 1), cfg.train.micro_batch_size or cfg.train.batch_size)
+    pad = tokenizer.special_id(PAD)
+    task = SFTTask(
+        ChatBatches(train_set, pad, cfg.train.batch_size, cfg.train.seed),
+        ChatBatches(val_set, pad, 1),
+        cfg.train.micro_batch_size or cfg.train.batch_size,
+    )
     learned = sum(sum(mask) for _, mask in train_set)
-    print(f"[{stage}] {len(train_set)} train conversations ({learned / 1e3:.0f}k assistant tokens), {len(val_set)} held "
-          f"out; model from {info['path']}: {model.num_params() / 1e6:.2f}M parameters, context {block}")
+    print(
+        f"[{stage}] {len(train_set)} train conversations ({learned / 1e3:.0f}k assistant tokens), {len(val_set)} held "
+        f"out; model from {info['path']}: {model.num_params() / 1e6:.2f}M parameters, context {block}"
+    )
     device = resolve_device(cfg.train.device)
     base_val_loss = task.eval_loss(model.to(device).eval(), device)
     print(f"[{stage}] held-out assistant-token loss of the starting model: {base_val_loss:.4f}")
@@ -141,15 +126,3 @@ def fine_tune_on_conversations(stage: str, cfg, train_conversations: list[list[d
     if summary.get("final_val_loss") is not None:
         print(f"[{stage}] held-out assistant-token loss: base {base_val_loss:.4f} -> {summary['final_val_loss']:.4f}")
     return summary
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    cfg.validate()
-    data = Path(cfg.data_dir)
-    train_set = read_conversations(data / "sft_train.jsonl")
-    val_set = read_conversations(data / "sft_val.jsonl")[: cfg.max_val_conversations]
-    for path in cfg.extra_train:
-        train_set += read_conversations(Path(path))
-    for path in cfg.extra_val:
-        val_set += read_conversations(Path(path))[: cfg.max_val_conversations]
-    fine_tune_on_conversations("sft", cfg, train_set, val_set, {"extra_train": cfg.extra_train} if cfg.extra_train else None)

@@ -37,10 +37,14 @@ class Config:
 
 def run(cfg: Config, args: list[str]) -> None:
     if args != ["export"]:
-        raise ChatforgeError("usage: chatforge feedback export --as sft|rankings [--out FILE] [--run_dir DIR | --db URL]")
+        raise ChatforgeError(
+            "usage: chatforge feedback export --as sft|rankings [--out FILE] [--run_dir DIR | --db URL]"
+        )
     target = store_target(cfg.run_dir, cfg.db)
     if "://" not in target and not Path(target).is_file():
-        raise ChatforgeError(f"no feedback database at {target} (run `chatforge serve --run_dir=...` first, or pass --db)")
+        raise ChatforgeError(
+            f"no feedback database at {target} (run `chatforge serve --run_dir=...` first, or pass --db)"
+        )
     out = cfg.out or str(Path(cfg.run_dir) / f"feedback_{cfg.as_}.jsonl")
     store = FeedbackStore(target)
     try:

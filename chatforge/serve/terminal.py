@@ -1,21 +1,6 @@
-"""chat with a model in the terminal: streamed answers, multi-turn memory, decoding options.
+"""Terminal chat: a multi-turn conversation with streamed answers, tools and safety filters, and its commands.
 
-    chatforge chat                                  # talks to runs/speedrun/sft
-    chatforge chat --ckpt=runs/speedrun/pretrain --temperature=0.7 --system="You are terse."
-    echo "What is Python?" | chatforge chat         # one answer to stdout, for scripts
-    chatforge chat --ckpt=runs/speedrun/tools --tools=calculator         # the model may call the calculator
-    chatforge chat --tools=calculator,retrieval --index=runs/search/index
-    chatforge chat --safety_policy=policy.toml      # content filters on questions and streamed answers
-
-Interactive commands: ``/reset`` forgets the conversation (keeps the system prompt), ``/system TEXT`` sets
-the system prompt, ``/save FILE`` writes the conversation as JSON (OpenAI ``messages``), ``/quit`` ends.
-When the conversation outgrows the model's context the oldest turns are dropped, never the system prompt.
-Without a terminal on stdin, all of stdin is one user message (or, with ``--messages_file``, a JSON file of
-``messages`` is continued) and the answer goes to stdout. With ``--tools`` each answer runs the toolset loop
-(``chatforge.tools.loop``): the calls and their results are printed, then the model's answer. With
-``--safety_policy`` (the policy file ``chatforge serve`` takes, see ``chatforge.safety.filters``) a refused
-question is answered with the policy's message and not remembered, a redacted one reaches the model redacted,
-and an answer is cut where a refusing filter trips, with a note on stderr.
+The `chatforge chat` stage (chatforge/stages/chat.py) describes the options.
 """
 
 from __future__ import annotations
@@ -23,34 +8,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge import io
 from chatforge.chat_template import fit_to_context, prompt_ids, validate_messages
-from chatforge.config import option
 from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine
-from chatforge.infer.loading import EngineOptions, load_engine
 from chatforge.infer.params import SamplingParams
-from chatforge.safety.filters import FilterPipeline, StreamGuard, load_filters
+from chatforge.safety.filters import FilterPipeline, StreamGuard
+from chatforge.tools.loop import answer_with_tools
 
 HELP = "commands: /reset, /system TEXT, /save FILE, /quit"
-
-
-@dataclass
-class Config(EngineOptions):
-    ckpt: str = option("runs/speedrun/sft", "checkpoint directory, run directory or Hugging Face GPT-2 directory")
-    max_tokens: int | None = option(256, "most tokens per answer")
-    temperature: float = option(0.7, "sampling temperature; 0 = greedy")
-    top_p: float = option(0.9, "nucleus sampling threshold (1 = off)")
-    repetition_penalty: float = option(1.1, "CTRL/HF repetition penalty (1 = off)")
-    system: str = option("", "system prompt")
-    messages_file: str = option("", "JSON file with a conversation ({'messages': [...]} or a list) to continue")
-    tools: list[str] = option([], "built-in tools the model may call: calculator, retrieval")
-    index: str = option("", "search index for the retrieval tool (built by `chatforge search --build`)")
-    max_tool_calls: int = option(3, "tool calls allowed per answer")
-    safety_policy: str = option("", "content-filter policy (TOML/YAML/JSON) for questions and answers; empty = none")
 
 
 class Conversation:
@@ -86,11 +54,16 @@ class Conversation:
         room = min(self.params.max_tokens or self.engine.block_size, self.engine.block_size // 2)
         self.messages = fit_to_context(self.messages, self.engine.tokenizer, self.engine.block_size - room)
         if self.tools:
-            from chatforge.tools.loop import answer_with_tools
-
-            run = answer_with_tools(self.engine, self.messages, self.tools, self.params, self.max_tool_calls,
-                                    on_call=lambda c: print(f"[{c['name']}({json.dumps(c['arguments'])}) -> {c['result']}]",
-                                                            file=sys.stderr))
+            run = answer_with_tools(
+                self.engine,
+                self.messages,
+                self.tools,
+                self.params,
+                self.max_tool_calls,
+                on_call=lambda c: print(
+                    f"[{c['name']}({json.dumps(c['arguments'])}) -> {c['result']}]", file=sys.stderr
+                ),
+            )
             self.messages, answer = run.messages, run.answer
             if guard is not None:
                 answer = guard.feed(answer) + guard.finish()
@@ -100,8 +73,13 @@ class Conversation:
                 on_text(answer)
             return answer
         ids = prompt_ids(self.messages, self.engine.tokenizer)
-        stream = self.engine.stream(ids, dataclasses.replace(self.params, max_tokens=min(
-            self.params.max_tokens or self.engine.block_size, self.engine.block_size - len(ids))))
+        stream = self.engine.stream(
+            ids,
+            dataclasses.replace(
+                self.params,
+                max_tokens=min(self.params.max_tokens or self.engine.block_size, self.engine.block_size - len(ids)),
+            ),
+        )
         sent = []
         for delta in stream:
             sent.append(delta.text if guard is None else guard.feed(delta.text))
@@ -142,7 +120,7 @@ def read_messages(path: str) -> list[dict]:
     return messages
 
 
-def _interactive(chat: Conversation) -> None:
+def interactive(chat: Conversation) -> None:
     print(f"chatforge chat — {HELP}")
     while True:
         try:
@@ -173,26 +151,3 @@ def _interactive(chat: Conversation) -> None:
             print("assistant> ", end="")
             chat.answer(line, _print_stream)
             print()
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    params = cfg.sampling()
-    history = read_messages(cfg.messages_file) if cfg.messages_file else []
-    if not sys.stdin.isatty() and not args:
-        user_text = sys.stdin.read().strip()
-        if not user_text:
-            raise ChatforgeError("no message on stdin")
-        args = [user_text]
-    filters = load_filters(cfg.safety_policy)  # before the model loads: a bad policy fails at once
-    tools = {}
-    if cfg.tools:
-        from chatforge.tools.registry import builtin_tools
-
-        tools = builtin_tools(cfg.tools, cfg.index, cfg.device)
-    chat = Conversation(load_engine(cfg), params, cfg.system, tools, cfg.max_tool_calls, filters)
-    chat.messages += [m for m in history if not (m["role"] == "system" and chat.messages)]
-    if not args:
-        _interactive(chat)
-        return
-    for message in args:  # positional arguments are successive user turns of one conversation
-        print(chat.answer(message))

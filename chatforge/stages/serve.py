@@ -17,8 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge.config import option
+from chatforge.device import resolve_device
+from chatforge.embed.model import ChatforgeEmbedder
 from chatforge.errors import ChatforgeError
-from chatforge.serve.api import ServeOptions
+from chatforge.infer.loading import EngineOptions, load_engine
+from chatforge.infer.scheduler import Scheduler
+from chatforge.model.checkpoint import trained_for_fim
+from chatforge.serve.api import ServeOptions, create_app
+from chatforge.serve.feedback import FeedbackStore, store_target
+from chatforge.serve.server import serve_forever
 
 
 @dataclass
@@ -40,14 +47,6 @@ class Config(ServeOptions):
 def run(cfg: Config, args: list[str]) -> None:
     if args:
         raise ChatforgeError(f"unexpected argument(s): {' '.join(args)}")
-    from chatforge.device import resolve_device
-    from chatforge.infer.loading import EngineOptions, load_engine
-    from chatforge.infer.scheduler import Scheduler
-    from chatforge.model.checkpoint import trained_for_fim
-    from chatforge.serve.api import create_app
-    from chatforge.serve.feedback import FeedbackStore, store_target
-    from chatforge.serve.server import serve_forever
-
     if cfg.threads:
         import torch
 
@@ -58,8 +57,6 @@ def run(cfg: Config, args: list[str]) -> None:
     cfg.fim = cfg.fim or trained_for_fim(cfg.ckpt)
     embedder = None
     if cfg.embed_ckpt:
-        from chatforge.embed.model import ChatforgeEmbedder
-
         embedder = ChatforgeEmbedder.load(cfg.embed_ckpt, device=str(resolve_device(cfg.device)))
     store = FeedbackStore(store_target(cfg.run_dir, cfg.db))
     scheduler = Scheduler(engine)

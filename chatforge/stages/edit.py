@@ -11,15 +11,14 @@ Greedy by default; ``max_tokens`` defaults to the room an edit needs (the text's
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from chatforge.chat_template import edit_messages, prompt_ids
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.evals.edit_eval import edit_params
+from chatforge.infer.edits import edit_params
 from chatforge.infer.loading import EngineOptions, load_engine
+from chatforge.infer.terminal import read_text
 
 
 @dataclass
@@ -29,16 +28,6 @@ class Config(EngineOptions):
     input: str = option("", "file holding the text to edit (default: stdin)")
     temperature: float = option(0.0, "sampling temperature; 0 = greedy")
     max_tokens: int | None = option(None, "most tokens of the rewrite (default: the text's length and half again)")
-
-
-def read_text(path: str) -> str:
-    if path:
-        if not Path(path).is_file():
-            raise ChatforgeError(f"input file not found: {path}")
-        return Path(path).read_text(encoding="utf-8")
-    if sys.stdin is None or sys.stdin.isatty():
-        raise ChatforgeError("no text to edit: pipe it on stdin or pass --input=FILE")
-    return sys.stdin.read()
 
 
 def run(cfg: Config, args: list[str]) -> None:

@@ -1,13 +1,5 @@
-"""Train the byte-level BPE tokenizer and write token shards.
-
-Reads the data stage's ``pretrain_{train,val,test}.jsonl`` documents (one JSON object with a "text" per line),
-trains BPE on the train split (the first ``max_train_chars`` characters), then encodes every split with
-tiktoken into ``tokens/{split}.bin`` (each document followed by <|endoftext|>) plus ``tokens/meta.json``.
-
-Outputs in ``out_dir``: ``tokenizer.json``, ``tokens/``, and ``tokenizer_report.json`` with training time,
-encoding throughput (tiktoken, and HF tokenizers on a sample of the validation split, with a check that both
-give the same ids) and bytes per token on held-out English, Chinese and code. Everything is built in a staging
-directory and moved into place only when all of it succeeded, so a failed run leaves the previous outputs.
+"""Tokenizer training data and token shards: the corpus read for BPE, encoded in parallel, and the report
+(bytes per token by language, tiktoken vs HF agreement). The `chatforge tokenizer` stage runs it.
 """
 
 from __future__ import annotations
@@ -25,12 +17,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from chatforge import io
-from chatforge.config import option
 from chatforge.data.documents import read_documents
-from chatforge.data.shards import write_shard
-from chatforge.errors import ChatforgeError, ConfigError
-from chatforge.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_FILE, Tokenizer
+from chatforge.errors import ChatforgeError
+from chatforge.tokenizer import SPLIT_PATTERN, TOKENIZER_FILE, Tokenizer
 
 SPLITS = ("train", "val", "test")
 REPORT_FILE = "tokenizer_report.json"
@@ -46,30 +35,12 @@ _NON_SPACE = re.compile(r"\S")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
-@dataclass
-class Config:
-    data_dir: str = option("runs/speedrun/data", "directory with the data stage's pretrain_{train,val,test}.jsonl")
-    out_dir: str = option("runs/speedrun/tokenizer", "where tokenizer.json, tokenizer_report.json and tokens/ go")
-    vocab_size: int = option(8192, "vocabulary size including the 256 byte tokens and the special tokens")
-    max_train_chars: int = option(50_000_000, "train BPE on at most this many characters of the train split")
-    num_threads: int = option(os.cpu_count() or 1, "threads used to encode the corpus")
-
-    def validate(self) -> None:
-        smallest = 256 + len(SPECIAL_TOKENS) + 1
-        if not smallest <= self.vocab_size <= 1 << 32:
-            raise ConfigError(f"option 'vocab_size' must be between {smallest} and 2**32; got {self.vocab_size}")
-        if self.max_train_chars < 1:
-            raise ConfigError(f"option 'max_train_chars' must be positive; got {self.max_train_chars}")
-        if self.num_threads < 1:
-            raise ConfigError(f"option 'num_threads' must be at least 1; got {self.num_threads}")
-
-
 def split_path(data_dir: str | Path, split: str) -> Path:
     """Where the data stage writes a split's documents."""
     return Path(data_dir) / f"pretrain_{split}.jsonl"
 
 
-def _check_inputs(data_dir: Path) -> None:
+def check_inputs(data_dir: Path) -> None:
     if not data_dir.is_dir():
         raise ChatforgeError(f"data directory not found: {data_dir} (run `chatforge data` first)")
     for split in SPLITS:
@@ -80,7 +51,7 @@ def _check_inputs(data_dir: Path) -> None:
             raise ChatforgeError(f"{path} holds no documents")
 
 
-def _training_texts(path: Path, max_chars: int, counter: dict) -> Iterator[str]:
+def training_texts(path: Path, max_chars: int, counter: dict) -> Iterator[str]:
     for doc in read_documents(path):
         if counter["chars"] >= max_chars:
             return
@@ -120,15 +91,17 @@ class _Tally:
 
 
 @dataclass
-class _EncodeRun:
+class EncodeRun:
     """What encoding one split produced and how long tiktoken took."""
 
     tally: _Tally = field(default_factory=_Tally)
-    by_language: dict[str, _Tally] = field(default_factory=lambda: {k: _Tally() for k in ("english", "chinese", "code")})
+    by_language: dict[str, _Tally] = field(
+        default_factory=lambda: {k: _Tally() for k in ("english", "chinese", "code")}
+    )
     seconds: float = 0.0
 
 
-def _token_chunks(tok: Tokenizer, docs: Iterable[dict], num_threads: int, run: _EncodeRun) -> Iterator[np.ndarray]:
+def token_chunks(tok: Tokenizer, docs: Iterable[dict], num_threads: int, run: EncodeRun) -> Iterator[np.ndarray]:
     """Encoded documents, each followed by <|endoftext|>, one array per chunk of documents."""
     eot = tok.eot_id
     iterator = iter(docs)
@@ -179,7 +152,7 @@ def sample_texts(path: Path, max_bytes: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def _staging(out_dir: Path) -> Iterator[Path]:
+def staged_output(out_dir: Path) -> Iterator[Path]:
     """A scratch directory inside ``out_dir`` whose files replace their counterparts in ``out_dir`` on success."""
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
@@ -195,46 +168,22 @@ def _staging(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def run(cfg: Config, args: list[str]) -> None:
-    data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
-    _check_inputs(data_dir)
-
-    counter = {"chars": 0}
-    start = time.perf_counter()
-    tok = Tokenizer.train(_training_texts(split_path(data_dir, "train"), cfg.max_train_chars, counter), cfg.vocab_size)
-    train_seconds = time.perf_counter() - start
-    print(f"tokenizer: {tok.vocab_size} tokens trained on {counter['chars'] / 1e6:.1f}M characters in {train_seconds:.1f}s")
-
-    with _staging(out_dir) as staging:
-        tok.save(staging)
-        runs: dict[str, _EncodeRun] = {}
-        for split in SPLITS:
-            runs[split] = _EncodeRun()
-            docs = read_documents(split_path(data_dir, split))
-            chunks = _token_chunks(tok, docs, cfg.num_threads, runs[split])
-            write_shard(staging / TOKENS_DIR / f"{split}.bin", chunks, tok.vocab_size, tok.hash)
-            tally = runs[split].tally
-            print(f"tokenizer: {split}: {tally.documents} documents, {tally.bytes / 1e6:.1f} MB -> {tally.tokens + tally.documents} tokens")
-        encode_bytes = sum(r.tally.bytes for r in runs.values())
-        encode_seconds = sum(r.seconds for r in runs.values())
-        comparison = compare_encoders(tok, sample_texts(split_path(data_dir, "val"), HF_SAMPLE_BYTES), cfg.num_threads)
-        report = _report(cfg, tok, counter["chars"], train_seconds, runs, encode_bytes, encode_seconds, comparison)
-        io.write_json(staging / REPORT_FILE, report)
-    _print_summary(report, out_dir)
-
-
-def _report(
-    cfg: Config,
+def build_report(
+    cfg,
     tok: Tokenizer,
     train_chars: int,
     train_seconds: float,
-    runs: dict[str, _EncodeRun],
+    runs: dict[str, EncodeRun],
     encode_bytes: int,
     encode_seconds: float,
     comparison: dict,
 ) -> dict:
     heldout = {name: tally.summary() for name, tally in runs["val"].by_language.items()}
-    notes = [f"the val split has no {name} documents; its bytes per token is null" for name, v in heldout.items() if v is None]
+    notes = [
+        f"the val split has no {name} documents; its bytes per token is null"
+        for name, v in heldout.items()
+        if v is None
+    ]
     if comparison["texts_with_different_ids"]:
         notes.append(f"tiktoken and HF tokenizers disagreed on {comparison['texts_with_different_ids']} sampled texts")
     return {
@@ -250,7 +199,8 @@ def _report(
         "encode_mb_per_s": round(encode_bytes / 1e6 / max(encode_seconds, 1e-9), 2),
         "encoder_comparison": comparison,
         "splits": {
-            split: {**r.tally.summary(), "shard_tokens": r.tally.tokens + r.tally.documents} for split, r in runs.items()
+            split: {**r.tally.summary(), "shard_tokens": r.tally.tokens + r.tally.documents}
+            for split, r in runs.items()
         },
         "bytes_per_token_heldout": heldout,
         "bucket_rules": (
@@ -261,7 +211,7 @@ def _report(
     }
 
 
-def _print_summary(report: dict, out_dir: Path) -> None:
+def print_summary(report: dict, out_dir: Path) -> None:
     comparison = report["encoder_comparison"]
     print(
         f"tokenizer: encoded at {report['encode_mb_per_s']} MB/s with tiktoken ({report['num_threads']} threads); "
@@ -269,7 +219,9 @@ def _print_summary(report: dict, out_dir: Path) -> None:
         f"(x{comparison['speedup']}), {comparison['texts_with_different_ids']} of {comparison['texts']} texts differ"
     )
     for name, stats in report["bytes_per_token_heldout"].items():
-        figure = f"{stats['bytes_per_token']} bytes/token over {stats['documents']} documents" if stats else "none in val"
+        figure = (
+            f"{stats['bytes_per_token']} bytes/token over {stats['documents']} documents" if stats else "none in val"
+        )
         print(f"tokenizer: held-out {name}: {figure}")
     for note in report["notes"]:
         print(f"tokenizer: note: {note}")

@@ -1,27 +1,4 @@
-"""evaluate a model: HumanEval pass@k in a sandbox, in-context learning, chain-of-thought.
-
-    chatforge eval icl --ckpt=runs/speedrun/pretrain --icl.shots=0,1,4      # zero-, one- and few-shot
-    chatforge eval icl --icl.tasks=arithmetic,copy --icl.inputs=my_task.jsonl
-    chatforge eval cot --ckpt=runs/speedrun/pretrain --cot.items=100         # worked reasoning vs direct answers
-    chatforge eval tools --ckpt=runs/speedrun/tools                          # arithmetic with vs without the calculator
-    chatforge eval humaneval --ckpt=runs/speedrun/code --n=10 --temperature=0.2
-    chatforge eval humaneval --n=200 --temperature=0.8            # pass@100 as Codex reports it
-    chatforge eval humaneval --mode=canonical                      # proves the harness: must be 100 %
-    chatforge eval humaneval --mode=empty                          # must be 0 %
-    chatforge eval humaneval --problems=my_problems.jsonl --mode=canonical
-
-Each problem's prompt is completed ``n`` times (nucleus sampling, stop sequences "\\nclass", "\\ndef", "\\n#",
-"\\nif", "\\nprint"), and every completion runs with the problem's unit tests in the sandbox
-(docs/sandbox.md). pass@k (k = 1, 10, 100 where k <= n) uses the unbiased estimator. Writes
-``results.jsonl`` (one row per problem with every sample, its status and error) and ``summary.json`` to
-``--out`` (default runs/eval/humaneval-<mode>). ``--mode=canonical`` and ``--mode=empty`` need no model and
-run one sample per problem (their completions are fixed).
-
-``icl`` scores the task suite of ``chatforge.evals.icl`` for every k of ``--icl.shots`` by exact match and by
-multiple choice (log-likelihood of the gold answer among candidates), and writes summary.json, summary.md
-and icl.png (accuracy vs k). ``cot`` compares few-shot prompts with worked reasoning against direct answers
-on multi-step arithmetic (``chatforge.evals.cot``). Both decode greedily; the sampling options above are
-HumanEval's.
+"""The evaluations `chatforge eval` runs (humaneval, icl, cot, tools): their option groups and runners.
 """
 
 from __future__ import annotations
@@ -34,11 +11,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from chatforge import io
-from chatforge.config import nested, option
-from chatforge.errors import ChatforgeError, ConfigError
-from chatforge.evals.humaneval import DEFAULT_K, STOP_SEQUENCES, Problem, evaluate, load_problems
-from chatforge.evals.sandbox import Sandbox, SandboxLimits
-from chatforge.infer.loading import EngineOptions, load_engine
+from chatforge.config import option
+from chatforge.errors import ConfigError
+from chatforge.evals.cot import evaluate_cot
+from chatforge.evals.humaneval import Problem, evaluate, load_problems
+from chatforge.evals.icl import built_in_tasks, run_suite, user_task
+from chatforge.evals.sandbox import Sandbox
+from chatforge.infer.loading import load_engine
+from chatforge.tools.evaluate import evaluate_tools, read_questions
 
 MODES = ("model", "canonical", "empty")
 
@@ -68,48 +48,7 @@ class ToolsOptions:
     max_calls: int = option(2, "tool calls allowed per answer")
 
 
-@dataclass
-class Config(EngineOptions):
-    # decoding defaults as Codex evaluated (temperature 0.2 for pass@1; use 0.8 with large n for pass@100)
-    max_tokens: int | None = option(256, "most tokens per completion")
-    temperature: float = option(0.2, "sampling temperature (Codex: 0.2 for pass@1, 0.8 for pass@100)")
-    top_p: float = option(0.95, "nucleus sampling")
-    stop: list[str] = option(STOP_SEQUENCES, "stop sequences (backslash escapes understood)")
-    n: int = option(10, "samples per problem (model mode)")
-    seed: int | None = option(0, "makes sampling reproducible")
-    truncate: bool = option(True, "drop the oldest prompt tokens when a prompt does not fit the context")
-    mode: str = option("model", "model (sample completions), canonical (the reference solutions) or empty")
-    problems: str = option("", "HumanEval-format JSONL(.gz) of your own problems (default: HumanEval's 164)")
-    limit: int = option(0, "evaluate only the first N problems (0 = all)")
-    ks: list[int] = option(list(DEFAULT_K), "k of pass@k (only those <= n are reported)")
-    workers: int = option(0, "programs run in parallel (0 = one per CPU core)")
-    out: str = option("", "output directory (default: runs/eval/<task>-<mode>)")
-    progress: bool = option(True, "show progress bars")
-    sandbox: SandboxLimits = nested(SandboxLimits, "limits of each program's sandbox")
-    icl: ICLOptions = nested(ICLOptions, "`eval icl`: in-context learning")
-    cot: CoTOptions = nested(CoTOptions, "`eval cot`: chain-of-thought vs direct answers")
-    tools: ToolsOptions = nested(ToolsOptions, "`eval tools`: arithmetic with vs without the calculator")
-
-    def validate(self) -> None:
-        super().validate()
-        self.sandbox.validate()
-        if self.mode not in MODES:
-            raise ConfigError(f"option 'mode' must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if self.limit < 0:
-            raise ConfigError(f"option 'limit' must be >= 0 (0 = all); got {self.limit}")
-        if not self.ks or any(k < 1 for k in self.ks):
-            raise ConfigError(f"option 'ks' must list positive integers; got {self.ks}")
-        if self.workers < 0:
-            raise ConfigError(f"option 'workers' must be >= 0 (0 = one per core); got {self.workers}")
-        if not self.icl.shots or any(k < 0 for k in self.icl.shots) or max(self.icl.shots) > self.icl.pool:
-            raise ConfigError(f"option 'icl.shots' must list numbers from 0 to icl.pool ({self.icl.pool}); got {self.icl.shots}")
-        if self.icl.items <= self.icl.pool:
-            raise ConfigError(f"option 'icl.items' ({self.icl.items}) must exceed 'icl.pool' ({self.icl.pool})")
-        if self.cot.items < 1 or self.cot.shots < 0:
-            raise ConfigError(f"options 'cot.items' must be >= 1 and 'cot.shots' >= 0; got {self.cot.items}, {self.cot.shots}")
-
-
-def sample_completions(cfg: Config, problems: list[Problem]) -> list[list[str]]:
+def sample_completions(cfg, problems: list[Problem]) -> list[list[str]]:
     """``cfg.n`` completions of every prompt from the model, in chunks so the progress bar moves."""
     engine = load_engine(cfg)
     params = cfg.sampling()
@@ -127,7 +66,7 @@ def sample_completions(cfg: Config, problems: list[Problem]) -> list[list[str]]:
     return completions
 
 
-def run_humaneval(cfg: Config) -> dict:
+def run_humaneval(cfg) -> dict:
     problems = load_problems(cfg.problems or None, need_canonical=cfg.mode == "canonical")
     if cfg.limit:
         problems = problems[:cfg.limit]
@@ -158,9 +97,7 @@ def run_humaneval(cfg: Config) -> dict:
     return summary
 
 
-def run_icl(cfg: Config) -> None:
-    from chatforge.evals.icl import built_in_tasks, run_suite, user_task
-
+def run_icl(cfg) -> None:
     tasks = built_in_tasks(cfg.icl.data_dir, cfg.icl.items, cfg.seed or 0)
     known = [t.name for t in tasks]
     unknown = sorted(set(cfg.icl.tasks) - set(known))
@@ -173,9 +110,7 @@ def run_icl(cfg: Config) -> None:
     print(f"[icl] wrote {out}/summary.json, summary.md and icl.png")
 
 
-def run_cot(cfg: Config) -> None:
-    from chatforge.evals.cot import evaluate_cot
-
+def run_cot(cfg) -> None:
     out = Path(cfg.out or "runs/eval/cot")
     results = evaluate_cot(load_engine(cfg), cfg.cot.items, cfg.cot.shots, cfg.seed or 0)
     io.write_json(out / "summary.json", {"task": "cot", "ckpt": cfg.ckpt, **results})
@@ -185,9 +120,7 @@ def run_cot(cfg: Config) -> None:
     print(f"[cot] {results['items']} problems, {results['shots']}-shot; wrote {out}/summary.json")
 
 
-def run_tools(cfg: Config) -> None:
-    from chatforge.tools.evaluate import evaluate_tools, read_questions
-
+def run_tools(cfg) -> None:
     questions = read_questions(cfg.tools.questions)[: cfg.tools.limit or None]
     out = Path(cfg.out or "runs/eval/tools")
     results = evaluate_tools(load_engine(cfg), questions, max_calls=cfg.tools.max_calls)
@@ -198,7 +131,7 @@ def run_tools(cfg: Config) -> None:
           f"{results['oracle']:.1%}; wrote {out}/summary.json")
 
 
-def report_humaneval(cfg: Config) -> None:
+def report_humaneval(cfg) -> None:
     summary = run_humaneval(cfg)
     scores = "  ".join(f"{k} {v:.2%}" for k, v in summary["pass@k"].items())
     print(f"humaneval ({summary['mode']}, {summary['problems']} problems, n={summary['n']}, "
@@ -208,9 +141,3 @@ def report_humaneval(cfg: Config) -> None:
 
 
 RUNNERS = {"humaneval": report_humaneval, "icl": run_icl, "cot": run_cot, "tools": run_tools}
-
-
-def run(cfg: Config, args: list[str]) -> None:
-    if len(args) != 1 or args[0] not in RUNNERS:
-        raise ChatforgeError(f"name one task to evaluate: {', '.join(RUNNERS)} (got {' '.join(args) or 'none'})")
-    RUNNERS[args[0]](cfg)

@@ -1,0 +1,1 @@
+"""One module per CLI stage (`chatforge <stage>`), named like the stage: its ``Config`` and ``run``."""

@@ -1,0 +1,79 @@
+"""build the ranking data for the reward model: human/feedback rankings plus an automatic builder.
+
+A ranking record (JSONL, one per line)::
+
+    {"id": "...", "prompt": [{"role": "user", "content": "..."}], "completions": ["...", ...],
+     "ranking": [[0], [2, 3], [1]], "source": "human"}
+
+``completions`` holds K responses (4 ≤ K ≤ 9); ``ranking`` lists tiers best first (a flat list of indices is
+a total order; responses in the same tier are tied; responses in no tier are unranked). Sources, in order of
+trust: ranking files given with ``--inputs`` (``human``; the serving layer's ``chatforge feedback export
+--as rankings`` writes this format), then the automatic builder, since no preference data ships in any
+package: for each prompt of the RLHF pool, the held-out reference answer ranks above answers sampled from
+the SFT model, which rank above corrupted answers (another prompt's answer, a truncated, a shuffled and a
+looping answer). The manifest counts records per source and split.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatforge import io
+from chatforge.config import option
+from chatforge.data.rankings import (
+    MAX_K,
+    assign_split,
+    automatic_rankings,
+    read_prompt_pool,
+    read_rankings,
+)
+from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.infer.loading import answer_sampler
+
+
+@dataclass
+class Config:
+    prompts: str = option("runs/speedrun/sft_data/rl_prompts.jsonl", "RLHF prompt pool with reference answers")
+    ckpt: str = option("runs/speedrun/sft", "SFT checkpoint that samples the middle-ranked answers ('' = none)")
+    inputs: list[str] = option([], "human ranking files (JSONL, the format above), trusted first")
+    out_dir: str = option("runs/speedrun/rankings", "writes train.jsonl, val.jsonl, manifest.json here")
+    max_prompts: int = option(400, "automatic rankings built for at most this many prompts")
+    samples_per_prompt: int = option(2, "SFT answers per prompt (ranked below the reference, above corruptions)")
+    max_tokens: int = option(64, "longest sampled answer in tokens")
+    temperature: float = option(1.0, "sampling temperature of the SFT answers")
+    val_fraction: float = option(0.15, "share of prompts held out to measure the reward model's accuracy")
+    device: str = option("auto", "device for sampling")
+    seed: int = option(0, "seed for sampling, corruptions and the split")
+
+    def validate(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"option 'val_fraction' must be in (0, 1); got {self.val_fraction}")
+        if not 0 <= self.samples_per_prompt <= MAX_K - 5:
+            raise ConfigError(f"option 'samples_per_prompt' must be in 0..{MAX_K - 5} so that K stays ≤ {MAX_K}")
+
+
+def run(cfg: Config, args: list[str]) -> None:
+    cfg.validate()
+    rng = random.Random(cfg.seed)
+    records = [r for path in cfg.inputs for r in read_rankings(path)]
+    pool = read_prompt_pool(cfg.prompts)[: cfg.max_prompts]
+    records += automatic_rankings(pool, answer_sampler(cfg.ckpt, cfg.device, cfg.samples_per_prompt, cfg.max_tokens,
+                                                  cfg.temperature, cfg.seed), rng)
+    splits: dict[str, list[dict]] = {"train": [], "val": []}
+    for record in records:
+        splits[assign_split(record["id"], cfg.seed, cfg.val_fraction)].append(record)
+    if not splits["train"] or not splits["val"]:
+        raise ChatforgeError(f"{len(records)} rankings are too few to hold some out; add prompts or rankings")
+    out = Path(cfg.out_dir)
+    manifest = {"records": len(records), "splits": {}, "sources": {}}
+    for name, rows in splits.items():
+        io.write_jsonl(out / f"{name}.jsonl", rows)
+        manifest["splits"][name] = len(rows)
+        for row in rows:
+            manifest["sources"][row["source"]] = manifest["sources"].get(row["source"], 0) + 1
+    manifest["completions_per_prompt"] = sorted({len(r["completions"]) for r in records})
+    io.write_json(out / "manifest.json", manifest)
+    print(json.dumps(manifest, indent=2))

@@ -1,0 +1,87 @@
+"""Contrastive pre-training (CPT) of an embedding model from a GPT, as a task on the shared training loop.
+
+The `chatforge embed` stage (chatforge/stages/embed.py) runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chatforge.config import option
+from chatforge.embed.data import PairBatches
+from chatforge.embed.model import EmbeddingModel, EmbedSpec, encode_texts, grad_cache_step, info_nce
+from chatforge.model.checkpoint import unwrap
+from chatforge.train.loop import TrainConfig
+
+EMBEDDER_DIR = "embedder"
+
+
+@dataclass
+class EmbedTrainConfig(TrainConfig):
+    steps: int = option(300, "optimizer steps (max_minutes may fit it shorter)")
+    batch_size: int = option(64, "pairs per step: each query's negatives are the other 63 documents")
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr: float = option(3e-5, "learning rate at the end of the decay")
+    warmup_steps: int = option(20, "steps of linear warm-up")
+    eval_every: int = option(100, "steps between held-out contrastive loss / accuracy")
+    ckpt_every: int = option(100, "steps between checkpoints")
+    max_minutes: float = option(3.0, "wall-time budget in minutes (0 = none)")
+    dtype: str = option("fp32", "fp32: gradient caching replays forward passes, which must match exactly")
+    compile: str = option("false", "texts of every length make compiled shapes churn")
+
+
+class _Forward:
+    """What ``grad_cache_step`` calls: forward passes through the (DDP/compiled) wrapper, the temperature from
+    the plain module (a wrapper does not expose it)."""
+
+    def __init__(self, wrapped, plain: EmbeddingModel):
+        self.wrapped, self.scale = wrapped, plain.scale
+
+    def __call__(self, ids, lengths):
+        return self.wrapped(ids, lengths)
+
+
+class ContrastiveTask:
+    def __init__(
+        self, batches: PairBatches, val_pairs: list, tokenizer, spec: EmbedSpec, block_size: int, chunk_size: int
+    ):
+        self.batches, self.val_pairs = batches, val_pairs
+        self.tokenizer, self.spec, self.block_size, self.chunk_size = tokenizer, spec, block_size, chunk_size
+
+    def _chunks(self, texts: list[str], role: str, device: str) -> list:
+        chunks = []
+        for start in range(0, len(texts), self.chunk_size):
+            ids, lengths = encode_texts(
+                self.tokenizer, texts[start : start + self.chunk_size], role, self.spec, self.block_size
+            )
+            chunks.append((ids.to(device), lengths))
+        return chunks
+
+    def batch(self, step: int, part: int, parts: int, device: str):
+        pairs = self.batches.batch(step, part, parts)
+        return self._chunks([p.query for p in pairs], "query", device), self._chunks(
+            [p.document for p in pairs], "document", device
+        )
+
+    def backward(self, model, batch, micro) -> dict:
+        queries, documents = batch
+        loss = grad_cache_step(
+            _Forward(model, unwrap(model)), queries, documents, loss_weight=micro.scale, sync_context=micro.no_sync
+        )
+        return {"loss": loss, "tokens": int(sum(lengths.sum() for _, lengths in queries + documents))}
+
+    @torch.no_grad()
+    def eval_loss(self, model, device: str) -> dict:
+        queries, documents = (
+            torch.cat([model(ids, lengths) for ids, lengths in chunks])
+            for chunks in (
+                self._chunks([p.query for p in self.val_pairs], "query", device),
+                self._chunks([p.document for p in self.val_pairs], "document", device),
+            )
+        )
+        top1 = float(
+            (queries @ documents.T).argmax(1).eq(torch.arange(len(queries), device=queries.device)).float().mean()
+        )
+        return {"loss": float(info_nce(queries, documents, model.scale())), "top1": top1}
