@@ -50,11 +50,8 @@ def render(sections: list[Section], run_dir: Path, title: str) -> str:
             out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
             out.append("")
         for plot in section.plots:
-            rel = (
-                Path(plot).resolve().relative_to(run_dir.resolve())
-                if Path(plot).resolve().is_relative_to(run_dir.resolve())
-                else plot
-            )
+            resolved, root = Path(plot).resolve(), run_dir.resolve()
+            rel = resolved.relative_to(root) if resolved.is_relative_to(root) else plot
             out += [f"![{Path(plot).stem}]({rel})", ""]
         if section.text:
             out += [section.text.rstrip(), ""]
@@ -68,44 +65,19 @@ def corpus_section(run_dir: Path) -> Section | None:
     section = Section("Corpus")
     sources = manifest.get("sources", {})
     if sources:
-        keys = sorted(
-            {
-                k
-                for counts in sources.values()
-                if isinstance(counts, dict)
-                for k in counts
-                if isinstance(counts[k], (int, float))
-            }
-        )
-        section.tables.append(
-            (
-                "Documents per source",
-                ["source", *keys],
-                [
-                    [name, *(counts.get(k, "") for k in keys)]
-                    for name, counts in sources.items()
-                    if isinstance(counts, dict)
-                ],
-            )
-        )
+        counted = {name: counts for name, counts in sources.items() if isinstance(counts, dict)}
+        keys = sorted({k for counts in counted.values() for k in counts if isinstance(counts[k], (int, float))})
+        section.tables.append(("Documents per source", ["source", *keys],
+                               [[name, *(counts.get(k, "") for k in keys)] for name, counts in counted.items()]))
     filters = manifest.get("filters", {})
     if filters:
-        section.tables.append(
-            (
-                "Cleaning: documents dropped or changed per filter",
-                ["filter", "count"],
-                [[name, count] for name, count in filters.items()],
-            )
-        )
+        section.tables.append(("Cleaning: documents dropped or changed per filter", ["filter", "count"],
+                               [[name, count] for name, count in filters.items()]))
     splits = manifest.get("splits", {})
     if splits:
-        section.tables.append(
-            (
-                "Splits",
-                ["split", "documents"],
-                [[name, v if not isinstance(v, dict) else v.get("documents", v)] for name, v in splits.items()],
-            )
-        )
+        section.tables.append(("Splits", ["split", "documents"],
+                               [[name, v.get("documents", v) if isinstance(v, dict) else v]
+                                for name, v in splits.items()]))
     return section
 
 
@@ -113,13 +85,9 @@ def tokenizer_section(run_dir: Path) -> Section | None:
     report = _read_json(run_dir / "tokenizer" / "tokenizer_report.json")
     if report is None:
         return None
-    return Section(
-        "Tokenizer",
-        facts={k: v for k, v in report.items() if not isinstance(v, (dict, list))},
-        tables=[
-            (k, ["key", "value"], [[kk, vv] for kk, vv in v.items()]) for k, v in report.items() if isinstance(v, dict)
-        ],
-    )
+    return Section("Tokenizer", facts={k: v for k, v in report.items() if not isinstance(v, (dict, list))},
+                   tables=[(k, ["key", "value"], [[kk, vv] for kk, vv in v.items()])
+                           for k, v in report.items() if isinstance(v, dict)])
 
 
 CONFIG_KEYS = ("model", "train", "stage_config", "config")  # recorded settings, not results
@@ -178,11 +146,8 @@ def manifest_section(title: str, path: str) -> Callable[[Path], Section | None]:
         if manifest is None:
             return None
         facts = {k: v for k, v in manifest.items() if isinstance(v, (int, float, str))}
-        tables = [
-            (k, ["key", "value"], [[kk, vv] for kk, vv in v.items() if not isinstance(vv, (dict, list))])
-            for k, v in manifest.items()
-            if isinstance(v, dict)
-        ]
+        tables = [(k, ["key", "value"], [[kk, vv] for kk, vv in v.items() if not isinstance(vv, (dict, list))])
+                  for k, v in manifest.items() if isinstance(v, dict)]
         return Section(title, facts=facts, tables=[t for t in tables if t[2]])
 
     return build
@@ -194,50 +159,23 @@ def _quoted(text: str, limit: int = 200) -> str:
 
 def insertion_section(run_dir: Path) -> Section | None:
     """The FIM model next to its left-to-right twin: insertion and ordinary loss (the fim stage's summaries)."""
-    runs = [
-        (label, _read_json(run_dir / folder / "summary.json"))
-        for label, folder in (("FIM", "fim"), ("no FIM (twin)", "fim_baseline"))
-    ]
+    runs = [(label, _read_json(run_dir / folder / "summary.json")) for label, folder in
+            (("FIM", "fim"), ("no FIM (twin)", "fim_baseline"))]
     runs = [(label, s) for label, s in runs if s and "insertion" in s]
     if not runs:
         return None
-    header = [
-        "model",
-        "steps",
-        "left-to-right val loss",
-        "middle loss PSM",
-        "exact match PSM",
-        "middle loss SPM",
-        "exact match SPM",
-        "middle loss from the prefix alone",
-    ]
-    rows = [
-        [
-            label,
-            s.get("steps"),
-            s.get("final_val_loss"),
-            s["insertion"]["psm"]["middle_loss"],
-            s["insertion"]["psm"]["exact_match"],
-            s["insertion"]["spm"]["middle_loss"],
-            s["insertion"]["spm"]["exact_match"],
-            s["insertion"]["left_to_right_middle_loss"],
-        ]
-        for label, s in runs
-    ]
+    header = ["model", "steps", "left-to-right val loss", "middle loss PSM", "exact match PSM", "middle loss SPM",
+              "exact match SPM", "middle loss from the prefix alone"]
+    rows = [[label, s.get("steps"), s.get("final_val_loss"), s["insertion"]["psm"]["middle_loss"],
+             s["insertion"]["psm"]["exact_match"], s["insertion"]["spm"]["middle_loss"],
+             s["insertion"]["spm"]["exact_match"], s["insertion"]["left_to_right_middle_loss"]] for label, s in runs]
     first = runs[0][1]["insertion"]
-    samples = "\n".join(
-        f"- before {_quoted(x['prefix_end'])}, after {_quoted(x['suffix_start'])}: removed "
-        f"{_quoted(x['removed'])}, written {_quoted(x['written'])}"
-        for x in first["psm"]["samples"]
-    )
-    return Section(
-        "Insert (fill-in-the-middle)",
-        facts={"held-out spans": first["examples"], **first["kinds"]},
-        tables=[
-            ("Middle loss and exact match on held-out spans; the twin trains the same way without FIM", header, rows)
-        ],
-        text=f"Sample inserts by the {runs[0][0]} model (PSM, greedy):\n\n{samples}",
-    )
+    samples = "\n".join(f"- before {_quoted(x['prefix_end'])}, after {_quoted(x['suffix_start'])}: removed "
+                         f"{_quoted(x['removed'])}, written {_quoted(x['written'])}" for x in first["psm"]["samples"])
+    return Section("Insert (fill-in-the-middle)", facts={"held-out spans": first["examples"], **first["kinds"]},
+                   tables=[("Middle loss and exact match on held-out spans; the twin trains the same way without FIM",
+                            header, rows)],
+                   text=f"Sample inserts by the {runs[0][0]} model (PSM, greedy):\n\n{samples}")
 
 
 def edit_section(run_dir: Path) -> Section | None:
@@ -246,89 +184,53 @@ def edit_section(run_dir: Path) -> Section | None:
         return None
     edits = summary["edits"]
     rows = [[kind, e["count"], e["exact_match"], e["cer"], e["unchanged_cer"]] for kind, e in edits.items()]
-    samples = "\n".join(
-        f"- {kind}: {_quoted(x['instruction'])} on {_quoted(x['input'], 120)} → "
-        f"{_quoted(x['written'], 120)} (reference {_quoted(x['output'], 120)})"
-        for kind, e in edits.items()
-        for x in e["samples"][:1]
-    )
-    return Section(
-        "Edit (instruction-driven rewrites)",
-        facts={
-            "steps": summary.get("steps"),
-            "held-out loss before": summary.get("base_val_loss"),
-            "held-out loss after": summary.get("final_val_loss"),
-        },
-        tables=[
-            (
-                "Held-out triples per edit type (CER: character error rate; unchanged: returning the input)",
-                ["type", "held out", "exact match", "CER", "unchanged CER"],
-                rows,
-            )
-        ],
-        plots=sorted((run_dir / "edit").glob("*.png")),
-        text=f"Sample edits (greedy):\n\n{samples}",
-    )
+    samples = "\n".join(f"- {kind}: {_quoted(x['instruction'])} on {_quoted(x['input'], 120)} → "
+                         f"{_quoted(x['written'], 120)} (reference {_quoted(x['output'], 120)})"
+                         for kind, e in edits.items() for x in e["samples"][:1])
+    return Section("Edit (instruction-driven rewrites)",
+                   facts={"steps": summary.get("steps"), "held-out loss before": summary.get("base_val_loss"),
+                          "held-out loss after": summary.get("final_val_loss")},
+                   tables=[("Held-out triples per edit type "
+                            "(CER: character error rate; unchanged: returning the input)",
+                            ["type", "held out", "exact match", "CER", "unchanged CER"], rows)],
+                   plots=sorted((run_dir / "edit").glob("*.png")), text=f"Sample edits (greedy):\n\n{samples}")
 
 
 def icl_section(run_dir: Path) -> Section | None:
     folder = run_dir / "eval" / "icl"
     if not (folder / "summary.md").is_file():
         return None
-    return Section(
-        "In-context learning (EM: exact match; MC: gold among candidates by log-likelihood)",
-        plots=sorted(folder.glob("*.png")),
-        text=(folder / "summary.md").read_text(encoding="utf-8"),
-    )
+    return Section("In-context learning (EM: exact match; MC: gold among candidates by log-likelihood)",
+                   plots=sorted(folder.glob("*.png")), text=(folder / "summary.md").read_text(encoding="utf-8"))
 
 
 def cot_section(run_dir: Path) -> Section | None:
     summary = _read_json(run_dir / "eval" / "cot" / "summary.json")
     if summary is None:
         return None
-    rows = [
-        [style, summary[style]["accuracy"], summary[style]["extracted"], _quoted(summary[style]["sample"]["written"])]
-        for style in ("reasoning", "direct")
-    ]
-    return Section(
-        "Chain-of-thought (multi-step arithmetic)",
-        facts={"problems": summary["items"], "shots": summary["shots"]},
-        tables=[
-            (
-                "Few-shot with worked reasoning vs direct answers",
-                ["prompt style", "accuracy", "answers with a number", "first answer"],
-                rows,
-            )
-        ],
-    )
+    rows = [[style, summary[style]["accuracy"], summary[style]["extracted"],
+             _quoted(summary[style]["sample"]["written"])] for style in ("reasoning", "direct")]
+    return Section("Chain-of-thought (multi-step arithmetic)",
+                   facts={"problems": summary["items"], "shots": summary["shots"]},
+                   tables=[("Few-shot with worked reasoning vs direct answers",
+                            ["prompt style", "accuracy", "answers with a number", "first answer"], rows)])
 
 
 def ape_section(run_dir: Path) -> Section | None:
     summary = _read_json(run_dir / "ape" / "summary.json")
     if summary is None:
         return None
-    facts = {
-        "task": summary["task"],
-        "metric": summary["metric"],
-        **{f"proposed ({mode})": n for mode, n in summary["proposed"].items()},
-        "distinct candidates": summary["distinct_candidates"],
-        "alive per filtering round": " → ".join(map(str, summary["alive_per_round"])),
-        "Monte-Carlo new variants per round": ", ".join(map(str, summary["monte_carlo_new"])) or "none",
-        "best instruction": _quoted(summary["best_instruction"]),
-        "hand-written instruction": _quoted(summary["baseline_instruction"]),
-    }
+    facts = {"task": summary["task"], "metric": summary["metric"],
+             **{f"proposed ({mode})": n for mode, n in summary["proposed"].items()},
+             "distinct candidates": summary["distinct_candidates"],
+             "alive per filtering round": " → ".join(map(str, summary["alive_per_round"])),
+             "Monte-Carlo new variants per round": ", ".join(map(str, summary["monte_carlo_new"])) or "none",
+             "best instruction": _quoted(summary["best_instruction"]),
+             "hand-written instruction": _quoted(summary["baseline_instruction"])}
     rows = [[name, score] for name, score in summary["held_out_score"].items()]
-    return Section(
-        "Automatic Prompt Engineer",
-        facts=facts,
-        tables=[
-            (
-                f"Held-out {summary['metric']} on {summary['held_out_examples']} examples",
-                ["instruction", summary["metric"]],
-                rows,
-            )
-        ],
-    )
+    return Section("Automatic Prompt Engineer", facts=facts,
+                   tables=[(f"Held-out {summary['metric']} on {summary['held_out_examples']} examples",
+                            ["instruction", summary["metric"]], rows)])
 
 
 def tools_section(run_dir: Path) -> Section | None:
@@ -336,24 +238,12 @@ def tools_section(run_dir: Path) -> Section | None:
     if summary is None:
         return None
     sample = summary["samples"][0] if summary.get("samples") else None
-    text = (
-        (
-            f"First held-out question: {_quoted(sample['question'])} (gold {sample['gold']}); direct answer "
+    text = (f"First held-out question: {_quoted(sample['question'])} (gold {sample['gold']}); direct answer "
             f"{_quoted(sample['direct'])}; calls {sample['calls']}; answer with the calculator "
-            f"{_quoted(sample['with_calculator'])}"
-        )
-        if sample
-        else ""
-    )
-    return Section(
-        "Tool use (held-out arithmetic, SFT with tool-use conversations)",
-        facts={
-            k: summary[k]
-            for k in ("questions", "without_tools", "with_calculator", "called_calculator", "right_call", "oracle")
-            if k in summary
-        },
-        text=text,
-    )
+            f"{_quoted(sample['with_calculator'])}") if sample else ""
+    return Section("Tool use (held-out arithmetic, SFT with tool-use conversations)",
+                   facts={k: summary[k] for k in ("questions", "without_tools", "with_calculator", "called_calculator",
+                                                  "right_call", "oracle") if k in summary}, text=text)
 
 
 SECTIONS: list[Callable[[Path], Section | None]] = [
@@ -361,9 +251,8 @@ SECTIONS: list[Callable[[Path], Section | None]] = [
     tokenizer_section,
     training_section("Pretraining", "pretrain"),
     manifest_section("SFT data (InstructGPT-style curation)", "sft_data/manifest.json"),
-    training_section(
-        "Supervised fine-tuning (held-out loss on assistant tokens: base_val_loss vs final_val_loss)", "sft"
-    ),
+    training_section("Supervised fine-tuning (held-out loss on assistant tokens: base_val_loss vs final_val_loss)",
+                     "sft"),
     manifest_section("Ranking data", "rankings/manifest.json"),
     training_section("Reward model (val_accuracy = held-out pairwise accuracy)", "reward"),
     training_section("PPO (win rates over SFT: by the reward model and by the MiniLM judge)", "ppo"),
@@ -378,9 +267,8 @@ SECTIONS: list[Callable[[Path], Section | None]] = [
     training_section("SFT with tool-use conversations", "tools"),
     tools_section,
     training_section("Embeddings (contrastive pre-training)", "embed"),
-    markdown_section(
-        "Embeddings: held-out retrieval and linear probe vs MiniLM and the floor", "embed/eval/summary.md"
-    ),
+    markdown_section("Embeddings: held-out retrieval and linear probe vs MiniLM and the floor",
+                     "embed/eval/summary.md"),
     samples_section,
 ]
 
@@ -395,9 +283,8 @@ def write_report(
     run_dir: str | Path, title: str = "chatforge report card", timings: dict[str, float] | None = None
 ) -> Path:
     run_dir = Path(run_dir)
-    sections = ([timing_section(timings)] if timings else []) + [
-        s for build in SECTIONS if (s := build(run_dir)) is not None
-    ]
+    built = [s for build in SECTIONS if (s := build(run_dir)) is not None]
+    sections = ([timing_section(timings)] if timings else []) + built
     path = run_dir / "report.md"
     io.write_text(path, render(sections, run_dir, title))
     return path

@@ -1,8 +1,8 @@
 """run every stage end to end on the embedded default and write the report card.
 
-data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → fim (and its
-left-to-right twin) → edit-data → edit → icl → cot → ape → tool-data → tools → tools-eval → embed → samples →
-report card, all under ``run_dir``. Each stage's options are nested (``--pretrain.train.max_minutes=5``,
+data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → fim (and
+its left-to-right twin) → edit-data → edit → icl → cot → ape → tool-data → tools → tools-eval → embed →
+samples → report card, all under ``run_dir``. Each stage's options are nested (``--pretrain.train.max_minutes=5``,
 ``--tokenizer.vocab_size=4096``); the directories are placed under ``run_dir`` by the speedrun. A stage whose
 outputs exist and whose options are unchanged since it finished is skipped unless a stage it reads from ran
 again, so a rerun after an interruption continues where it stopped (training resumes from its last
@@ -120,23 +120,14 @@ class Config:
         self.edit_data.out_dir = self.edit.data_dir = str(run / "edit_data")
         self.edit.init_from, self.edit.out_dir = str(run / "sft"), str(run / "edit")
         for evaluation, task in ((self.icl, "icl"), (self.cot, "cot")):
-            evaluation.ckpt, evaluation.out, evaluation.icl.data_dir = (
-                str(run / "pretrain"),
-                str(run / "eval" / task),
-                str(run / "data"),
-            )
-        self.ape.ckpt, self.ape.insert_ckpt, self.ape.data_dir = (
-            str(run / "pretrain"),
-            str(run / "fim"),
-            str(run / "data"),
-        )
+            evaluation.ckpt, evaluation.out = str(run / "pretrain"), str(run / "eval" / task)
+            evaluation.icl.data_dir = str(run / "data")
+        self.ape.ckpt, self.ape.insert_ckpt = str(run / "pretrain"), str(run / "fim")
+        self.ape.data_dir = str(run / "data")
         self.ape.out_dir = str(run / "ape")
         self.tool_data.data_dir, self.tool_data.out_dir = str(run / "data"), str(run / "tool_data")
-        self.tools.data_dir, self.tools.init_from, self.tools.out_dir = (
-            str(run / "sft_data"),
-            str(run / "sft"),
-            str(run / "tools"),
-        )
+        self.tools.data_dir = str(run / "sft_data")
+        self.tools.init_from, self.tools.out_dir = str(run / "sft"), str(run / "tools")
         self.tools.extra_train = [str(run / "tool_data" / "tool_train.jsonl")]
         self.tools.extra_val = [str(run / "tool_data" / "tool_val.jsonl")]
         self.tools_eval.ckpt, self.tools_eval.out = str(run / "tools"), str(run / "eval" / "tools")
@@ -147,155 +138,51 @@ class Config:
 
     def steps(self) -> list[Step]:
         run = Path(self.run_dir)
+        samples = {"tokens": self.sample_tokens, "text": TEXT_PROMPTS, "chat": CHAT_PROMPTS}
         return [
             Step("data", self.data, run / "data" / "manifest.json", lambda: data_stage.run(self.data, [])),
-            Step(
-                "tokenizer",
-                self.tokenizer,
-                run / "tokenizer" / REPORT_FILE,
-                lambda: tokenizer_stage.run(self.tokenizer, []),
-                ("data",),
-            ),
-            Step(
-                "pretrain",
-                self.pretrain,
-                run / "pretrain" / "summary.json",
-                lambda: train_resuming(pretrain_stage, self.pretrain),
-                ("tokenizer",),
-            ),
-            Step(
-                "sft-data",
-                self.sft_data,
-                run / "sft_data" / "manifest.json",
-                lambda: sft_data_stage.run(self.sft_data, []),
-                ("data",),
-            ),
-            Step(
-                "sft",
-                self.sft,
-                run / "sft" / "summary.json",
-                lambda: train_resuming(sft_stage, self.sft),
-                ("pretrain", "sft-data"),
-            ),
-            Step(
-                "rankings",
-                self.rankings,
-                run / "rankings" / "manifest.json",
-                lambda: rankings_stage.run(self.rankings, []),
-                ("sft-data", "sft"),
-            ),
-            Step(
-                "reward",
-                self.reward,
-                run / "reward" / "summary.json",
-                lambda: train_resuming(reward_stage, self.reward),
-                ("sft", "rankings"),
-            ),
-            Step(
-                "ppo",
-                self.ppo,
-                run / "ppo" / "summary.json",
-                lambda: train_resuming(ppo_stage, self.ppo),
-                ("tokenizer", "sft-data", "sft", "reward"),
-            ),
-            Step(
-                "code",
-                self.code,
-                run / "code" / "summary.json",
-                lambda: train_resuming(code_stage, self.code),
-                ("pretrain",),
-            ),
-            Step(
-                "humaneval",
-                self.humaneval,
-                run / "eval" / "humaneval" / "summary.json",
-                lambda: eval_stage.run(self.humaneval, ["humaneval"]),
-                ("code",),
-            ),
-            Step(
-                "fim",
-                self.fim,
-                run / "fim" / "summary.json",
-                lambda: train_resuming(fim_stage, self.fim),
-                ("data", "pretrain"),
-            ),
-            Step(
-                "fim-baseline",
-                self.fim_baseline,
-                run / "fim_baseline" / "summary.json",
-                lambda: train_resuming(fim_stage, self.fim_baseline),
-                ("data", "pretrain"),
-            ),
-            Step(
-                "edit-data",
-                self.edit_data,
-                run / "edit_data" / "manifest.json",
-                lambda: edit_data_stage.run(self.edit_data, []),
-                ("data",),
-            ),
-            Step(
-                "edit",
-                self.edit,
-                run / "edit" / "summary.json",
-                lambda: train_resuming(edit_stage, self.edit),
-                ("sft", "edit-data"),
-            ),
-            Step(
-                "icl",
-                self.icl,
-                run / "eval" / "icl" / "summary.json",
-                lambda: eval_stage.run(self.icl, ["icl"]),
-                ("data", "pretrain"),
-            ),
-            Step(
-                "cot",
-                self.cot,
-                run / "eval" / "cot" / "summary.json",
-                lambda: eval_stage.run(self.cot, ["cot"]),
-                ("pretrain",),
-            ),
-            Step(
-                "ape",
-                self.ape,
-                run / "ape" / "summary.json",
-                lambda: ape_stage.run(self.ape, []),
-                ("data", "pretrain", "fim"),
-            ),
-            Step(
-                "tool-data",
-                self.tool_data,
-                run / "tool_data" / "arithmetic_eval.jsonl",
-                lambda: tool_data_stage.run(self.tool_data, []),
-                ("data",),
-            ),
-            Step(
-                "tools",
-                self.tools,
-                run / "tools" / "summary.json",
-                lambda: train_resuming(sft_stage, self.tools),
-                ("sft-data", "sft", "tool-data"),
-            ),
-            Step(
-                "tools-eval",
-                self.tools_eval,
-                run / "eval" / "tools" / "summary.json",
-                lambda: eval_stage.run(self.tools_eval, ["tools"]),
-                ("tools",),
-            ),
-            Step(
-                "embed",
-                self.embed,
-                run / "embed" / "summary.json",
-                lambda: train_resuming(embed_stage, self.embed),
-                ("data", "pretrain"),
-            ),
-            Step(
-                "samples",
-                {"tokens": self.sample_tokens, "text": TEXT_PROMPTS, "chat": CHAT_PROMPTS},
-                run / "samples.json",
-                lambda: write_samples(run, self.sample_tokens, self.device),
-                ("pretrain", "code", "sft", "ppo"),
-            ),
+            Step("tokenizer", self.tokenizer, run / "tokenizer" / REPORT_FILE,
+                 lambda: tokenizer_stage.run(self.tokenizer, []), ("data",)),
+            Step("pretrain", self.pretrain, run / "pretrain" / "summary.json",
+                 lambda: train_resuming(pretrain_stage, self.pretrain), ("tokenizer",)),
+            Step("sft-data", self.sft_data, run / "sft_data" / "manifest.json",
+                 lambda: sft_data_stage.run(self.sft_data, []), ("data",)),
+            Step("sft", self.sft, run / "sft" / "summary.json",
+                 lambda: train_resuming(sft_stage, self.sft), ("pretrain", "sft-data")),
+            Step("rankings", self.rankings, run / "rankings" / "manifest.json",
+                 lambda: rankings_stage.run(self.rankings, []), ("sft-data", "sft")),
+            Step("reward", self.reward, run / "reward" / "summary.json",
+                 lambda: train_resuming(reward_stage, self.reward), ("sft", "rankings")),
+            Step("ppo", self.ppo, run / "ppo" / "summary.json",
+                 lambda: train_resuming(ppo_stage, self.ppo), ("tokenizer", "sft-data", "sft", "reward")),
+            Step("code", self.code, run / "code" / "summary.json",
+                 lambda: train_resuming(code_stage, self.code), ("pretrain",)),
+            Step("humaneval", self.humaneval, run / "eval" / "humaneval" / "summary.json",
+                 lambda: eval_stage.run(self.humaneval, ["humaneval"]), ("code",)),
+            Step("fim", self.fim, run / "fim" / "summary.json",
+                 lambda: train_resuming(fim_stage, self.fim), ("data", "pretrain")),
+            Step("fim-baseline", self.fim_baseline, run / "fim_baseline" / "summary.json",
+                 lambda: train_resuming(fim_stage, self.fim_baseline), ("data", "pretrain")),
+            Step("edit-data", self.edit_data, run / "edit_data" / "manifest.json",
+                 lambda: edit_data_stage.run(self.edit_data, []), ("data",)),
+            Step("edit", self.edit, run / "edit" / "summary.json",
+                 lambda: train_resuming(edit_stage, self.edit), ("sft", "edit-data")),
+            Step("icl", self.icl, run / "eval" / "icl" / "summary.json",
+                 lambda: eval_stage.run(self.icl, ["icl"]), ("data", "pretrain")),
+            Step("cot", self.cot, run / "eval" / "cot" / "summary.json",
+                 lambda: eval_stage.run(self.cot, ["cot"]), ("pretrain",)),
+            Step("ape", self.ape, run / "ape" / "summary.json",
+                 lambda: ape_stage.run(self.ape, []), ("data", "pretrain", "fim")),
+            Step("tool-data", self.tool_data, run / "tool_data" / "arithmetic_eval.jsonl",
+                 lambda: tool_data_stage.run(self.tool_data, []), ("data",)),
+            Step("tools", self.tools, run / "tools" / "summary.json",
+                 lambda: train_resuming(sft_stage, self.tools), ("sft-data", "sft", "tool-data")),
+            Step("tools-eval", self.tools_eval, run / "eval" / "tools" / "summary.json",
+                 lambda: eval_stage.run(self.tools_eval, ["tools"]), ("tools",)),
+            Step("embed", self.embed, run / "embed" / "summary.json",
+                 lambda: train_resuming(embed_stage, self.embed), ("data", "pretrain")),
+            Step("samples", samples, run / "samples.json",
+                 lambda: write_samples(run, self.sample_tokens, self.device), ("pretrain", "code", "sft", "ppo")),
         ]
 
 
