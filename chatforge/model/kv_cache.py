@@ -47,7 +47,7 @@ class KVCache:
         if max_len > cfg.block_size:
             raise ChatforgeError(f"cache length {max_len} exceeds the model's context of {cfg.block_size} tokens")
         param = next(model.parameters())
-        return cls(cfg.n_layer, batch_size, cfg.n_head, cfg.n_embd // cfg.n_head, max_len,
+        return cls(cfg.n_layer, batch_size, cfg.kv_heads, cfg.head_dim, max_len,
                    device=param.device, dtype=dtype or param.dtype)
 
     @property

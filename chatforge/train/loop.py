@@ -3,8 +3,9 @@
 A stage supplies the model (any ``nn.Module``), a ``Task`` (where batches come from and what the loss is) and
 a ``TrainConfig``; the loop does the rest the same way for everyone:
 
-* AdamW (fused where the device supports it), weight decay on matrices only (not on norms, biases or
-  embeddings), linear warm-up then cosine (or linear, or no) decay to ``min_lr``, gradient clipping;
+* AdamW, or Muon for the blocks' matrices with AdamW for the rest (``chatforge.train.optim``); linear
+  warm-up then cosine, linear, warm-up-stable-decay (flat, then linear) or no decay to ``min_lr``, gradient
+  clipping;
 * gradient accumulation: each process cuts its share of the global batch into micro-batches;
 * DDP over ``torchrun`` processes (``chatforge.train.distributed``), bf16 autocast and ``torch.compile``
   where they pay off (``chatforge.device``);
@@ -62,11 +63,12 @@ from chatforge.config import ChatforgeError, ConfigError, option
 from chatforge.device import autocast, dtype_name, resolve_compile, resolve_dtype
 from chatforge.train import checkpoint as ckpt
 from chatforge.train import distributed
+from chatforge.train.optim import OPTIMIZERS, apply_schedule, make_optimizer
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss.png"
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 @dataclass
@@ -77,12 +79,17 @@ class TrainConfig:
                                       "means gradient accumulation (0 = the whole share)")
     lr: float = option(3e-3, "peak learning rate, reached at the end of warm-up")
     min_lr: float = option(3e-4, "learning rate at the end of the decay")
-    schedule: str = option("cosine", "decay after warm-up: cosine, linear or constant")
+    schedule: str = option("cosine", "decay after warm-up: cosine, linear, constant or wsd (flat, then linear)")
+    flat_fraction: float = option(0.35, "wsd: share of the post-warm-up run held at the peak before the linear decay")
     warmup_steps: int = option(50, "steps of linear warm-up from 0 to lr")
-    weight_decay: float = option(0.1, "AdamW weight decay of weight matrices (never of norms, biases or embeddings)")
+    optimizer: str = option("adamw", "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest; "
+                                      "lr is then Muon's rate, see chatforge.train.optim)")
+    weight_decay: float = option(0.1, "weight decay of weight matrices (never of norms, biases or embeddings)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
     eps: float = option(1e-8, "AdamW epsilon")
+    muon_momentum: float = option(0.95, "Muon momentum (after its warm-up from 0.85)")
+    muon_momentum_warmup: int = option(300, "steps over which Muon's momentum rises from 0.85 (0 = none)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
     eval_every: int = option(100, "steps between validation losses (0 = only at the start and the end)")
     ckpt_every: int = option(200, "steps between checkpoints (0 = only at the end)")
@@ -110,6 +117,12 @@ class TrainConfig:
             raise ConfigError(f"options 'train.lr' ({self.lr}) must be > 0 and 'train.min_lr' ({self.min_lr}) <= lr")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"options 'train.beta1'/'train.beta2' must be in [0, 1); got {self.beta1}, {self.beta2}")
+        if not 0 <= self.flat_fraction < 1:
+            raise ConfigError(f"option 'train.flat_fraction' must be in [0, 1); got {self.flat_fraction}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"option 'train.optimizer' must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if not 0 <= self.muon_momentum < 1 or self.muon_momentum_warmup < 0:
+            raise ConfigError("option 'train.muon_momentum' must be in [0, 1) and 'train.muon_momentum_warmup' >= 0")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"option 'train.schedule' must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -158,24 +171,13 @@ def lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
         return cfg.lr
     step_progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, max(step_progress, time_progress))
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    if cfg.schedule == "cosine":
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif cfg.schedule == "wsd":  # warm-up, stable, decay: the flat part is where most of the learning happens
+        coeff = min(1.0, (1.0 - progress) / (1.0 - cfg.flat_fraction))
+    else:
+        coeff = 1.0 - progress
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
-    """AdamW with weight decay only on weight matrices; fused kernels where the device has them."""
-    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if torch.device(device).type in ("cpu", "cuda"):
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError):
-            pass  # a dtype or device without a fused kernel: fall back to the multi-tensor one
-    return torch.optim.AdamW(groups, **kwargs)
 
 
 def _split(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -331,10 +333,14 @@ class _Run:
     def _restore(self, folder: Path) -> None:
         ckpt.load_weights(folder, self.model, self.device)
         state = ckpt.load_trainer_state(folder)
+        base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as exc:
-            raise ChatforgeError(f"cannot resume from {folder}: its optimizer state does not fit this model ({exc})") from None
+            raise ChatforgeError(f"cannot resume from {folder}: its optimizer state does not fit this model and "
+                                 f"train.optimizer={self.cfg.optimizer} ({exc})") from None
+        for group, base_lr in zip(self.optimizer.param_groups, base_lrs):  # states saved before base_lr existed
+            group["base_lr"] = base_lr
         self.step, self.seen = state["step"], state["seen"]
         self.elapsed_before = state["elapsed"]
         self.rate, self.unit = state.get("rate"), state.get("unit", self.unit)
@@ -370,8 +376,7 @@ class _Run:
         the end), from which the time-based decay is computed identically everywhere.
         """
         lr = lr_at(self.step, self.cfg, self.time_progress)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        apply_schedule(self.optimizer, lr / self.cfg.lr, self.step, self.cfg)
         custom = getattr(self.task, "backward", None)
         loss_sum, units, extras = 0.0, 0, {}
         for index in range(self.accum):
@@ -416,8 +421,8 @@ class _Run:
                 metrics = _eval_metrics(evaluate(self.model, self.device))
             self.model.train()
             self.eval_seconds = time.perf_counter() - t0
-            if metrics:
-                self.rows.append({"step": self.step, **metrics})
+            if metrics:  # eval_s: what evaluation took, so a curve can be put on training time alone
+                self.rows.append({"step": self.step, **metrics, "eval_s": round(self.eval_seconds, 3)})
         return metrics
 
     def _trainer_state(self, elapsed: float) -> dict:
