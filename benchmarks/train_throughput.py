@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from chatforge.device import autocast, dtype_name, resolve_compile, resolve_dtype
 from chatforge.model.gpt import GPT, preset_config
-from chatforge.train.loop import TrainConfig, make_optimizer
+from chatforge.train.loop import TrainConfig
+from chatforge.train.optim import make_optimizer
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:

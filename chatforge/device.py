@@ -126,3 +126,9 @@ def autocast(device: str | torch.device, dtype: torch.dtype) -> contextlib.Abstr
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued GPU work (timings of asynchronous CUDA kernels are otherwise meaningless)."""
+    if device_type(device) == "cuda":
+        torch.cuda.synchronize(device)

@@ -70,6 +70,44 @@ def test_init_from_a_hugging_face_folder_starts_from_its_weights(corpus, tmp_pat
     assert load_model(tmp_path / "run")[0].config.n_layer == 1
 
 
+def test_gpt2_weights_stay_gpt2_and_modern_models_do_not_export_to_gpt2(corpus, tmp_path):
+    from chatforge.errors import ChatforgeError
+    from chatforge.model.gpt import GPT, GPTConfig
+
+    export_hf_gpt2(GPT(GPTConfig(vocab_size=Tokenizer.load(corpus).vocab_size, block_size=32, n_layer=1, n_head=2,
+                                 n_embd=16)), tmp_path / "hf")
+    with pytest.raises(SystemExit):
+        main(["pretrain", *tiny_pretrain_args(corpus, tmp_path / "run"), f"--init_from={tmp_path / 'hf'}",
+              "--model.arch=modern"])
+    with pytest.raises(ChatforgeError, match="arch=gpt2"):
+        export_hf_gpt2(GPT(GPTConfig(arch="modern", n_layer=1, n_head=2, n_embd=16)), tmp_path / "out")
+
+
+def test_depth_dial_and_time_budget_choose_the_shape(corpus, tmp_path, monkeypatch):
+    from chatforge.train import pretrain
+
+    assert pretrain.depth_shape(4) == {"n_layer": 4, "n_embd": 128, "n_head": 2, "block_size": 256}
+    assert pretrain.depth_shape(5)["n_embd"] == 192
+    # the budget rule on a machine of fixed speed: more time buys a deeper model, and the chosen depth is the
+    # deepest whose expected tokens reach TOKENS_PER_PARAM per non-embedding parameter
+    monkeypatch.setattr(pretrain, "matmul_peak", lambda device: 1e12)
+    model = pretrain.ModelConfig()
+    depths = [pretrain.pick_depth(minutes, 8192, "cpu", model)[0] for minutes in (2, 7, 30, 120)]
+    assert depths == sorted(depths) and depths[0] < depths[-1]
+    depth, tokens = pretrain.pick_depth(7, 8192, "cpu", model)
+    assert tokens >= pretrain.TOKENS_PER_PARAM * pretrain.non_embedding_params(model.build(8192, depth))
+    # a budget-chosen model is recorded, and a resumed run keeps its shape whatever the machine measures now
+    out = tmp_path / "run"
+    args = [a for a in tiny_pretrain_args(corpus, out, train__steps=2, train__ckpt_every=1)
+            if not a.startswith(("--model.n_layer", "--model.n_head", "--model.n_embd"))]
+    main(["pretrain", *args, "--budget_minutes=0.2"])
+    first = load_model(out)[0].config
+    assert first.arch == "modern" and first.n_embd == pretrain.depth_shape(first.n_layer)["n_embd"]
+    monkeypatch.setattr(pretrain, "matmul_peak", lambda device: 1e15)
+    main(["pretrain", *args, "--budget_minutes=0.2", "--train.steps=3", "--resume"])
+    assert load_model(out)[0].config == first
+
+
 def _empty_train_shard(corpus: Path, root: Path) -> Path:
     import shutil
 

@@ -12,7 +12,8 @@ from train_helpers import CountingTask, fast_config, losses, tiny_gpt
 
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model.checkpoint import latest_checkpoint
-from chatforge.train.loop import Micro, TrainingInterrupted, lm_loss, lr_at, make_optimizer, train
+from chatforge.train.loop import Micro, TrainingInterrupted, lm_loss, lr_at, train
+from chatforge.train.optim import make_optimizer
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
@@ -86,6 +87,39 @@ def test_resume_is_exact(tmp_path):
     straight, resumed = losses(tmp_path / "straight"), losses(cut)
     assert sorted(resumed) == list(range(1, 21))
     assert [resumed[s] for s in range(11, 21)] == [straight[s] for s in range(11, 21)]
+
+
+def test_muon_recipe_groups_learns_and_resumes_exactly(tmp_path):
+    """Muon takes exactly the blocks' matrices, AdamW the rest; its state survives a resume bit for bit."""
+    modern = dict(arch="modern", bias=False)
+    model = tiny_gpt(**modern)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = make_optimizer(model, fast_config(optimizer="muon", lr=0.02), "cpu")
+    muon = {names[id(p)] for g in optimizer.muon.param_groups for p in g["params"]}
+    assert muon == {n for n in names.values() if n.startswith("h.") and n.endswith("weight") and "ve_gate" not in n}
+    embed, head, scalars = (sorted(names[id(p)] for p in g["params"]) for g in optimizer.adamw.param_groups)
+    assert embed == ["value_embeds.1.weight", "wte.weight"] and head == ["lm_head.weight"]
+    assert "resid_lambdas" in scalars and "h.1.attn.ve_gate.weight" in scalars
+    # the AdamW groups keep the reference ratios to Muon's rate, widths scaled by (width / 768)^-1/2
+    assert optimizer.adamw.param_groups[0]["lr"] == pytest.approx(0.02 * 15 * (768 / 32) ** 0.5)
+
+    recipe = dict(optimizer="muon", lr=0.02, min_lr=0.0, schedule="wsd", warmup_steps=2, steps=20)
+    train(tiny_gpt(**modern), CountingTask(), fast_config(**recipe), tmp_path / "straight")
+    straight = losses(tmp_path / "straight")
+    assert straight[20] < straight[1] - 1.0
+    cut = tmp_path / "cut"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_gpt(**modern), CountingTask(crash_at=14), fast_config(**recipe, ckpt_every=10), cut)
+    train(tiny_gpt(seed=5, **modern), CountingTask(), fast_config(**recipe, ckpt_every=10), cut, resume=True)
+    resumed = losses(cut)
+    assert [resumed[s] for s in range(11, 21)] == [straight[s] for s in range(11, 21)]
+
+
+def test_wsd_schedule_is_flat_then_linear_to_min_lr():
+    cfg = fast_config(lr=1.0, min_lr=0.0, warmup_steps=10, steps=110, schedule="wsd", flat_fraction=0.5)
+    assert lr_at(9, cfg) == pytest.approx(1.0) and lr_at(60, cfg) == pytest.approx(1.0)
+    assert lr_at(85, cfg) == pytest.approx(0.5) and lr_at(110, cfg) == pytest.approx(0.0)
+    assert lr_at(20, cfg, time_progress=0.75) == pytest.approx(0.5)  # a time budget moves the decay the same way
 
 
 def test_sigint_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):

@@ -1,8 +1,21 @@
-"""The decoder-only GPT: token + learned position embeddings, pre-norm blocks of causal self-attention and
-an MLP, a final LayerNorm and an output projection tied to the token embedding.
+"""The decoder-only GPT, in two architectures behind one interface (``hidden_states``, ``logits``, ``forward``).
 
-The layout follows GPT-2 exactly (module names included), so Hugging Face GPT-2 checkpoints load into it
-without any reshaping beyond Conv1D's transposed weights (see ``chatforge.model.hf``).
+``arch="gpt2"`` follows GPT-2 exactly (module names included), so Hugging Face GPT-2 checkpoints load into it
+without any reshaping beyond Conv1D's transposed weights (see ``chatforge.model.hf``): token + learned position
+embeddings, pre-LayerNorm blocks with biases, GELU MLP, output projection tied to the token embedding.
+
+``arch="modern"`` is the default for training from scratch; every choice buys loss per FLOP at small scale:
+
+* rotary positions (no position table; base 100,000) and RMS-normalised queries and keys (QK-norm), which
+  keeps attention logits bounded so high learning rates do not blow them up;
+* parameter-free RMSNorm (also right after the embedding), no biases, ReLU² MLP (4× wide);
+* untied input embedding and output head; the head's logits soft-capped at ``15·tanh(x/15)``;
+* value embeddings: on alternating layers a second token embedding is mixed into the attention values
+  through a per-head sigmoid gate (cheap capacity: a table lookup, no FLOPs);
+* per-layer learnable scalars on the residual stream and on a copy of the (normed) input embedding ``x0``,
+  so a layer can re-read the token identity directly;
+* output projections of attention and MLP start at zero, so the network starts as a shallow one and grows;
+* grouped-query attention as an option (``n_kv_head < n_head``): fewer key/value heads, a smaller KV cache.
 """
 
 from __future__ import annotations
@@ -16,19 +29,37 @@ from torch import nn
 
 from chatforge.errors import ChatforgeError
 
+ARCHS = ("gpt2", "modern")
+
 
 @dataclass
 class GPTConfig:
     vocab_size: int = 8192
-    block_size: int = 256  # longest sequence the position table covers
+    block_size: int = 256  # longest sequence: the position table (gpt2) or the rotary table (modern) covers it
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 192
     dropout: float = 0.0
-    bias: bool = True  # biases in Linear/LayerNorm, as GPT-2; False is slightly faster
+    bias: bool = True  # gpt2 only: biases in Linear/LayerNorm, as GPT-2; False is slightly faster
     layer_norm_eps: float = 1e-5
+    # a config without "arch" is a checkpoint written before modern existed: gpt2
+    arch: str = "gpt2"
+    n_kv_head: int = 0  # modern only: key/value heads (0 = n_head; fewer is grouped-query attention)
+    rope_base: float = 100_000.0
+    logit_softcap: float = 15.0  # modern only: logits = softcap * tanh(logits / softcap) (0 = none)
+    value_embeds: bool = True  # modern only: value embeddings on alternating layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head if self.arch == "modern" else self.n_head
 
     def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ChatforgeError(f"model.arch must be one of {', '.join(ARCHS)}; got {self.arch!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ChatforgeError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -36,6 +67,15 @@ class GPTConfig:
             raise ChatforgeError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ChatforgeError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.arch == "modern":
+            if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+                raise ChatforgeError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})")
+            if self.head_dim % 2:
+                raise ChatforgeError(f"rotary positions need an even head size; n_embd / n_head = {self.head_dim}")
+            if self.logit_softcap < 0 or self.rope_base <= 0:
+                raise ChatforgeError("model.logit_softcap must be >= 0 and model.rope_base > 0")
+        elif self.n_kv_head not in (0, self.n_head):
+            raise ChatforgeError("grouped-query attention (model.n_kv_head) needs arch=modern")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,7 +89,7 @@ PRESETS: dict[str, dict] = {
     "babbage": dict(n_layer=8, n_head=8, n_embd=384, block_size=512),
     "curie": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "davinci": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, arch="gpt2"),
 }
 
 
@@ -60,6 +100,23 @@ def preset_config(name: str, **overrides) -> GPTConfig:
     cfg.validate()
     return cfg
 
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def attend(q, k, v, kv_cache, layer_idx: int, dropout: float) -> torch.Tensor:
+    """Causal attention of q [B, H, T, D] over k, v [B, Hkv, T, D]; with a cache, over everything cached so far."""
+    gqa = q.size(1) != k.size(1)
+    if kv_cache is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+    # The cache stores this step's keys/values and returns everything visible so far, with a mask that
+    # encodes causality and each row's own length (rows may be at different positions).
+    k, v, mask = kv_cache.update(layer_idx, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+# ---- arch = "gpt2" ---------------------------------------------------------------------------------------------
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer_idx: int):
@@ -74,14 +131,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        dropout = self.dropout if self.training else 0.0
-        if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:
-            # The cache stores this step's keys/values and returns everything visible so far, with a mask
-            # that encodes causality and each row's own length (rows may be at different positions).
-            k, v, mask = kv_cache.update(self.layer_idx, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, kv_cache, self.layer_idx, self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -110,32 +160,136 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
+# ---- arch = "modern" -------------------------------------------------------------------------------------------
+
+GATE_CHANNELS = 32  # the value-embedding gate reads this many leading channels of the block's input
+
+
+def has_value_embed(cfg: GPTConfig, layer_idx: int) -> bool:
+    """Alternating layers, always including the last."""
+    return cfg.value_embeds and layer_idx % 2 == (cfg.n_layer - 1) % 2
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of x [B, T, H, D] with cos/sin [B or 1, T, 1, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class ModernAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.n_head, self.n_kv_head, self.head_dim = layer_idx, cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.c_k = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.c_v = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        gated = has_value_embed(cfg, layer_idx)
+        self.ve_gate = nn.Linear(min(GATE_CHANNELS, cfg.n_embd), cfg.kv_heads, bias=False) if gated else None
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rotary, value_embed=None, kv_cache=None):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if value_embed is not None:  # [B, T, Hkv*D], gated per head in (0, 2), starting at 1
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
+            v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.n_kv_head, self.head_dim)
+        # QK-norm then × 1.2 (a sharper softmax than unit norms allow), rotary on the normed vectors
+        q, k = rotate(rms_norm(q) * 1.2, *rotary), rotate(rms_norm(k) * 1.2, *rotary)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = attend(q, k, v, kv_cache, self.layer_idx, self.dropout if self.training else 0.0)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class ModernMLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class ModernBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = ModernAttention(cfg, layer_idx)
+        self.mlp = ModernMLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rotary, value_embed=None, kv_cache=None):
+        x = x + self.drop(self.attn(rms_norm(x), rotary, value_embed, kv_cache))
+        return x + self.drop(self.mlp(rms_norm(x)))
+
+
+# ---- the model -------------------------------------------------------------------------------------------------
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         cfg.validate()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.apply(self._init_weights)
-        # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat in depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.arch == "gpt2":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+            self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        else:
+            self.h = nn.ModuleList(ModernBlock(cfg, i) for i in range(cfg.n_layer))
+            kv_dim = cfg.kv_heads * cfg.head_dim
+            self.value_embeds = nn.ModuleDict(
+                {str(i): nn.Embedding(cfg.vocab_size, kv_dim) for i in range(cfg.n_layer) if has_value_embed(cfg, i)}
+            )
+            self.resid_lambdas = nn.Parameter(torch.ones(cfg.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(cfg.n_layer))
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            # cos/sin of every position: a buffer derived from the config, never saved in checkpoints
+            inv_freq = cfg.rope_base ** -(torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+            angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
+            self.register_buffer("rotary_cos", angles.cos(), persistent=False)
+            self.register_buffer("rotary_sin", angles.sin(), persistent=False)
+        self.reset_parameters()
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg = self.config
+        if cfg.arch == "gpt2":
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat in depth.
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            return
+        bound = math.sqrt(3) / math.sqrt(cfg.n_embd)  # uniform with std 1/sqrt(width)
+        nn.init.normal_(self.wte.weight, std=0.8)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for embed in self.value_embeds.values():
+            nn.init.uniform_(embed.weight, -bound, bound)
+        for block in self.h:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * bound, 0.4 * bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= self.wpe.weight.numel() if self.config.arch == "gpt2" else 0
+        return n
 
     def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
         """Final (normed) hidden states [B, T, n_embd]; reward, value and embedding heads read these."""
@@ -144,18 +298,36 @@ class GPT(nn.Module):
             if kv_cache is not None:
                 positions = kv_cache.positions(T)  # the cache checks its own capacity against block_size
             elif T > self.config.block_size:
-                raise ChatforgeError(f"sequence of {T} tokens is longer than the model's context of {self.config.block_size}")
+                raise ChatforgeError(
+                    f"sequence of {T} tokens is longer than the model's context of {self.config.block_size}"
+                )
             else:
                 positions = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(positions))
-        for block in self.h:
-            x = block(x, kv_cache)
+        if self.config.arch == "gpt2":
+            x = self.drop(self.wte(idx) + self.wpe(positions))
+            for block in self.h:
+                x = block(x, kv_cache)
+            hidden = self.ln_f(x)
+        else:
+            # positions are [T] (shared) or [B, T] (per row, from the cache): broadcast to [B or 1, T, 1, D/2]
+            at = positions if positions.dim() == 2 else positions[None]
+            rotary = (self.rotary_cos[at][:, :, None], self.rotary_sin[at][:, :, None])
+            x = x0 = self.drop(rms_norm(self.wte(idx)))
+            for i, block in enumerate(self.h):
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+                value_embed = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+                x = block(x, rotary, value_embed, kv_cache)
+            hidden = rms_norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.ln_f(x)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.wte.weight)  # output projection tied to the token embedding
+        if self.config.arch == "gpt2":
+            return F.linear(hidden, self.wte.weight)  # output projection tied to the token embedding
+        logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
 
     def forward(
         self,

@@ -69,6 +69,9 @@ def load_hf_gpt2(directory: str | Path, device: str | torch.device = "cpu") -> G
 def export_hf_gpt2(model: GPT, directory: str | Path, eos_token_id: int | None = None) -> None:
     """Write ``model`` as a Hugging Face GPT-2 checkpoint that ``GPT2LMHeadModel.from_pretrained`` loads."""
     cfg = model.config
+    if cfg.arch != "gpt2":
+        raise ChatforgeError(f"only arch=gpt2 models export to the GPT-2 format; this model is arch={cfg.arch} "
+                             "(train with --model.arch=gpt2 to export)")
     directory = Path(directory)
     state = {}
     for name, tensor in model.state_dict().items():

@@ -41,14 +41,23 @@ class KVCache:
         self._plan: _StepPlan | None = None
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> "KVCache":
+    def for_model(
+        cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> "KVCache":
         cfg = model.config
         max_len = max_len or cfg.block_size
         if max_len > cfg.block_size:
             raise ChatforgeError(f"cache length {max_len} exceeds the model's context of {cfg.block_size} tokens")
         param = next(model.parameters())
-        return cls(cfg.n_layer, batch_size, cfg.n_head, cfg.n_embd // cfg.n_head, max_len,
-                   device=param.device, dtype=dtype or param.dtype)
+        return cls(
+            cfg.n_layer,
+            batch_size,
+            cfg.kv_heads,
+            cfg.head_dim,
+            max_len,
+            device=param.device,
+            dtype=dtype or param.dtype,
+        )
 
     @property
     def batch_size(self) -> int:

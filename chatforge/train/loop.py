@@ -3,8 +3,9 @@
 A stage supplies the model (any ``nn.Module``), a ``Task`` (where batches come from and what the loss is) and
 a ``TrainConfig``; the loop does the rest the same way for everyone:
 
-* AdamW (fused where the device supports it), weight decay on matrices only (not on norms, biases or
-  embeddings), linear warm-up then cosine (or linear, or no) decay to ``min_lr``, gradient clipping;
+* AdamW, or Muon for the blocks' matrices with AdamW for the rest (``chatforge.train.optim``); linear
+  warm-up then cosine, linear, warm-up-stable-decay (flat, then linear) or no decay to ``min_lr``, gradient
+  clipping;
 * gradient accumulation: each process cuts its share of the global batch into micro-batches;
 * DDP over ``torchrun`` processes (``chatforge.train.distributed``), bf16 autocast and ``torch.compile``
   where they pay off (``chatforge.device``);
@@ -63,11 +64,12 @@ from chatforge.device import autocast, dtype_name, resolve_compile, resolve_dtyp
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model import checkpoint as ckpt
 from chatforge.train import distributed
+from chatforge.train.optim import OPTIMIZERS, apply_schedule, make_optimizer
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss.png"
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 @dataclass
@@ -78,12 +80,17 @@ class TrainConfig:
                                       "means gradient accumulation (0 = the whole share)")
     lr: float = option(3e-3, "peak learning rate, reached at the end of warm-up")
     min_lr: float = option(3e-4, "learning rate at the end of the decay")
-    schedule: str = option("cosine", "decay after warm-up: cosine, linear or constant")
+    schedule: str = option("cosine", "decay after warm-up: cosine, linear, constant or wsd (flat, then linear)")
+    flat_fraction: float = option(0.35, "wsd: share of the post-warm-up run held at the peak before the linear decay")
     warmup_steps: int = option(50, "steps of linear warm-up from 0 to lr")
-    weight_decay: float = option(0.1, "AdamW weight decay of weight matrices (never of norms, biases or embeddings)")
+    optimizer: str = option("adamw", "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest; "
+                                      "lr is then Muon's rate, see chatforge.train.optim)")
+    weight_decay: float = option(0.1, "weight decay of weight matrices (never of norms, biases or embeddings)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
     eps: float = option(1e-8, "AdamW epsilon")
+    muon_momentum: float = option(0.95, "Muon momentum (after its warm-up from 0.85)")
+    muon_momentum_warmup: int = option(300, "steps over which Muon's momentum rises from 0.85 (0 = none)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
     eval_every: int = option(100, "steps between validation losses (0 = only at the start and the end)")
     ckpt_every: int = option(200, "steps between checkpoints (0 = only at the end)")
@@ -111,6 +118,13 @@ class TrainConfig:
             raise ConfigError(f"options 'train.lr' ({self.lr}) must be > 0 and 'train.min_lr' ({self.min_lr}) <= lr")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"options 'train.beta1'/'train.beta2' must be in [0, 1); got {self.beta1}, {self.beta2}")
+        if not 0 <= self.flat_fraction < 1:
+            raise ConfigError(f"option 'train.flat_fraction' must be in [0, 1); got {self.flat_fraction}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"option 'train.optimizer' must be one of {', '.join(OPTIMIZERS)}; "
+                              f"got {self.optimizer!r}")
+        if not 0 <= self.muon_momentum < 1 or self.muon_momentum_warmup < 0:
+            raise ConfigError("option 'train.muon_momentum' must be in [0, 1) and 'train.muon_momentum_warmup' >= 0")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"option 'train.schedule' must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -159,24 +173,13 @@ def lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
         return cfg.lr
     step_progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, max(step_progress, time_progress))
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    if cfg.schedule == "cosine":
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif cfg.schedule == "wsd":  # warm-up, stable, decay: the flat part is where most of the learning happens
+        coeff = min(1.0, (1.0 - progress) / (1.0 - cfg.flat_fraction))
+    else:
+        coeff = 1.0 - progress
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
-    """AdamW with weight decay only on weight matrices; fused kernels where the device has them."""
-    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if torch.device(device).type in ("cpu", "cuda"):
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError):
-            pass  # a dtype or device without a fused kernel: fall back to the multi-tensor one
-    return torch.optim.AdamW(groups, **kwargs)
 
 
 def _split(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -186,8 +189,10 @@ def _split(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     share = cfg.batch_size // world_size
     micro = cfg.micro_batch_size or share
     if micro > share or share % micro:
-        raise ConfigError(f"train.micro_batch_size {micro} must divide each process's share of the batch ({share} = "
-                          f"batch_size {cfg.batch_size} / {world_size} processes)")
+        raise ConfigError(
+            f"train.micro_batch_size {micro} must divide each process's share of the batch ({share} = "
+            f"batch_size {cfg.batch_size} / {world_size} processes)"
+        )
     return micro, share // micro
 
 
@@ -324,18 +329,26 @@ class _Run:
                 print(f"[train] no checkpoint in {self.out_dir}; starting from scratch")
             return None
         if not resume:
-            raise ChatforgeError(f"{self.out_dir} already holds checkpoints ({found.name}); continue it with "
-                                 "--resume, or choose another out_dir")
+            raise ChatforgeError(
+                f"{self.out_dir} already holds checkpoints ({found.name}); continue it with "
+                "--resume, or choose another out_dir"
+            )
         ckpt.check_compatible(found, self.model, self.meta.get("model"))
         return found
 
     def _restore(self, folder: Path) -> None:
         ckpt.load_weights(folder, self.model, self.device)
         state = ckpt.load_trainer_state(folder)
+        base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as exc:
-            raise ChatforgeError(f"cannot resume from {folder}: its optimizer state does not fit this model ({exc})") from None
+            raise ChatforgeError(
+                f"cannot resume from {folder}: its optimizer state does not fit this model and "
+                f"train.optimizer={self.cfg.optimizer} ({exc})"
+            ) from None
+        for group, base_lr in zip(self.optimizer.param_groups, base_lrs):  # states saved before base_lr existed
+            group["base_lr"] = base_lr
         self.step, self.seen = state["step"], state["seen"]
         self.elapsed_before = state["elapsed"]
         self.rate, self.unit = state.get("rate"), state.get("unit", self.unit)
@@ -371,16 +384,19 @@ class _Run:
         the end), from which the time-based decay is computed identically everywhere.
         """
         lr = lr_at(self.step, self.cfg, self.time_progress)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        apply_schedule(self.optimizer, lr / self.cfg.lr, self.step, self.cfg)
         custom = getattr(self.task, "backward", None)
         loss_sum, units, extras = 0.0, 0, {}
         for index in range(self.accum):
-            batch = self.task.batch(self.step, self.dist.rank * self.accum + index, self.dist.world_size * self.accum, self.device)
+            batch = self.task.batch(
+                self.step, self.dist.rank * self.accum + index, self.dist.world_size * self.accum, self.device
+            )
             last = index == self.accum - 1
             with contextlib.nullcontext() if last else self._no_sync():
                 if custom is not None:
-                    loss, tokens, more = _as_metrics(custom(self.wrapped, batch, Micro(1.0 / self.accum, self._autocast, self._no_sync)))
+                    loss, tokens, more = _as_metrics(
+                        custom(self.wrapped, batch, Micro(1.0 / self.accum, self._autocast, self._no_sync))
+                    )
                 else:
                     with self._autocast():
                         loss, tokens, more = _as_metrics(self.task.loss(self.wrapped, batch))
@@ -396,14 +412,26 @@ class _Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed, reserve = clock() if self.dist.is_main else (0.0, 0.0)
-        reduced = torch.tensor([loss_sum / self.accum, units, float(interrupted()), elapsed, reserve], dtype=torch.float64,
-                               device=self.device)
+        reduced = torch.tensor(
+            [loss_sum / self.accum, units, float(interrupted()), elapsed, reserve],
+            dtype=torch.float64,
+            device=self.device,
+        )
         loss, units, stop, elapsed, reserve = self.dist.all_reduce(reduced).tolist()
         loss /= self.dist.world_size
         if not math.isfinite(loss):
-            raise ChatforgeError(f"the training loss became {loss} at step {self.step + 1}; lower train.lr or check the data")
-        return {"loss": loss, "units": units, "grad_norm": grad_norm, "metrics": {"lr": lr, **extras},
-                "interrupted": stop > 0, "elapsed": elapsed, "reserve": reserve}
+            raise ChatforgeError(
+                f"the training loss became {loss} at step {self.step + 1}; lower train.lr or check the data"
+            )
+        return {
+            "loss": loss,
+            "units": units,
+            "grad_norm": grad_norm,
+            "metrics": {"lr": lr, **extras},
+            "interrupted": stop > 0,
+            "elapsed": elapsed,
+            "reserve": reserve,
+        }
 
     # ---- evaluation, checkpoints, outputs ----------------------------------------------------------------
 
@@ -417,8 +445,8 @@ class _Run:
                 metrics = _eval_metrics(evaluate(self.model, self.device))
             self.model.train()
             self.eval_seconds = time.perf_counter() - t0
-            if metrics:
-                self.rows.append({"step": self.step, **metrics})
+            if metrics:  # eval_s: what evaluation took, so a curve can be put on training time alone
+                self.rows.append({"step": self.step, **metrics, "eval_s": round(self.eval_seconds, 3)})
         return metrics
 
     def _trainer_state(self, elapsed: float) -> dict:
@@ -440,8 +468,9 @@ class _Run:
         state = self._trainer_state(elapsed)  # every rank takes part: the RNG states are gathered
         if self.dist.is_main:
             config = {**self.meta, "train": dataclasses.asdict(self.cfg)}
-            ckpt.save_checkpoint(self.out_dir, self.step, self.model, state, config, self.tokenizer,
-                                 keep=self.cfg.keep_checkpoints)
+            ckpt.save_checkpoint(
+                self.out_dir, self.step, self.model, state, config, self.tokenizer, keep=self.cfg.keep_checkpoints
+            )
             self._write_progress()
         self.dist.barrier()
         self.saved_step = self.step
@@ -449,7 +478,9 @@ class _Run:
 
     def _write_progress(self) -> None:
         io.write_jsonl(self.out_dir / METRICS_FILE, self.rows)
-        title = f"{self.meta.get('stage', 'training')}: {self.params / 1e6:.2f}M params, {self.seen / 1e6:.2f}M {self.unit}"
+        title = (
+            f"{self.meta.get('stage', 'training')}: {self.params / 1e6:.2f}M params, {self.seen / 1e6:.2f}M {self.unit}"
+        )
         plot_losses(self.rows, self.out_dir / PLOT_FILE, title)
 
     def _summary(self, elapsed: float) -> dict:
@@ -502,20 +533,31 @@ class _Run:
 
         cfg, main = self.cfg, self.dist.is_main
         t_start = time.perf_counter()
-        elapsed = lambda: self.elapsed_before + time.perf_counter() - t_start
+
+        def elapsed() -> float:
+            return self.elapsed_before + time.perf_counter() - t_start
+
         self.model.train()
         if self.step == 0:
             self._evaluate()  # the curve's starting point
         steps_here, timed_seconds, timed_units = 0, 0.0, 0.0
         # a log file (not a terminal) gets a progress line every 30 s instead of ten redraws a second
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), dynamic_ncols=True,
-                   desc=self.meta.get("stage", "train"), unit="step", mininterval=0.1 if sys.stderr.isatty() else 30)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (main and cfg.progress),
+            dynamic_ncols=True,
+            desc=self.meta.get("stage", "train"),
+            unit="step",
+            mininterval=0.1 if sys.stderr.isatty() else 30,
+        )
         interrupted = out_of_time = False
         with _StopSignal() as stop_signal:
             while self.step < cfg.steps and not out_of_time:
                 t0 = time.perf_counter()
-                out = self._train_step(lambda: stop_signal.requested,
-                                       lambda: (elapsed(), self.eval_seconds + self.ckpt_seconds))
+                out = self._train_step(
+                    lambda: stop_signal.requested, lambda: (elapsed(), self.eval_seconds + self.ckpt_seconds)
+                )
                 self.step += 1
                 self.seen += out["units"]
                 steps_here += 1
@@ -526,12 +568,24 @@ class _Run:
                 out_of_time = self._track_budget(out["elapsed"], out["reserve"])
                 last = self.step == cfg.steps or out_of_time
                 if self.step % cfg.log_every == 0 or last:
-                    self.rows.append({"step": self.step, "loss": round(out["loss"], 6), "grad_norm": round(out["grad_norm"], 4),
-                                      self.unit: int(self.seen), "elapsed_s": round(out["elapsed"], 2), **out["metrics"]})
+                    self.rows.append(
+                        {
+                            "step": self.step,
+                            "loss": round(out["loss"], 6),
+                            "grad_norm": round(out["grad_norm"], 4),
+                            self.unit: int(self.seen),
+                            "elapsed_s": round(out["elapsed"], 2),
+                            **out["metrics"],
+                        }
+                    )
                 if cfg.max_minutes and 0 < self.time_progress < 1:  # the bar's total and ETA follow the budget
-                    bar.total = min(cfg.steps, self.step + round((self.step - cfg.warmup_steps) * (1 / self.time_progress - 1)))
+                    bar.total = min(
+                        cfg.steps, self.step + round((self.step - cfg.warmup_steps) * (1 / self.time_progress - 1))
+                    )
                 bar.update(1)
-                bar.set_postfix_str(f"loss {out['loss']:.4f} | {out['units'] / seconds:,.0f} {self.unit[:3]}/s", refresh=False)
+                bar.set_postfix_str(
+                    f"loss {out['loss']:.4f} | {out['units'] / seconds:,.0f} {self.unit[:3]}/s", refresh=False
+                )
                 if out["interrupted"]:
                     interrupted = True
                     break
@@ -544,16 +598,20 @@ class _Run:
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
                     metrics = self._evaluate()
                     if metrics:
-                        bar.write(f"step {self.step}: train loss {out['loss']:.4f}, "
-                                  + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                        bar.write(
+                            f"step {self.step}: train loss {out['loss']:.4f}, "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                        )
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not last:
                     self._save(elapsed())
         bar.close()
         if interrupted:
             if self.saved_step != self.step:
                 self._save(elapsed())
-            raise TrainingInterrupted(f"training interrupted at step {self.step}; checkpoint saved in {self.out_dir}; "
-                                      "run again with --resume to continue")
+            raise TrainingInterrupted(
+                f"training interrupted at step {self.step}; checkpoint saved in {self.out_dir}; "
+                "run again with --resume to continue"
+            )
         if self.step < cfg.steps and self.stopped_by == "steps":
             self.stopped_by = "max_minutes"
         if not any(r.get("step") == self.step and "val_loss" in r for r in self.rows):
@@ -565,8 +623,10 @@ class _Run:
             self._write_progress()
             io.write_json(self.out_dir / SUMMARY_FILE, summary)
             val = f", val loss {summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else ""
-            print(f"[train] {self.step} steps, {self.seen / 1e6:.2f}M {self.unit} in {summary['wall_time_s']:.0f} s"
-                  f"{val}; outputs in {self.out_dir}")
+            print(
+                f"[train] {self.step} steps, {self.seen / 1e6:.2f}M {self.unit} in {summary['wall_time_s']:.0f} s"
+                f"{val}; outputs in {self.out_dir}"
+            )
         return summary
 
 
