@@ -167,7 +167,7 @@ def _error(excinfo, status: int) -> dict:
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", "invalid_value"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]}, 400, "messages", None),
     ({"messages": [{"role": "user"}]}, 400, "messages.0.content", "missing_required_parameter"),
-    ({"logit_bias": {"999999": 5}}, 400, None, None),
+    ({"logit_bias": {"999999": 5}}, 400, "logit_bias", None),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     ({"n": 1000}, 400, "n", None),
     ({"extra_body": {"response_format": {"type": "json_object"}}}, 400, "response_format", "unknown_parameter"),
@@ -392,7 +392,7 @@ def _scripted_turns(monkeypatch, engine, turns: list):
     import json as _json
 
     from chatforge.infer.outputs import Choice, Completion
-    from chatforge.serve import api
+    from chatforge.serve import chat
 
     script = list(turns)
     tok = engine.tokenizer
@@ -405,7 +405,7 @@ def _scripted_turns(monkeypatch, engine, turns: list):
         self.completions += done
         return done
 
-    monkeypatch.setattr(api.ScheduledTurns, "generate", generate)
+    monkeypatch.setattr(chat.ScheduledTurns, "generate", generate)
     return script
 
 

@@ -88,13 +88,8 @@ class Engine:
 
     def prepare(self, prompt: Prompt, params: SamplingParams | None = None) -> Prepared:
         """Validate a request and fit it into the context window (or fail with a message saying how)."""
-        params = (params or SamplingParams()).validate()
+        params = self.check_params(params or SamplingParams())
         ids = self.encode(prompt)
-        self._check_ids("logit_bias", params.logit_bias)
-        self._check_ids("stop_token_ids", params.stop_token_ids)
-        if params.top_k > self.vocab_size:
-            raise ParamError("top_k", f"top_k must be at most the vocabulary size {self.vocab_size} (0 = off), "
-                                      f"got {params.top_k}")
         if params.stop and self.tokenizer is None:
             raise ChatforgeError("stop strings need a tokenizer; give stop_token_ids instead")
         room = params.max_tokens or 1
@@ -110,6 +105,16 @@ class Engine:
             ids = ids[len(ids) + room - self.block_size :]
         stop_ids = list(dict.fromkeys(params.stop_token_ids + ([] if params.ignore_eos else self.end_ids)))
         return Prepared(ids, params, params.max_tokens or self.block_size - len(ids), stop_ids)
+
+    def check_params(self, params: SamplingParams) -> SamplingParams:
+        """``params`` validated, and within this model's vocabulary (ParamError names the setting)."""
+        params.validate()
+        self._check_ids("logit_bias", params.logit_bias)
+        self._check_ids("stop_token_ids", params.stop_token_ids)
+        if params.top_k > self.vocab_size:
+            raise ParamError("top_k", f"top_k must be at most the vocabulary size {self.vocab_size} (0 = off), "
+                                      f"got {params.top_k}")
+        return params
 
     def new_detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
         decode = self.tokenizer.decode_bytes if self.tokenizer is not None else (lambda ids: b"")

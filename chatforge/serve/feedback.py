@@ -8,7 +8,16 @@ Tables (every row has a timestamp; every row about a model answer records the mo
 * ``conversations`` — id, owner (the API key's client id, "" without keys), title, model id.
 * ``messages`` — a tree: each message has a ``parent_id`` (None for the first), so regenerating an answer
   or editing-and-resubmitting a question adds a sibling instead of overwriting history. The K answers of a
-  compare-mode turn share a ``compare_group`` (with ``compare_index`` 0..K-1).
+  compare-mode turn share a ``compare_group`` (with ``compare_index`` 0..K-1). ``author`` says who wrote
+  it: ``model`` (an answer this server generated: it references its ``generations`` row), ``human`` (a
+  question, or an answer a person wrote), or ``unverified`` (answers stored before version 2, when clients
+  sent answers' text themselves).
+* ``generations`` — every chat answer the server sent (by completion id and choice index), as the client
+  was shown it, with the client id, the model and a digest of the messages it answered. An answer is
+  stored in a conversation only by reference to one of these, under a path whose messages have that digest,
+  so nobody can make the store say the model wrote something it did not, or wrote it to another question.
+* ``schema_version`` — the database's schema version: an older known one is upgraded when opened, a newer
+  or unknown one is refused with a clear error.
 * ``ratings`` — thumbs up (+1) / down (-1) / cleared (0) of an answer; the latest counts.
 * ``rankings`` — a compare-mode ranking: the K answers' ids and texts, and their order best to worst.
 * ``edits`` — a person's rewrite of an answer (before, after): a human-corrected demonstration.
@@ -21,7 +30,10 @@ Tables (every row has a timestamp; every row about a model answer records the mo
 
 Exports (``chatforge feedback export --as sft|rankings --out FILE``), JSON lines:
 
-* ``sft`` — ``{"id", "messages": [{"role", "content"}, ...], "source": "feedback", "user_id"?, "model"}``,
+* ``sft`` — ``{"id", "messages": [{"role", "content"}, ...], "source": "feedback", "user_id"?, "model",
+  "provenance"}``, where provenance is ``model-generated`` (every answer as the model wrote it),
+  ``human-edited`` (a person edited an answer on the path), ``human-written`` (a person wrote one) or
+  ``unverified`` (an answer from before version 2),
   the format ``chatforge sft-data --feedback FILE`` reads. One line per demonstration: the path from the
   first message to an answer that was rated up, edited by a person, or ranked best (with
   ``include_implicit``, also answers copied or replied to and never regenerated or re-asked). Every answer
@@ -31,18 +43,21 @@ Exports (``chatforge feedback export --as sft|rankings --out FILE``), JSON lines
 * ``rankings`` — ``{"id", "prompt": [messages up to the question], "completions": [K answer texts],
   "ranking": [indices of completions, best first], "source": "feedback", "model"}``, the format of
   ``chatforge rankings --inputs FILE`` and so of the reward model. ``completions`` are the answers as the
-  model wrote them (edits are demonstrations, not samples). Rankings of fewer than 4 or more than 9
+  model wrote them (edits are demonstrations, not samples), so ``provenance`` is always ``model-generated``
+  (only generated answers can be ranked). Rankings of fewer than 4 or more than 9
   answers are skipped (and counted), since the reward data needs 4 ≤ K ≤ 9.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
+                        inspect, select, text)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
@@ -51,7 +66,8 @@ from chatforge.chat_template import ROLE_TOKENS
 from chatforge.config import ChatforgeError
 
 SIGNALS = ("copied", "regenerated", "continued", "asked_again")
-CLIENT_SIGNALS = ("copied",)  # the others follow from the messages the client adds
+SCHEMA_VERSION = 2  # 1: before versioning (answers' text came from clients); 2: answers by reference
+AUTHORS = ("model", "human", "unverified")
 EXPORT_FORMATS = ("sft", "rankings")
 DB_FILE = "feedback.db"
 
@@ -93,11 +109,32 @@ class Message(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     compare_group: Mapped[str | None] = mapped_column(String(32), index=True)
     compare_index: Mapped[int | None] = mapped_column(Integer)
+    author: Mapped[str] = mapped_column(String(16), default="human")
+    generation_id: Mapped[int | None] = mapped_column(ForeignKey("generations.id"), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
     ratings: Mapped[list["Rating"]] = relationship(cascade="all, delete-orphan", order_by="Rating.id")
     edits: Mapped[list["Edit"]] = relationship(cascade="all, delete-orphan", order_by="Edit.id")
     signals: Mapped[list["Signal"]] = relationship(cascade="all, delete-orphan", order_by="Signal.id")
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+    __table_args__ = (UniqueConstraint("completion_id", "choice_index"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    completion_id: Mapped[str] = mapped_column(String(64), index=True)
+    choice_index: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[str] = mapped_column(String(64), default="")
+    model_id: Mapped[str] = mapped_column(String(200))
+    prompt_digest: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
 
 
 class AboutAnswer:
@@ -161,6 +198,9 @@ def database_url(target: str | Path) -> str:
         return target
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # conversations are private: the file (and SQLite's -wal/-shm files, which copy its mode) is the owner's alone
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.chmod(path, 0o600)
     return f"sqlite:///{path.resolve()}"
 
 
@@ -183,7 +223,7 @@ class FeedbackStore:
                                         pool_pre_ping=not sqlite)
             if sqlite:
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            Base.metadata.create_all(self.engine)
+            self._migrate()
         except (SQLAlchemyError, ImportError) as exc:
             raise ChatforgeError(f"cannot open the feedback database {self._safe_url()}: {exc}") from None
 
@@ -197,6 +237,29 @@ class FeedbackStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def _migrate(self) -> None:
+        """Create a new database at SCHEMA_VERSION, upgrade a known older one, refuse a newer or unknown one."""
+        tables = set(inspect(self.engine).get_table_names())
+        if "conversations" not in tables:
+            version = SCHEMA_VERSION
+        elif "schema_version" not in tables:
+            version = 1
+        else:
+            with self.engine.connect() as c:
+                version = c.execute(select(SchemaVersion.version)).scalar()
+        if version is None or not 1 <= version <= SCHEMA_VERSION:
+            raise ChatforgeError(f"the feedback database {self._safe_url()} has schema version {version}, which this "
+                                 f"chatforge does not know (it knows 1..{SCHEMA_VERSION}): open it with the "
+                                 "chatforge that wrote it")
+        with self.engine.begin() as c:
+            Base.metadata.create_all(c)  # new tables only: existing ones are altered below
+            if version == 1:  # answers' text came from clients: mark them unverified
+                c.execute(text("ALTER TABLE messages ADD COLUMN author VARCHAR(16) NOT NULL DEFAULT 'human'"))
+                c.execute(text("ALTER TABLE messages ADD COLUMN generation_id INTEGER REFERENCES generations(id)"))
+                c.execute(text("UPDATE messages SET author = 'unverified' WHERE role = 'assistant'"))
+            c.execute(SchemaVersion.__table__.delete())
+            c.execute(SchemaVersion.__table__.insert().values(version=SCHEMA_VERSION))
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -253,7 +316,7 @@ class FeedbackStore:
         return {"id": m.id, "parent_id": m.parent_id, "role": m.role, "content": m.content, "model": m.model_id,
                 "finish_reason": m.finish_reason, "compare_group": m.compare_group, "compare_index": m.compare_index,
                 "created_at": _iso(m.created_at), "rating": m.ratings[-1].value if m.ratings else 0,
-                "edited": bool(m.edits), "signals": sorted({x.kind for x in m.signals})}
+                "author": m.author, "edited": bool(m.edits), "signals": sorted({x.kind for x in m.signals})}
 
     def _message(self, s: Session, message_id: str, user_id: str) -> Message:
         m = s.scalar(select(Message).where(Message.id == message_id))
@@ -263,7 +326,8 @@ class FeedbackStore:
 
     def add_message(self, conversation_id: str, role: str, content: str, parent_id: str | None = None,
                     model_id: str | None = None, finish_reason: str | None = None, compare_group: str | None = None,
-                    compare_index: int | None = None, user_id: str = "") -> dict:
+                    compare_index: int | None = None, user_id: str = "", author: str | None = None,
+                    generation_id: int | None = None) -> dict:
         """Append a message under ``parent_id`` and record the implicit signals it implies: a question
         replying to an answer ``continued`` it; a second question under the same parent means the earlier
         question was ``asked_again`` (signal on its latest answer); a second answer outside a compare group
@@ -272,6 +336,10 @@ class FeedbackStore:
             raise ChatforgeError(f"role must be one of {', '.join(ROLE_TOKENS)}; got {role!r}")
         if not isinstance(content, str):
             raise ChatforgeError("content must be a string")
+        author = author or ("model" if role == "assistant" else "human")
+        if author not in AUTHORS or (author != "human" and role != "assistant"):
+            raise ChatforgeError(f"author must be one of {', '.join(AUTHORS)} (only answers have a model author); "
+                                 f"got {author!r}")
         with self.session() as s, s.begin():
             conv = self._conversation(s, conversation_id, user_id)
             parent = None
@@ -283,7 +351,7 @@ class FeedbackStore:
             model = model_id if role == "assistant" else None
             message = Message(conversation_id=conv.id, parent_id=parent_id, role=role, content=content,
                               model_id=model, finish_reason=finish_reason, compare_group=compare_group,
-                              compare_index=compare_index)
+                              compare_index=compare_index, author=author, generation_id=generation_id)
             s.add(message)
             if role == "user" and parent is not None and parent.role == "assistant":
                 s.add(Signal(message_id=parent.id, kind="continued", model_id=parent.model_id))
@@ -298,6 +366,35 @@ class FeedbackStore:
             conv.updated_at = _now()
             s.flush()
             return self._message_json(message)
+
+    def record_generation(self, completion_id: str, user_id: str, model_id: str, prompt_digest: str,
+                          choices: list[tuple[int, str, str]]) -> None:
+        """Keep a chat completion's answers ((index, text as shown, finish reason)) for later reference."""
+        with self.session() as s, s.begin():
+            s.add_all(Generation(completion_id=completion_id, choice_index=i, user_id=user_id, model_id=model_id,
+                                 prompt_digest=prompt_digest, text=t, finish_reason=f) for i, t, f in choices)
+
+    def add_generated_answer(self, conversation_id: str, completion_id: str, choice_index: int, parent_id: str,
+                             path_digest, compare_group: str | None = None, compare_index: int | None = None,
+                             user_id: str = "") -> dict:
+        """Store answer ``choice_index`` of chat completion ``completion_id`` (which ``user_id`` was sent, to
+        the messages that end at ``parent_id``) under ``parent_id``: its text, model and finish reason are
+        the server's record. ``path_digest(messages)`` digests [(role, content)] the way the server did."""
+        with self.session() as s:
+            generation = s.scalar(select(Generation).where(Generation.completion_id == completion_id,
+                                                           Generation.choice_index == choice_index))
+            if generation is None or generation.user_id != user_id:
+                raise NotFound(f"no answer {choice_index} of completion {completion_id!r} was sent to you")
+            if s.scalar(select(Message.id).where(Message.generation_id == generation.id)) is not None:
+                raise ChatforgeError(f"answer {choice_index} of completion {completion_id!r} is already stored")
+            parent = self._message(s, parent_id, user_id)
+            by_id = {m.id: m for m in parent.conversation.messages}
+            if generation.prompt_digest != path_digest([(m.role, m.content) for m in _path(parent, by_id)]):
+                raise ChatforgeError(f"completion {completion_id!r} answered other messages than the ones ending at "
+                                     f"{parent_id!r}")
+        return self.add_message(conversation_id, "assistant", generation.text, parent_id, generation.model_id,
+                                generation.finish_reason, compare_group, compare_index, user_id, "model",
+                                generation.id)
 
     def edit_message(self, message_id: str, content: str, user_id: str = "") -> dict:
         """A person's rewrite of an answer: the message shows the new text; the edit keeps both."""
@@ -345,6 +442,9 @@ class FeedbackStore:
             parents = {m.parent_id for m in messages}
             if any(m.role != "assistant" for m in messages) or len(parents) != 1 or None in parents:
                 raise ChatforgeError("ranked messages must be answers to the same question")
+            if any(m.author != "model" for m in messages):
+                raise ChatforgeError("only answers the model generated can be ranked (a ranking trains the reward "
+                                     "model on the model's own samples)")
             row = Ranking(conversation_id=messages[0].conversation_id, parent_id=messages[0].parent_id,
                           message_ids=list(message_ids), completions=[_as_written(m) for m in messages],
                           ranking=list(ranking), model_id=messages[0].model_id)
@@ -384,7 +484,8 @@ class FeedbackStore:
                     if any(message_id in ids for end, ids in on_path.items() if end != message_id):
                         continue  # a longer exported path already contains this one
                     record = {"id": message_id, "messages": [{"role": m.role, "content": m.content} for m in path],
-                              "source": "feedback", "model": by_id[message_id].model_id}
+                              "source": "feedback", "model": by_id[message_id].model_id,
+                              "provenance": _provenance([m for m in path if m.role == "assistant"])}
                     if conv.user_id:
                         record["user_id"] = conv.user_id
                     records.append(record)
@@ -404,7 +505,8 @@ class FeedbackStore:
                 by_id = {m.id: m for m in conv.messages}
                 prompt = [{"role": m.role, "content": m.content} for m in _path(by_id[r.parent_id], by_id)]
                 records.append({"id": r.id, "prompt": prompt, "completions": list(r.completions),
-                                "ranking": list(r.ranking), "source": "feedback", "model": r.model_id})
+                                "ranking": list(r.ranking), "source": "feedback", "model": r.model_id,
+                                "provenance": "model-generated"})
         return records, skipped
 
     def export(self, kind: str, path: str | Path, include_implicit: bool = False) -> tuple[int, int]:
@@ -429,6 +531,15 @@ def _sqlite_pragmas(connection, _record) -> None:
 def _as_written(m: Message) -> str:
     """An answer's text as the model wrote it, before any edit."""
     return m.edits[0].before if m.edits else m.content
+
+
+def _provenance(answers: list[Message]) -> str:
+    """Who wrote the answers of an exported dialogue: the weakest claim of any of them."""
+    if any(m.author == "unverified" for m in answers):
+        return "unverified"
+    if any(m.author == "human" for m in answers):
+        return "human-written"
+    return "human-edited" if any(m.edits for m in answers) else "model-generated"
 
 
 def _rated_down(m: Message) -> bool:
