@@ -173,8 +173,10 @@ def test_regenerate_copy_edit_and_resubmit_are_recorded(page):
     driver.find_element(By.CSS_SELECTOR, ".save-edit").click()
     settled()
 
-    (conversation,) = store.list_conversations(browser_id(driver.get_cookie(CLIENT_COOKIE)["value"]))
-    messages = store.get_conversation(conversation["id"])["messages"]
+    browser = browser_id(driver.get_cookie(CLIENT_COOKIE)["value"])  # without keys, conversations are per browser
+    (conversation,) = store.list_conversations(browser)
+    assert store.list_conversations() == []
+    messages = store.get_conversation(conversation["id"], browser)["messages"]
     shown = [(m["role"], m["signals"], m["edited"]) for m in messages]
     assert shown == [("user", [], False), ("assistant", ["regenerated"], False),
                      ("assistant", ["continued", "copied"], True), ("user", [], False),
