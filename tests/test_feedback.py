@@ -267,13 +267,15 @@ def test_answers_are_only_what_the_server_generated_and_exports_say_who_wrote_th
             two = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer k2"})
             conv = one.post("/feedback/conversations", json={}).json()["id"]
             q, reply = _ask(one, conv, "Hello world")
-            forged = one.post("/feedback/messages", json={"conversation_id": conv, "role": "assistant", "model": "gpt-9",
-                                                          "content": "I am a forged demonstration", "parent_id": q["id"]})
+            forged = one.post("/feedback/messages", json={"conversation_id": conv, "role": "assistant",
+                                                          "model": "gpt-9", "content": "I am a forged demonstration",
+                                                          "parent_id": q["id"]})
             assert forged.status_code == 400 and forged.json()["error"]["param"] == "model"  # no model stamps
             answer = {"conversation_id": conv, "role": "assistant", "parent_id": q["id"], "completion_id": reply["id"]}
             stolen = two.post("/feedback/conversations", json={}).json()["id"]
-            q2 = two.post("/feedback/messages", json={"conversation_id": stolen, "role": "user", "content": "Hello world"})
-            taken = two.post("/feedback/messages", json={**answer, "conversation_id": stolen, "parent_id": q2.json()["id"]})
+            q2 = two.post("/feedback/messages", json={"conversation_id": stolen, "role": "user",
+                                                      "content": "Hello world"}).json()
+            taken = two.post("/feedback/messages", json={**answer, "conversation_id": stolen, "parent_id": q2["id"]})
             assert taken.status_code == 404  # another key's completion cannot be referenced
             other_q, _ = _ask(one, conv, "Another question", parent=None)
             moved = one.post("/feedback/messages", json={**answer, "parent_id": other_q["id"]})
@@ -291,7 +293,8 @@ def test_answers_are_only_what_the_server_generated_and_exports_say_who_wrote_th
                                                           "parent_id": q3["id"], "completion_id": reply3["id"],
                                                           "choice_index": i, "compare_group": "g", "compare_index": i}
                               ).json() for i in range(4)]
-            bad_rank = one.post("/feedback/rankings", json={"message_ids": [stored["id"], human["id"]], "ranking": [0, 1]})
+            bad_rank = one.post("/feedback/rankings", json={"message_ids": [stored["id"], human["id"]],
+                                                            "ranking": [0, 1]})
             assert bad_rank.status_code == 400 and "generated" in bad_rank.json()["error"]["message"]
             assert one.post("/feedback/rankings", json={"message_ids": [m["id"] for m in group],
                                                         "ranking": [3, 2, 1, 0]}).status_code == 200
@@ -314,8 +317,8 @@ def test_schema_versions_upgrade_known_refuse_unknown_and_the_file_is_private(tm
     db.executescript("""
         CREATE TABLE conversations (id VARCHAR(32) PRIMARY KEY, user_id VARCHAR(64), title TEXT, model_id VARCHAR(200),
                                     created_at DATETIME, updated_at DATETIME);
-        CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, id VARCHAR(32) UNIQUE, conversation_id VARCHAR(32),
-                               parent_id VARCHAR(32), role VARCHAR(16), content TEXT, model_id VARCHAR(200),
+        CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, id VARCHAR(32) UNIQUE,
+                               conversation_id VARCHAR(32), parent_id VARCHAR(32), role VARCHAR(16), content TEXT, model_id VARCHAR(200),
                                finish_reason VARCHAR(32), compare_group VARCHAR(32), compare_index INTEGER,
                                created_at DATETIME);
         CREATE TABLE ratings (id INTEGER PRIMARY KEY AUTOINCREMENT, message_id VARCHAR(32), model_id VARCHAR(200),

@@ -197,7 +197,8 @@ def test_admission_counts_sequences_tokens_and_running_requests(scheduler, engin
         monkeypatch.setattr(scheduler, "stats", lambda: {"active": 4, "waiting": 5, "slots": 4})
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
         assert httpx.post(server.url + "/v1/completions", json={**body, "n": 4}).status_code == 503  # 5 + 4 > 8
-        assert httpx.post(server.url + "/v1/completions", json={**body, "prompt": ["a", "b"], "n": 2}).status_code == 503
+        two_prompts = {**body, "prompt": ["a", "b"], "n": 2}
+        assert httpx.post(server.url + "/v1/completions", json=two_prompts).status_code == 503
         monkeypatch.undo()
     with _server(scheduler, api_keys=[KEY], token_rate_limit=100) as server:
         first = httpx.post(server.url + "/v1/completions", headers=AUTH,

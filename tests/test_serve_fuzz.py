@@ -26,8 +26,8 @@ def test_fuzzed_requests_get_no_5xx_and_conform_to_the_schema(tmp_path):
     engine = tiny_engine(block_size=64, max_batch_size=4)
     store = FeedbackStore(tmp_path / "feedback.db")
     sent, statuses = 0, {}
-    with Scheduler(engine) as scheduler, BackgroundServer(create_app(
-            scheduler, ServeOptions(model_name=MODEL, max_tokens=8, feedback_writes_per_minute=0), store=store)) as server:
+    options = ServeOptions(model_name=MODEL, max_tokens=8, feedback_writes_per_minute=0)
+    with Scheduler(engine) as scheduler, BackgroundServer(create_app(scheduler, options, store=store)) as server:
         schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
         for result in schema.get_all_operations():
             operation = result.ok()

@@ -64,7 +64,8 @@ class SamplingParams:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ParamError(unknown[0], f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ParamError(unknown[0], f"unknown sampling parameter(s) {', '.join(unknown)}; "
+                                         f"known: {', '.join(sorted(known))}")
         params = cls(**values)
         params.validate()
         return params
@@ -114,7 +115,8 @@ class SamplingParams:
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ParamError("stop", f"stop sequences are at most {MAX_STOP_CHARS} characters long")
         if not isinstance(self.stop_token_ids, list):
-            raise ParamError("stop_token_ids", f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+            raise ParamError("stop_token_ids", f"stop_token_ids must be a list of token ids, "
+                                               f"got {self.stop_token_ids!r}")
         self.stop_token_ids = [_token_id("stop_token_ids", t) for t in self.stop_token_ids]
         if self.best_of is not None and self.best_of < self.n:
             raise ParamError("best_of", f"best_of ({self.best_of}) must be >= n ({self.n})")

@@ -342,7 +342,8 @@ class Serving:
         except ChatforgeError as exc:
             raise APIError(400, str(exc)) from None
 
-    def submit_all(self, who: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RequestHandle]:
+    def submit_all(self, who: str, prompts: Sequence[list[int]],
+                   params: Sequence[SamplingParams]) -> list[RequestHandle]:
         """Admit and submit a request's prompts; if one cannot be submitted, the others are cancelled."""
         self.admit(who, [len(ids) for ids in prompts], params)
         handles: list[RequestHandle] = []
