@@ -92,6 +92,10 @@ class RequestHandle:
         finally:
             self.cancel()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request has ended (completed, cancelled or failed) or ``timeout`` passed; True if ended."""
+        return self._ended.wait(timeout)
+
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request is finished and return its completion."""
         if not self._ended.wait(timeout):

@@ -53,14 +53,14 @@ from chatforge.serve.chat import ChatServing
 from chatforge.serve.completions import CompletionServing
 from chatforge.serve.edits import EditServing, ModerationServing
 from chatforge.serve.embeddings import EmbeddingServing
-from chatforge.serve.protocol import (ChatCompletionRequest, CompletionRequest, EditRequest, EmbeddingRequest,
-                                      ErrorResponse, ModerationRequest)
+from chatforge.serve.protocol import (ChatCompletion, ChatCompletionRequest, CompletionRequest, EditRequest,
+                                      EditResponse, EmbeddingRequest, EmbeddingResponse, Health, ModelList, ModelObject,
+                                      ModerationRequest, ModerationResponse, TextCompletion, documented)
 from chatforge.serve.security import LOCAL_HOSTS, BodySizeLimit, KeyChecker, LocalGuard, RateLimiter
 from chatforge.serve.serving import Call, EventStream, ModelCard, ServeOptions, ServerState
 
 __all__ = ["ServeOptions", "ModelCard", "create_app"]
 STATIC_DIR = Path(__file__).parent / "static"
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 499, 503, 504)}
 
 
 def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=None, embedder=None,
@@ -108,38 +108,38 @@ def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=
             release()
         return answer
 
-    @app.get("/v1/models", tags=["openai"], responses=ERRORS)
+    @app.get("/v1/models", tags=["openai"], responses=documented(ModelList))
     async def list_models(_: str = Depends(client)):
         return {"object": "list", "data": [c.to_json() for c in state.cards()]}
 
-    @app.get("/v1/models/{model_id}", tags=["openai"], responses=ERRORS)
+    @app.get("/v1/models/{model_id}", tags=["openai"], responses=documented(ModelObject))
     async def get_model(model_id: str, _: str = Depends(client)):
         for c in state.cards():
             if c.id == model_id:
                 return c.to_json()
         raise errors.APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
-    @app.post("/v1/chat/completions", tags=["openai"], responses=ERRORS)
+    @app.post("/v1/chat/completions", tags=["openai"], responses=documented(ChatCompletion, stream=True))
     async def chat_completions(body: ChatCompletionRequest, call: Call = Depends(limited)):
         return await running(call, chat.create, body)
 
-    @app.post("/v1/completions", tags=["openai"], responses=ERRORS)
+    @app.post("/v1/completions", tags=["openai"], responses=documented(TextCompletion, stream=True))
     async def completions(body: CompletionRequest, call: Call = Depends(limited)):
         return await running(call, completion.create, body)
 
-    @app.post("/v1/moderations", tags=["openai"], responses=ERRORS)
+    @app.post("/v1/moderations", tags=["openai"], responses=documented(ModerationResponse))
     async def moderations(body: ModerationRequest, _: Call = Depends(limited)):
         return moderation.create(body)
 
-    @app.post("/v1/edits", tags=["openai"], responses=ERRORS)
+    @app.post("/v1/edits", tags=["openai"], responses=documented(EditResponse))
     async def edits(body: EditRequest, call: Call = Depends(limited)):
         return await running(call, edit.create, body)
 
-    @app.post("/v1/embeddings", tags=["openai"], responses=ERRORS)
+    @app.post("/v1/embeddings", tags=["openai"], responses=documented(EmbeddingResponse))
     async def embeddings(body: EmbeddingRequest, _: Call = Depends(limited)):
         return await embedding.create(body)
 
-    @app.get("/health", tags=["server"])
+    @app.get("/health", tags=["server"], responses=documented(Health))
     async def health():
         return {"status": "ok", "model": state.card.id, **scheduler.stats()}
 

@@ -15,12 +15,14 @@ import uuid
 from typing import AsyncIterator
 
 import anyio
+from sqlalchemy.exc import SQLAlchemyError
 
 from chatforge.chat_template import ROLE_TOKENS, fit_to_context, prompt_ids, stop_token_ids
 from chatforge.config import ChatforgeError
 from chatforge.infer.outputs import Completion, TokenLogprob
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.scheduler import RequestHandle
+from chatforge.serve import errors
 from chatforge.serve.errors import APIError
 from chatforge.serve.protocol import ChatCompletionRequest
 from chatforge.serve.serving import Call, EventStream, RequestAborted, ServerState, Serving, merge, token_text
@@ -56,7 +58,7 @@ class ScheduledTurns:
             if self.stop.is_set():
                 raise RequestAborted()
             handle = self.serving.submit(ids, params)
-            while not handle._ended.wait(0.05):
+            while not handle.wait(0.05):
                 if self.stop.is_set():
                     handle.cancel()
             out.append(handle.result())
@@ -142,10 +144,12 @@ class ChatServing(Serving):
         digest = prompt_digest([(m.role, m.text()) for m in body.messages])
 
         def write() -> None:
+            choices = [(i, text, finish or "cancelled") for i, (text, finish) in enumerate(zip(shown.texts,
+                                                                                                shown.finish))]
             try:
-                store.record_generation(rid, who, self.card.id, digest,
-                                        [(i, t, f or "cancelled") for i, (t, f) in enumerate(zip(shown.texts,
-                                                                                                  shown.finish))])
+                store.record_generation(rid, who, self.card.id, digest, choices)
+            except SQLAlchemyError as exc:  # the client has its answer; only storing it by reference is lost
+                errors.log.error("could not record completion %s in the feedback store: %s", rid, exc)
             finally:
                 done.set()
                 self.state.recording.pop(rid, None)

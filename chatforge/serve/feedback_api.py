@@ -17,18 +17,18 @@ from chatforge.config import ChatforgeError
 from chatforge.serve.chat import prompt_digest
 from chatforge.serve.errors import APIError
 from chatforge.serve.feedback import FeedbackStore, NotFound
-from chatforge.serve.protocol import (EditBody, ErrorResponse, NewConversation, NewMessage, RankingBody, RatingBody,
-                                      Rename, SignalBody)
+from chatforge.serve.protocol import (ConversationList, ConversationSummary, Deleted, EditBody, NewConversation,
+                                      NewMessage, RankingBody, RatingBody, Recorded, Rename, SignalBody,
+                                      StoredConversation, StoredMessage, StoredRanking, documented)
 from chatforge.serve.security import RateLimiter
 from chatforge.serve.serving import ServerState
 
 RECORDING_WAIT = 10.0  # seconds an answer's reference may wait for the stream that produced it to be recorded
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
 
 
 def feedback_router(store: FeedbackStore, state: ServerState, client: Callable) -> APIRouter:
     """Routes over ``store``; ``client`` is the dependency that authenticates and names the caller."""
-    router = APIRouter(prefix="/feedback", tags=["feedback"], responses=ERRORS)
+    router = APIRouter(prefix="/feedback", tags=["feedback"])
     quota = RateLimiter(state.options.feedback_writes_per_minute, unit="feedback writes")
 
     def writer(who: str = Depends(client)) -> str:
@@ -44,28 +44,28 @@ def feedback_router(store: FeedbackStore, state: ServerState, client: Callable) 
             raise APIError(400, str(exc)) from None
 
     # plain `def` routes: FastAPI runs them in its thread pool, so database calls never block the event loop
-    @router.get("/conversations")
+    @router.get("/conversations", responses=documented(ConversationList))
     def list_conversations(who: str = Depends(client)):
         return {"data": store.list_conversations(who)}
 
-    @router.post("/conversations")
+    @router.post("/conversations", responses=documented(ConversationSummary))
     def create_conversation(body: NewConversation, who: str = Depends(writer)):
         return store.create_conversation(state.card.id, who, body.title)
 
-    @router.get("/conversations/{conversation_id}")
+    @router.get("/conversations/{conversation_id}", responses=documented(StoredConversation))
     def get_conversation(conversation_id: str, who: str = Depends(client)):
         return call(store.get_conversation, conversation_id, who)
 
-    @router.patch("/conversations/{conversation_id}")
+    @router.patch("/conversations/{conversation_id}", responses=documented(ConversationSummary))
     def rename_conversation(conversation_id: str, body: Rename, who: str = Depends(writer)):
         return call(store.rename_conversation, conversation_id, body.title, who)
 
-    @router.delete("/conversations/{conversation_id}")
+    @router.delete("/conversations/{conversation_id}", responses=documented(Deleted))
     def delete_conversation(conversation_id: str, who: str = Depends(writer)):
         call(store.delete_conversation, conversation_id, who)
         return {"deleted": conversation_id}
 
-    @router.post("/messages")
+    @router.post("/messages", responses=documented(StoredMessage))
     def add_message(body: NewMessage, who: str = Depends(writer)):
         if body.completion_id is not None:
             if body.role != "assistant" or body.content is not None or body.parent_id is None:
@@ -84,20 +84,20 @@ def feedback_router(store: FeedbackStore, state: ServerState, client: Callable) 
         return call(store.add_message, body.conversation_id, body.role, body.content, body.parent_id,
                     user_id=who, author="human")
 
-    @router.post("/messages/{message_id}/edit")
+    @router.post("/messages/{message_id}/edit", responses=documented(StoredMessage))
     def edit_message(message_id: str, body: EditBody, who: str = Depends(writer)):
         return call(store.edit_message, message_id, body.content, who)
 
-    @router.post("/messages/{message_id}/rating")
+    @router.post("/messages/{message_id}/rating", responses=documented(StoredMessage))
     def rate(message_id: str, body: RatingBody, who: str = Depends(writer)):
         return call(store.rate, message_id, body.value, who)
 
-    @router.post("/messages/{message_id}/signal")
+    @router.post("/messages/{message_id}/signal", responses=documented(Recorded))
     def signal(message_id: str, body: SignalBody, who: str = Depends(writer)):
         call(store.add_signal, message_id, body.kind, who)
         return {"recorded": body.kind}
 
-    @router.post("/rankings")
+    @router.post("/rankings", responses=documented(StoredRanking))
     def add_ranking(body: RankingBody, who: str = Depends(writer)):
         return call(store.add_ranking, body.message_ids, body.ranking, who)
 

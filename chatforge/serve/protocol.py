@@ -247,3 +247,169 @@ class ErrorResponse(BaseModel):
     """OpenAI's error shape: every 4xx and 5xx of this server has it."""
 
     error: ErrorDetail
+
+
+def documented(model: type[BaseModel], stream: bool = False) -> dict:
+    """``responses`` of a route: ``model`` as its 200 body (documentation the fuzz test holds the server to;
+    the handlers build the bodies), plus server-sent events when it streams, plus the error shape."""
+    ok: dict = {"model": model, "description": "the answer" + (" (or, with stream=true, server-sent events)"
+                                                                 if stream else "")}
+    if stream:
+        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    return {200: ok, **{status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 499, 503, 504)}}
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_length: int
+    kind: Literal["chat", "embedding"]
+    fim: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[dict] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: dict | None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    tool_runs: list[dict] | None = Field(None, description="chatforge: the server-side tool calls behind the answer")
+
+
+class TextChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: dict | None
+    finish_reason: str
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class EditChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str
+
+
+class EditResponse(BaseModel):
+    object: Literal["edit"]
+    created: int
+    model: str
+    choices: list[EditChoice]
+    usage: Usage
+
+
+class ModerationResult(BaseModel):
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+
+
+class ModerationResponse(BaseModel):
+    id: str
+    model: str
+    results: list[ModerationResult]
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    active: int
+    waiting: int
+    slots: int
+
+
+class ConversationSummary(BaseModel):
+    id: str
+    title: str
+    model: str
+    created_at: str
+    updated_at: str
+
+
+class ConversationList(BaseModel):
+    data: list[ConversationSummary]
+
+
+class StoredMessage(BaseModel):
+    id: str
+    parent_id: str | None
+    role: str
+    content: str
+    model: str | None
+    finish_reason: str | None
+    compare_group: str | None
+    compare_index: int | None
+    created_at: str
+    rating: int
+    author: Literal["model", "human", "unverified"]
+    edited: bool
+    signals: list[str]
+
+
+class StoredRanking(BaseModel):
+    id: str
+    message_ids: list[str]
+    ranking: list[int]
+    created_at: str
+    parent_id: str | None = None
+
+
+class StoredConversation(ConversationSummary):
+    messages: list[StoredMessage]
+    rankings: list[StoredRanking]
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+
+class Recorded(BaseModel):
+    recorded: str

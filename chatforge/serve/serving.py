@@ -222,9 +222,9 @@ class Serving:
 
     # ---- content filters -----------------------------------------------------------------------------------
 
-    def log_decisions(self, where: str, decisions: list, who: str = "") -> None:
+    def log_decisions(self, where: str, decisions: list) -> None:
         if self.state.store is not None and decisions:
-            self.state.store.log_filter_decisions(where, [d.to_json() for d in decisions], self.card.id, who)
+            self.state.store.log_filter_decisions(where, [d.to_json() for d in decisions], self.card.id)
 
     def filter_prompt(self, text: str, param: str) -> str:
         """The prompt text after the input filters; a refusal is a 400 with code content_filter."""
