@@ -456,3 +456,14 @@ def test_an_answer_written_after_a_tool_call_goes_through_the_output_filters(sch
                            json={"model": MODEL, "messages": [{"role": "user", "content": "12 times 7?"}]}).json()
     choice = reply["choices"][0]
     assert choice["finish_reason"] == "content_filter" and not choice["message"]["content"]  # a short answer is held back whole
+
+
+def test_tool_results_shown_to_users_go_through_the_output_filters(scheduler, engine, monkeypatch, tmp_path):
+    _scripted_turns(monkeypatch, engine, [{"name": "calculator", "arguments": {"expression": "12 * 7"}}, "Done."])
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"categories": {"numbers": {"regexes": ["84"], "action": "redact"}}}))
+    with _server(scheduler, tools=["calculator"], safety_policy=str(policy)) as server:
+        reply = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": MODEL, "messages": [{"role": "user", "content": "12 times 7?"}]}).json()
+    (run,) = reply["tool_runs"]
+    assert "84" not in run["result"] and "[numbers]" in run["result"]

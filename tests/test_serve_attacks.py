@@ -190,6 +190,13 @@ def test_tool_requests_are_cancelled_by_disconnect_and_deadline(scheduler, engin
         assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
         plain = {k: v for k, v in long_turn.items() if k != "tools"}
         assert httpx.post(server.url + "/v1/chat/completions", json=plain, timeout=30).status_code == 504
+        streamed: dict = {}
+        _stream(server.url, streamed, max_tokens=40)
+        assert streamed["error"]["code"] == "timeout" and streamed.get("finish") is None
+    deadline = time.monotonic() + 5
+    while scheduler.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert scheduler.stats()["active"] == 0  # every request past its deadline was cancelled
 
 
 def test_admission_counts_sequences_tokens_and_running_requests(scheduler, engine, slow, monkeypatch):
