@@ -57,7 +57,8 @@ from chatforge.serve.protocol import (ChatCompletion, ChatCompletionRequest, Com
                                       EditResponse, EmbeddingRequest, EmbeddingResponse, Health, ModelList, ModelObject,
                                       ModerationRequest, ModerationResponse, TextCompletion, documented)
 from chatforge.serve.security import LOCAL_HOSTS, BodySizeLimit, KeyChecker, LocalGuard, RateLimiter
-from chatforge.serve.serving import Call, EventStream, ModelCard, ServeOptions, ServerState
+from chatforge.serve.options import ModelCard, ServeOptions
+from chatforge.serve.serving import Call, EventStream, ServerState
 
 __all__ = ["ServeOptions", "ModelCard", "create_app"]
 STATIC_DIR = Path(__file__).parent / "static"

@@ -127,7 +127,8 @@ class CompletionServing(Serving):
             if delta.logprobs is not None:
                 lp, offsets[index] = self.logprobs([(e.token_id, e) for e in delta.logprobs], offsets.get(index, 0))
             if delta.text or delta.finish_reason or (lp and lp["tokens"]):
-                yield chunk([{"text": delta.text, "index": index, "logprobs": lp, "finish_reason": delta.finish_reason}])
+                yield chunk([{"text": delta.text, "index": index, "logprobs": lp,
+                              "finish_reason": delta.finish_reason}])
         if include_usage:
             yield chunk([], usage=self.usage([h.completion for h in handles]))
 
