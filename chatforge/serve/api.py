@@ -91,13 +91,18 @@ def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=
         """The caller's id: its API key's, or without keys its browser's (cookie)."""
         return keys.check(request.headers.get("authorization")) or request.scope["state"].get("client_id", "")
 
+    def limit_key(request: Request, who: str) -> str:
+        """Whose budget a request spends: its key's, or without keys its address's."""
+        return who if keys.enabled else f"ip-{request.client.host if request.client else ''}"
+
     def limited(request: Request, who: str = Depends(client)) -> Call:
-        limiter.take(who)
-        return Call(request, who, time.monotonic() + options.request_timeout)
+        key = limit_key(request, who)
+        limiter.take(key)
+        return Call(request, who, key, time.monotonic() + options.request_timeout)
 
     async def running(call: Call, handler, *args):
         """``handler``'s answer while the client's concurrency slot is held (a stream holds it until it ends)."""
-        release = state.running.acquire(call.who)
+        release = state.running.acquire(call.limit_key)
         try:
             answer = await handler(*args, call)
         except BaseException:
@@ -152,7 +157,7 @@ def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=
     if store is not None:
         from chatforge.serve.feedback_api import feedback_router
 
-        app.include_router(feedback_router(store, state, client))
+        app.include_router(feedback_router(store, state, client, limit_key))
 
     @app.get("/", include_in_schema=False)
     async def index():

@@ -107,11 +107,11 @@ class ChatServing(Serving):
         stop_ids = [] if body.ignore_eos else stop_token_ids(self.tokenizer)
         params = self.sampling(body, max_tokens, logprobs, stop_ids, names={"logprobs": "top_logprobs"})
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        record = self.recorder(rid, body, call.who, params.n)
         tools = self.request_tools(body)
         if tools:
-            return await self.with_tools(body, messages, tools, params, call, rid, created, record)
-        (handle,) = self.submit_all(call.who, [ids], [params])
+            return await self.with_tools(body, messages, tools, params, call, rid, created)
+        (handle,) = self.submit_all(call.limit_key, [ids], [params])
+        record = self.recorder(rid, body, call.who, params.n)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = EventStream(self.sse(self.chunks(handle, rid, created, params.n, include_usage, record[0]), call),
@@ -133,7 +133,8 @@ class ChatServing(Serving):
                 "choices": choices, "usage": self.usage([completion])}
 
     def recorder(self, rid: str, body: ChatCompletionRequest, who: str, n: int):
-        """(what was shown, an async function storing it under ``rid``): called once the answer is final."""
+        """(what was shown, an async function storing it under ``rid``): called once the answer is final (it
+        must be, or the web page's reference to ``rid`` waits for it in vain)."""
         shown = Shown(n)
         store = self.state.store
         if store is None:
@@ -173,13 +174,14 @@ class ChatServing(Serving):
         return tools
 
     async def with_tools(self, body: ChatCompletionRequest, messages: list[dict], tools: dict[str, Tool],
-                         params: SamplingParams, call: Call, rid: str, created: int, record):
+                         params: SamplingParams, call: Call, rid: str, created: int):
         """The toolset loop over the scheduler: built-in calls run here; a call of a client's function ends the
         answer with ``tool_calls`` (finish_reason "tool_calls") for the client to run and send back. The
         client leaving or the deadline passing cancels the loop, whichever turn it is in."""
         if params.num_samples != 1 or params.logprobs is not None:
             raise APIError(400, "with tools, a request returns one choice without logprobs (n = 1)", param="tools")
-        self.admit(call.who, [0], [params])
+        self.admit(call.limit_key, [0], [params])
+        record = self.recorder(rid, body, call.who, params.n)
         turns = ScheduledTurns(self)
         try:
             run = await self.watched(anyio.to_thread.run_sync(

@@ -83,7 +83,7 @@ class CompletionServing(Serving):
                   for m in max_tokens]
         if body.suffix is not None:
             params = [middle_params(self.tokenizer, p) for p in params]
-        handles = self.submit_all(call.who, all_ids, params)
+        handles = self.submit_all(call.limit_key, all_ids, params)
         rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params[0].n
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -34,7 +34,7 @@ class EditServing(Serving):
         ids = prompt_ids(edit_messages(instruction, text), self.tokenizer)
         max_tokens = self.resolve_max_tokens(body.max_tokens, len(ids), "max_tokens", "input")
         params = self.sampling(body, max_tokens, None, stop_token_ids(self.tokenizer))
-        (completion,) = await self.collect(self.submit_all(call.who, [ids], [params]), call)
+        (completion,) = await self.collect(self.submit_all(call.limit_key, [ids], [params]), call)
         guards = self.output_guards(len(completion.choices))
         choices = []
         for c in completion.choices:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from chatforge.config import ChatforgeError
 from chatforge.serve.chat import prompt_digest
@@ -26,13 +26,14 @@ from chatforge.serve.serving import ServerState
 RECORDING_WAIT = 10.0  # seconds an answer's reference may wait for the stream that produced it to be recorded
 
 
-def feedback_router(store: FeedbackStore, state: ServerState, client: Callable) -> APIRouter:
-    """Routes over ``store``; ``client`` is the dependency that authenticates and names the caller."""
+def feedback_router(store: FeedbackStore, state: ServerState, client: Callable, limit_key: Callable) -> APIRouter:
+    """Routes over ``store``; ``client`` is the dependency that authenticates and names the caller,
+    ``limit_key(request, who)`` names whose write quota a request spends."""
     router = APIRouter(prefix="/feedback", tags=["feedback"])
     quota = RateLimiter(state.options.feedback_writes_per_minute, unit="feedback writes")
 
-    def writer(who: str = Depends(client)) -> str:
-        quota.take(who)
+    def writer(request: Request, who: str = Depends(client)) -> str:
+        quota.take(limit_key(request, who))
         return who
 
     def call(fn, *args, **kwargs):

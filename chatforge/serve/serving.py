@@ -32,10 +32,13 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 
 @dataclass
 class Call:
-    """One HTTP request being served: who sent it (client id) and when it must be done by."""
+    """One HTTP request being served: who sent it (client id: owns what it stores), whose budget it spends
+    (the API key's, or without keys the client address's: a browser cookie is free to drop), and when it
+    must be done by."""
 
     request: Request
     who: str
+    limit_key: str
     deadline: float  # time.monotonic() value
 
     def remaining(self) -> float:
@@ -196,7 +199,7 @@ class Serving:
             raise APIError(400, f"The model '{name}' is a {card.kind} model and cannot serve this endpoint.",
                            param="model", code="model_not_supported")
 
-    def admit(self, who: str, prompt_lengths: Sequence[int], params: Sequence[SamplingParams]) -> None:
+    def admit(self, limit_key: str, prompt_lengths: Sequence[int], params: Sequence[SamplingParams]) -> None:
         """Count the request's sequences (n x prompts) and tokens before admitting it: a 503 when the waiting
         sequences would pass max_waiting (unless nothing waits), a 429 when the client's token budget is out."""
         sequences = sum(p.num_samples for p in params)
@@ -205,7 +208,7 @@ class Serving:
             raise APIError(503, "The server is overloaded with requests; retry shortly.", type="server_error",
                            code="overloaded", headers={"Retry-After": "1"})
         tokens = sum(length + p.num_samples * p.max_tokens for length, p in zip(prompt_lengths, params))
-        self.state.tokens.take(who, tokens)
+        self.state.tokens.take(limit_key, tokens)
 
     @property
     def token_limit(self) -> int:
@@ -268,10 +271,10 @@ class Serving:
         except ChatforgeError as exc:
             raise APIError(400, str(exc)) from None
 
-    def submit_all(self, who: str, prompts: Sequence[list[int]],
+    def submit_all(self, limit_key: str, prompts: Sequence[list[int]],
                    params: Sequence[SamplingParams]) -> list[RequestHandle]:
         """Admit and submit a request's prompts; if one cannot be submitted, the others are cancelled."""
-        self.admit(who, [len(ids) for ids in prompts], params)
+        self.admit(limit_key, [len(ids) for ids in prompts], params)
         handles: list[RequestHandle] = []
         try:
             for ids, p in zip(prompts, params):
