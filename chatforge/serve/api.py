@@ -100,11 +100,11 @@ def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=
         limiter.take(key)
         return Call(request, who, key, time.monotonic() + options.request_timeout)
 
-    async def running(call: Call, handler, *args):
-        """``handler``'s answer while the client's concurrency slot is held (a stream holds it until it ends)."""
+    async def running(call: Call, handle):
+        """``handle()``'s answer while the client's concurrency slot is held (a stream holds it until it ends)."""
         release = state.running.acquire(call.limit_key)
         try:
-            answer = await handler(*args, call)
+            answer = await handle()
         except BaseException:
             release()
             raise
@@ -127,11 +127,11 @@ def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=
 
     @app.post("/v1/chat/completions", tags=["openai"], responses=documented(ChatCompletion, stream=True))
     async def chat_completions(body: ChatCompletionRequest, call: Call = Depends(limited)):
-        return await running(call, chat.create, body)
+        return await running(call, lambda: chat.create(body, call))
 
     @app.post("/v1/completions", tags=["openai"], responses=documented(TextCompletion, stream=True))
     async def completions(body: CompletionRequest, call: Call = Depends(limited)):
-        return await running(call, completion.create, body)
+        return await running(call, lambda: completion.create(body, call))
 
     @app.post("/v1/moderations", tags=["openai"], responses=documented(ModerationResponse))
     async def moderations(body: ModerationRequest, _: Call = Depends(limited)):
@@ -139,11 +139,11 @@ def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=
 
     @app.post("/v1/edits", tags=["openai"], responses=documented(EditResponse))
     async def edits(body: EditRequest, call: Call = Depends(limited)):
-        return await running(call, edit.create, body)
+        return await running(call, lambda: edit.create(body, call))
 
     @app.post("/v1/embeddings", tags=["openai"], responses=documented(EmbeddingResponse))
-    async def embeddings(body: EmbeddingRequest, _: Call = Depends(limited)):
-        return await embedding.create(body)
+    async def embeddings(body: EmbeddingRequest, call: Call = Depends(limited)):
+        return await running(call, lambda: embedding.create(body))
 
     @app.get("/health", tags=["server"], responses=documented(Health))
     async def health():

@@ -10,7 +10,6 @@ requests get a 503. These bound what one machine's clients can hold; on the inte
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 import time
@@ -74,11 +73,6 @@ def check_listen(host: str, port: int, keyed: bool, insecure: bool) -> None:
     ``insecure``): without keys anyone who reaches the port would use the model and read the feedback."""
     if not 1 <= port <= 65535:
         raise ConfigError(f"option 'port' must be in 1..65535; got {port}")
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        if host != "localhost":
-            raise ConfigError(f"option 'host' must be an IP address or localhost; got {host!r}") from None
     if not keyed and not is_loopback(host) and not insecure:
         raise ConfigError(f"refusing to listen on {host} without API keys: anyone who reaches it could use the "
                           "model and read every conversation. Give --api_keys_file (or --api_keys), listen on "
