@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from pydantic_core import PydanticCustomError
 
 from chatforge.data.rankings import MAX_K
-from chatforge.infer.params import BOUNDS, MAX_TOP_LOGPROBS
+from chatforge.infer.params import BOUNDS, MAX_INT32, MAX_TOP_LOGPROBS
 
 MAX_NAME = 200  # model ids, user ids and names: the database's String(200) columns
 MAX_ID = 64  # conversation, message and completion ids
@@ -37,7 +37,7 @@ def _clean_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(_clean_text)]
 Name = Annotated[str, Field(max_length=MAX_NAME), AfterValidator(_clean_text)]
 Id = Annotated[str, Field(max_length=MAX_ID), AfterValidator(_clean_text)]
-TokenIds = list[Annotated[int, Field(ge=0, le=BOUNDS["top_k"].high)]]
+TokenIds = list[Annotated[int, Field(ge=0, le=MAX_INT32)]]  # the engine checks them against its vocabulary
 
 
 def bounded(name: str, description: str | None = None) -> Any:

@@ -1,7 +1,7 @@
 """What every endpoint family shares: the server's state and the ``Serving`` base class — model checks,
 admission, submission to the scheduler, waiting with cancellation and a deadline, server-sent events, and
-the content filters. ``chat``, ``completions``, ``embeddings`` and
-``edits`` build on it (as vLLM's ``OpenAIServing*`` classes do); ``api`` routes requests to them."""
+the content filters. ``chat``, ``completions``, ``embeddings`` and ``edits`` build on it (as vLLM's
+``OpenAIServing*`` classes do); ``api`` routes requests to them."""
 
 from __future__ import annotations
 
