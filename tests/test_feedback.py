@@ -195,11 +195,21 @@ def test_feedback_routes_are_per_api_key(tmp_path):
             conv = one.post("/feedback/conversations", json={}).json()
             message = {"conversation_id": conv["id"], "role": "user", "content": "hi"}
             q = one.post("/feedback/messages", json=message).json()
+            reply = one.post(
+                "/v1/chat/completions",
+                json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+            ).json()
             a = one.post(
                 "/feedback/messages",
-                json={"conversation_id": conv["id"], "role": "assistant", "content": "hello", "parent_id": q["id"]},
+                json={
+                    "conversation_id": conv["id"],
+                    "role": "assistant",
+                    "parent_id": q["id"],
+                    "completion_id": reply["id"],
+                },
             ).json()
-            assert a["model"] == MODEL
+            assert a["model"] == MODEL and a["author"] == "model"
+            assert a["content"] == reply["choices"][0]["message"]["content"]
             assert one.post(f"/feedback/messages/{a['id']}/rating", json={"value": -1}).json()["rating"] == -1
             assert one.post(f"/feedback/messages/{a['id']}/signal", json={"kind": "copied"}).status_code == 200
             assert one.post(f"/feedback/messages/{a['id']}/edit", json={"content": "hey"}).json()["edited"]
@@ -243,3 +253,153 @@ def test_postgresql_store():
     finally:
         store.delete_conversation(conv)
         store.close()
+
+
+def _ask(client, conv_id, question, parent=None, **extra):
+    """A stored question, and the server's chat completion of the conversation up to it."""
+    q = client.post(
+        "/feedback/messages",
+        json={"conversation_id": conv_id, "role": "user", "content": question, "parent_id": parent},
+    ).json()
+    path = [m for m in client.get(f"/feedback/conversations/{conv_id}").json()["messages"]]
+    messages = [{"role": m["role"], "content": m["content"]} for m in path if m["id"] in _ancestors(path, q["id"])]
+    reply = client.post(
+        "/v1/chat/completions", json={"model": MODEL, "max_tokens": 4, "messages": messages, **extra}
+    ).json()
+    return q, reply
+
+
+def _ancestors(messages, message_id):
+    by_id = {m["id"]: m for m in messages}
+    ids = []
+    while message_id is not None:
+        ids.append(message_id)
+        message_id = by_id[message_id]["parent_id"]
+    return ids
+
+
+def test_answers_are_only_what_the_server_generated_and_exports_say_who_wrote_them(tmp_path):
+    engine = tiny_engine(block_size=128)
+    store = FeedbackStore(tmp_path / "feedback.db")
+    with Scheduler(engine) as scheduler:
+        app = create_app(
+            scheduler,
+            ServeOptions(model_name=MODEL, api_keys=["k1", "k2"], compare_k=4, feedback_writes_per_minute=60),
+            store=store,
+        )
+        with BackgroundServer(app) as server:
+            one = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer k1"})
+            two = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer k2"})
+            conv = one.post("/feedback/conversations", json={}).json()["id"]
+            q, reply = _ask(one, conv, "Hello world")
+            forged = one.post(
+                "/feedback/messages",
+                json={
+                    "conversation_id": conv,
+                    "role": "assistant",
+                    "model": "gpt-9",
+                    "content": "I am a forged demonstration",
+                    "parent_id": q["id"],
+                },
+            )
+            assert forged.status_code == 400 and forged.json()["error"]["param"] == "model"  # no model stamps
+            answer = {"conversation_id": conv, "role": "assistant", "parent_id": q["id"], "completion_id": reply["id"]}
+            stolen = two.post("/feedback/conversations", json={}).json()["id"]
+            q2 = two.post(
+                "/feedback/messages", json={"conversation_id": stolen, "role": "user", "content": "Hello world"}
+            ).json()
+            taken = two.post("/feedback/messages", json={**answer, "conversation_id": stolen, "parent_id": q2["id"]})
+            assert taken.status_code == 404  # another key's completion cannot be referenced
+            other_q, _ = _ask(one, conv, "Another question", parent=None)
+            moved = one.post("/feedback/messages", json={**answer, "parent_id": other_q["id"]})
+            assert moved.status_code == 400 and "other messages" in moved.json()["error"]["message"]
+            stored = one.post("/feedback/messages", json=answer).json()
+            assert stored["author"] == "model" and stored["content"] == reply["choices"][0]["message"]["content"]
+            assert one.post("/feedback/messages", json=answer).status_code == 400  # stored once
+            one.post(f"/feedback/messages/{stored['id']}/rating", json={"value": 1})
+            human = one.post(
+                "/feedback/messages",
+                json={
+                    "conversation_id": conv,
+                    "role": "assistant",
+                    "content": "A person's answer.",
+                    "parent_id": q["id"],
+                },
+            ).json()
+            assert human["author"] == "human" and human["model"] is None
+            one.post(f"/feedback/messages/{human['id']}/rating", json={"value": 1})
+            q3, reply3 = _ask(one, conv, "Rank these", parent=stored["id"], n=4, temperature=1.0)
+            group = [
+                one.post(
+                    "/feedback/messages",
+                    json={
+                        "conversation_id": conv,
+                        "role": "assistant",
+                        "parent_id": q3["id"],
+                        "completion_id": reply3["id"],
+                        "choice_index": i,
+                        "compare_group": "g",
+                        "compare_index": i,
+                    },
+                ).json()
+                for i in range(4)
+            ]
+            bad_rank = one.post(
+                "/feedback/rankings", json={"message_ids": [stored["id"], human["id"]], "ranking": [0, 1]}
+            )
+            assert bad_rank.status_code == 400 and "generated" in bad_rank.json()["error"]["message"]
+            assert (
+                one.post(
+                    "/feedback/rankings", json={"message_ids": [m["id"] for m in group], "ranking": [3, 2, 1, 0]}
+                ).status_code
+                == 200
+            )
+            one.post(f"/feedback/messages/{group[3]['id']}/edit", json={"content": "An improved answer."})
+            too_many = [
+                one.post(f"/feedback/messages/{stored['id']}/signal", json={"kind": "copied"}).status_code
+                for _ in range(60)
+            ]
+            assert 429 in too_many  # feedback writes are rate-limited per key
+    provenance = {r["messages"][-1]["content"]: r["provenance"] for r in store.sft_records()}
+    assert provenance == {"A person's answer.": "human-written", "An improved answer.": "human-edited"}
+    assert store.sft_records()[-1]["messages"][1]["content"] == stored["content"]
+    (ranking,), _ = store.ranking_records()
+    assert ranking["provenance"] == "model-generated"
+    assert ranking["completions"] == [m["content"] for m in group[:3]] + [group[3]["content"]]
+    store.close()
+
+
+def test_schema_versions_upgrade_known_refuse_unknown_and_the_file_is_private(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)  # a version-1 database: no schema_version table, answers' text from clients
+    db.executescript("""
+        CREATE TABLE conversations (id VARCHAR(32) PRIMARY KEY, user_id VARCHAR(64), title TEXT, model_id VARCHAR(200),
+                                    created_at DATETIME, updated_at DATETIME);
+        CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, id VARCHAR(32) UNIQUE,
+                               conversation_id VARCHAR(32), parent_id VARCHAR(32), role VARCHAR(16), content TEXT,
+                               model_id VARCHAR(200),
+                               finish_reason VARCHAR(32), compare_group VARCHAR(32), compare_index INTEGER,
+                               created_at DATETIME);
+        CREATE TABLE ratings (id INTEGER PRIMARY KEY AUTOINCREMENT, message_id VARCHAR(32), model_id VARCHAR(200),
+                              created_at DATETIME, value INTEGER);
+        INSERT INTO conversations VALUES ('c1', '', 'old', 'm1', '2026-01-01', '2026-01-01');
+        INSERT INTO messages VALUES (1, 'q1', 'c1', NULL, 'user', 'Hi', NULL, NULL, NULL, NULL, '2026-01-01');
+        INSERT INTO messages VALUES (2, 'a1', 'c1', 'q1', 'assistant', 'Hello', 'm1', 'stop', NULL, NULL, '2026-01-01');
+        INSERT INTO ratings VALUES (1, 'a1', 'm1', '2026-01-01', 1);
+    """)
+    db.close()
+    store = FeedbackStore(path)
+    (record,) = store.sft_records()
+    assert record["provenance"] == "unverified" and record["messages"][-1]["content"] == "Hello"
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    db.execute("UPDATE schema_version SET version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(ChatforgeError, match="schema version 99"):
+        FeedbackStore(path)
+    fresh = FeedbackStore(tmp_path / "new" / "feedback.db")
+    fresh.create_conversation("m1")
+    assert os.stat(tmp_path / "new" / "feedback.db").st_mode & 0o777 == 0o600
+    fresh.close()

@@ -80,7 +80,7 @@ def test_samples_and_beams(setup, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--temperature=-1"], "temperature must be >= 0"),
+        (["--temperature=-1"], "temperature must be in [0, 2]"),
         (["--top_p=0"], "top_p must be in (0, 1]"),
         (["--temprature=0.5"], "unknown option 'temprature'"),
         (["--prompts_file=/nonexistent/prompts.txt"], "prompts file not found"),

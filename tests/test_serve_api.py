@@ -167,7 +167,7 @@ def _error(excinfo, status: int) -> dict:
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", "invalid_value"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]}, 400, "messages", None),
     ({"messages": [{"role": "user"}]}, 400, "messages.0.content", "missing_required_parameter"),
-    ({"logit_bias": {"999999": 5}}, 400, None, None),
+    ({"logit_bias": {"999999": 5}}, 400, "logit_bias", None),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     ({"n": 1000}, 400, "n", None),
     ({"extra_body": {"response_format": {"type": "json_object"}}}, 400, "response_format", "unknown_parameter"),
@@ -410,7 +410,7 @@ def _scripted_turns(monkeypatch, engine, turns: list):
     import json as _json
 
     from chatforge.infer.outputs import Choice, Completion
-    from chatforge.serve import api
+    from chatforge.serve import chat
 
     script = list(turns)
     tok = engine.tokenizer
@@ -427,7 +427,7 @@ def _scripted_turns(monkeypatch, engine, turns: list):
         self.completions += done
         return done
 
-    monkeypatch.setattr(api.ScheduledTurns, "generate", generate)
+    monkeypatch.setattr(chat.ScheduledTurns, "generate", generate)
     return script
 
 
@@ -504,3 +504,17 @@ def test_an_answer_written_after_a_tool_call_goes_through_the_output_filters(sch
     assert (
         choice["finish_reason"] == "content_filter" and not choice["message"]["content"]
     )  # a short answer is held back whole
+
+
+def test_tool_results_shown_to_users_go_through_the_output_filters(scheduler, engine, monkeypatch, tmp_path):
+    _scripted_turns(monkeypatch, engine, [{"name": "calculator", "arguments": {"expression": "12 * 7"}}, "Done."])
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"categories": {"numbers": {"regexes": ["84"], "action": "redact"}}}))
+    with _server(scheduler, tools=["calculator"], safety_policy=str(policy)) as server:
+        reply = httpx.post(
+            server.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": MODEL, "messages": [{"role": "user", "content": "12 times 7?"}]},
+        ).json()
+    (run,) = reply["tool_runs"]
+    assert "84" not in run["result"] and "[numbers]" in run["result"]

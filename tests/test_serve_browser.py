@@ -15,6 +15,7 @@ from chatforge.data.rankings import read_rankings
 from chatforge.infer.scheduler import Scheduler
 from chatforge.serve.api import ServeOptions, create_app
 from chatforge.serve.feedback import FeedbackStore, Message, Ranking
+from chatforge.serve.security import CLIENT_COOKIE, browser_id
 from chatforge.serve.server import BackgroundServer
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (scripts/setup.sh installs it)")
@@ -124,7 +125,7 @@ def test_chat_stream_stop_rate_and_rank_end_in_an_export(page):
         assert ranking.ranking == order and ranking.model_id == MODEL
         answers = [m for m in messages if m.role == "assistant"]
         assert len(answers) == 6 and {m.model_id for m in answers} == {MODEL}
-        assert [m.finish_reason for m in answers[:2]] == ["length", "stopped"]
+        assert [m.finish_reason for m in answers[:2]] == ["length", "cancelled"]  # the server's record
         assert answers[0].content == final and answers[0].ratings[-1].value == 1
         assert sorted(m.compare_index for m in answers[2:]) == [0, 1, 2, 3]
         assert len({m.compare_group for m in answers[2:]}) == 1
@@ -172,8 +173,10 @@ def test_regenerate_copy_edit_and_resubmit_are_recorded(page):
     driver.find_element(By.CSS_SELECTOR, ".save-edit").click()
     settled()
 
-    (conversation,) = store.list_conversations()
-    messages = store.get_conversation(conversation["id"])["messages"]
+    browser = browser_id(driver.get_cookie(CLIENT_COOKIE)["value"])  # without keys, conversations are per browser
+    (conversation,) = store.list_conversations(browser)
+    assert store.list_conversations() == []
+    messages = store.get_conversation(conversation["id"], browser)["messages"]
     shown = [(m["role"], m["signals"], m["edited"]) for m in messages]
     assert shown == [("user", [], False), ("assistant", ["regenerated"], False),
                      ("assistant", ["continued", "copied"], True), ("user", [], False),
@@ -182,3 +185,4 @@ def test_regenerate_copy_edit_and_resubmit_are_recorded(page):
     (demo,) = store.sft_records()  # the person's fixed answer is a demonstration
     assert demo["messages"] == [{"role": "user", "content": "Hello world"},
                                 {"role": "assistant", "content": "A fixed answer."}]
+    assert demo["provenance"] == "human-edited"

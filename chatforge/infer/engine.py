@@ -21,7 +21,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.infer.beam import Beam, beam_search
 from chatforge.infer.detokenizer import IncrementalDetokenizer
 from chatforge.infer.outputs import Completion, Delta
-from chatforge.infer.params import SamplingParams
+from chatforge.infer.params import ParamError, SamplingParams
 from chatforge.infer.runner import BatchRunner, Event, Prepared
 from chatforge.infer.sampling import token_logprobs
 from chatforge.tokenizer import END_OF_TEXT, END_OF_TURN
@@ -87,14 +87,12 @@ class Engine:
     def _check_ids(self, what: str, ids) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise ChatforgeError(f"{what}: token id {bad} is outside the vocabulary (size {self.vocab_size})")
+            raise ParamError(what, f"{what}: token id {bad} is outside the vocabulary (size {self.vocab_size})")
 
     def prepare(self, prompt: Prompt, params: SamplingParams | None = None) -> Prepared:
         """Validate a request and fit it into the context window (or fail with a message saying how)."""
-        params = (params or SamplingParams()).validate()
+        params = self.check_params(params or SamplingParams())
         ids = self.encode(prompt)
-        self._check_ids("logit_bias", params.logit_bias)
-        self._check_ids("stop_token_ids", params.stop_token_ids)
         if params.stop and self.tokenizer is None:
             raise ChatforgeError("stop strings need a tokenizer; give stop_token_ids instead")
         room = params.max_tokens or 1
@@ -112,6 +110,16 @@ class Engine:
             ids = ids[len(ids) + room - self.block_size :]
         stop_ids = list(dict.fromkeys(params.stop_token_ids + ([] if params.ignore_eos else self.end_ids)))
         return Prepared(ids, params, params.max_tokens or self.block_size - len(ids), stop_ids)
+
+    def check_params(self, params: SamplingParams) -> SamplingParams:
+        """``params`` validated, and within this model's vocabulary (ParamError names the setting)."""
+        params.validate()
+        self._check_ids("logit_bias", params.logit_bias)
+        self._check_ids("stop_token_ids", params.stop_token_ids)
+        if params.top_k > self.vocab_size:
+            raise ParamError("top_k", f"top_k must be at most the vocabulary size {self.vocab_size} (0 = off), "
+                                      f"got {params.top_k}")
+        return params
 
     def new_detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
         decode = self.tokenizer.decode_bytes if self.tokenizer is not None else (lambda ids: b"")
@@ -169,6 +177,8 @@ class Engine:
             requests = [runner.add(p) for p in prepared]
             while runner.busy:
                 runner.step()
+                for _, exc in runner.take_failures():
+                    raise exc
         return [r.completion for r in requests]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> "Stream":
@@ -184,6 +194,8 @@ class Engine:
         while runner.busy:
             with self.inference():  # not held across yields: the caller's code must not run in inference mode
                 events = runner.step()
+            for _, exc in runner.take_failures():
+                raise exc
             for _, event in events:
                 yield event
 

@@ -11,6 +11,21 @@ from chatforge.config import option
 from chatforge.errors import ChatforgeError
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI: alternatives beyond this are noise and cost a top-k over the vocabulary
+MAX_TEMPERATURE = 2.0  # as OpenAI
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding (dividing by it would overflow the logits)
+MAX_REPETITION_PENALTY = 10.0
+MAX_STOP_STRINGS = 16  # the server allows OpenAI's 4
+MAX_STOP_CHARS = 256  # a stop string is matched against the text at every step: its length is work per token
+MAX_LOGIT_BIAS = 1024
+MAX_INT32 = 2**31 - 1
+
+
+class ParamError(ChatforgeError):
+    """A bad sampling setting; ``param`` names it (as data: the server reports it without parsing the message)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -50,16 +65,15 @@ class SamplingParams:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ChatforgeError(
-                f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+            raise ParamError(unknown[0], f"unknown sampling parameter(s) {', '.join(unknown)}; "
+                                         f"known: {', '.join(sorted(known))}")
         params = cls(**values)
         params.validate()
         return params
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def num_samples(self) -> int:
@@ -67,54 +81,97 @@ class SamplingParams:
         return self.best_of or self.n
 
     def validate(self) -> "SamplingParams":
-        """Raise ChatforgeError naming the first bad setting; normalise ``stop`` given as a single string."""
+        """Raise ParamError naming the first bad setting; normalise ``stop`` given as a single string.
+
+        Every value that reaches a tensor is range-checked here (the server relies on it: one request's
+        setting must never fail a batch it shares with others); vocabulary bounds are the engine's."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _check_type("max_tokens", self.max_tokens, int, optional=True)
-        _check_type("min_tokens", self.min_tokens, int)
-        _check_type("top_k", self.top_k, int)
-        _check_type("n", self.n, int)
-        _check_type("best_of", self.best_of, int, optional=True)
-        _check_type("seed", self.seed, int, optional=True)
-        _check_type("logprobs", self.logprobs, int, optional=True)
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for name in ("max_tokens", "best_of", "seed", "logprobs"):
+            _check_type(name, getattr(self, name), int, optional=True)
+        for name in ("min_tokens", "top_k", "n"):
+            _check_type(name, getattr(self, name), int)
+        for name in FLOAT_SETTINGS:
             _check_type(name, getattr(self, name), float)
             if not math.isfinite(getattr(self, name)):
-                raise ChatforgeError(f"{name} must be a finite number, got {getattr(self, name)}")
+                raise ParamError(name, f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("ignore_eos", "echo", "truncate", "skip_special_tokens"):
             _check_type(name, getattr(self, name), bool)
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ChatforgeError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            raise ChatforgeError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
-        if self.temperature < 0:
-            raise ChatforgeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ChatforgeError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ChatforgeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ChatforgeError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ChatforgeError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ChatforgeError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for name in BOUNDS:
+            if getattr(self, name) is not None:
+                check_bound(name, getattr(self, name))
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ParamError("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                                           f"got {self.min_tokens}")
         if not isinstance(self.logit_bias, dict):
-            raise ChatforgeError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+            raise ParamError("logit_bias", f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ParamError("logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens; "
+                                           f"got {len(self.logit_bias)}")
         self.logit_bias = {_token_id("logit_bias", k): _bias(k, v) for k, v in self.logit_bias.items()}
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ChatforgeError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            raise ParamError("stop", f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ParamError("stop", f"stop takes at most {MAX_STOP_STRINGS} sequences; got {len(self.stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ParamError("stop", f"stop sequences are at most {MAX_STOP_CHARS} characters long")
         if not isinstance(self.stop_token_ids, list):
-            raise ChatforgeError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+            raise ParamError("stop_token_ids", f"stop_token_ids must be a list of token ids, "
+                                               f"got {self.stop_token_ids!r}")
         self.stop_token_ids = [_token_id("stop_token_ids", t) for t in self.stop_token_ids]
-        if self.n < 1:
-            raise ChatforgeError(f"n must be >= 1, got {self.n}")
         if self.best_of is not None and self.best_of < self.n:
-            raise ChatforgeError(f"best_of ({self.best_of}) must be >= n ({self.n})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ChatforgeError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (or unset), got {self.logprobs}")
+            raise ParamError("best_of", f"best_of ({self.best_of}) must be >= n ({self.n})")
         return self
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A setting's range: ``low`` (excluded when ``open_low``) to ``high`` (None: no upper bound)."""
+
+    low: float
+    high: float | None
+    open_low: bool = False
+
+    def holds(self, value) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
+
+    def field_kwargs(self) -> dict:
+        """The bound as pydantic ``Field`` keywords (the server's request models say the same range)."""
+        low = {"gt": self.low} if self.open_low else {"ge": self.low}
+        return {**low, **({"le": self.high} if self.high is not None else {})}
+
+
+# Every numeric setting's range. Upper bounds keep each value inside the tensor types it is put in (int64,
+# float32); vocabulary-sized bounds (top_k, token ids) are checked by the engine, which knows the vocabulary.
+BOUNDS: dict[str, Bound] = {
+    "max_tokens": Bound(1, MAX_INT32),
+    "min_tokens": Bound(0, MAX_INT32),
+    "temperature": Bound(0, MAX_TEMPERATURE),
+    "top_k": Bound(0, MAX_INT32),
+    "top_p": Bound(0, 1, open_low=True),
+    "min_p": Bound(0, 1),
+    "repetition_penalty": Bound(0, MAX_REPETITION_PENALTY, open_low=True),
+    "presence_penalty": Bound(-2, 2),
+    "frequency_penalty": Bound(-2, 2),
+    "n": Bound(1, MAX_INT32),
+    "best_of": Bound(1, MAX_INT32),
+    "seed": Bound(-(2**63), 2**64 - 1),
+    "logprobs": Bound(0, MAX_TOP_LOGPROBS),
+}
+FLOAT_SETTINGS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def check_bound(name: str, value) -> None:
+    bound = BOUNDS[name]
+    if not bound.holds(value):
+        hint = " (0 = greedy)" if name == "temperature" else " (0 = off)" if name == "top_k" else ""
+        raise ParamError(name, f"{name} must be {bound.describe()}{hint}, got {value}")
 
 
 def _check_type(name: str, value: Any, tp: type, optional: bool = False) -> None:
@@ -124,7 +181,7 @@ def _check_type(name: str, value: Any, tp: type, optional: bool = False) -> None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
-        raise ChatforgeError(f"{name} must be {'an integer' if tp is int else 'a ' + tp.__name__}, got {value!r}")
+        raise ParamError(name, f"{name} must be {'an integer' if tp is int else 'a ' + tp.__name__}, got {value!r}")
 
 
 def _token_id(name: str, value: Any) -> int:
@@ -132,13 +189,13 @@ def _token_id(name: str, value: Any) -> int:
     try:
         token = int(value)
     except (TypeError, ValueError):
-        raise ChatforgeError(f"{name}: {value!r} is not a token id") from None
-    if token < 0 or isinstance(value, (bool, float)):
-        raise ChatforgeError(f"{name}: {value!r} is not a token id")
+        raise ParamError(name, f"{name}: {value!r} is not a token id") from None
+    if token < 0 or token > MAX_INT32 or isinstance(value, (bool, float)):
+        raise ParamError(name, f"{name}: {value!r} is not a token id")
     return token
 
 
 def _bias(token: Any, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-        raise ChatforgeError(f"logit_bias[{token}] must be a number in [-100, 100], got {value!r}")
+        raise ParamError("logit_bias", f"logit_bias[{token}] must be a number in [-100, 100], got {value!r}")
     return float(value)

@@ -118,6 +118,7 @@ class BatchRunner:
         self._new_generator = new_generator
         self.active: list[_Sequence] = []  # active[i] lives in cache row i
         self.waiting: deque[_Sequence] = deque()
+        self.failed: list[tuple[Request, Exception]] = []  # requests that failed alone; read by take_failures
         self._last_tokens: torch.Tensor | None = None  # [len(active)] input of the next decode step
 
     @property
@@ -125,14 +126,22 @@ class BatchRunner:
         return bool(self.active or self.waiting)
 
     def add(self, prepared: Prepared) -> Request:
+        """Queue a request's samples; raises (leaving the batch untouched) if its settings cannot be sampled."""
         request = Request(prepared)
         params = prepared.params
-        for i in range(params.num_samples):
-            row = SamplingRow(params, self._new_generator(params, i), prepared.prompt_ids, prepared.stop_ids)
+        rows = [SamplingRow(params, self._new_generator(params, i), prepared.prompt_ids, prepared.stop_ids)
+                for i in range(params.num_samples)]
+        self.sampler.probe(rows[:1])
+        for i, row in enumerate(rows):
             seq = _Sequence(request, i, row, self._new_detokenizer(params))
             request.sequences.append(seq)
             self.waiting.append(seq)
         return request
+
+    def take_failures(self) -> list[tuple[Request, Exception]]:
+        """Requests whose prefill failed since the last call (each failed alone; the batch went on)."""
+        failed, self.failed = self.failed, []
+        return failed
 
     def cancel(self, request: Request) -> list[Event]:
         """Stop every sample of ``request`` now and free its slots; returns its final events."""
@@ -219,7 +228,12 @@ class BatchRunner:
                 source, last = prefilled[request.id]
                 self.cache.copy_row(source, row)
             else:
-                last = self._prefill(request, row)
+                try:
+                    last = self._prefill(request, row)
+                except Exception as exc:  # this request's prompt broke the forward: it fails, nobody else
+                    self.waiting = deque(s for s in self.waiting if s.request is not request)
+                    self.failed.append((request, exc))
+                    continue
                 prefilled[request.id] = (row, last)
             self.active.append(seq)
             new_rows.append(seq.sampling)

@@ -8,6 +8,7 @@ whatever else shares its batch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,13 @@ class BatchSampler:
         self.prompt_mask = torch.cat([self.prompt_mask, mask])
         self.counts = torch.cat([self.counts, torch.zeros(len(rows), self.vocab_size, device=self.device)])
         self._tensors = None
+
+    def probe(self, rows: list[SamplingRow]) -> None:
+        """Sample once with ``rows``' settings on a batch of their own (random generators untouched), so a
+        setting that cannot be turned into tensors fails here, for its request alone, not in a shared step."""
+        probe = BatchSampler(self.vocab_size, self.device)
+        probe.add_rows([dataclasses.replace(row, generator=None) for row in rows])
+        probe.sample(torch.zeros(len(rows), self.vocab_size, device=self.device))
 
     def keep_rows(self, order: list[int]) -> None:
         """Row i becomes old row ``order[i]``; rows not listed are dropped."""

@@ -92,6 +92,10 @@ class RequestHandle:
         finally:
             self.cancel()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request has ended (completed, cancelled or failed) or ``timeout`` passed; True if ended."""
+        return self._ended.wait(timeout)
+
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request is finished and return its completion."""
         if not self._ended.wait(timeout):
@@ -133,8 +137,11 @@ class Scheduler:
             self._cond.notify()
 
     def stats(self) -> dict[str, int]:
-        """Sequences decoding now, sequences waiting for a slot, and the number of slots."""
-        return {"active": len(self._runner.active), "waiting": len(self._runner.waiting) + len(self._inbox),
+        """Sequences decoding now, sequences waiting for a slot (queued requests count all their samples), and
+        the number of slots."""
+        with self._cond:
+            queued = sum(prepared.params.num_samples for prepared, _ in self._inbox)
+        return {"active": len(self._runner.active), "waiting": len(self._runner.waiting) + queued,
                 "slots": self._runner.capacity}
 
     def close(self) -> None:
@@ -161,7 +168,11 @@ class Scheduler:
             try:
                 with self.engine.inference():
                     for prepared, handle in inbox:
-                        handle.request = self._runner.add(prepared)
+                        try:
+                            handle.request = self._runner.add(prepared)
+                        except Exception as exc:  # its settings cannot be sampled: it fails alone
+                            handle._push(exc)
+                            continue
                         self._handles[handle.request.id] = handle
                     if closed:
                         cancels = list(self._handles.values())
@@ -172,7 +183,9 @@ class Scheduler:
                         return
                     if self._runner.busy:
                         self._dispatch(self._runner.step())
-            except Exception as exc:  # a failing step fails the requests in flight, not the server
+                    for request, exc in self._runner.take_failures():
+                        self._handles.pop(request.id)._push(exc)
+            except Exception as exc:  # a step failing for no single request fails those in flight, not the server
                 for handle in self._handles.values():
                     handle._push(exc)
                 self._handles.clear()

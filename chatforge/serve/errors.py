@@ -4,19 +4,25 @@
 
 Bad JSON, wrong types, unknown fields and unknown routes are turned into that shape here; a
 ``ChatforgeError`` raised while handling a request (the engine's checks of sampling settings and prompts)
-is the client's fault by construction, so it is a 400. Only a genuine bug is a 500.
+is the client's fault by construction, so it is a 400 (naming the parameter when it is a ``ParamError``).
+A database that cannot be reached is a 503; a row the database refuses is a 400. Only a genuine bug is a
+500, and its text stays in the server's log (the client gets an incident number), on a connection that
+stays open.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.exceptions import HTTPException
 
 from chatforge.errors import ChatforgeError
+from chatforge.infer.params import ParamError
 
 log = logging.getLogger("chatforge.serve")
 
@@ -42,8 +48,9 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 def _param(loc: tuple) -> str:
     parts = [str(p) for p in loc if p != "body"]
-    # pydantic names the union member it tried ("prompt.str"); the client only knows the field
-    return ".".join(p for p in parts if p not in ("str", "list[str]", "list[int]", "list[list[int]]", "list[TextPart]"))
+    # pydantic names the union member it tried ("prompt.str", "content.function-after[...]"); the client only
+    # knows the field (no field name has brackets)
+    return ".".join(p for p in parts if p not in ("str", "int") and "[" not in p)
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -73,9 +80,22 @@ def install(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError):
         return validation_error(exc).response()
 
+    @app.exception_handler(ParamError)
+    async def _param_error(request: Request, exc: ParamError):
+        return APIError(400, str(exc), param=exc.param).response()
+
     @app.exception_handler(ChatforgeError)
     async def _chatforge(request: Request, exc: ChatforgeError):
         return APIError(400, str(exc)).response()
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError):
+        if isinstance(exc, IntegrityError):
+            return APIError(400, "the feedback store refused this change (it conflicts with what is stored)",
+                            code="conflict").response()
+        log.error("feedback database error on %s %s: %s", request.method, request.url.path, exc)
+        return APIError(503, "the feedback store is unavailable; retry shortly", type="server_error",
+                        code="database_unavailable", headers={"Retry-After": "5"}).response()
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
@@ -88,7 +108,33 @@ def install(app: FastAPI) -> None:
         return APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None,
                         headers=getattr(exc, "headers", None)).response()
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, "the server failed to handle this request; see its log", type="server_error").response()
+
+class InternalErrors:
+    """ASGI middleware: an unhandled exception becomes a 500 in OpenAI's shape whose text says nothing of the
+    server's internals. Unlike Starlette's own handler it does not re-raise, so the server keeps the
+    connection alive (the client's next request on it is not reset). After the response started, there is
+    nothing to answer with: the error propagates and the connection closes."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("unhandled error on %s %s (incident %s)", scope["method"], scope["path"], incident)
+            if started:
+                raise
+            await APIError(500, f"the server failed to handle this request (incident {incident}; its log has the "
+                                "details)", type="server_error").response()(scope, receive, send)

@@ -8,7 +8,16 @@ Tables (every row has a timestamp; every row about a model answer records the mo
 * ``conversations`` — id, owner (the API key's client id, "" without keys), title, model id.
 * ``messages`` — a tree: each message has a ``parent_id`` (None for the first), so regenerating an answer
   or editing-and-resubmitting a question adds a sibling instead of overwriting history. The K answers of a
-  compare-mode turn share a ``compare_group`` (with ``compare_index`` 0..K-1).
+  compare-mode turn share a ``compare_group`` (with ``compare_index`` 0..K-1). ``author`` says who wrote
+  it: ``model`` (an answer this server generated: it references its ``generations`` row), ``human`` (a
+  question, or an answer a person wrote), or ``unverified`` (answers stored before version 2, when clients
+  sent answers' text themselves).
+* ``generations`` — every chat answer the server sent (by completion id and choice index), as the client
+  was shown it, with the client id, the model and a digest of the messages it answered. An answer is
+  stored in a conversation only by reference to one of these, under a path whose messages have that digest,
+  so nobody can make the store say the model wrote something it did not, or wrote it to another question.
+* ``schema_version`` — the database's schema version: an older known one is upgraded when opened, a newer
+  or unknown one is refused with a clear error.
 * ``ratings`` — thumbs up (+1) / down (-1) / cleared (0) of an answer; the latest counts.
 * ``rankings`` — a compare-mode ranking: the K answers' ids and texts, and their order best to worst.
 * ``edits`` — a person's rewrite of an answer (before, after): a human-corrected demonstration.
@@ -21,7 +30,10 @@ Tables (every row has a timestamp; every row about a model answer records the mo
 
 Exports (``chatforge feedback export --as sft|rankings --out FILE``), JSON lines:
 
-* ``sft`` — ``{"id", "messages": [{"role", "content"}, ...], "source": "feedback", "user_id"?, "model"}``,
+* ``sft`` — ``{"id", "messages": [{"role", "content"}, ...], "source": "feedback", "user_id"?, "model",
+  "provenance"}``, where provenance is ``model-generated`` (every answer as the model wrote it),
+  ``human-edited`` (a person edited an answer on the path), ``human-written`` (a person wrote one) or
+  ``unverified`` (an answer from before version 2),
   the format ``chatforge sft-data --feedback FILE`` reads. One line per demonstration: the path from the
   first message to an answer that was rated up, edited by a person, or ranked best (with
   ``include_implicit``, also answers copied or replied to and never regenerated or re-asked). Every answer
@@ -31,137 +43,46 @@ Exports (``chatforge feedback export --as sft|rankings --out FILE``), JSON lines
 * ``rankings`` — ``{"id", "prompt": [messages up to the question], "completions": [K answer texts],
   "ranking": [indices of completions, best first], "source": "feedback", "model"}``, the format of
   ``chatforge rankings --inputs FILE`` and so of the reward model. ``completions`` are the answers as the
-  model wrote them (edits are demonstrations, not samples). Rankings of fewer than 4 or more than 9
+  model wrote them (edits are demonstrations, not samples), so ``provenance`` is always ``model-generated``
+  (only generated answers can be ranked). Rankings of fewer than 4 or more than 9
   answers are skipped (and counted), since the reward data needs 4 ≤ K ≤ 9.
 """
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import create_engine, event, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import Session
 
 from chatforge import io
 from chatforge.chat_template import ROLE_TOKENS
-from chatforge.data.rankings import MAX_K, MIN_K
 from chatforge.errors import ChatforgeError
+from chatforge.serve.feedback_tables import (
+    AUTHORS,
+    Conversation,
+    Edit,
+    FilterDecision,
+    Generation,
+    Message,
+    Ranking,
+    Rating,
+    Signal,
+    database_url,
+    migrate,
+    now,
+    sqlite_pragmas,
+)
 
 SIGNALS = ("copied", "regenerated", "continued", "asked_again")
-CLIENT_SIGNALS = ("copied",)  # the others follow from the messages the client adds
 EXPORT_FORMATS = ("sft", "rankings")
 DB_FILE = "feedback.db"
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _new_id() -> str:
-    return uuid.uuid4().hex
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Conversation(Base):
-    __tablename__ = "conversations"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_new_id)
-    user_id: Mapped[str] = mapped_column(String(64), index=True, default="")
-    title: Mapped[str] = mapped_column(Text, default="")
-    model_id: Mapped[str] = mapped_column(String(200), default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    messages: Mapped[list["Message"]] = relationship(back_populates="conversation", cascade="all, delete-orphan",
-                                                     order_by="Message.seq")
-    rankings: Mapped[list["Ranking"]] = relationship(cascade="all, delete-orphan")
-
-
-class Message(Base):
-    __tablename__ = "messages"
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # creation order
-    id: Mapped[str] = mapped_column(String(32), unique=True, index=True, default=_new_id)
-    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
-    parent_id: Mapped[str | None] = mapped_column(String(32), index=True)
-    role: Mapped[str] = mapped_column(String(16))
-    content: Mapped[str] = mapped_column(Text)
-    model_id: Mapped[str | None] = mapped_column(String(200))
-    finish_reason: Mapped[str | None] = mapped_column(String(32))
-    compare_group: Mapped[str | None] = mapped_column(String(32), index=True)
-    compare_index: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    conversation: Mapped[Conversation] = relationship(back_populates="messages")
-    ratings: Mapped[list["Rating"]] = relationship(cascade="all, delete-orphan", order_by="Rating.id")
-    edits: Mapped[list["Edit"]] = relationship(cascade="all, delete-orphan", order_by="Edit.id")
-    signals: Mapped[list["Signal"]] = relationship(cascade="all, delete-orphan", order_by="Signal.id")
-
-
-class AboutAnswer:
-    """The columns of every row about one answer."""
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
-    model_id: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class Rating(AboutAnswer, Base):
-    __tablename__ = "ratings"
-    value: Mapped[int] = mapped_column(Integer)
-
-
-class Ranking(Base):
-    __tablename__ = "rankings"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_new_id)
-    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
-    parent_id: Mapped[str] = mapped_column(String(32))  # the question the answers reply to
-    message_ids: Mapped[list] = mapped_column(JSON)
-    completions: Mapped[list] = mapped_column(JSON)  # the answers' texts when ranked
-    ranking: Mapped[list] = mapped_column(JSON)  # indices into message_ids, best first
-    model_id: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class Edit(AboutAnswer, Base):
-    __tablename__ = "edits"
-    before: Mapped[str] = mapped_column(Text)
-    after: Mapped[str] = mapped_column(Text)
-
-
-class Signal(AboutAnswer, Base):
-    __tablename__ = "signals"
-    kind: Mapped[str] = mapped_column(String(16))
-
-
-class FilterDecision(Base):
-    __tablename__ = "filter_decisions"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    where: Mapped[str] = mapped_column(String(8))  # input or output
-    category: Mapped[str] = mapped_column(String(100))
-    action: Mapped[str] = mapped_column(String(8))
-    matched: Mapped[str] = mapped_column(Text)
-    score: Mapped[float] = mapped_column(Float)
-    model_id: Mapped[str | None] = mapped_column(String(200))
-    client: Mapped[str] = mapped_column(String(200), default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
 class NotFound(ChatforgeError):
     """A conversation or message that does not exist (or belongs to someone else)."""
-
-
-def database_url(target: str | Path) -> str:
-    """A SQLAlchemy URL as given, or the SQLite URL of a file path (its folder is created)."""
-    target = str(target)
-    if "://" in target:
-        return target
-    path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path.resolve()}"
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -182,8 +103,8 @@ class FeedbackStore:
             self.engine = create_engine(self.url, connect_args={"check_same_thread": False} if sqlite else {},
                                         pool_pre_ping=not sqlite)
             if sqlite:
-                event.listen(self.engine, "connect", _sqlite_pragmas)
-            Base.metadata.create_all(self.engine)
+                event.listen(self.engine, "connect", sqlite_pragmas)
+            migrate(self.engine, self._safe_url())
         except (SQLAlchemyError, ImportError) as exc:
             raise ChatforgeError(f"cannot open the feedback database {self._safe_url()}: {exc}") from None
 
@@ -239,7 +160,7 @@ class FeedbackStore:
         with self.session() as s, s.begin():
             conv = self._conversation(s, conversation_id, user_id)
             conv.title = title
-            conv.updated_at = _now()
+            conv.updated_at = now()
         return self._conversation_summary(conv)
 
     def delete_conversation(self, conversation_id: str, user_id: str = "") -> None:
@@ -253,7 +174,7 @@ class FeedbackStore:
         return {"id": m.id, "parent_id": m.parent_id, "role": m.role, "content": m.content, "model": m.model_id,
                 "finish_reason": m.finish_reason, "compare_group": m.compare_group, "compare_index": m.compare_index,
                 "created_at": _iso(m.created_at), "rating": m.ratings[-1].value if m.ratings else 0,
-                "edited": bool(m.edits), "signals": sorted({x.kind for x in m.signals})}
+                "author": m.author, "edited": bool(m.edits), "signals": sorted({x.kind for x in m.signals})}
 
     def _message(self, s: Session, message_id: str, user_id: str) -> Message:
         m = s.scalar(select(Message).where(Message.id == message_id))
@@ -263,7 +184,8 @@ class FeedbackStore:
 
     def add_message(self, conversation_id: str, role: str, content: str, parent_id: str | None = None,
                     model_id: str | None = None, finish_reason: str | None = None, compare_group: str | None = None,
-                    compare_index: int | None = None, user_id: str = "") -> dict:
+                    compare_index: int | None = None, user_id: str = "", author: str | None = None,
+                    generation_id: int | None = None) -> dict:
         """Append a message under ``parent_id`` and record the implicit signals it implies: a question
         replying to an answer ``continued`` it; a second question under the same parent means the earlier
         question was ``asked_again`` (signal on its latest answer); a second answer outside a compare group
@@ -272,6 +194,10 @@ class FeedbackStore:
             raise ChatforgeError(f"role must be one of {', '.join(ROLE_TOKENS)}; got {role!r}")
         if not isinstance(content, str):
             raise ChatforgeError("content must be a string")
+        author = author or ("model" if role == "assistant" else "human")
+        if author not in AUTHORS or (author != "human" and role != "assistant"):
+            raise ChatforgeError(f"author must be one of {', '.join(AUTHORS)} (only answers have a model author); "
+                                 f"got {author!r}")
         with self.session() as s, s.begin():
             conv = self._conversation(s, conversation_id, user_id)
             parent = None
@@ -283,7 +209,7 @@ class FeedbackStore:
             model = model_id if role == "assistant" else None
             message = Message(conversation_id=conv.id, parent_id=parent_id, role=role, content=content,
                               model_id=model, finish_reason=finish_reason, compare_group=compare_group,
-                              compare_index=compare_index)
+                              compare_index=compare_index, author=author, generation_id=generation_id)
             s.add(message)
             if role == "user" and parent is not None and parent.role == "assistant":
                 s.add(Signal(message_id=parent.id, kind="continued", model_id=parent.model_id))
@@ -295,9 +221,38 @@ class FeedbackStore:
                 s.add(Signal(message_id=siblings[-1].id, kind="regenerated", model_id=siblings[-1].model_id))
             if not conv.title and role == "user":
                 conv.title = content.strip().splitlines()[0][:80] if content.strip() else ""
-            conv.updated_at = _now()
+            conv.updated_at = now()
             s.flush()
             return self._message_json(message)
+
+    def record_generation(self, completion_id: str, user_id: str, model_id: str, prompt_digest: str,
+                          choices: list[tuple[int, str, str]]) -> None:
+        """Keep a chat completion's answers ((index, text as shown, finish reason)) for later reference."""
+        with self.session() as s, s.begin():
+            s.add_all(Generation(completion_id=completion_id, choice_index=i, user_id=user_id, model_id=model_id,
+                                 prompt_digest=prompt_digest, text=t, finish_reason=f) for i, t, f in choices)
+
+    def add_generated_answer(self, conversation_id: str, completion_id: str, choice_index: int, parent_id: str,
+                             path_digest, compare_group: str | None = None, compare_index: int | None = None,
+                             user_id: str = "") -> dict:
+        """Store answer ``choice_index`` of chat completion ``completion_id`` (which ``user_id`` was sent, to
+        the messages that end at ``parent_id``) under ``parent_id``: its text, model and finish reason are
+        the server's record. ``path_digest(messages)`` digests [(role, content)] the way the server did."""
+        with self.session() as s:
+            generation = s.scalar(select(Generation).where(Generation.completion_id == completion_id,
+                                                           Generation.choice_index == choice_index))
+            if generation is None or generation.user_id != user_id:
+                raise NotFound(f"no answer {choice_index} of completion {completion_id!r} was sent to you")
+            if s.scalar(select(Message.id).where(Message.generation_id == generation.id)) is not None:
+                raise ChatforgeError(f"answer {choice_index} of completion {completion_id!r} is already stored")
+            parent = self._message(s, parent_id, user_id)
+            by_id = {m.id: m for m in parent.conversation.messages}
+            if generation.prompt_digest != path_digest([(m.role, m.content) for m in _path(parent, by_id)]):
+                raise ChatforgeError(f"completion {completion_id!r} answered other messages than the ones ending at "
+                                     f"{parent_id!r}")
+        return self.add_message(conversation_id, "assistant", generation.text, parent_id, generation.model_id,
+                                generation.finish_reason, compare_group, compare_index, user_id, "model",
+                                generation.id)
 
     def edit_message(self, message_id: str, content: str, user_id: str = "") -> dict:
         """A person's rewrite of an answer: the message shows the new text; the edit keeps both."""
@@ -309,7 +264,7 @@ class FeedbackStore:
             if content != m.content:
                 s.add(Edit(message_id=m.id, before=m.content, after=content, model_id=m.model_id))
                 m.content = content
-                m.conversation.updated_at = _now()
+                m.conversation.updated_at = now()
             s.flush()
             s.refresh(m)
             return self._message_json(m)
@@ -345,11 +300,14 @@ class FeedbackStore:
             parents = {m.parent_id for m in messages}
             if any(m.role != "assistant" for m in messages) or len(parents) != 1 or None in parents:
                 raise ChatforgeError("ranked messages must be answers to the same question")
+            if any(m.author != "model" for m in messages):
+                raise ChatforgeError("only answers the model generated can be ranked (a ranking trains the reward "
+                                     "model on the model's own samples)")
             row = Ranking(conversation_id=messages[0].conversation_id, parent_id=messages[0].parent_id,
                           message_ids=list(message_ids), completions=[_as_written(m) for m in messages],
                           ranking=list(ranking), model_id=messages[0].model_id)
             s.add(row)
-            messages[0].conversation.updated_at = _now()
+            messages[0].conversation.updated_at = now()
         return {"id": row.id, "message_ids": row.message_ids, "ranking": row.ranking, "created_at": _iso(row.created_at)}
 
     # ---- exports -------------------------------------------------------------------------------------------
@@ -384,7 +342,8 @@ class FeedbackStore:
                     if any(message_id in ids for end, ids in on_path.items() if end != message_id):
                         continue  # a longer exported path already contains this one
                     record = {"id": message_id, "messages": [{"role": m.role, "content": m.content} for m in path],
-                              "source": "feedback", "model": by_id[message_id].model_id}
+                              "source": "feedback", "model": by_id[message_id].model_id,
+                              "provenance": _provenance([m for m in path if m.role == "assistant"])}
                     if conv.user_id:
                         record["user_id"] = conv.user_id
                     records.append(record)
@@ -392,6 +351,8 @@ class FeedbackStore:
 
     def ranking_records(self) -> tuple[list[dict], int]:
         """(ranking records in the reward data's format, how many rankings were skipped for their size)."""
+        from chatforge.data.rankings import MAX_K, MIN_K
+
         records, skipped = [], 0
         with self.session() as s:
             for r in s.scalars(select(Ranking).order_by(Ranking.created_at)):
@@ -402,7 +363,8 @@ class FeedbackStore:
                 by_id = {m.id: m for m in conv.messages}
                 prompt = [{"role": m.role, "content": m.content} for m in _path(by_id[r.parent_id], by_id)]
                 records.append({"id": r.id, "prompt": prompt, "completions": list(r.completions),
-                                "ranking": list(r.ranking), "source": "feedback", "model": r.model_id})
+                                "ranking": list(r.ranking), "source": "feedback", "model": r.model_id,
+                                "provenance": "model-generated"})
         return records, skipped
 
     def export(self, kind: str, path: str | Path, include_implicit: bool = False) -> tuple[int, int]:
@@ -415,18 +377,18 @@ class FeedbackStore:
         raise ChatforgeError(f"export format must be one of {', '.join(EXPORT_FORMATS)}; got {kind!r}")
 
 
-def _sqlite_pragmas(connection, _record) -> None:
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL keeps the database consistent; only a power cut loses a write
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
 def _as_written(m: Message) -> str:
     """An answer's text as the model wrote it, before any edit."""
     return m.edits[0].before if m.edits else m.content
+
+
+def _provenance(answers: list[Message]) -> str:
+    """Who wrote the answers of an exported dialogue: the weakest claim of any of them."""
+    if any(m.author == "unverified" for m in answers):
+        return "unverified"
+    if any(m.author == "human" for m in answers):
+        return "human-written"
+    return "human-edited" if any(m.edits for m in answers) else "model-generated"
 
 
 def _rated_down(m: Message) -> bool:

@@ -25,7 +25,7 @@ from chatforge.infer.scheduler import Scheduler
 from chatforge.model.checkpoint import trained_for_fim
 from chatforge.serve.api import ServeOptions, create_app
 from chatforge.serve.feedback import FeedbackStore, store_target
-from chatforge.serve.server import serve_forever
+from chatforge.serve.server import check_listen, serve_forever
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Config(ServeOptions):
     embed_ckpt: str = option("", "embedding model (saved by `chatforge embed`) to serve on /v1/embeddings")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = option(8000, "port to listen on")
+    insecure: bool = option(False, "allow a non-loopback --host without API keys (a network that is yours alone)")
     run_dir: str = option("runs/serve", "folder of the feedback database")
     db: str = option("", "feedback database: a SQLAlchemy URL or a SQLite file (default: RUN_DIR/feedback.db)")
     log_level: str = option("info", "uvicorn log level")
@@ -47,6 +48,7 @@ class Config(ServeOptions):
 def run(cfg: Config, args: list[str]) -> None:
     if args:
         raise ChatforgeError(f"unexpected argument(s): {' '.join(args)}")
+    check_listen(cfg.host, cfg.port, bool(cfg.keys()), cfg.insecure)
     if cfg.threads:
         import torch
 

@@ -166,6 +166,7 @@ function messageEl(m, nav) {
     regen.dataset.id = m.id;
     actions.append(regen);
     if (m.edited) actions.append(Object.assign(document.createElement("span"), { className: "muted", textContent: "edited" }));
+    if (m.author === "human") actions.append(Object.assign(document.createElement("span"), { className: "muted", textContent: "written by a person" }));
   } else if (m.role === "user") {
     actions.append(button("Edit", "edit and resubmit", () => editInPlace(el, m, "Save & submit", resubmit), "edit"));
   }
@@ -291,12 +292,13 @@ function requestBody(messages, n) {
   return body;
 }
 
-// Streams one chat completion; onDelta(choiceIndex, text) per piece. Resolves to {index: finish_reason}.
-async function streamChat(messages, n, onDelta, signal) {
+// Streams one chat completion; onDelta(choiceIndex, text) per piece; onId(completion id) once known.
+// Resolves to {index: finish_reason}.
+async function streamChat(messages, n, onDelta, signal, onId) {
   const res = await fetch("/v1/chat/completions", {
     method: "POST", headers: headers(), body: JSON.stringify(requestBody(messages, n)), signal,
   });
-  if (res.status === 401) { await askKey(); return streamChat(messages, n, onDelta, signal); }
+  if (res.status === 401) { await askKey(); return streamChat(messages, n, onDelta, signal, onId); }
   if (!res.ok) throw new Error(await errorMessage(res));
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
@@ -316,6 +318,7 @@ async function streamChat(messages, n, onDelta, signal) {
         if (data === "[DONE]") return finished;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.id) onId(chunk.id);
         for (const c of chunk.choices) {
           if (c.delta && c.delta.content) onDelta(c.index, c.delta.content);
           if (c.finish_reason) finished[c.index] = c.finish_reason;
@@ -361,28 +364,27 @@ async function answer(question, history) {
   updateComposer();
   setStatus("");
   let finished = {};
-  let stopped = false;
+  let completionId = null;
   try {
     finished = await streamChat(history.map((m) => ({ role: m.role, content: m.content })), k, (i, text) => {
       texts[i] += text;
       bodies[i].textContent = texts[i];
       bodies[i].dataset.chunks = String(Number(bodies[i].dataset.chunks) + 1);
       $("messages").scrollTop = $("messages").scrollHeight;
-    }, state.abort.signal);
+    }, state.abort.signal, (id) => { completionId = id; });
   } catch (e) {
-    if (e.name === "AbortError") stopped = true;
-    else showError(e);
+    if (e.name !== "AbortError") showError(e);
   }
   state.busy = false;
   state.abort = null;
   const group = k > 1 ? crypto.getRandomValues(new Uint32Array(4)).join("").slice(0, 32) : null;
   try {
-    if (stopped || Object.keys(finished).length || texts.some((t) => t)) {
+    // the answers are stored by reference: the server recorded what it sent, and fills in text and model
+    if (completionId) {
       for (let i = 0; i < k; i++) {
         await api("POST", "/feedback/messages", {
-          conversation_id: state.conv.id, role: "assistant", content: texts[i], parent_id: question.id,
-          model: state.config.model, finish_reason: stopped ? "stopped" : (finished[i] || null),
-          compare_group: group, compare_index: group ? i : null,
+          conversation_id: state.conv.id, role: "assistant", parent_id: question.id, completion_id: completionId,
+          choice_index: i, compare_group: group, compare_index: group ? i : null,
         });
       }
     }
