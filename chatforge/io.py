@@ -76,18 +76,76 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def read_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) of each non-blank line; a missing file or bad JSON is a ChatforgeError naming
-    the place. Lines end only at "\n": JSON text may hold U+2028 and friends, which ``str.splitlines`` would split."""
+class BadRecords:
+    """What a reader does with a damaged record (a line, a row, an unreadable file) of a corpus-scale input.
+
+    Policy ``error`` raises the record's ChatforgeError; ``skip`` counts it per file and per reason, keeps the
+    first message of each file as an example, and lets the reader go on.
+    """
+
+    POLICIES = ("error", "skip")
+
+    def __init__(self, policy: str = "error"):
+        if policy not in self.POLICIES:
+            raise ValueError(f"bad-record policy must be one of {self.POLICIES}; got {policy!r}")
+        self.policy = policy
+        self.counts: dict[str, dict[str, int]] = {}
+        self.examples: dict[str, str] = {}
+
+    def found(self, path: str | Path, reason: str, message: str) -> None:
+        """Raise ``message`` (it names the file and the record) or count it under ``reason``."""
+        from chatforge.config import ChatforgeError
+
+        if self.policy == "error":
+            raise ChatforgeError(message)
+        per_file = self.counts.setdefault(str(path), {})
+        per_file[reason] = per_file.get(reason, 0) + 1
+        self.examples.setdefault(str(path), message)
+
+    @property
+    def total(self) -> int:
+        return sum(sum(reasons.values()) for reasons in self.counts.values())
+
+    def as_dict(self) -> dict:
+        return {path: {"skipped": reasons, "first": self.examples[path]} for path, reasons in self.counts.items()}
+
+
+RAISE = BadRecords("error")  # the policy of readers of small, curated files: any damage is an error
+
+
+def read_lines(path: str | Path, what: str = "file", bad: BadRecords = RAISE) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a UTF-8 file; a missing file is a ChatforgeError, a line that
+    is not UTF-8 goes to ``bad`` (reason ``not_utf8``). Lines end only at "\n": JSON text may hold U+2028 and
+    friends, which ``str.splitlines`` would split."""
     from chatforge.config import ChatforgeError
 
     path = Path(path)
     if not path.is_file():
         raise ChatforgeError(f"{what} not found: {path}")
-    with open(path, encoding="utf-8", newline="\n") as fh:
-        for number, line in enumerate(fh, 1):
-            if line.strip():
+    try:
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
                 try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ChatforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    bad.found(path, "not_utf8", f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line)")
+                    continue
+                if line.strip():
+                    yield number, line
+    except OSError as exc:
+        raise ChatforgeError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def read_jsonl(path: str | Path, what: str = "file", bad: BadRecords = RAISE) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line; a missing file is a ChatforgeError, a line that is not
+    UTF-8 or not JSON goes to ``bad`` (reasons ``not_utf8``, ``not_json``), naming the file and line."""
+    for number, line in read_lines(path, what, bad):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.found(path, "not_json", f"{path}:{number}: not valid JSON ({exc.msg})")
+            continue
+        except RecursionError:
+            bad.found(path, "not_json", f"{path}:{number}: JSON nested too deeply")
+            continue
+        yield number, value

@@ -31,10 +31,10 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal
 
 from chatforge import io
-from chatforge.config import ChatforgeError, ConfigError, option
+from chatforge.config import ChatforgeError, ConfigError, check_option_bounds, option
 from chatforge.data import sources
 from chatforge.data.documents import unit_hash
 from chatforge.data.clean import (
@@ -63,22 +63,23 @@ class Config:
     stdlib_max_chars: int = option(6_000_000, "characters of standard-library code (0 = all)")
     debian_max_chars: int = option(2_000_000, "characters per Debian source (0 = all)")
     inputs_max_chars: int = option(0, "characters per user input (0 = all)")
-    holdout_fraction: float = option(0.12, "share of ShareGPT conversations reserved for SFT / reward / PPO")
-    val_fraction: float = option(0.01, "share of pretraining documents in the validation split")
-    test_fraction: float = option(0.01, "share of pretraining documents in the test split")
+    on_bad_record: Literal["error", "skip"] = option(
+        "error", "a damaged line, row or file of --inputs (not UTF-8, not JSON, no text, unreadable): stop with an "
+        "error naming it, or skip it and count it per file and reason in the manifest")
+    holdout_fraction: float = option(0.12, "share of ShareGPT conversations reserved for SFT / reward / PPO",
+                                     ge=0, lt=1)
+    val_fraction: float = option(0.01, "share of pretraining documents in the validation split", ge=0, lt=1)
+    test_fraction: float = option(0.01, "share of pretraining documents in the test split", ge=0, lt=1)
     min_chars: int = option(32, "documents shorter than this (after cleaning) are dropped")
-    near_dup_threshold: float = option(0.8, "MinHash Jaccard similarity above which a document is a near duplicate")
-    num_perm: int = option(128, "MinHash permutations")
+    near_dup_threshold: float = option(0.8, "MinHash Jaccard similarity above which a document is a near duplicate",
+                                       gt=0, le=1)
+    num_perm: int = option(128, "MinHash permutations", ge=1)
     seed: int = option(0, "seed of the split and hold-out hashes")
 
     def validate(self) -> None:
-        for name in ("holdout_fraction", "val_fraction", "test_fraction"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be in [0, 1); got {getattr(self, name)}")
+        check_option_bounds(self)
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError("options 'val_fraction' + 'test_fraction' must stay below 1")
-        if not 0 < self.near_dup_threshold <= 1:
-            raise ConfigError(f"option 'near_dup_threshold' must be in (0, 1]; got {self.near_dup_threshold}")
         if not (self.sharegpt or self.stdlib or self.debian or self.inputs):
             raise ConfigError("every source is disabled and no --inputs given: nothing to build a corpus from")
 
@@ -193,12 +194,13 @@ def _sharegpt(cfg: Config, cleaner: Cleaner, tally: SourceTally, holdout: list[d
 def collect(cfg: Config) -> tuple[list[dict], list[dict], dict]:
     """(pretraining documents, held-out conversations, manifest counts)."""
     cleaner, tally, holdout = Cleaner(cfg), SourceTally(), []
+    bad = io.BadRecords(cfg.on_bad_record)
     stats = sources.ShareGPTStats()
     streams: list[Iterable[dict]] = []
     if cfg.sharegpt:
         streams.append(_sharegpt(cfg, cleaner, tally, holdout, stats))
     for spec in cfg.inputs:
-        streams.append(_capped(sources.user_documents(spec), f"user:{spec}", cfg.inputs_max_chars, cleaner, tally))
+        streams.append(_capped(sources.user_documents(spec, bad), f"user:{spec}", cfg.inputs_max_chars, cleaner, tally))
     if cfg.stdlib:
         streams.append(_capped(sources.stdlib_documents(), "stdlib", cfg.stdlib_max_chars, cleaner, tally))
     missing = []
@@ -215,6 +217,7 @@ def collect(cfg: Config) -> tuple[list[dict], list[dict], dict]:
         "filters": dict(cleaner.dropped),
         "changed": dict(cleaner.changed),
         "pii_replacements": dict(cleaner.pii),
+        "bad_records": {"policy": cfg.on_bad_record, "skipped": bad.total, "files": bad.as_dict()},
     }
     if cfg.sharegpt:
         counts["sharegpt"] = {"complete_conversations": stats.kept, "dropped": stats.dropped,
@@ -266,6 +269,12 @@ def _print_summary(manifest: dict, out: Path) -> None:
         share = manifest["sharegpt"]
         print(f"  sharegpt: {share['complete_conversations']:,} complete conversations, dropped {share['dropped']}, "
               f"{share['held_out']:,} held out for SFT/RLHF")
+    bad = manifest["bad_records"]
+    if bad["skipped"]:
+        print(f"  skipped {bad['skipped']:,} damaged record(s) of --inputs (--on_bad_record=skip):")
+        for path, entry in bad["files"].items():
+            reasons = ", ".join(f"{reason} {count:,}" for reason, count in entry["skipped"].items())
+            print(f"    {path}: {reasons}; first: {entry['first']}")
     print(f"  dropped by filter: {manifest['filters']}")
     print(f"  PII replaced: {manifest['pii_replacements']}")
     print("  splits: " + ", ".join(f"{k} {v['documents']:,} docs / {v['chars'] / 1e6:.2f}M chars" for k, v in manifest["splits"].items()))

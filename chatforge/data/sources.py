@@ -52,7 +52,12 @@ def read_json_records(path: Path) -> Iterator[dict | None]:
 
     Yields None for the cut-off tail (so the caller can count it): a plain ``json.load`` fails on such a file.
     """
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ChatforgeError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ChatforgeError(f"cannot read {path}: {exc.strerror or exc}") from None
     decoder = json.JSONDecoder()
     position = text.find("[")
     if position < 0:
@@ -65,7 +70,7 @@ def read_json_records(path: Path) -> Iterator[dict | None]:
             return
         try:
             record, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             yield None  # the truncated last record
             return
         yield record
@@ -143,30 +148,59 @@ def _user_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _jsonl_documents(path: Path) -> Iterator[dict]:
-    for number, row in io.read_jsonl(path, "input"):
+def _jsonl_documents(path: Path, bad: io.BadRecords) -> Iterator[dict]:
+    for number, row in io.read_jsonl(path, "input", bad):
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             yield {"id": f"{path}:{number}", "text": row["text"], "kind": "text"}
         elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-            if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["messages"]):
-                raise ChatforgeError(f"{path}:{number}: every message needs a string 'content'")
-            yield {"id": f"{path}:{number}", "text": render_chat_text(row["messages"]), "kind": "chat"}
+            if all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["messages"]):
+                yield {"id": f"{path}:{number}", "text": render_chat_text(row["messages"]), "kind": "chat"}
+            else:
+                bad.found(path, "bad_messages", f"{path}:{number}: every message needs a string 'content'")
         else:
-            raise ChatforgeError(f"{path}:{number}: expected an object with a string 'text' or a 'messages' list")
+            bad.found(path, "no_text", f"{path}:{number}: expected an object with a string 'text' or a 'messages' list")
 
 
-def _parquet_documents(path: Path) -> Iterator[dict]:
+def _parquet_documents(path: Path, bad: io.BadRecords) -> Iterator[dict]:
+    """The 'text' column, row by row (a batch at a time, so a large file never sits in memory whole)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    if "text" not in table.column_names:
-        raise ChatforgeError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-    for index, text in enumerate(table.column("text").to_pylist()):
-        if isinstance(text, str):
-            yield {"id": f"{path}:{index}", "text": text, "kind": "text"}
+    try:
+        parquet = pq.ParquetFile(path)
+        columns = parquet.schema_arrow.names
+    except (pa.ArrowException, OSError) as exc:
+        bad.found(path, "unreadable_file", f"{path}: not a readable Parquet file ({exc})")
+        return
+    if "text" not in columns:
+        raise ChatforgeError(f"{path}: no 'text' column (columns: {', '.join(columns)})")
+    index = 0
+    try:
+        for batch in parquet.iter_batches(columns=["text"]):
+            for text in batch.column(0).to_pylist():
+                if isinstance(text, str):
+                    yield {"id": f"{path}:{index}", "text": text, "kind": "text"}
+                else:
+                    bad.found(path, "no_text", f"{path}: row {index}: 'text' is {type(text).__name__}, expected a string")
+                index += 1
+    except (pa.ArrowException, OSError) as exc:
+        bad.found(path, "damaged_rows", f"{path}: rows from {index} on are damaged ({exc})")
 
 
-def _hub_documents(name: str) -> Iterator[dict]:
+def _text_document(path: Path, bad: io.BadRecords) -> Iterator[dict]:
+    """A .txt or .md file is one document, so a byte that is not UTF-8 makes the whole file a bad record."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ChatforgeError(f"cannot read input {path}: {exc.strerror or exc}") from None
+    try:
+        yield {"id": str(path), "text": data.decode("utf-8"), "kind": "text"}
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        bad.found(path, "not_utf8", f"{path}:{line}: not UTF-8 text (byte {exc.start} of the file)")
+
+
+def _hub_documents(name: str, bad: io.BadRecords) -> Iterator[dict]:
     try:
         import datasets
     except ImportError:
@@ -178,28 +212,35 @@ def _hub_documents(name: str) -> Iterator[dict]:
         raise ChatforgeError(f"could not load Hugging Face dataset {name!r}: {exc}") from None
     if "text" not in dataset.column_names:
         raise ChatforgeError(f"Hugging Face dataset {name!r} has no 'text' column")
-    for index, row in enumerate(dataset):
-        yield {"id": f"hf:{name}:{index}", "text": row["text"], "kind": "text"}
+    index = 0
+    try:
+        for index, row in enumerate(dataset):
+            if isinstance(row.get("text"), str):
+                yield {"id": f"hf:{name}:{index}", "text": row["text"], "kind": "text"}
+            else:
+                bad.found(name, "no_text", f"Hugging Face dataset {name!r}: row {index}: 'text' is not a string")
+    except ChatforgeError:
+        raise
+    except Exception as exc:  # a damaged cache file surfaces as whatever the Arrow reader raises
+        raise ChatforgeError(f"Hugging Face dataset {name!r}: cannot read row {index}: {exc}") from None
 
 
-def user_documents(spec: str) -> Iterator[dict]:
-    """Documents of a user file or folder (.txt, .md, .jsonl, .parquet), or of a Hugging Face dataset name."""
+def user_documents(spec: str, bad: io.BadRecords = io.RAISE) -> Iterator[dict]:
+    """Documents of a user file or folder (.txt, .md, .jsonl, .parquet), or of a Hugging Face dataset name.
+
+    Damaged records (lines, rows, whole unreadable files) go to ``bad``: an error, or skipped and counted.
+    """
     path = Path(spec)
     if not path.exists():
         looks_like_hub_name = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.endswith(USER_SUFFIXES)
         if not looks_like_hub_name:
             raise ChatforgeError(f"input not found: {spec}")
-        for doc in _hub_documents(spec):
+        for doc in _hub_documents(spec, bad):
             yield {**doc, "source": f"user:{spec}"}
         return
+    readers = {".jsonl": _jsonl_documents, ".parquet": _parquet_documents}
     for file in _user_files(path):
-        if file.suffix == ".jsonl":
-            docs = _jsonl_documents(file)
-        elif file.suffix == ".parquet":
-            docs = _parquet_documents(file)
-        else:
-            docs = iter([{"id": str(file), "text": file.read_text(encoding="utf-8", errors="replace"), "kind": "text"}])
-        for doc in docs:
+        for doc in readers.get(file.suffix, _text_document)(file, bad):
             yield {**doc, "source": f"user:{spec}"}
 
 
