@@ -203,15 +203,17 @@ def _flat_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML, YAML or JSON config file into a dict."""
+def load_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a TOML, YAML or JSON file (a config, a safety policy) into a dict."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
-        raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+        raise ConfigError(f"{what} {path}: use a .toml, .yaml or .json file")
+    from chatforge import io
+
+    text = io.read_text(path, what)
     try:
-        text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
             import tomllib
 
@@ -223,12 +225,10 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
             data = {} if data is None else data
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
     except Exception as exc:  # parse errors of the three formats have no common base class
-        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+        raise ConfigError(f"{what} {path} does not parse: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level; got {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level; got {type(data).__name__}")
     return data
 
 

@@ -149,3 +149,58 @@ def read_jsonl(path: str | Path, what: str = "file", bad: BadRecords = RAISE) ->
             bad.found(path, "not_json", f"{path}:{number}: JSON nested too deeply")
             continue
         yield number, value
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A whole UTF-8 text file; a missing, unreadable or non-UTF-8 file is a ChatforgeError naming it (and the line)."""
+    from chatforge.config import ChatforgeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ChatforgeError(f"{what} not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ChatforgeError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ChatforgeError(f"{path}:{line}: not UTF-8 text (byte {exc.start} of the file)") from None
+
+
+def read_array(path: str | Path, what: str = "array") -> Any:
+    """A ``.npy`` array or ``.npz`` archive saved by numpy (never unpickled); a damaged one is a ChatforgeError."""
+    import zipfile
+
+    import numpy as np
+
+    from chatforge.config import ChatforgeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ChatforgeError(f"{what} not found: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {name: loaded[name] for name in loaded.files}
+        return loaded
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise ChatforgeError(f"{what} {path} is damaged: {exc}") from None
+
+
+def read_json(path: str | Path, what: str = "file") -> dict:
+    """The JSON object of a file; a missing, unreadable, non-UTF-8 or non-object file is a ChatforgeError naming it."""
+    from chatforge.config import ChatforgeError
+
+    path = Path(path)
+    try:
+        value = json.loads(read_text(path, what))
+    except json.JSONDecodeError as exc:
+        raise ChatforgeError(f"{what} {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except RecursionError:
+        raise ChatforgeError(f"{what} {path}: JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise ChatforgeError(f"{what} {path} must hold a JSON object; got {type(value).__name__}")
+    return value

@@ -164,13 +164,8 @@ def parse_line(line: str, where: str, default_source: str) -> Conversation:
 
 def read_conversations(path: str | Path, default_source: str) -> Iterator[Conversation]:
     """The conversations of a JSONL file, in order; blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"chat file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if line.strip():
-                yield parse_line(line, f"{path}:{number}", default_source)
+    for number, line in io.read_lines(path, "chat file"):
+        yield parse_line(line, f"{path}:{number}", default_source)
 
 
 # --- rules ---------------------------------------------------------------------------------------------------

@@ -52,12 +52,7 @@ def read_json_records(path: Path) -> Iterator[dict | None]:
 
     Yields None for the cut-off tail (so the caller can count it): a plain ``json.load`` fails on such a file.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ChatforgeError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise ChatforgeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    text = io.read_text(path, "ShareGPT file")
     decoder = json.JSONDecoder()
     position = text.find("[")
     if position < 0:
@@ -190,14 +185,11 @@ def _parquet_documents(path: Path, bad: io.BadRecords) -> Iterator[dict]:
 def _text_document(path: Path, bad: io.BadRecords) -> Iterator[dict]:
     """A .txt or .md file is one document, so a byte that is not UTF-8 makes the whole file a bad record."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ChatforgeError(f"cannot read input {path}: {exc.strerror or exc}") from None
-    try:
-        yield {"id": str(path), "text": data.decode("utf-8"), "kind": "text"}
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        bad.found(path, "not_utf8", f"{path}:{line}: not UTF-8 text (byte {exc.start} of the file)")
+        text = io.read_text(path, "input")
+    except ChatforgeError as exc:
+        bad.found(path, "not_utf8", str(exc))
+        return
+    yield {"id": str(path), "text": text, "kind": "text"}
 
 
 def _hub_documents(name: str, bad: io.BadRecords) -> Iterator[dict]:

@@ -25,6 +25,7 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 
 from chatforge.config import ChatforgeError
+from chatforge import io
 from chatforge.io import atomic_directory
 
 INDEX_FORMAT = 1
@@ -87,6 +88,17 @@ def _faiss():
     except ImportError:
         return None
     return faiss
+
+
+def _read_faiss(path: Path, shape: tuple[int, int]):
+    """A saved faiss index that holds ``shape`` vectors; a damaged file is a ChatforgeError naming it."""
+    try:
+        index = _faiss().read_index(str(path))
+    except RuntimeError as exc:  # faiss reports a bad file as a RuntimeError carrying its C++ message
+        raise ChatforgeError(f"{path} is damaged: {str(exc).strip().splitlines()[-1]}") from None
+    if (index.ntotal, index.d) != tuple(shape):
+        raise ChatforgeError(f"{path} holds {index.ntotal} vectors of {index.d} dimensions; vectors.npy has {shape}")
+    return index
 
 
 def resolve_backend(backend: str) -> str:
@@ -216,11 +228,24 @@ class SearchIndex:
         info_path = directory / "index.json"
         if not info_path.is_file():
             raise ChatforgeError(f"no search index at {directory} (missing index.json); build one with `chatforge search --build`")
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = io.read_json(info_path, "index metadata")
         if info.get("format") != INDEX_FORMAT:
             raise ChatforgeError(f"{directory} holds index format {info.get('format')}, this chatforge reads {INDEX_FORMAT}")
-        vectors = np.load(directory / "vectors.npy")
-        rows = [json.loads(line) for line in open(directory / "chunks.jsonl", encoding="utf-8")]
+        for key, kind in (("dim", int), ("backend", str), ("embedder", dict)):
+            if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+                raise ChatforgeError(f"{info_path}: '{key}' must be {kind.__name__}; got {info.get(key)!r}")
+        vectors = io.read_array(directory / "vectors.npy", "index vectors")
+        if vectors.ndim != 2 or vectors.shape[1] != info["dim"] or vectors.dtype.kind != "f":
+            raise ChatforgeError(f"{directory / 'vectors.npy'} holds {vectors.dtype} vectors of shape {vectors.shape}; "
+                                 f"expected float rows of {info['dim']} dimensions (index.json)")
+        doc_ids, chunks = [], []
+        for number, row in io.read_jsonl(directory / "chunks.jsonl", "index chunks"):
+            if not isinstance(row, dict) or not isinstance(row.get("doc_id"), str) or not isinstance(row.get("chunk"), str):
+                raise ChatforgeError(f"{directory / 'chunks.jsonl'}:{number}: expected {{\"doc_id\": str, \"chunk\": str}}")
+            doc_ids.append(row["doc_id"])
+            chunks.append(row["chunk"])
+        if len(chunks) != len(vectors):
+            raise ChatforgeError(f"{directory} is damaged: {len(chunks)} chunks but {len(vectors)} vectors")
         embedder = embedder or load_embedder(info["embedder"], device=device)
         if embedder.dim != info["dim"]:
             raise ChatforgeError(f"embedder {embedder.name} makes {embedder.dim}-d vectors but {directory} holds {info['dim']}-d ones")
@@ -229,7 +254,7 @@ class SearchIndex:
             wanted = "numpy"  # saved with faiss, reloaded without it: exact search still works
         engine = None
         if wanted == "hnsw" and (directory / "hnsw.faiss").is_file():
-            engine = _FaissSearch(_faiss().read_index(str(directory / "hnsw.faiss")))
+            engine = _FaissSearch(_read_faiss(directory / "hnsw.faiss", vectors.shape))
         meta = {k: v for k, v in info.items() if k not in ("format", "backend", "dim", "chunks", "embedder")}
-        return cls(embedder, vectors, [r["doc_id"] for r in rows], [r["chunk"] for r in rows], wanted, meta, engine)
+        return cls(embedder, vectors, doc_ids, chunks, wanted, meta, engine)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
+from chatforge import io
 from chatforge.config import ChatforgeError, option
 from chatforge.chat_template import edit_messages, prompt_ids
 from chatforge.evals.edit_eval import edit_params
@@ -32,9 +32,7 @@ class Config(EngineOptions):
 
 def read_text(path: str) -> str:
     if path:
-        if not Path(path).is_file():
-            raise ChatforgeError(f"input file not found: {path}")
-        return Path(path).read_text(encoding="utf-8")
+        return io.read_text(path, "input file")
     if sys.stdin is None or sys.stdin.isatty():
         raise ChatforgeError("no text to edit: pipe it on stdin or pass --input=FILE")
     return sys.stdin.read()

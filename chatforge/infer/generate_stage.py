@@ -20,7 +20,6 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from chatforge import io
 from chatforge.config import ChatforgeError, ConfigError, option
@@ -65,10 +64,7 @@ def read_prompts(args: list[str], prompts_file: str) -> list[str]:
         if prompts_file == "-":
             lines = sys.stdin.read().splitlines()
         else:
-            path = Path(prompts_file)
-            if not path.is_file():
-                raise ChatforgeError(f"prompts file not found: {path}")
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = io.read_text(prompts_file, "prompts file").splitlines()
         prompts = [line for line in lines if line.strip()]
         if not prompts:
             raise ChatforgeError(f"no prompts in {prompts_file}")

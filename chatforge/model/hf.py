@@ -6,7 +6,6 @@ that GPT-2 stores as Conv1D ([in, out]) rather than Linear ([out, in]).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -51,13 +50,7 @@ def load_hf_gpt2(directory: str | Path, device: str | torch.device = "cpu") -> G
             raise ChatforgeError(f"not a Hugging Face checkpoint: {p} is missing")
     from chatforge.train.checkpoint import read_safetensors
 
-    try:
-        hf = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ChatforgeError(f"cannot read {config_path}: {exc}") from None
-    if not isinstance(hf, dict):
-        raise ChatforgeError(f"{config_path} must hold a JSON object")
-    cfg = _config_from_hf(hf, config_path)
+    cfg = _config_from_hf(io.read_json(config_path, "Hugging Face config"), config_path)
     state = {}
     for name, tensor in read_safetensors(weights_path, device).items():
         if name.startswith("lm_head.") or name.endswith((".attn.bias", ".attn.masked_bias")):

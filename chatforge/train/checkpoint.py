@@ -163,14 +163,7 @@ def file_record(path: Path) -> dict:
 
 
 def read_config(checkpoint: str | Path) -> dict:
-    path = Path(checkpoint) / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ChatforgeError(f"cannot read checkpoint config {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise ChatforgeError(f"checkpoint config {path} must hold a JSON object; got {type(config).__name__}")
-    return config
+    return io.read_json(Path(checkpoint) / CONFIG_FILE, "checkpoint config")
 
 
 def safetensors_problem(path: Path) -> str | None:
