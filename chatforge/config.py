@@ -289,9 +289,14 @@ def parse(cls: type[T], argv: list[str], *, allow_positional: bool = False) -> t
                 raise ConfigError(f"config file {config_file}: {exc}") from None
     for key, value in overrides.items():
         _assign(cfg, key, value)
-    check_option_bounds(cfg)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
+    try:
+        check_option_bounds(cfg)
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    except ChatforgeError as exc:
+        if config_file:
+            raise ConfigError(f"{exc} (options from {config_file} and the command line)") from None
+        raise
     return cfg, positional
 
 

@@ -151,6 +151,27 @@ def read_jsonl(path: str | Path, what: str = "file", bad: BadRecords = RAISE) ->
         yield number, value
 
 
+def file_record(path: str | Path) -> dict:
+    """Size and SHA-256 of a file, recorded when it is written so that damage is recognised when it is read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def record_mismatch(path: str | Path, expected: dict) -> str | None:
+    """How ``path`` differs from its ``file_record`` taken at write time (None when it matches)."""
+    size = Path(path).stat().st_size
+    if size != expected.get("bytes"):
+        return f"{path}: {size} bytes, but {expected.get('bytes')} were written"
+    if file_record(path)["sha256"] != expected.get("sha256"):
+        return f"{path}: its SHA-256 differs from the one recorded when it was written"
+    return None
+
+
 def read_text(path: str | Path, what: str = "file") -> str:
     """A whole UTF-8 text file; a missing, unreadable or non-UTF-8 file is a ChatforgeError naming it (and the line)."""
     from chatforge.config import ChatforgeError

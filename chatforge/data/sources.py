@@ -148,38 +148,57 @@ def _jsonl_documents(path: Path, bad: io.BadRecords) -> Iterator[dict]:
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             yield {"id": f"{path}:{number}", "text": row["text"], "kind": "text"}
         elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-            if all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["messages"]):
+            if all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in row["messages"]):
                 yield {"id": f"{path}:{number}", "text": render_chat_text(row["messages"]), "kind": "chat"}
             else:
-                bad.found(path, "bad_messages", f"{path}:{number}: every message needs a string 'content'")
+                bad.found(path, "bad_messages", f"{path}:{number}: every message needs a string 'role' and 'content'")
         else:
             bad.found(path, "no_text", f"{path}:{number}: expected an object with a string 'text' or a 'messages' list")
 
 
 def _parquet_documents(path: Path, bad: io.BadRecords) -> Iterator[dict]:
-    """The 'text' column, row by row (a batch at a time, so a large file never sits in memory whole)."""
+    """The 'text' column, row by row (a batch at a time, so a large file never sits in memory whole); null texts
+    are rows without a document, left out as before."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
-        columns = parquet.schema_arrow.names
+        schema = parquet.schema_arrow
     except (pa.ArrowException, OSError) as exc:
         bad.found(path, "unreadable_file", f"{path}: not a readable Parquet file ({exc})")
         return
-    if "text" not in columns:
-        raise ChatforgeError(f"{path}: no 'text' column (columns: {', '.join(columns)})")
+    if "text" not in schema.names:
+        raise ChatforgeError(f"{path}: no 'text' column (columns: {', '.join(schema.names)})")
+    text_type = schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise ChatforgeError(f"{path}: the 'text' column holds {text_type}, expected strings")
     index = 0
     try:
         for batch in parquet.iter_batches(columns=["text"]):
-            for text in batch.column(0).to_pylist():
-                if isinstance(text, str):
+            for text in _parquet_texts(batch.column(0), path, index, bad):
+                if text is not None:
                     yield {"id": f"{path}:{index}", "text": text, "kind": "text"}
-                else:
-                    bad.found(path, "no_text", f"{path}: row {index}: 'text' is {type(text).__name__}, expected a string")
                 index += 1
     except (pa.ArrowException, OSError) as exc:
         bad.found(path, "damaged_rows", f"{path}: rows from {index} on are damaged ({exc})")
+
+
+def _parquet_texts(column, path: Path, first_row: int, bad: io.BadRecords) -> list[str | None]:
+    """A batch's texts; Arrow does not check that strings are UTF-8, so a damaged one is found row by row and
+    becomes None (after going to ``bad``)."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        texts = []
+        for offset in range(len(column)):
+            try:
+                texts.append(column[offset].as_py())
+            except UnicodeDecodeError:
+                bad.found(path, "not_utf8", f"{path}: row {first_row + offset}: 'text' is not UTF-8")
+                texts.append(None)
+        return texts
 
 
 def _text_document(path: Path, bad: io.BadRecords) -> Iterator[dict]:

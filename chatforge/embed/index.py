@@ -29,6 +29,7 @@ from chatforge import io
 from chatforge.io import atomic_directory
 
 INDEX_FORMAT = 1
+HNSW_FILE = "hnsw.faiss"
 BACKENDS = ("auto", "faiss", "hnsw", "numpy")
 
 
@@ -90,11 +91,15 @@ def _faiss():
     return faiss
 
 
-def _read_faiss(path: Path, shape: tuple[int, int]):
-    """A saved faiss index that holds ``shape`` vectors; a damaged file is a ChatforgeError naming it."""
+def _read_faiss(path: Path, shape: tuple[int, int], recorded: dict | None):
+    """A saved faiss index that holds ``shape`` vectors and matches its ``recorded`` size and hash (indexes saved
+    before hashes were recorded are only checked by faiss); a damaged file is a ChatforgeError naming it."""
+    problem = io.record_mismatch(path, recorded) if isinstance(recorded, dict) else None
+    if problem:
+        raise ChatforgeError(f"the search index is damaged: {problem}")
     try:
         index = _faiss().read_index(str(path))
-    except RuntimeError as exc:  # faiss reports a bad file as a RuntimeError carrying its C++ message
+    except (RuntimeError, MemoryError) as exc:  # faiss's C++ errors, a garbage length as std::bad_alloc
         raise ChatforgeError(f"{path} is damaged: {str(exc).strip().splitlines()[-1]}") from None
     if (index.ntotal, index.d) != tuple(shape):
         raise ChatforgeError(f"{path} holds {index.ntotal} vectors of {index.d} dimensions; vectors.npy has {shape}")
@@ -214,10 +219,12 @@ class SearchIndex:
             with open(staging / "chunks.jsonl", "w", encoding="utf-8") as fh:
                 for doc_id, chunk in zip(self.doc_ids, self.chunks):
                     fh.write(json.dumps({"doc_id": doc_id, "chunk": chunk}, ensure_ascii=False) + "\n")
+            files = {}
             if self.backend == "hnsw":  # a graph is slow to rebuild; flat indexes are rebuilt from vectors.npy
-                _faiss().write_index(self._engine.index, str(staging / "hnsw.faiss"))
+                _faiss().write_index(self._engine.index, str(staging / HNSW_FILE))
+                files[HNSW_FILE] = io.file_record(staging / HNSW_FILE)  # faiss itself cannot tell a damaged file
             info = {"format": INDEX_FORMAT, "backend": self.backend, "dim": int(self.vectors.shape[1]),
-                    "chunks": len(self), "embedder": self.embedder.spec(), **self.meta}
+                    "chunks": len(self), "embedder": self.embedder.spec(), **self.meta, "files": files}
             (staging / "index.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
@@ -253,8 +260,9 @@ class SearchIndex:
         if wanted in ("faiss", "hnsw") and _faiss() is None and backend is None:
             wanted = "numpy"  # saved with faiss, reloaded without it: exact search still works
         engine = None
-        if wanted == "hnsw" and (directory / "hnsw.faiss").is_file():
-            engine = _FaissSearch(_read_faiss(directory / "hnsw.faiss", vectors.shape))
-        meta = {k: v for k, v in info.items() if k not in ("format", "backend", "dim", "chunks", "embedder")}
+        if wanted == "hnsw" and (directory / HNSW_FILE).is_file():
+            recorded = info.get("files", {}).get(HNSW_FILE) if isinstance(info.get("files"), dict) else None
+            engine = _FaissSearch(_read_faiss(directory / HNSW_FILE, vectors.shape, recorded))
+        meta = {k: v for k, v in info.items() if k not in ("format", "backend", "dim", "chunks", "embedder", "files")}
         return cls(embedder, vectors, doc_ids, chunks, wanted, meta, engine)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ def load_problems(path: str | Path | None = None, *, need_canonical: bool = Fals
                                              f"{seen[problem.task_id]}")
                     seen[problem.task_id] = lineno
                     problems.append(problem)
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise ChatforgeError(f"{path}: cannot read as UTF-8 JSON lines: {exc}") from None
     if not problems:
         raise ChatforgeError(f"{path}: no problems in file")

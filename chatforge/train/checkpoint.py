@@ -22,7 +22,6 @@ that, and older checkpoints are pruned only then, so a crash at any moment leave
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -81,9 +80,10 @@ def latest_checkpoint(path: str | Path) -> Path | None:
         return None
     pointer = root / LATEST_FILE
     if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if _is_complete(candidate):
-            return candidate
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+        candidate = root / name
+        if name.startswith("step_") and "/" not in name and _is_complete(candidate):
+            return candidate  # a damaged pointer falls back to the highest complete step below
     steps = sorted(p for p in root.glob("step_*") if _is_complete(p))
     return steps[-1] if steps else None
 
@@ -142,7 +142,7 @@ def save_checkpoint(
                 raise ChatforgeError(f"tokenizer not found: {source}")
             shutil.copyfile(source, staging / TOKENIZER_FILE)
             recorded = str(source.resolve())
-        files = {name: file_record(staging / name) for name in (WEIGHTS_FILE, TRAINER_FILE)}
+        files = {name: io.file_record(staging / name) for name in (WEIGHTS_FILE, TRAINER_FILE)}
         body = {"format": FORMAT, "step": step, **config, "tokenizer": recorded, "files": files}
         (staging / CONFIG_FILE).write_text(json.dumps(body, indent=2, default=str) + "\n", encoding="utf-8")
     io.write_text(root / LATEST_FILE, target.name + "\n")
@@ -151,15 +151,6 @@ def save_checkpoint(
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
     return target
-
-
-def file_record(path: Path) -> dict:
-    """Size and SHA-256 of a file, as recorded in ``config.json`` when the checkpoint is written."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def read_config(checkpoint: str | Path) -> dict:
@@ -208,10 +199,9 @@ def _damage(folder: Path, info: dict | None = None) -> str | None:
         path = folder / name
         if not isinstance(expected, dict) or not path.is_file():
             continue
-        if path.stat().st_size != expected.get("bytes"):
-            return f"{path}: {path.stat().st_size} bytes, but {expected.get('bytes')} were written"
-        if file_record(path)["sha256"] != expected.get("sha256"):
-            return f"{path}: its SHA-256 differs from the one recorded when it was written"
+        problem = io.record_mismatch(path, expected)
+        if problem:
+            return problem
     return None
 
 
