@@ -175,7 +175,7 @@ def _assign(cfg: Any, dotted: str, value: Any, *, full_key: str | None = None) -
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     if head not in fields:
         known = ", ".join(sorted(_flat_keys(type(cfg))))
-        raise ConfigError(f"unknown option '{full_key}' for {type(cfg).__name__}; known options: {known}")
+        raise ConfigError(f"unknown option {full_key!r} for {type(cfg).__name__}; known options: {known}")
     current = getattr(cfg, head)
     if dataclasses.is_dataclass(current):
         if rest:
@@ -187,7 +187,7 @@ def _assign(cfg: Any, dotted: str, value: Any, *, full_key: str | None = None) -
             _assign(current, k, v, full_key=f"{full_key}.{k}")
         return
     if rest:
-        raise ConfigError(f"unknown option '{full_key}': '{head}' has no sub-options")
+        raise ConfigError(f"unknown option {full_key!r}: '{head}' has no sub-options")
     setattr(cfg, head, _coerce(full_key, value, _field_types(type(cfg))[head]))
 
 
@@ -328,5 +328,8 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
 
 
 def die(message: str) -> typing.NoReturn:
-    print(f"chatforge: error: {message}", file=sys.stderr)
+    """Print ``message`` as one line (a parser's multi-line report joined, control characters escaped) and exit 2."""
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
+    print(f"chatforge: error: {line}", file=sys.stderr)
     raise SystemExit(2)

@@ -192,6 +192,7 @@ def read_text(path: str | Path, what: str = "file") -> str:
 
 def read_array(path: str | Path, what: str = "array") -> Any:
     """A ``.npy`` array or ``.npz`` archive saved by numpy (never unpickled); a damaged one is a ChatforgeError."""
+    import tokenize
     import zipfile
 
     import numpy as np
@@ -207,7 +208,8 @@ def read_array(path: str | Path, what: str = "array") -> Any:
             with loaded:
                 return {name: loaded[name] for name in loaded.files}
         return loaded
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, MemoryError, SyntaxError,
+            tokenize.TokenError) as exc:  # numpy parses a damaged header with Python's own tokenizer
         raise ChatforgeError(f"{what} {path} is damaged: {exc}") from None
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from chatforge import io
 from chatforge.chat_template import prompt_ids, stop_token_ids
-from chatforge.config import ChatforgeError, ConfigError, nested, option
+from chatforge.config import ChatforgeError, ConfigError, check_option_bounds, nested, option
 from chatforge.data.chat_batches import EpochOrder
 from chatforge.model.gpt import GPT
 from chatforge.model.heads import ScalarHeadModel
@@ -47,11 +47,11 @@ from chatforge.train.ppo_math import AdaptiveKL, FixedKL, entropy, gae, masked_m
 
 @dataclass
 class KLConfig:
-    beta: float = option(0.05, "initial KL coefficient β")
+    beta: float = option(0.05, "initial KL coefficient β", ge=0)
     adaptive: bool = option(True, "move β toward the target KL (Ziegler et al.); false keeps it fixed")
-    target: float = option(3.0, "target KL per response (nats), for the adaptive controller")
-    horizon: int = option(2000, "adaptive controller horizon in samples")
-    limit: float = option(30.0, "stop the run when the KL per response exceeds this (nats)")
+    target: float = option(3.0, "target KL per response (nats), for the adaptive controller", gt=0)
+    horizon: int = option(2000, "adaptive controller horizon in samples", ge=1)
+    limit: float = option(30.0, "stop the run when the KL per response exceeds this (nats)", gt=0)
 
 
 @dataclass
@@ -77,31 +77,26 @@ class Config:
     pretrain_tokens: str = option("runs/speedrun/tokenizer/tokens/train.bin", "token shard for PPO-ptx batches")
     out_dir: str = option("runs/speedrun/ppo", "where checkpoints/, metrics.jsonl, ppo.png, summary.json go")
     resume: bool = option(False, "continue from out_dir's latest checkpoint")
-    rollout_prompts: int = option(16, "prompts answered per rollout")
-    epochs: int = option(2, "passes over each rollout")
-    max_tokens: int = option(48, "longest sampled answer")
-    gamma: float = option(1.0, "discount in GAE")
-    lam: float = option(0.95, "λ in GAE")
-    clip: float = option(0.2, "PPO ratio clip ε")
-    value_clip: float = option(0.2, "clip of the value update around the rollout's values")
-    value_coef: float = option(0.5, "weight of the value loss")
-    ptx_coef: float = option(1.0, "γ: weight of the pretraining next-token loss mixed into each update (0 = off)")
-    held_out_prompts: int = option(48, "prompts in the win-rate evaluation after training")
+    rollout_prompts: int = option(16, "prompts answered per rollout", ge=1)
+    epochs: int = option(2, "passes over each rollout", ge=1)
+    max_tokens: int = option(48, "longest sampled answer", ge=1)
+    gamma: float = option(1.0, "discount in GAE", ge=0, le=1)
+    lam: float = option(0.95, "λ in GAE", ge=0, le=1)
+    clip: float = option(0.2, "PPO ratio clip ε", gt=0, lt=1)
+    value_clip: float = option(0.2, "clip of the value update around the rollout's values", gt=0)
+    value_coef: float = option(0.5, "weight of the value loss", ge=0)
+    ptx_coef: float = option(1.0, "γ: weight of the pretraining next-token loss mixed into each update (0 = off)",
+                             ge=0)
+    held_out_prompts: int = option(48, "prompts in the win-rate evaluation after training", ge=1)
     kl: KLConfig = nested(KLConfig, "the KL penalty")
     train: PPOTrainConfig = nested(PPOTrainConfig, "the shared training loop")
 
     def validate(self) -> None:
-        for name in ("rollout_prompts", "epochs", "max_tokens", "held_out_prompts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1; got {getattr(self, name)}")
+        check_option_bounds(self)
+        self.train.validate()  # first: it checks train.batch_size >= 1, which the modulo below divides by
         if self.rollout_prompts % self.train.batch_size:
             raise ConfigError(f"option 'rollout_prompts' ({self.rollout_prompts}) must be a multiple of "
                               f"train.batch_size ({self.train.batch_size})")
-        if not 0 < self.clip < 1 or self.value_clip <= 0 or self.ptx_coef < 0:
-            raise ConfigError("options 'clip' must be in (0, 1), 'value_clip' > 0 and 'ptx_coef' >= 0")
-        if self.kl.beta < 0 or self.kl.target <= 0 or self.kl.limit <= 0:
-            raise ConfigError("options 'kl.beta' must be >= 0, 'kl.target' and 'kl.limit' > 0")
-        self.train.validate()
 
 
 class ActorCritic(nn.Module):
