@@ -143,8 +143,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if origin in (list, tuple):
             (item_tp, *_rest) = typing.get_args(tp) or (str,)
             items = value
-            if isinstance(value, str):
+            if isinstance(value, str) and value.strip().startswith("["):
+                items = json.loads(value)  # --inputs='["a b.txt", "c,d.jsonl"]': names with commas or spaces
+                if not isinstance(items, list):
+                    raise ValueError(value)
+            elif isinstance(value, str):
                 items = [v for v in (s.strip() for s in value.split(",")) if v] if value.strip() else []
+            if not isinstance(items, (list, tuple)):
+                raise ValueError(value)
             return [_coerce(key, v, item_tp) for v in items]
         if origin is dict or tp is dict:
             if isinstance(value, str):

@@ -80,15 +80,16 @@ class BadRecords:
     """What a reader does with a damaged record (a line, a row, an unreadable file) of a corpus-scale input.
 
     Policy ``error`` raises the record's ChatforgeError; ``skip`` counts it per file and per reason, keeps the
-    first message of each file as an example, and lets the reader go on.
+    first message of each file as an example, and lets the reader go on. ``hint`` ends the error's message (say,
+    how to skip instead).
     """
 
     POLICIES = ("error", "skip")
 
-    def __init__(self, policy: str = "error"):
+    def __init__(self, policy: str = "error", hint: str = ""):
         if policy not in self.POLICIES:
             raise ValueError(f"bad-record policy must be one of {self.POLICIES}; got {policy!r}")
-        self.policy = policy
+        self.policy, self.hint = policy, hint
         self.counts: dict[str, dict[str, int]] = {}
         self.examples: dict[str, str] = {}
 
@@ -97,7 +98,7 @@ class BadRecords:
         from chatforge.config import ChatforgeError
 
         if self.policy == "error":
-            raise ChatforgeError(message)
+            raise ChatforgeError(message + self.hint)
         per_file = self.counts.setdefault(str(path), {})
         per_file[reason] = per_file.get(reason, 0) + 1
         self.examples.setdefault(str(path), message)

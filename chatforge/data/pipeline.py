@@ -194,7 +194,7 @@ def _sharegpt(cfg: Config, cleaner: Cleaner, tally: SourceTally, holdout: list[d
 def collect(cfg: Config) -> tuple[list[dict], list[dict], dict]:
     """(pretraining documents, held-out conversations, manifest counts)."""
     cleaner, tally, holdout = Cleaner(cfg), SourceTally(), []
-    bad = io.BadRecords(cfg.on_bad_record)
+    bad = io.BadRecords(cfg.on_bad_record, hint=" (--on_bad_record=skip skips such records and counts them)")
     stats = sources.ShareGPTStats()
     streams: list[Iterable[dict]] = []
     if cfg.sharegpt:
