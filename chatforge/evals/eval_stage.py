@@ -71,8 +71,8 @@ class ToolsOptions:
 class Config(EngineOptions):
     # decoding defaults as Codex evaluated (temperature 0.2 for pass@1; use 0.8 with large n for pass@100)
     max_tokens: int | None = option(256, "most tokens per completion")
-    temperature: float = option(0.2, "sampling temperature (Codex: 0.2 for pass@1, 0.8 for pass@100)")
-    top_p: float = option(0.95, "nucleus sampling")
+    temperature: float = option(0.2, "sampling temperature (Codex: 0.2 for pass@1, 0.8 for pass@100)", ge=0)
+    top_p: float = option(0.95, "nucleus sampling", gt=0, le=1)
     stop: list[str] = option(STOP_SEQUENCES, "stop sequences (backslash escapes understood)")
     n: int = option(10, "samples per problem (model mode)")
     seed: int | None = option(0, "makes sampling reproducible")

@@ -40,9 +40,9 @@ HELP = "commands: /reset, /system TEXT, /save FILE, /quit"
 class Config(EngineOptions):
     ckpt: str = option("runs/speedrun/sft", "checkpoint directory, run directory or Hugging Face GPT-2 directory")
     max_tokens: int | None = option(256, "most tokens per answer")
-    temperature: float = option(0.7, "sampling temperature; 0 = greedy")
-    top_p: float = option(0.9, "nucleus sampling threshold (1 = off)")
-    repetition_penalty: float = option(1.1, "CTRL/HF repetition penalty (1 = off)")
+    temperature: float = option(0.7, "sampling temperature; 0 = greedy", ge=0)
+    top_p: float = option(0.9, "nucleus sampling threshold (1 = off)", gt=0, le=1)
+    repetition_penalty: float = option(1.1, "CTRL/HF repetition penalty (1 = off)", gt=0)
     system: str = option("", "system prompt")
     messages_file: str = option("", "JSON file with a conversation ({'messages': [...]} or a list) to continue")
     tools: list[str] = option([], "built-in tools the model may call: calculator, retrieval")

@@ -23,14 +23,17 @@ class SamplingParams:
 
     max_tokens: int | None = option(64, "most tokens to generate per sample (none: until the context is full)")
     min_tokens: int = option(0, "stop tokens are suppressed until this many tokens were generated")
-    temperature: float = option(1.0, "sampling temperature; 0 = greedy")
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy", ge=0)
     top_k: int = option(0, "sample only among the k most likely tokens (0 = off)")
-    top_p: float = option(1.0, "sample only among the most likely tokens whose probability reaches top_p (1 = off)")
-    min_p: float = option(0.0, "drop tokens less likely than min_p times the most likely one (0 = off)")
+    top_p: float = option(1.0, "sample only among the most likely tokens whose probability reaches top_p (1 = off)",
+                          gt=0, le=1)
+    min_p: float = option(0.0, "drop tokens less likely than min_p times the most likely one (0 = off)", ge=0, le=1)
     repetition_penalty: float = option(1.0, "CTRL/HF: divide positive logits of prompt and generated tokens by it, "
-                                            "multiply negative ones (1 = off)")
-    presence_penalty: float = option(0.0, "OpenAI: subtract from the logit of every token generated so far, once")
-    frequency_penalty: float = option(0.0, "OpenAI: subtract count times from the logit of every generated token")
+                                            "multiply negative ones (1 = off)", gt=0)
+    presence_penalty: float = option(0.0, "OpenAI: subtract from the logit of every token generated so far, once",
+                                     ge=-2, le=2)
+    frequency_penalty: float = option(0.0, "OpenAI: subtract count times from the logit of every generated token",
+                                      ge=-2, le=2)
     logit_bias: dict[int, float] = option({}, 'added to the logits of token ids, JSON: {"50": -100}')
     stop: list[str] = option([], "stop strings (may span tokens; cut from the text)")
     stop_token_ids: list[int] = option([], "token ids that end a sample, besides end-of-text / end-of-turn")
