@@ -130,20 +130,24 @@ def load_rankings(path: Path, tokenizer: Tokenizer, block_size: int) -> list[tup
 
 def load_reward_model(path: str | Path, device: str = "cpu") -> ScalarHeadModel:
     """A trained reward model (eval mode) with its normalising offset applied."""
-    from safetensors.torch import load_file
-
-    from chatforge.train.checkpoint import WEIGHTS_FILE, load_model, resolve_checkpoint
+    from chatforge.train.checkpoint import WEIGHTS_FILE, load_model, read_safetensors, resolve_checkpoint
 
     folder = resolve_checkpoint(path)
     gpt, info = load_model(folder, device)
     if info.get("stage") != "reward":
         raise ChatforgeError(f"{folder} is not a reward model checkpoint (stage {info.get('stage')!r})")
     model = ScalarHeadModel(gpt).to(device)
-    state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
-    model.head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
+    state = read_safetensors(folder / WEIGHTS_FILE, device)
+    head = {"weight": state.get("head.weight"), "bias": state.get("head.bias")}
+    if any(tensor is None or tensor.shape != getattr(model.head, name).shape for name, tensor in head.items()):
+        raise ChatforgeError(f"{folder / WEIGHTS_FILE} holds no reward head that fits its GPT")
+    model.head.load_state_dict(head)
     for candidate in (Path(path) / OFFSET_FILE, folder.parent.parent / OFFSET_FILE):  # run dir, or checkpoint's run
         if candidate.is_file():
-            model.head.bias.data -= json.loads(candidate.read_text())["offset"]
+            offset = io.read_json(candidate, "reward offset").get("offset")
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+                raise ChatforgeError(f"{candidate}: 'offset' must be a number; got {offset!r}")
+            model.head.bias.data -= offset
             break
     return model.eval()
 
