@@ -29,7 +29,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatforge import cli, config, io
+from chatforge import cli, config
 from chatforge.config import ChatforgeError
 from chatforge.data import sources
 from chatforge.data.documents import read_documents
@@ -44,6 +44,7 @@ from chatforge.evals.humaneval import load_problems
 from chatforge.evals.icl import user_task
 from chatforge.infer.chat_stage import read_messages
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model.heads import ScalarHeadModel
 from chatforge.model.hf import export_hf_gpt2
 from chatforge.safety.classifier import SafetyClassifier, read_labeled
 from chatforge.safety.filters import Policy
@@ -51,9 +52,10 @@ from chatforge.tokenizer import SPECIAL_TOKENS, Tokenizer
 from chatforge.tools.evaluate import read_questions
 from chatforge.train.checkpoint import load_model, load_trainer_state, save_checkpoint
 from chatforge.train.edit import read_triples
+from chatforge.train.reward import OFFSET_FILE, load_reward_model
 from chatforge.train.sft import read_conversations as read_sft_file
 
-EXAMPLES = 12  # per reader and kind of damage: 34 readers x 3 kinds x 12 = 1,224 damaged inputs per run
+EXAMPLES = 12  # per reader and kind of damage: 35 readers x 3 kinds x 12 = 1,260 damaged inputs per run
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -92,6 +94,14 @@ def checkpoint_files(root: Path) -> dict[str, bytes]:
         save_checkpoint(root / "run", step, _tiny_gpt(step), {"step": step, "rng": torch.arange(4)},
                         {"model": _tiny_gpt().config.to_dict()}, tokenizer=tokenizer_dir, keep=0)
     return _files_of(root / "run")
+
+
+def reward_files(root: Path) -> dict[str, bytes]:
+    gpt = _tiny_gpt()
+    save_checkpoint(root / "reward", 1, ScalarHeadModel(gpt), {"step": 1},
+                    {"stage": "reward", "model": gpt.config.to_dict(), "model_prefix": "gpt."})
+    (root / "reward" / OFFSET_FILE).write_text(json.dumps({"offset": 0.5}))
+    return _files_of(root / "reward")
 
 
 def hf_files(root: Path) -> dict[str, bytes]:
@@ -241,6 +251,7 @@ READERS = [
     Reader("checkpoint_model", checkpoint_files, lambda folder: load_model(folder)),
     Reader("checkpoint_trainer_state", checkpoint_files,
            lambda folder: load_trainer_state(folder / "checkpoints" / "step_00000002")),
+    Reader("reward_model", reward_files, lambda folder: load_reward_model(folder)),
     Reader("hf_gpt2_folder", hf_files, lambda folder: load_model(folder)),
     Reader("search_index_numpy", lambda root: index_files(root, "numpy"),
            lambda folder: SearchIndex.load(folder, embedder=WordHash()).search("apples", 2)),
