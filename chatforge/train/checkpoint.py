@@ -221,11 +221,30 @@ def verify_checkpoint(folder: str | Path, info: dict | None = None) -> None:
     """ChatforgeError saying the checkpoint is damaged (and where the previous good one is) unless its weights'
     framing is sound and its files match the sizes and hashes recorded at save time."""
     folder = Path(folder)
+    stamp = _stamp(folder)
+    if stamp in _VERIFIED:  # resuming checks the same checkpoint several times: hash its files once
+        return
     problem = _damage(folder, info if info is not None else read_config(folder))
     if problem:
         previous = _previous_good(folder)
         hint = f"; the previous good checkpoint is {previous}" if previous else "; no earlier good checkpoint exists"
         raise ChatforgeError(f"checkpoint {folder} is damaged: {problem}{hint}")
+    _VERIFIED.add(stamp)
+
+
+_VERIFIED: set[tuple] = set()
+
+
+def _stamp(folder: Path) -> tuple:
+    """A checkpoint's files as they are now (path, size, modification time): a rewritten file changes it."""
+    files = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE):
+        try:
+            stat = (folder / name).stat()
+            files.append((name, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            files.append((name, None, None))
+    return (str(folder.resolve()), *files)
 
 
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
