@@ -247,8 +247,8 @@ class SearchIndex:
                                  f"expected float rows of {info['dim']} dimensions (index.json)")
         doc_ids, chunks = [], []
         for number, row in io.read_jsonl(directory / "chunks.jsonl", "index chunks"):
-            if not isinstance(row, dict) or not isinstance(row.get("doc_id"), str) or not isinstance(row.get("chunk"), str):
-                raise ChatforgeError(f"{directory / 'chunks.jsonl'}:{number}: expected {{\"doc_id\": str, \"chunk\": str}}")
+            if not (isinstance(row, dict) and isinstance(row.get("doc_id"), str) and isinstance(row.get("chunk"), str)):
+                raise ChatforgeError(f"{directory / 'chunks.jsonl'}:{number}: expected string 'doc_id' and 'chunk'")
             doc_ids.append(row["doc_id"])
             chunks.append(row["chunk"])
         if len(chunks) != len(vectors):

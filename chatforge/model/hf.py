@@ -48,7 +48,7 @@ def load_hf_gpt2(directory: str | Path, device: str | torch.device = "cpu") -> G
     for p in (config_path, weights_path):
         if not p.is_file():
             raise ChatforgeError(f"not a Hugging Face checkpoint: {p} is missing")
-    from chatforge.train.checkpoint import read_safetensors
+    from chatforge.train.checkpoint import read_safetensors, shape_difference
 
     cfg = _config_from_hf(io.read_json(config_path, "Hugging Face config"), config_path)
     state = {}
@@ -59,12 +59,9 @@ def load_hf_gpt2(directory: str | Path, device: str | torch.device = "cpu") -> G
         state[ours] = tensor.t().contiguous() if ours.endswith(_CONV1D_SUFFIXES) and tensor.dim() == 2 else tensor
     with torch.device("meta"):  # shapes only: a config naming a huge model allocates nothing before the check
         expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if found != expected:
-        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        shapes = [f"{k}: {found[k]} vs {expected[k]}" for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
-        raise ChatforgeError(f"{weights_path}: weights do not fit the GPT-2 of {config_path} (missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}, shapes {shapes[:3]})")
+    mismatch = shape_difference({k: tuple(v.shape) for k, v in state.items()}, expected)
+    if mismatch:
+        raise ChatforgeError(f"{weights_path}: weights do not fit the GPT-2 of {config_path} ({mismatch})")
     model = GPT(cfg).to(device)
     model.load_state_dict(state)
     return model

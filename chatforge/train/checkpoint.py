@@ -306,11 +306,17 @@ def _shape_mismatch(weights: Path, model: nn.Module, prefix: str = "") -> str | 
             found = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix)}
     except (SafetensorError, OSError) as exc:
         raise ChatforgeError(f"{weights} is damaged: {exc}") from None
+    return shape_difference(found, expected)
+
+
+def shape_difference(found: dict[str, tuple], expected: dict[str, tuple]) -> str | None:
+    """The first few names missing, unexpected or of another shape in ``found`` (None when it equals ``expected``)."""
     if found == expected:
         return None
     missing = sorted(set(expected) - set(found))[:3]
     extra = sorted(set(found) - set(expected))[:3]
-    shapes = [f"{k}: {found[k]} vs {expected[k]}" for k in sorted(set(found) & set(expected)) if found[k] != expected[k]][:3]
+    both = sorted(set(found) & set(expected))
+    shapes = [f"{k}: {found[k]} vs {expected[k]}" for k in both if found[k] != expected[k]][:3]
     return f"missing {missing}, unexpected {extra}, shapes {shapes}"
 
 
