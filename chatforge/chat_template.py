@@ -39,11 +39,13 @@ def validate_messages(messages: list[dict]) -> None:
         if not isinstance(message, dict):
             raise ChatforgeError(f"message {i} must be an object with 'role' and 'content'")
         role, content = message.get("role"), message.get("content")
-        if role not in ROLE_TOKENS:
+        if not isinstance(role, str) or role not in ROLE_TOKENS:
             raise ChatforgeError(f"message {i} has role {role!r}; roles are {', '.join(ROLE_TOKENS)}")
         if not isinstance(content, str):
             raise ChatforgeError(f"message {i} ({role}) must have string content")
         calls = message.get("tool_calls") or []
+        if not isinstance(calls, list):
+            raise ChatforgeError(f"message {i}: 'tool_calls' must be a list")
         if calls and role != "assistant":
             raise ChatforgeError(f"message {i}: only assistant messages make tool calls")
         for call in calls:

@@ -193,7 +193,12 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception for malformed files
             raise ChatforgeError(f"cannot read tokenizer {path}: {exc}") from None
-        return cls(hf, source=str(path))
+        try:
+            return cls(hf, source=str(path))
+        except ChatforgeError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field of the wrong kind or missing
+            raise ChatforgeError(f"{path}: not a byte-level BPE tokenizer chatforge can use ({exc!r})") from None
 
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` into ``directory`` atomically; returns its path."""

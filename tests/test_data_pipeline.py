@@ -134,6 +134,29 @@ def test_bad_inputs_are_named_and_nothing_is_overwritten(tmp_path, capsys):
     assert "nothing to build a corpus from" in capsys.readouterr().err
 
 
+def test_damaged_records_stop_the_stage_or_are_skipped_and_counted(tmp_path, capsys):
+    good = [json.dumps({"text": f"Document {i} holds a sentence about owls long enough to be kept {i}."}).encode()
+            for i in range(6)]
+    damaged = [b'{"text": "caf\xe9 is latin-1, not UTF-8"}', b'{"text": "cut off in the mid', b'{"title": "no text"}']
+    notes = tmp_path / "notes.jsonl"
+    notes.write_bytes(b"\n".join([good[0], damaged[0], good[1], damaged[1], good[2], damaged[2], *good[3:]]) + b"\n")
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really parquet")
+    inputs = f'--inputs={json.dumps([str(notes), str(broken)])}'
+    with pytest.raises(SystemExit):
+        main(["data", f"--out_dir={tmp_path / 'out'}", *LOCAL, "--sharegpt=false", inputs])
+    err = capsys.readouterr().err
+    assert "notes.jsonl:2: not UTF-8" in err and "--on_bad_record=skip" in err
+    out, manifest = run_stage(tmp_path, "--sharegpt=false", inputs, "--on_bad_record=skip")
+    bad = manifest["bad_records"]
+    assert bad["skipped"] == 4
+    assert bad["files"][str(notes)]["skipped"] == {"not_utf8": 1, "not_json": 1, "no_text": 1}
+    assert bad["files"][str(broken)]["skipped"] == {"unreadable_file": 1}
+    assert manifest["sources"][f"user:{notes}"]["kept"] == 6
+    printed = capsys.readouterr().out
+    assert "skipped 4 damaged record(s)" in printed and "not_utf8 1, not_json 1, no_text 1" in printed
+
+
 def test_helpers():
     assert conversation_group("abc_3") == "abc" and conversation_group("abc") == "abc"
     assert "NAME" in roff_text('.SH NAME\nls \\- list\n.B bold\n.\\" comment') and "comment" not in roff_text(

@@ -80,8 +80,8 @@ def test_samples_and_beams(setup, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--temperature=-1"], "temperature must be in [0, 2]"),
-        (["--top_p=0"], "top_p must be in (0, 1]"),
+        (["--temperature=-1"], "option 'temperature' must be >= 0; got -1.0"),
+        (["--top_p=0"], "option 'top_p' must be > 0; got 0.0"),
         (["--temprature=0.5"], "unknown option 'temprature'"),
         (["--prompts_file=/nonexistent/prompts.txt"], "prompts file not found"),
         (["--beam_width=2", "--n=3"], "cannot exceed 'beam_width'"),

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from chatforge import io
 from chatforge.data import sources
 from chatforge.data.clean import (
     NearDuplicateIndex,
@@ -143,12 +144,14 @@ def _sharegpt(cfg, cleaner: Cleaner, tally: SourceTally, holdout: list[dict], st
 def collect(cfg) -> tuple[list[dict], list[dict], dict]:
     """(pretraining documents, held-out conversations, manifest counts)."""
     cleaner, tally, holdout = Cleaner(cfg), SourceTally(), []
+    bad = io.BadRecords(cfg.on_bad_record, hint=" (--on_bad_record=skip skips such records and counts them)")
     stats = sources.ShareGPTStats()
     streams: list[Iterable[dict]] = []
     if cfg.sharegpt:
         streams.append(_sharegpt(cfg, cleaner, tally, holdout, stats))
     for spec in cfg.inputs:
-        streams.append(_capped(sources.user_documents(spec), f"user:{spec}", cfg.inputs_max_chars, cleaner, tally))
+        documents = sources.user_documents(spec, bad)
+        streams.append(_capped(documents, f"user:{spec}", cfg.inputs_max_chars, cleaner, tally))
     if cfg.stdlib:
         streams.append(_capped(sources.stdlib_documents(), "stdlib", cfg.stdlib_max_chars, cleaner, tally))
     missing = []
@@ -165,6 +168,7 @@ def collect(cfg) -> tuple[list[dict], list[dict], dict]:
         "filters": dict(cleaner.dropped),
         "changed": dict(cleaner.changed),
         "pii_replacements": dict(cleaner.pii),
+        "bad_records": {"policy": cfg.on_bad_record, "skipped": bad.total, "files": bad.as_dict()},
     }
     if cfg.sharegpt:
         counts["sharegpt"] = {
@@ -186,6 +190,12 @@ def print_summary(manifest: dict, out: Path) -> None:
             f"  sharegpt: {share['complete_conversations']:,} complete conversations, dropped {share['dropped']}, "
             f"{share['held_out']:,} held out for SFT/RLHF"
         )
+    bad = manifest["bad_records"]
+    if bad["skipped"]:
+        print(f"  skipped {bad['skipped']:,} damaged record(s) of --inputs (--on_bad_record=skip):")
+        for path, entry in bad["files"].items():
+            reasons = ", ".join(f"{reason} {count:,}" for reason, count in entry["skipped"].items())
+            print(f"    {path}: {reasons}; first: {entry['first']}")
     print(f"  dropped by filter: {manifest['filters']}")
     print(f"  PII replaced: {manifest['pii_replacements']}")
     print(

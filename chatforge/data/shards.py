@@ -12,7 +12,6 @@ rows a single process would.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -56,7 +55,10 @@ def write_shard(
 def _record_split(path: Path, tokens: int, vocab_size: int, tokenizer_hash: str | None) -> None:
     meta_path = path.parent / META_FILE
     header = {"vocab_size": vocab_size, "dtype": dtype_for(vocab_size).name, "tokenizer_hash": tokenizer_hash}
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        meta = io.read_json(meta_path) if meta_path.is_file() else {}
+    except ChatforgeError:
+        meta = {}  # a damaged record of earlier splits is rewritten with this split alone
     splits = meta.get("splits", {}) if all(meta.get(k) == v for k, v in header.items()) else {}
     splits[path.stem] = {"file": path.name, "tokens": tokens}
     io.write_json(meta_path, {**header, "splits": splits})
@@ -68,10 +70,7 @@ def read_meta(path: str | Path) -> dict:
     meta_path = (path if path.is_dir() else path.parent) / META_FILE
     if not meta_path.is_file():
         raise ChatforgeError(f"{meta_path} not found; token shards are written by `chatforge tokenizer`")
-    try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ChatforgeError(f"{meta_path} is not valid JSON: {exc}") from None
+    return io.read_json(meta_path, "token shard metadata")
 
 
 def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
@@ -90,9 +89,14 @@ class TokenWindows:
         if block_size < 1:
             raise ChatforgeError(f"block_size must be at least 1, got {block_size}")
         self.meta = read_meta(self.path)
-        entry = self.meta.get("splits", {}).get(self.path.stem)
+        splits = self.meta.get("splits")
+        entry = splits.get(self.path.stem) if isinstance(splits, dict) else None
         if entry is None:
             raise ChatforgeError(f"{self.path.parent / META_FILE} has no entry for split '{self.path.stem}'")
+        if self.meta.get("dtype") not in ("uint16", "uint32") or not isinstance(entry, dict) or \
+                not isinstance(entry.get("tokens"), int) or isinstance(entry.get("tokens"), bool):
+            raise ChatforgeError(f"{self.path.parent / META_FILE} is damaged: expected a 'dtype' of uint16 or uint32 "
+                                 f"and a whole number of 'tokens' for split '{self.path.stem}'")
         dtype = np.dtype(self.meta["dtype"])
         if self.path.stat().st_size != entry["tokens"] * dtype.itemsize:
             raise ChatforgeError(

@@ -54,7 +54,7 @@ def read_json_records(path: Path) -> Iterator[dict | None]:
 
     Yields None for the cut-off tail (so the caller can count it): a plain ``json.load`` fails on such a file.
     """
-    text = path.read_text(encoding="utf-8")
+    text = io.read_text(path, "ShareGPT file")
     decoder = json.JSONDecoder()
     position = text.find("[")
     if position < 0:
@@ -67,7 +67,7 @@ def read_json_records(path: Path) -> Iterator[dict | None]:
             return
         try:
             record, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             yield None  # the truncated last record
             return
         yield record
@@ -151,30 +151,75 @@ def _user_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _jsonl_documents(path: Path) -> Iterator[dict]:
-    for number, row in io.read_jsonl(path, "input"):
+def _jsonl_documents(path: Path, bad: io.BadRecords) -> Iterator[dict]:
+    for number, row in io.read_jsonl(path, "input", bad):
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             yield {"id": f"{path}:{number}", "text": row["text"], "kind": "text"}
         elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-            if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["messages"]):
-                raise ChatforgeError(f"{path}:{number}: every message needs a string 'content'")
-            yield {"id": f"{path}:{number}", "text": render_chat_text(row["messages"]), "kind": "chat"}
+            if all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in row["messages"]):
+                yield {"id": f"{path}:{number}", "text": render_chat_text(row["messages"]), "kind": "chat"}
+            else:
+                bad.found(path, "bad_messages", f"{path}:{number}: every message needs a string 'role' and 'content'")
         else:
-            raise ChatforgeError(f"{path}:{number}: expected an object with a string 'text' or a 'messages' list")
+            bad.found(path, "no_text", f"{path}:{number}: expected an object with a string 'text' or a 'messages' list")
 
 
-def _parquet_documents(path: Path) -> Iterator[dict]:
+def _parquet_documents(path: Path, bad: io.BadRecords) -> Iterator[dict]:
+    """The 'text' column, row by row (a batch at a time, so a large file never sits in memory whole); null texts
+    are rows without a document, left out as before."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    if "text" not in table.column_names:
-        raise ChatforgeError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-    for index, text in enumerate(table.column("text").to_pylist()):
-        if isinstance(text, str):
-            yield {"id": f"{path}:{index}", "text": text, "kind": "text"}
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+    except (pa.ArrowException, OSError) as exc:
+        bad.found(path, "unreadable_file", f"{path}: not a readable Parquet file ({exc})")
+        return
+    if "text" not in schema.names:
+        raise ChatforgeError(f"{path}: no 'text' column (columns: {', '.join(schema.names)})")
+    text_type = schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise ChatforgeError(f"{path}: the 'text' column holds {text_type}, expected strings")
+    index = 0
+    try:
+        for batch in parquet.iter_batches(columns=["text"]):
+            for text in _parquet_texts(batch.column(0), path, index, bad):
+                if text is not None:
+                    yield {"id": f"{path}:{index}", "text": text, "kind": "text"}
+                index += 1
+    except (pa.ArrowException, OSError) as exc:
+        bad.found(path, "damaged_rows", f"{path}: rows from {index} on are damaged ({exc})")
 
 
-def _hub_documents(name: str) -> Iterator[dict]:
+def _parquet_texts(column, path: Path, first_row: int, bad: io.BadRecords) -> list[str | None]:
+    """A batch's texts; Arrow does not check that strings are UTF-8, so a damaged one is found row by row and
+    becomes None (after going to ``bad``)."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        texts = []
+        for offset in range(len(column)):
+            try:
+                texts.append(column[offset].as_py())
+            except UnicodeDecodeError:
+                bad.found(path, "not_utf8", f"{path}: row {first_row + offset}: 'text' is not UTF-8")
+                texts.append(None)
+        return texts
+
+
+def _text_document(path: Path, bad: io.BadRecords) -> Iterator[dict]:
+    """A .txt or .md file is one document, so a byte that is not UTF-8 makes the whole file a bad record."""
+    try:
+        text = io.read_text(path, "input")
+    except ChatforgeError as exc:
+        bad.found(path, "not_utf8", str(exc))
+        return
+    yield {"id": str(path), "text": text, "kind": "text"}
+
+
+def _hub_documents(name: str, bad: io.BadRecords) -> Iterator[dict]:
     try:
         import datasets
     except ImportError:
@@ -188,28 +233,35 @@ def _hub_documents(name: str) -> Iterator[dict]:
         raise ChatforgeError(f"could not load Hugging Face dataset {name!r}: {exc}") from None
     if "text" not in dataset.column_names:
         raise ChatforgeError(f"Hugging Face dataset {name!r} has no 'text' column")
-    for index, row in enumerate(dataset):
-        yield {"id": f"hf:{name}:{index}", "text": row["text"], "kind": "text"}
+    index = 0
+    try:
+        for index, row in enumerate(dataset):
+            if isinstance(row.get("text"), str):
+                yield {"id": f"hf:{name}:{index}", "text": row["text"], "kind": "text"}
+            else:
+                bad.found(name, "no_text", f"Hugging Face dataset {name!r}: row {index}: 'text' is not a string")
+    except ChatforgeError:
+        raise
+    except Exception as exc:  # a damaged cache file surfaces as whatever the Arrow reader raises
+        raise ChatforgeError(f"Hugging Face dataset {name!r}: cannot read row {index}: {exc}") from None
 
 
-def user_documents(spec: str) -> Iterator[dict]:
-    """Documents of a user file or folder (.txt, .md, .jsonl, .parquet), or of a Hugging Face dataset name."""
+def user_documents(spec: str, bad: io.BadRecords = io.RAISE) -> Iterator[dict]:
+    """Documents of a user file or folder (.txt, .md, .jsonl, .parquet), or of a Hugging Face dataset name.
+
+    Damaged records (lines, rows, whole unreadable files) go to ``bad``: an error, or skipped and counted.
+    """
     path = Path(spec)
     if not path.exists():
         looks_like_hub_name = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.endswith(USER_SUFFIXES)
         if not looks_like_hub_name:
             raise ChatforgeError(f"input not found: {spec}")
-        for doc in _hub_documents(spec):
+        for doc in _hub_documents(spec, bad):
             yield {**doc, "source": f"user:{spec}"}
         return
+    readers = {".jsonl": _jsonl_documents, ".parquet": _parquet_documents}
     for file in _user_files(path):
-        if file.suffix == ".jsonl":
-            docs = _jsonl_documents(file)
-        elif file.suffix == ".parquet":
-            docs = _parquet_documents(file)
-        else:
-            docs = iter([{"id": str(file), "text": file.read_text(encoding="utf-8", errors="replace"), "kind": "text"}])
-        for doc in docs:
+        for doc in readers.get(file.suffix, _text_document)(file, bad):
             yield {**doc, "source": f"user:{spec}"}
 
 

@@ -32,6 +32,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_directory
 
 INDEX_FORMAT = 1
+HNSW_FILE = "hnsw.faiss"
 BACKENDS = ("auto", "faiss", "hnsw", "numpy")
 
 
@@ -63,6 +64,21 @@ def _faiss():
     except ImportError:
         return None
     return faiss
+
+
+def _read_faiss(path: Path, shape: tuple[int, int], recorded: dict | None):
+    """A saved faiss index that holds ``shape`` vectors and matches its ``recorded`` size and hash (indexes saved
+    before hashes were recorded are only checked by faiss); a damaged file is a ChatforgeError naming it."""
+    problem = io.record_mismatch(path, recorded) if isinstance(recorded, dict) else None
+    if problem:
+        raise ChatforgeError(f"the search index is damaged: {problem}")
+    try:
+        index = _faiss().read_index(str(path))
+    except (RuntimeError, MemoryError) as exc:  # faiss's C++ errors, a garbage length as std::bad_alloc
+        raise ChatforgeError(f"{path} is damaged: {str(exc).strip().splitlines()[-1]}") from None
+    if (index.ntotal, index.d) != tuple(shape):
+        raise ChatforgeError(f"{path} holds {index.ntotal} vectors of {index.d} dimensions; vectors.npy has {shape}")
+    return index
 
 
 def resolve_backend(backend: str) -> str:
@@ -197,8 +213,10 @@ class SearchIndex:
             np.save(staging / "vectors.npy", self.vectors)
             rows = ({"doc_id": doc_id, "chunk": chunk} for doc_id, chunk in zip(self.doc_ids, self.chunks))
             io.write_jsonl(staging / "chunks.jsonl", rows)
+            files = {}
             if self.backend == "hnsw":  # a graph is slow to rebuild; flat indexes are rebuilt from vectors.npy
-                _faiss().write_index(self._engine.index, str(staging / "hnsw.faiss"))
+                _faiss().write_index(self._engine.index, str(staging / HNSW_FILE))
+                files[HNSW_FILE] = io.file_record(staging / HNSW_FILE)  # faiss itself cannot tell a damaged file
             info = {
                 "format": INDEX_FORMAT,
                 "backend": self.backend,
@@ -206,6 +224,7 @@ class SearchIndex:
                 "chunks": len(self),
                 "embedder": self.embedder.spec(),
                 **self.meta,
+                "files": files,
             }
             (staging / "index.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
@@ -224,13 +243,28 @@ class SearchIndex:
             raise ChatforgeError(
                 f"no search index at {directory} (missing index.json); build one with `chatforge search --build`"
             )
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = io.read_json(info_path, "index metadata")
         if info.get("format") != INDEX_FORMAT:
             raise ChatforgeError(
                 f"{directory} holds index format {info.get('format')}, this chatforge reads {INDEX_FORMAT}"
             )
-        vectors = np.load(directory / "vectors.npy")
-        rows = [row for _, row in io.read_jsonl(directory / "chunks.jsonl", "index chunks")]
+        for key, kind in (("dim", int), ("backend", str), ("embedder", dict)):
+            if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+                raise ChatforgeError(f"{info_path}: '{key}' must be {kind.__name__}; got {info.get(key)!r}")
+        vectors = io.read_array(directory / "vectors.npy", "index vectors")
+        if vectors.ndim != 2 or vectors.shape[1] != info["dim"] or vectors.dtype.kind != "f":
+            raise ChatforgeError(
+                f"{directory / 'vectors.npy'} holds {vectors.dtype} vectors of shape {vectors.shape}; "
+                f"expected float rows of {info['dim']} dimensions (index.json)"
+            )
+        doc_ids, chunks = [], []
+        for number, row in io.read_jsonl(directory / "chunks.jsonl", "index chunks"):
+            if not (isinstance(row, dict) and isinstance(row.get("doc_id"), str) and isinstance(row.get("chunk"), str)):
+                raise ChatforgeError(f"{directory / 'chunks.jsonl'}:{number}: expected string 'doc_id' and 'chunk'")
+            doc_ids.append(row["doc_id"])
+            chunks.append(row["chunk"])
+        if len(chunks) != len(vectors):
+            raise ChatforgeError(f"{directory} is damaged: {len(chunks)} chunks but {len(vectors)} vectors")
         embedder = embedder or load_embedder(info["embedder"], device=device)
         if embedder.dim != info["dim"]:
             raise ChatforgeError(
@@ -240,7 +274,8 @@ class SearchIndex:
         if wanted in ("faiss", "hnsw") and _faiss() is None and backend is None:
             wanted = "numpy"  # saved with faiss, reloaded without it: exact search still works
         engine = None
-        if wanted == "hnsw" and (directory / "hnsw.faiss").is_file():
-            engine = _FaissSearch(_faiss().read_index(str(directory / "hnsw.faiss")))
-        meta = {k: v for k, v in info.items() if k not in ("format", "backend", "dim", "chunks", "embedder")}
-        return cls(embedder, vectors, [r["doc_id"] for r in rows], [r["chunk"] for r in rows], wanted, meta, engine)
+        if wanted == "hnsw" and (directory / HNSW_FILE).is_file():
+            recorded = info.get("files", {}).get(HNSW_FILE) if isinstance(info.get("files"), dict) else None
+            engine = _FaissSearch(_read_faiss(directory / HNSW_FILE, vectors.shape, recorded))
+        meta = {k: v for k, v in info.items() if k not in ("format", "backend", "dim", "chunks", "embedder", "files")}
+        return cls(embedder, vectors, doc_ids, chunks, wanted, meta, engine)

@@ -30,14 +30,17 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from chatforge import io
+from chatforge.config import from_dict as config_from_dict
 from chatforge.config import option
 from chatforge.embed.base import token_windows
 from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_directory
-from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model.checkpoint import read_safetensors, recorded_gpt_config
+from chatforge.model.gpt import GPT
 from chatforge.tokenizer import END_OF_TEXT, Tokenizer
 
 END_TOKEN = END_OF_TEXT
@@ -291,14 +294,26 @@ class ChatforgeEmbedder:
             raise ChatforgeError(
                 f"no embedding model at {path} (missing {EMBEDDER_FILE}); train one with `chatforge embed`"
             )
-        meta = json.loads((path / EMBEDDER_FILE).read_text(encoding="utf-8"))
+        meta = io.read_json(path / EMBEDDER_FILE, "embedder metadata")
         if meta.get("format") != EMBEDDER_FORMAT:
             raise ChatforgeError(
                 f"{path} holds embedder format {meta.get('format')}, this chatforge reads {EMBEDDER_FORMAT}"
             )
-        spec = EmbedSpec(**meta["spec"])
-        model = EmbeddingModel(GPT(GPTConfig(**meta["gpt"])), spec.pooling, spec.proj_dim)
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        if not isinstance(meta.get("spec"), dict) or not isinstance(meta.get("gpt"), dict):
+            raise ChatforgeError(f"{path / EMBEDDER_FILE}: 'spec' and 'gpt' must be objects")
+        try:
+            spec = config_from_dict(EmbedSpec, meta["spec"])
+        except ChatforgeError as exc:
+            raise ChatforgeError(f"{path / EMBEDDER_FILE}: {exc}") from None
+        gpt_config = recorded_gpt_config(path / EMBEDDER_FILE, meta["gpt"])
+        with torch.device("meta"):  # shapes only, so a damaged config naming a huge model allocates nothing
+            model = EmbeddingModel(GPT(gpt_config), spec.pooling, spec.proj_dim)
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        state = read_safetensors(path / WEIGHTS_FILE)
+        if {k: tuple(v.shape) for k, v in state.items()} != expected:
+            raise ChatforgeError(f"{path / WEIGHTS_FILE} does not fit the model {path / EMBEDDER_FILE} records")
+        model = EmbeddingModel(GPT(gpt_config), spec.pooling, spec.proj_dim)
+        model.load_state_dict(state)
         model.to(device or default_device()).eval()
         return cls(
             model,

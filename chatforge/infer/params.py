@@ -28,6 +28,50 @@ class ParamError(ChatforgeError):
         self.param = param
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A setting's range: ``low`` (excluded when ``open_low``) to ``high`` (None: no upper bound)."""
+
+    low: float
+    high: float | None
+    open_low: bool = False
+
+    def holds(self, value) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
+
+    def field_kwargs(self) -> dict:
+        """The bound as keywords of pydantic's ``Field`` and of ``chatforge.config.option``: the server's request
+        models and the command line check the same range."""
+        low = {"gt": self.low} if self.open_low else {"ge": self.low}
+        return {**low, **({"le": self.high} if self.high is not None else {})}
+
+
+# Every numeric setting's range. Upper bounds keep each value inside the tensor types it is put in (int64,
+# float32); vocabulary-sized bounds (top_k, token ids) are checked by the engine, which knows the vocabulary.
+BOUNDS: dict[str, Bound] = {
+    "max_tokens": Bound(1, MAX_INT32),
+    "min_tokens": Bound(0, MAX_INT32),
+    "temperature": Bound(0, MAX_TEMPERATURE),
+    "top_k": Bound(0, MAX_INT32),
+    "top_p": Bound(0, 1, open_low=True),
+    "min_p": Bound(0, 1),
+    "repetition_penalty": Bound(0, MAX_REPETITION_PENALTY, open_low=True),
+    "presence_penalty": Bound(-2, 2),
+    "frequency_penalty": Bound(-2, 2),
+    "n": Bound(1, MAX_INT32),
+    "best_of": Bound(1, MAX_INT32),
+    "seed": Bound(-(2**63), 2**64 - 1),
+    "logprobs": Bound(0, MAX_TOP_LOGPROBS),
+}
+FLOAT_SETTINGS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
 @dataclass
 class SamplingParams:
     """How to decode one request. Field names and meanings follow OpenAI's completions API where it has one.
@@ -37,24 +81,57 @@ class SamplingParams:
     policy (sample with ``temperature=1`` and no filtering, and the two distributions coincide).
     """
 
-    max_tokens: int | None = option(64, "most tokens to generate per sample (none: until the context is full)")
-    min_tokens: int = option(0, "stop tokens are suppressed until this many tokens were generated")
-    temperature: float = option(1.0, "sampling temperature; 0 = greedy")
-    top_k: int = option(0, "sample only among the k most likely tokens (0 = off)")
-    top_p: float = option(1.0, "sample only among the most likely tokens whose probability reaches top_p (1 = off)")
-    min_p: float = option(0.0, "drop tokens less likely than min_p times the most likely one (0 = off)")
-    repetition_penalty: float = option(1.0, "CTRL/HF: divide positive logits of prompt and generated tokens by it, "
-                                            "multiply negative ones (1 = off)")
-    presence_penalty: float = option(0.0, "OpenAI: subtract from the logit of every token generated so far, once")
-    frequency_penalty: float = option(0.0, "OpenAI: subtract count times from the logit of every generated token")
+    max_tokens: int | None = option(
+        64,
+        "most tokens to generate per sample (none: until the context is full)",
+        **BOUNDS["max_tokens"].field_kwargs(),
+    )
+    min_tokens: int = option(
+        0, "stop tokens are suppressed until this many tokens were generated", **BOUNDS["min_tokens"].field_kwargs()
+    )
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy", **BOUNDS["temperature"].field_kwargs())
+    top_k: int = option(0, "sample only among the k most likely tokens (0 = off)", **BOUNDS["top_k"].field_kwargs())
+    top_p: float = option(
+        1.0,
+        "sample only among the most likely tokens whose probability reaches top_p (1 = off)",
+        **BOUNDS["top_p"].field_kwargs(),
+    )
+    min_p: float = option(
+        0.0, "drop tokens less likely than min_p times the most likely one (0 = off)", **BOUNDS["min_p"].field_kwargs()
+    )
+    repetition_penalty: float = option(
+        1.0,
+        "CTRL/HF: divide positive logits of prompt and generated tokens by it, multiply negative ones (1 = off)",
+        **BOUNDS["repetition_penalty"].field_kwargs(),
+    )
+    presence_penalty: float = option(
+        0.0,
+        "OpenAI: subtract from the logit of every token generated so far, once",
+        **BOUNDS["presence_penalty"].field_kwargs(),
+    )
+    frequency_penalty: float = option(
+        0.0,
+        "OpenAI: subtract count times from the logit of every generated token",
+        **BOUNDS["frequency_penalty"].field_kwargs(),
+    )
     logit_bias: dict[int, float] = option({}, 'added to the logits of token ids, JSON: {"50": -100}')
     stop: list[str] = option([], "stop strings (may span tokens; cut from the text)")
     stop_token_ids: list[int] = option([], "token ids that end a sample, besides end-of-text / end-of-turn")
     ignore_eos: bool = option(False, "do not stop at end-of-text / end-of-turn")
-    n: int = option(1, "samples returned per prompt")
-    best_of: int | None = option(None, "samples drawn per prompt; the n with the highest mean log-prob are returned")
-    seed: int | None = option(None, "makes sampling reproducible, whatever else shares the batch")
-    logprobs: int | None = option(None, "return each sampled token's log-prob and its k most likely alternatives")
+    n: int = option(1, "samples returned per prompt", **BOUNDS["n"].field_kwargs())
+    best_of: int | None = option(
+        None,
+        "samples drawn per prompt; the n with the highest mean log-prob are returned",
+        **BOUNDS["best_of"].field_kwargs(),
+    )
+    seed: int | None = option(
+        None, "makes sampling reproducible, whatever else shares the batch", **BOUNDS["seed"].field_kwargs()
+    )
+    logprobs: int | None = option(
+        None,
+        "return each sampled token's log-prob and its k most likely alternatives",
+        **BOUNDS["logprobs"].field_kwargs(),
+    )
     echo: bool = option(False, "also return the log-probs of the prompt's tokens")
     truncate: bool = option(False, "drop the oldest prompt tokens when the prompt does not fit the context")
     skip_special_tokens: bool = option(True, "special tokens add no text")
@@ -124,47 +201,6 @@ class SamplingParams:
         return self
 
 
-@dataclass(frozen=True)
-class Bound:
-    """A setting's range: ``low`` (excluded when ``open_low``) to ``high`` (None: no upper bound)."""
-
-    low: float
-    high: float | None
-    open_low: bool = False
-
-    def holds(self, value) -> bool:
-        above = value > self.low if self.open_low else value >= self.low
-        return above and (self.high is None or value <= self.high)
-
-    def describe(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.open_low else '>='} {self.low:g}"
-        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
-
-    def field_kwargs(self) -> dict:
-        """The bound as pydantic ``Field`` keywords (the server's request models say the same range)."""
-        low = {"gt": self.low} if self.open_low else {"ge": self.low}
-        return {**low, **({"le": self.high} if self.high is not None else {})}
-
-
-# Every numeric setting's range. Upper bounds keep each value inside the tensor types it is put in (int64,
-# float32); vocabulary-sized bounds (top_k, token ids) are checked by the engine, which knows the vocabulary.
-BOUNDS: dict[str, Bound] = {
-    "max_tokens": Bound(1, MAX_INT32),
-    "min_tokens": Bound(0, MAX_INT32),
-    "temperature": Bound(0, MAX_TEMPERATURE),
-    "top_k": Bound(0, MAX_INT32),
-    "top_p": Bound(0, 1, open_low=True),
-    "min_p": Bound(0, 1),
-    "repetition_penalty": Bound(0, MAX_REPETITION_PENALTY, open_low=True),
-    "presence_penalty": Bound(-2, 2),
-    "frequency_penalty": Bound(-2, 2),
-    "n": Bound(1, MAX_INT32),
-    "best_of": Bound(1, MAX_INT32),
-    "seed": Bound(-(2**63), 2**64 - 1),
-    "logprobs": Bound(0, MAX_TOP_LOGPROBS),
-}
-FLOAT_SETTINGS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def check_bound(name: str, value) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 
+from chatforge import io
 from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine
 from chatforge.infer.outputs import Completion
@@ -21,10 +21,7 @@ def read_prompts(args: list[str], prompts_file: str) -> list[str]:
         if prompts_file == "-":
             lines = sys.stdin.read().splitlines()
         else:
-            path = Path(prompts_file)
-            if not path.is_file():
-                raise ChatforgeError(f"prompts file not found: {path}")
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = io.read_text(prompts_file, "prompts file").splitlines()
         prompts = [line for line in lines if line.strip()]
         if not prompts:
             raise ChatforgeError(f"no prompts in {prompts_file}")
@@ -84,9 +81,7 @@ def beams(engine: Engine, cfg, prompt: str, title: str | None) -> list[dict]:
 
 def read_text(path: str) -> str:
     if path:
-        if not Path(path).is_file():
-            raise ChatforgeError(f"input file not found: {path}")
-        return Path(path).read_text(encoding="utf-8")
+        return io.read_text(path, "input file")
     if sys.stdin is None or sys.stdin.isatty():
         raise ChatforgeError("no text to edit: pipe it on stdin or pass --input=FILE")
     return sys.stdin.read()

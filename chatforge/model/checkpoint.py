@@ -11,6 +11,10 @@ newest one. Each checkpoint folder has:
   config (``train``), the tokenizer it was trained with (``tokenizer``) and whatever the stage added;
 * ``tokenizer.json`` — a copy of that tokenizer, so the checkpoint is self-contained.
 
+``config.json`` also records the size and SHA-256 of the weights and trainer state (``files``). Loading checks
+the safetensors header against the file's size and the recorded size and hash, so a truncated or damaged
+checkpoint is reported as damaged, naming the previous good checkpoint of the run when there is one.
+
 A checkpoint is built in a hidden staging folder and renamed into place; ``latest`` is switched after
 that, and older checkpoints are pruned only then, so a crash at any moment leaves a complete checkpoint.
 ``load_model`` also reads Hugging Face GPT-2 folders (``config.json`` + ``model.safetensors``).
@@ -25,14 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from chatforge import io
 from chatforge.errors import ChatforgeError
-from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model.gpt import GPT
 from chatforge.model.hf import load_hf_gpt2
+from chatforge.model.weights import read_safetensors, recorded_gpt_config, safetensors_problem, shape_difference
 from chatforge.tokenizer import TOKENIZER_FILE
 
 FORMAT = "chatforge-checkpoint-1"
@@ -77,9 +82,10 @@ def latest_checkpoint(path: str | Path) -> Path | None:
         return None
     pointer = root / LATEST_FILE
     if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if _is_complete(candidate):
-            return candidate
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+        candidate = root / name
+        if name.startswith("step_") and "/" not in name and _is_complete(candidate):
+            return candidate  # a damaged pointer falls back to the highest complete step below
     steps = sorted(p for p in root.glob("step_*") if _is_complete(p))
     return steps[-1] if steps else None
 
@@ -138,7 +144,8 @@ def save_checkpoint(
                 raise ChatforgeError(f"tokenizer not found: {source}")
             shutil.copyfile(source, staging / TOKENIZER_FILE)
             recorded = str(source.resolve())
-        body = {"format": FORMAT, "step": step, **config, "tokenizer": recorded}
+        files = {name: io.file_record(staging / name) for name in (WEIGHTS_FILE, TRAINER_FILE)}
+        body = {"format": FORMAT, "step": step, **config, "tokenizer": recorded, "files": files}
         (staging / CONFIG_FILE).write_text(json.dumps(body, indent=2, default=str) + "\n", encoding="utf-8")
     io.write_text(root / LATEST_FILE, target.name + "\n")
     if keep > 0:
@@ -149,11 +156,67 @@ def save_checkpoint(
 
 
 def read_config(checkpoint: str | Path) -> dict:
-    path = Path(checkpoint) / CONFIG_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ChatforgeError(f"cannot read checkpoint config {path}: {exc}") from None
+    return io.read_json(Path(checkpoint) / CONFIG_FILE, "checkpoint config")
+
+
+def _damage(folder: Path, info: dict | None = None) -> str | None:
+    """What is wrong with a checkpoint's weights and trainer state, by their framing and their recorded hashes."""
+    recorded = (info or {}).get("files") if isinstance(info, dict) else None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    weights = folder / WEIGHTS_FILE
+    problem = safetensors_problem(weights)
+    if problem:
+        return f"{weights}: {problem}"
+    for name, expected in recorded.items():
+        path = folder / name
+        if not isinstance(expected, dict) or not path.is_file():
+            continue
+        problem = io.record_mismatch(path, expected)
+        if problem:
+            return problem
+    return None
+
+
+def _previous_good(folder: Path) -> Path | None:
+    """The newest checkpoint of the same run before ``folder`` that is complete and undamaged."""
+    for candidate in sorted(folder.parent.glob("step_*"), reverse=True):
+        if candidate.name < folder.name and _is_complete(candidate):
+            try:
+                if _damage(candidate, read_config(candidate)) is None:
+                    return candidate
+            except ChatforgeError:
+                continue
+    return None
+
+
+def verify_checkpoint(folder: str | Path, info: dict | None = None) -> None:
+    """ChatforgeError saying the checkpoint is damaged (and where the previous good one is) unless its weights'
+    framing is sound and its files match the sizes and hashes recorded at save time."""
+    folder = Path(folder)
+    stamp = _stamp(folder)
+    if stamp in _VERIFIED:  # resuming checks the same checkpoint several times: hash its files once
+        return
+    problem = _damage(folder, info if info is not None else read_config(folder))
+    if problem:
+        previous = _previous_good(folder)
+        hint = f"; the previous good checkpoint is {previous}" if previous else "; no earlier good checkpoint exists"
+        raise ChatforgeError(f"checkpoint {folder} is damaged: {problem}{hint}")
+    _VERIFIED.add(stamp)
+
+
+_VERIFIED: set[tuple] = set()
+
+
+def _stamp(folder: Path) -> tuple:
+    """A checkpoint's files as they are now (path, size, modification time): a rewritten file changes it."""
+    files = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE):
+        try:
+            stat = (folder / name).stat()
+            files.append((name, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            files.append((name, None, None))
+    return (str(folder.resolve()), *files)
 
 
 def trained_for_fim(ckpt: str | Path) -> bool:
@@ -162,6 +225,7 @@ def trained_for_fim(ckpt: str | Path) -> bool:
 
 
 def load_trainer_state(checkpoint: str | Path) -> dict:
+    verify_checkpoint(checkpoint)
     path = Path(checkpoint) / TRAINER_FILE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -176,6 +240,7 @@ def _describe(config: dict | None) -> str:
 def check_compatible(checkpoint: str | Path, model: nn.Module, model_config: dict | None = None) -> None:
     """Raise a ChatforgeError naming the difference when ``checkpoint`` cannot be loaded into ``model``."""
     checkpoint = Path(checkpoint)
+    verify_checkpoint(checkpoint)
     saved = read_config(checkpoint).get("model")
     if saved is not None and model_config is not None:
         # dropout changes nothing a checkpoint holds, so resuming with another rate is allowed
@@ -188,25 +253,30 @@ def check_compatible(checkpoint: str | Path, model: nn.Module, model_config: dic
                 f"but this run has {_describe({k: model_config.get(k) for k in diff})}; "
                 "train with the checkpoint's model settings or write to another out_dir"
             )
-    expected = {k: tuple(v.shape) for k, v in unwrap(model).state_dict().items()}
-    with safe_open(str(checkpoint / WEIGHTS_FILE), framework="pt") as f:
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    if found != expected:
-        missing = sorted(set(expected) - set(found))[:3]
-        extra = sorted(set(found) - set(expected))[:3]
-        shapes = [
-            f"{k}: {found[k]} vs {expected[k]}" for k in sorted(set(found) & set(expected)) if found[k] != expected[k]
-        ][:3]
+    mismatch = _shape_mismatch(checkpoint / WEIGHTS_FILE, unwrap(model))
+    if mismatch:
         raise ChatforgeError(
-            f"checkpoint {checkpoint} does not fit this model (missing {missing}, unexpected {extra}, "
-            f"shapes {shapes}); train with the checkpoint's model settings or write to another out_dir"
+            f"checkpoint {checkpoint} does not fit this model ({mismatch}); "
+            "train with the checkpoint's model settings or write to another out_dir"
         )
+
+
+def _shape_mismatch(weights: Path, model: nn.Module, prefix: str = "") -> str | None:
+    """How the tensors under ``prefix`` in a safetensors file differ from ``model``'s (None when they match),
+    read from the file's header alone."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            found = {k[len(prefix) :]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix)}
+    except (SafetensorError, OSError) as exc:
+        raise ChatforgeError(f"{weights} is damaged: {exc}") from None
+    return shape_difference(found, expected)
 
 
 def load_weights(checkpoint: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> None:
     """Load a checkpoint's weights into ``model`` after checking they fit."""
     check_compatible(checkpoint, model)
-    unwrap(model).load_state_dict(load_file(str(Path(checkpoint) / WEIGHTS_FILE), device=str(device)))
+    unwrap(model).load_state_dict(read_safetensors(Path(checkpoint) / WEIGHTS_FILE, device))
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -214,7 +284,7 @@ def _is_hf_dir(path: Path) -> bool:
         return False
     try:
         return "model_type" in json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, TypeError):
         return False
 
 
@@ -247,26 +317,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         info = {"format": "huggingface", "model": model.config.to_dict(), "step": None}
     else:
         info = read_config(folder)
+        verify_checkpoint(folder, info)
         if info.get("format") != FORMAT:
             raise ChatforgeError(
                 f"{folder} holds checkpoint format {info.get('format')!r}; this chatforge reads {FORMAT}"
             )
         if not isinstance(info.get("model"), dict):
             raise ChatforgeError(f"{folder / CONFIG_FILE} records no GPT model config, so it cannot be loaded as a GPT")
-        try:
-            config = GPTConfig(**info["model"])
-        except TypeError as exc:
-            raise ChatforgeError(f"{folder / CONFIG_FILE}: bad model config: {exc}") from None
+        config = recorded_gpt_config(folder / CONFIG_FILE, info["model"])
         prefix = info.get("model_prefix", "")
-        state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not isinstance(prefix, str):
+            raise ChatforgeError(f"{folder / CONFIG_FILE}: 'model_prefix' must be a string; got {prefix!r}")
+        with torch.device("meta"):  # shapes only: a damaged config naming a huge model allocates nothing
+            skeleton = GPT(config)
+        mismatch = _shape_mismatch(folder / WEIGHTS_FILE, skeleton, prefix)
+        if mismatch:
+            raise ChatforgeError(f"{folder / WEIGHTS_FILE} does not fit its recorded model config ({mismatch})")
+        state = read_safetensors(folder / WEIGHTS_FILE, device)
         model = GPT(config).to(device)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ChatforgeError(
-                f"{folder / WEIGHTS_FILE} does not fit its recorded model config "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return model.eval(), {**info, "path": str(folder)}
 
 

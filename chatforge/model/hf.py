@@ -6,21 +6,22 @@ that GPT-2 stores as Conv1D ([in, out]) rather than Linear ([out, in]).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from chatforge import io
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model.weights import read_safetensors, recorded_gpt_config, shape_difference
 
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def _config_from_hf(hf: dict, path: Path) -> GPTConfig:
+    """The GPTConfig of a HF GPT-2 config.json; a missing, mistyped or out-of-range field is a ChatforgeError."""
     if hf.get("model_type") != "gpt2":
         raise ChatforgeError(f"{path}: model_type {hf.get('model_type')!r} is not supported (only 'gpt2')")
     activation = hf.get("activation_function", "gelu_new")
@@ -28,18 +29,17 @@ def _config_from_hf(hf: dict, path: Path) -> GPTConfig:
         raise ChatforgeError(
             f"{path}: activation_function {activation!r} not supported ({', '.join(_SUPPORTED_ACTIVATIONS)})"
         )
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+    names = {"vocab_size": "vocab_size", "n_positions": "block_size", "n_layer": "n_layer", "n_head": "n_head",
+             "n_embd": "n_embd"}
+    missing = [name for name in names if name not in hf]
+    if missing:
+        raise ChatforgeError(f"{path}: no {', '.join(missing)}")
+    values = {ours: hf[theirs] for theirs, ours in names.items()}
+    config = recorded_gpt_config(path, {**values, "dropout": 0.0, "bias": True,
+                                        "layer_norm_eps": hf.get("layer_norm_epsilon", 1e-5)})
+    if hf.get("n_inner") not in (None, 4 * config.n_embd):
         raise ChatforgeError(f"{path}: n_inner={hf['n_inner']} not supported (must be 4 * n_embd)")
-    return GPTConfig(
-        vocab_size=hf["vocab_size"],
-        block_size=hf["n_positions"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        dropout=0.0,
-        bias=True,
-        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-    )
+    return config
 
 
 def load_hf_gpt2(directory: str | Path, device: str | torch.device = "cpu") -> GPT:
@@ -49,20 +49,20 @@ def load_hf_gpt2(directory: str | Path, device: str | torch.device = "cpu") -> G
     for p in (config_path, weights_path):
         if not p.is_file():
             raise ChatforgeError(f"not a Hugging Face checkpoint: {p} is missing")
-    cfg = _config_from_hf(json.loads(config_path.read_text()), config_path)
-    hf_state = load_file(str(weights_path), device=str(device))
+    cfg = _config_from_hf(io.read_json(config_path, "Hugging Face config"), config_path)
     state = {}
-    for name, tensor in hf_state.items():
+    for name, tensor in read_safetensors(weights_path, device).items():
         if name.startswith("lm_head.") or name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # lm_head is tied to wte; attn.bias is GPT-2's stored causal mask
         ours = name.removeprefix("transformer.")
-        state[ours] = tensor.t().contiguous() if ours.endswith(_CONV1D_SUFFIXES) else tensor
+        state[ours] = tensor.t().contiguous() if ours.endswith(_CONV1D_SUFFIXES) and tensor.dim() == 2 else tensor
+    with torch.device("meta"):  # shapes only: a config naming a huge model allocates nothing before the check
+        expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    mismatch = shape_difference({k: tuple(v.shape) for k, v in state.items()}, expected)
+    if mismatch:
+        raise ChatforgeError(f"{weights_path}: weights do not fit the GPT-2 of {config_path} ({mismatch})")
     model = GPT(cfg).to(device)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ChatforgeError(
-            f"{weights_path}: weights do not fit GPT-2 (missing {missing[:4]}, unexpected {unexpected[:4]})"
-        )
+    model.load_state_dict(state)
     return model
 
 

@@ -5,7 +5,6 @@ trains one; the filters score with it.
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
@@ -66,9 +65,19 @@ class SafetyClassifier:
         folder = Path(directory)
         if not (folder / WEIGHTS).is_file():
             raise ChatforgeError(f"no safety classifier at {folder} (train one with `chatforge safety-train`)")
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
-        arrays = np.load(folder / WEIGHTS)
-        return cls(open_features(meta["embedder"], device), arrays["weights"], float(arrays["bias"]), meta)
+        meta = io.read_json(folder / META, "safety classifier metadata")
+        arrays = io.read_array(folder / WEIGHTS, "safety classifier weights")
+        if not isinstance(meta.get("embedder"), str):
+            raise ChatforgeError(f"{folder / META}: 'embedder' must name the classifier's embedder")
+        if not isinstance(arrays, dict) or {"weights", "bias"} - set(arrays):
+            raise ChatforgeError(f"{folder / WEIGHTS} is damaged: expected arrays 'weights' and 'bias'")
+        weights, bias = arrays["weights"], arrays["bias"]
+        if weights.ndim != 1 or weights.dtype.kind != "f" or bias.shape != () or bias.dtype.kind != "f":
+            raise ChatforgeError(f"{folder / WEIGHTS} is damaged: 'weights' must be a float vector, 'bias' a float")
+        embedder = open_features(meta["embedder"], device)
+        if getattr(embedder, "dims", getattr(embedder, "dim", len(weights))) != len(weights):
+            raise ChatforgeError(f"{folder / WEIGHTS} holds {len(weights)} weights for a {meta['embedder']} embedder")
+        return cls(embedder, weights, float(bias), meta)
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, c: float, max_iter: int = 100) -> tuple[np.ndarray, float]:

@@ -33,14 +33,13 @@ only once the classifier has scored it.
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from chatforge.config import load_file
 from chatforge.data.clean import scrub_pii
 from chatforge.errors import ChatforgeError
 from chatforge.safety.classifier import SafetyClassifier
@@ -123,24 +122,7 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
-        file = Path(path)
-        if not file.is_file():
-            raise ChatforgeError(f"safety policy not found: {file}")
-        text = file.read_text(encoding="utf-8")
-        import yaml
-
-        try:
-            if file.suffix == ".toml":
-                raw = tomllib.loads(text)
-            elif file.suffix in (".yaml", ".yml"):
-                raw = yaml.safe_load(text) or {}
-            elif file.suffix == ".json":
-                raw = json.loads(text)
-            else:
-                raise ChatforgeError(f"safety policy {file}: use a .toml, .yaml or .json file")
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError, ValueError) as exc:
-            raise ChatforgeError(f"safety policy {file} does not parse: {exc}") from None
-        return cls.from_dict(raw, str(file))
+        return cls.from_dict(load_file(path, "safety policy"), str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "safety policy") -> "Policy":

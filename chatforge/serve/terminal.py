@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 from chatforge import io
 from chatforge.chat_template import fit_to_context, prompt_ids, validate_messages
@@ -108,15 +107,15 @@ def _print_stream(text: str) -> None:
 
 
 def read_messages(path: str) -> list[dict]:
-    file = Path(path)
-    if not file.is_file():
-        raise ChatforgeError(f"messages file not found: {file}")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ChatforgeError(f"{file}: not valid JSON ({exc.msg})") from None
+        data = json.loads(io.read_text(path, "messages file"))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ChatforgeError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
     messages = data.get("messages") if isinstance(data, dict) else data
-    validate_messages(messages)
+    try:
+        validate_messages(messages)
+    except ChatforgeError as exc:
+        raise ChatforgeError(f"{path}: {exc}") from None
     return messages
 
 

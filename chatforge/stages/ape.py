@@ -33,7 +33,7 @@ from chatforge import io
 from chatforge.config import option
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.infer.loading import EngineOptions, load_engine
-from chatforge.infer.params import SamplingParams
+from chatforge.infer.params import BOUNDS, SamplingParams
 from chatforge.model.checkpoint import trained_for_fim
 from chatforge.prompting.ape import (
     METRICS,
@@ -61,7 +61,7 @@ class Config:
     prompt_demos: int = option(5, "demonstrations shown when proposing")
     forward: int = option(16, "forward-mode candidates sampled")
     reverse: int = option(16, "reverse-mode candidates sampled (needs insert_ckpt)")
-    temperature: float = option(0.9, "sampling temperature of proposals")
+    temperature: float = option(0.9, "sampling temperature of proposals", **BOUNDS["temperature"].field_kwargs())
     metric: str = option("logprob", "logprob (mean log-prob of gold outputs) or accuracy (exact match)")
     subset: int = option(8, "demonstrations per adaptive-filtering round")
     rounds: int = option(2, "adaptive-filtering rounds on disjoint subsets before the full evaluation")

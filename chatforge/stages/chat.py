@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
 from chatforge.infer.loading import EngineOptions, load_engine
+from chatforge.infer.params import BOUNDS
 from chatforge.safety.filters import load_filters
 from chatforge.serve.terminal import Conversation, interactive, read_messages
 from chatforge.tools.registry import builtin_tools
@@ -35,9 +36,11 @@ from chatforge.tools.registry import builtin_tools
 class Config(EngineOptions):
     ckpt: str = option("runs/speedrun/sft", "checkpoint directory, run directory or Hugging Face GPT-2 directory")
     max_tokens: int | None = option(256, "most tokens per answer")
-    temperature: float = option(0.7, "sampling temperature; 0 = greedy")
-    top_p: float = option(0.9, "nucleus sampling threshold (1 = off)")
-    repetition_penalty: float = option(1.1, "CTRL/HF repetition penalty (1 = off)")
+    temperature: float = option(0.7, "sampling temperature; 0 = greedy", **BOUNDS["temperature"].field_kwargs())
+    top_p: float = option(0.9, "nucleus sampling threshold (1 = off)", **BOUNDS["top_p"].field_kwargs())
+    repetition_penalty: float = option(
+        1.1, "CTRL/HF repetition penalty (1 = off)", **BOUNDS["repetition_penalty"].field_kwargs()
+    )
     system: str = option("", "system prompt")
     messages_file: str = option("", "JSON file with a conversation ({'messages': [...]} or a list) to continue")
     tools: list[str] = option([], "built-in tools the model may call: calculator, retrieval")

@@ -31,9 +31,10 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from chatforge import io
-from chatforge.config import option
+from chatforge.config import check_option_bounds, option
 from chatforge.data.pipeline import HOLDOUT_FILE, MANIFEST_FILE, SPLITS, collect, print_summary, split_of
 from chatforge.errors import ChatforgeError, ConfigError
 
@@ -52,22 +53,27 @@ class Config:
     stdlib_max_chars: int = option(6_000_000, "characters of standard-library code (0 = all)")
     debian_max_chars: int = option(2_000_000, "characters per Debian source (0 = all)")
     inputs_max_chars: int = option(0, "characters per user input (0 = all)")
-    holdout_fraction: float = option(0.12, "share of ShareGPT conversations reserved for SFT / reward / PPO")
-    val_fraction: float = option(0.01, "share of pretraining documents in the validation split")
-    test_fraction: float = option(0.01, "share of pretraining documents in the test split")
+    on_bad_record: Literal["error", "skip"] = option(
+        "error",
+        "a damaged line, row or file of --inputs (not UTF-8, not JSON, no text, unreadable): stop with an "
+        "error naming it, or skip it and count it per file and reason in the manifest",
+    )
+    holdout_fraction: float = option(
+        0.12, "share of ShareGPT conversations reserved for SFT / reward / PPO", ge=0, lt=1
+    )
+    val_fraction: float = option(0.01, "share of pretraining documents in the validation split", ge=0, lt=1)
+    test_fraction: float = option(0.01, "share of pretraining documents in the test split", ge=0, lt=1)
     min_chars: int = option(32, "documents shorter than this (after cleaning) are dropped")
-    near_dup_threshold: float = option(0.8, "MinHash Jaccard similarity above which a document is a near duplicate")
-    num_perm: int = option(128, "MinHash permutations")
+    near_dup_threshold: float = option(
+        0.8, "MinHash Jaccard similarity above which a document is a near duplicate", gt=0, le=1
+    )
+    num_perm: int = option(128, "MinHash permutations", ge=1)
     seed: int = option(0, "seed of the split and hold-out hashes")
 
     def validate(self) -> None:
-        for name in ("holdout_fraction", "val_fraction", "test_fraction"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be in [0, 1); got {getattr(self, name)}")
+        check_option_bounds(self)
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError("options 'val_fraction' + 'test_fraction' must stay below 1")
-        if not 0 < self.near_dup_threshold <= 1:
-            raise ConfigError(f"option 'near_dup_threshold' must be in (0, 1]; got {self.near_dup_threshold}")
         if not (self.sharegpt or self.stdlib or self.debian or self.inputs):
             raise ConfigError("every source is disabled and no --inputs given: nothing to build a corpus from")
 

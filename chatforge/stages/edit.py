@@ -18,6 +18,7 @@ from chatforge.config import option
 from chatforge.errors import ChatforgeError
 from chatforge.infer.edits import edit_params
 from chatforge.infer.loading import EngineOptions, load_engine
+from chatforge.infer.params import BOUNDS
 from chatforge.infer.terminal import read_text
 
 
@@ -26,7 +27,7 @@ class Config(EngineOptions):
     ckpt: str = option("runs/speedrun/edit", "an edit model (`chatforge edit-train`), checkpoint or run directory")
     instruction: str = option("", "what to do to the text, e.g. 'Fix the spelling.' (required)")
     input: str = option("", "file holding the text to edit (default: stdin)")
-    temperature: float = option(0.0, "sampling temperature; 0 = greedy")
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy", **BOUNDS["temperature"].field_kwargs())
     max_tokens: int | None = option(None, "most tokens of the rewrite (default: the text's length and half again)")
 
 

@@ -34,14 +34,17 @@ from chatforge.evals.humaneval import DEFAULT_K, STOP_SEQUENCES
 from chatforge.evals.sandbox import SandboxLimits
 from chatforge.evals.suite import MODES, RUNNERS, CoTOptions, ICLOptions, ToolsOptions
 from chatforge.infer.loading import EngineOptions
+from chatforge.infer.params import BOUNDS
 
 
 @dataclass
 class Config(EngineOptions):
     # decoding defaults as Codex evaluated (temperature 0.2 for pass@1; use 0.8 with large n for pass@100)
     max_tokens: int | None = option(256, "most tokens per completion")
-    temperature: float = option(0.2, "sampling temperature (Codex: 0.2 for pass@1, 0.8 for pass@100)")
-    top_p: float = option(0.95, "nucleus sampling")
+    temperature: float = option(
+        0.2, "sampling temperature (Codex: 0.2 for pass@1, 0.8 for pass@100)", **BOUNDS["temperature"].field_kwargs()
+    )
+    top_p: float = option(0.95, "nucleus sampling", **BOUNDS["top_p"].field_kwargs())
     stop: list[str] = option(STOP_SEQUENCES, "stop sequences (backslash escapes understood)")
     n: int = option(10, "samples per problem (model mode)")
     seed: int | None = option(0, "makes sampling reproducible")

@@ -37,10 +37,10 @@ class Config:
     out_dir: str = option("runs/speedrun/fim", "where data/, checkpoints/, metrics.jsonl, loss.png, summary.json go")
     resume: bool = option(False, "continue from out_dir's latest checkpoint (reuses out_dir/data)")
     fim_rate: float = option(
-        0.5, "share of training chunks rewritten in FIM order (0 = an ordinary left-to-right twin)"
+        0.5, "share of training chunks rewritten in FIM order (0 = an ordinary left-to-right twin)", ge=0, le=1
     )
     spm_rate: float = option(
-        0.5, "share of the FIM chunks in suffix-prefix-middle order (the rest prefix-suffix-middle)"
+        0.5, "share of the FIM chunks in suffix-prefix-middle order (the rest prefix-suffix-middle)", ge=0, le=1
     )
     chunk_chars: int = option(0, "characters per chunk, cut at line ends (0 = 3 per token of the model's context)")
     max_train_chars: int = option(8_000_000, "a seeded random subset of the training chunks up to this many characters")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge import io
-from chatforge.config import nested, option
+from chatforge.config import check_option_bounds, nested, option
 from chatforge.data.rankings import read_prompt_pool
 from chatforge.data.shards import TokenWindows
 from chatforge.errors import ChatforgeError, ConfigError
@@ -48,31 +48,27 @@ class Config:
     pretrain_tokens: str = option("runs/speedrun/tokenizer/tokens/train.bin", "token shard for PPO-ptx batches")
     out_dir: str = option("runs/speedrun/ppo", "where checkpoints/, metrics.jsonl, ppo.png, summary.json go")
     resume: bool = option(False, "continue from out_dir's latest checkpoint")
-    rollout_prompts: int = option(16, "prompts answered per rollout")
-    epochs: int = option(2, "passes over each rollout")
-    max_tokens: int = option(48, "longest sampled answer")
-    gamma: float = option(1.0, "discount in GAE")
-    lam: float = option(0.95, "λ in GAE")
-    clip: float = option(0.2, "PPO ratio clip ε")
-    value_clip: float = option(0.2, "clip of the value update around the rollout's values")
-    value_coef: float = option(0.5, "weight of the value loss")
-    ptx_coef: float = option(1.0, "γ: weight of the pretraining next-token loss mixed into each update (0 = off)")
-    held_out_prompts: int = option(48, "prompts in the win-rate evaluation after training")
+    rollout_prompts: int = option(16, "prompts answered per rollout", ge=1)
+    epochs: int = option(2, "passes over each rollout", ge=1)
+    max_tokens: int = option(48, "longest sampled answer", ge=1)
+    gamma: float = option(1.0, "discount in GAE", ge=0, le=1)
+    lam: float = option(0.95, "λ in GAE", ge=0, le=1)
+    clip: float = option(0.2, "PPO ratio clip ε", gt=0, lt=1)
+    value_clip: float = option(0.2, "clip of the value update around the rollout's values", gt=0)
+    value_coef: float = option(0.5, "weight of the value loss", ge=0)
+    ptx_coef: float = option(
+        1.0, "γ: weight of the pretraining next-token loss mixed into each update (0 = off)", ge=0
+    )
+    held_out_prompts: int = option(48, "prompts in the win-rate evaluation after training", ge=1)
     kl: KLConfig = nested(KLConfig, "the KL penalty")
     train: PPOTrainConfig = nested(PPOTrainConfig, "the shared training loop")
 
     def validate(self) -> None:
-        for name in ("rollout_prompts", "epochs", "max_tokens", "held_out_prompts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}' must be >= 1; got {getattr(self, name)}")
+        check_option_bounds(self)
+        self.train.validate()  # first: it checks train.batch_size >= 1, which the modulo below divides by
         if self.rollout_prompts % self.train.batch_size:
             raise ConfigError(f"option 'rollout_prompts' ({self.rollout_prompts}) must be a multiple of "
                               f"train.batch_size ({self.train.batch_size})")
-        if not 0 < self.clip < 1 or self.value_clip <= 0 or self.ptx_coef < 0:
-            raise ConfigError("options 'clip' must be in (0, 1), 'value_clip' > 0 and 'ptx_coef' >= 0")
-        if self.kl.beta < 0 or self.kl.target <= 0 or self.kl.limit <= 0:
-            raise ConfigError("options 'kl.beta' must be >= 0, 'kl.target' and 'kl.limit' > 0")
-        self.train.validate()
 
 
 def run(cfg: Config, args: list[str]) -> None:

@@ -32,6 +32,7 @@ from chatforge.data.rankings import (
 )
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.infer.loading import answer_sampler
+from chatforge.infer.params import BOUNDS
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Config:
     max_prompts: int = option(400, "automatic rankings built for at most this many prompts")
     samples_per_prompt: int = option(2, "SFT answers per prompt (ranked below the reference, above corruptions)")
     max_tokens: int = option(64, "longest sampled answer in tokens")
-    temperature: float = option(1.0, "sampling temperature of the SFT answers")
+    temperature: float = option(1.0, "sampling temperature of the SFT answers", **BOUNDS["temperature"].field_kwargs())
     val_fraction: float = option(0.15, "share of prompts held out to measure the reward model's accuracy")
     device: str = option("auto", "device for sampling")
     seed: int = option(0, "seed for sampling, corruptions and the split")

@@ -9,7 +9,6 @@ run reuses ``out_dir/data`` so its batches do not change.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -79,7 +78,7 @@ def continue_training(stage: str, cfg, build: Build, describe: Callable[[dict], 
     model, info = load_model(cfg.init_from)
     data = out / DATA_DIR
     if cfg.resume and (data / CORPUS_FILE).is_file():
-        counts = json.loads((data / CORPUS_FILE).read_text())
+        counts = io.read_json(data / CORPUS_FILE, "corpus counts")
     else:
         counts = write_token_data(data, tokenizer_path(cfg.init_from), build, model.config.block_size)
     print(f"[{stage}] corpus: {describe(counts)}")

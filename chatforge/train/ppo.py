@@ -36,11 +36,11 @@ from chatforge.train.ppo_math import (
 
 @dataclass
 class KLConfig:
-    beta: float = option(0.05, "initial KL coefficient β")
+    beta: float = option(0.05, "initial KL coefficient β", ge=0)
     adaptive: bool = option(True, "move β toward the target KL (Ziegler et al.); false keeps it fixed")
-    target: float = option(3.0, "target KL per response (nats), for the adaptive controller")
-    horizon: int = option(2000, "adaptive controller horizon in samples")
-    limit: float = option(30.0, "stop the run when the KL per response exceeds this (nats)")
+    target: float = option(3.0, "target KL per response (nats), for the adaptive controller", gt=0)
+    horizon: int = option(2000, "adaptive controller horizon in samples", ge=1)
+    limit: float = option(30.0, "stop the run when the KL per response exceeds this (nats)", gt=0)
 
 
 @dataclass

@@ -5,12 +5,12 @@ The `chatforge reward` stage (chatforge/stages/reward.py) runs it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from chatforge import io
 from chatforge.chat_template import prompt_ids, stop_token_ids
 from chatforge.config import option
 from chatforge.data.chat_batches import EpochOrder, pad_rows
@@ -18,6 +18,7 @@ from chatforge.data.rankings import read_rankings
 from chatforge.errors import ChatforgeError
 from chatforge.model.checkpoint import WEIGHTS_FILE, load_model, resolve_checkpoint
 from chatforge.model.heads import ScalarHeadModel
+from chatforge.model.weights import read_safetensors
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import TrainConfig
 from chatforge.train.preference import pairwise_accuracy, pairwise_loss, plackett_luce_loss
@@ -102,17 +103,21 @@ def load_rankings(path: Path, tokenizer: Tokenizer, block_size: int) -> list[tup
 
 def load_reward_model(path: str | Path, device: str = "cpu") -> ScalarHeadModel:
     """A trained reward model (eval mode) with its normalising offset applied."""
-    from safetensors.torch import load_file
-
     folder = resolve_checkpoint(path)
     gpt, info = load_model(folder, device)
     if info.get("stage") != "reward":
         raise ChatforgeError(f"{folder} is not a reward model checkpoint (stage {info.get('stage')!r})")
     model = ScalarHeadModel(gpt).to(device)
-    state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
-    model.head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
+    state = read_safetensors(folder / WEIGHTS_FILE, device)
+    head = {"weight": state.get("head.weight"), "bias": state.get("head.bias")}
+    if any(tensor is None or tensor.shape != getattr(model.head, name).shape for name, tensor in head.items()):
+        raise ChatforgeError(f"{folder / WEIGHTS_FILE} holds no reward head that fits its GPT")
+    model.head.load_state_dict(head)
     for candidate in (Path(path) / OFFSET_FILE, folder.parent.parent / OFFSET_FILE):  # run dir, or checkpoint's run
         if candidate.is_file():
-            model.head.bias.data -= json.loads(candidate.read_text())["offset"]
+            offset = io.read_json(candidate, "reward offset").get("offset")
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+                raise ChatforgeError(f"{candidate}: 'offset' must be a number; got {offset!r}")
+            model.head.bias.data -= offset
             break
     return model.eval()
