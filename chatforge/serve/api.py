@@ -53,6 +53,7 @@ from chatforge.serve.chat import ChatServing
 from chatforge.serve.completions import CompletionServing
 from chatforge.serve.edits import EditServing, ModerationServing
 from chatforge.serve.embeddings import EmbeddingServing
+from chatforge.serve.feedback_api import feedback_router
 from chatforge.serve.options import ModelCard, ServeOptions
 from chatforge.serve.protocol import (
     ChatCompletion,
@@ -168,8 +169,6 @@ def create_app(scheduler: Scheduler, options: ServeOptions | None = None, store=
                 "max_tokens": chat.token_limit, "auth": keys.enabled, "feedback": store is not None}
 
     if store is not None:
-        from chatforge.serve.feedback_api import feedback_router
-
         app.include_router(feedback_router(store, state, client, limit_key))
 
     @app.get("/", include_in_schema=False)

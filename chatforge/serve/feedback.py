@@ -59,6 +59,7 @@ from sqlalchemy.orm import Session
 
 from chatforge import io
 from chatforge.chat_template import ROLE_TOKENS
+from chatforge.data.rankings import MAX_K, MIN_K
 from chatforge.errors import ChatforgeError
 from chatforge.serve.feedback_tables import (
     AUTHORS,
@@ -351,8 +352,6 @@ class FeedbackStore:
 
     def ranking_records(self) -> tuple[list[dict], int]:
         """(ranking records in the reward data's format, how many rankings were skipped for their size)."""
-        from chatforge.data.rankings import MAX_K, MIN_K
-
         records, skipped = [], 0
         with self.session() as s:
             for r in s.scalars(select(Ranking).order_by(Ranking.created_at)):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge.config import option
+from chatforge.data.rankings import MAX_K, MIN_K
 from chatforge.errors import ChatforgeError, ConfigError
 
 
@@ -42,8 +43,6 @@ class ServeOptions:
                                     "prompts and answers; empty = no filtering (/v1/moderations then checks PII only)")
 
     def validate(self) -> None:
-        from chatforge.data.rankings import MAX_K, MIN_K
-
         for name in ("max_request_bytes", "max_tokens", "max_samples", "max_waiting", "max_concurrent",
                      "max_connections"):
             if getattr(self, name) < 1:
