@@ -323,7 +323,10 @@ class _Run:
     # ---- setup -------------------------------------------------------------------------------------------
 
     def _checkpoint_to_resume(self, resume: bool) -> Path | None:
-        found = ckpt.latest_checkpoint(self.out_dir)
+        """Rank 0 looks for the checkpoint and every rank resumes that one (or fails naming it)."""
+        found = self.dist.agree_on_path(
+            ckpt.latest_checkpoint(self.out_dir) if self.dist.is_main else None, "checkpoint"
+        )
         if found is None:
             if resume and self.dist.is_main:
                 print(f"[train] no checkpoint in {self.out_dir}; starting from scratch")
