@@ -4,7 +4,8 @@
     python tests/dist_scenarios.py SCENARIO OUT_DIR [key=value ...]
 
 Each scenario trains a tiny model through the shared loop with a stage's real task (or its real loss code) on
-a fixed global batch and writes the final parameters (``params.pt``, rank 0) beside the run's outputs.
+a fixed global batch; its final checkpoint holds the parameters. ``resume=true`` continues the run's latest
+checkpoint (as ``--resume``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from train_helpers import BLOCK, VOCAB, CountingTask, fast_config, tiny_gpt  # n
 
 from chatforge.data.chat_batches import ChatBatches  # noqa: E402
 from chatforge.embed.model import EmbeddingModel, grad_cache_step  # noqa: E402
-from chatforge.model.checkpoint import unwrap  # noqa: E402
 from chatforge.train import distributed  # noqa: E402
 from chatforge.train.loop import train  # noqa: E402
 from chatforge.train.sft import SFTTask  # noqa: E402
@@ -81,10 +81,8 @@ def main(argv: list[str]) -> None:
     ranks = distributed.init("cpu")
     model, task, options = scenario(name, ranks.world_size)
     options.update(overrides)
-    cfg = fast_config(steps=int(options.pop("steps", 3)), warmup_steps=1, **options)
-    train(model, task, cfg, out_dir)
-    if ranks.is_main:
-        torch.save({k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}, out_dir / "params.pt")
+    resume = options.pop("resume", False)
+    train(model, task, fast_config(**{"steps": 3, "warmup_steps": 1, **options}), out_dir, resume=resume)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import dist_scenarios
 import pytest
 import torch
+from safetensors.torch import load_file
+from train_helpers import losses
+
+from chatforge.model.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = Path(__file__).resolve().parent / "dist_scenarios.py"
@@ -27,17 +33,19 @@ ADAMW_TOLERANCE, MUON_TOLERANCE = 1e-4, 5e-4
 
 
 def run_scenario(name: str, out_dir: Path, processes: int = 1, **options) -> dict[str, torch.Tensor]:
-    """Run scenario ``name`` as one process or under torchrun; the parameters it ended with."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(ROOT)
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    """Run scenario ``name`` in this process or under torchrun; the parameters it ended with."""
     extra = [f"{key}={json.dumps(value)}" for key, value in options.items()]
-    done = subprocess.run([*launcher, str(SCENARIOS), name, str(out_dir), *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out_dir / "params.pt")
+    if processes == 1:
+        dist_scenarios.main([name, str(out_dir), *extra])
+    else:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env["PYTHONPATH"] = str(ROOT)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   str(SCENARIOS), name, str(out_dir), *extra]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(latest_checkpoint(out_dir) / "model.safetensors"))
 
 
 def max_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -45,18 +53,61 @@ def max_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def resumable_copy(run: Path, copy: Path, step: int) -> Path:
+    """``run`` copied with its checkpoints after ``step`` removed: the state of a run stopped at ``step``."""
+    shutil.copytree(run, copy)
+    for folder in (copy / "checkpoints").glob("step_*"):
+        if int(folder.name.split("_")[1]) > step:
+            shutil.rmtree(folder)
+    (copy / "checkpoints" / "latest").unlink()
+    return copy
+
+
+RESUMABLE = dict(steps=4, ckpt_every=2, keep_checkpoints=0)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name, single_options, parallel_options, tolerance", [
-    # SFT: one micro-batch of 8 vs 2 ranks x 2 micro-batches of 2; a mean of micro-batch means would differ
-    ("sft", {"micro_batch_size": 8}, {"micro_batch_size": 2}, ADAMW_TOLERANCE),
-    # embed: negatives must span both ranks' rows and the temperature's gradient must be reduced
-    ("embed", {}, {}, ADAMW_TOLERANCE),
-    # pretrain's modern model with Muon + AdamW under DDP
-    ("pretrain_muon", {}, {}, MUON_TOLERANCE),
-])
-def test_two_processes_match_one(tmp_path, name, single_options, parallel_options, tolerance):
-    single = run_scenario(name, tmp_path / "single", **single_options)
-    parallel = run_scenario(name, tmp_path / "ddp", processes=2, **parallel_options)
+def test_sft_two_processes_match_one_and_resume_a_one_process_run(tmp_path):
+    """One micro-batch of 8 vs 2 ranks x 2 micro-batches of 2: a mean of micro-batch means would differ (token
+    weighting). Then 1 -> 2: the single run's step-2 checkpoint continued by two processes reaches its model."""
+    single = run_scenario("sft", tmp_path / "single", micro_batch_size=8, **RESUMABLE)
+    parallel = run_scenario("sft", tmp_path / "ddp", processes=2, micro_batch_size=2, **RESUMABLE)
     gap = max_gap(single, parallel)
-    print(f"{name}: largest parameter gap {gap:.2e}")
-    assert gap < tolerance, f"{name}: parameters differ by {gap}"
+    print(f"sft: largest parameter gap {gap:.2e}")
+    assert gap < ADAMW_TOLERANCE
+    resumed_dir = resumable_copy(tmp_path / "single", tmp_path / "resumed", 2)
+    resumed = run_scenario("sft", resumed_dir, processes=2, resume=True, micro_batch_size=2, **RESUMABLE)
+    single_losses, resumed_losses = losses(tmp_path / "single"), losses(resumed_dir)
+    print("1->2 losses, single run:", single_losses, "resumed:", resumed_losses)
+    assert [resumed_losses[s] for s in (3, 4)] == pytest.approx([single_losses[3], single_losses[4]], abs=1e-5)
+    assert max_gap(single, resumed) < ADAMW_TOLERANCE
+
+
+@pytest.mark.slow
+def test_embed_two_processes_match_one(tmp_path):
+    """Negatives must span both ranks' rows and the temperature's gradient must be reduced."""
+    gap = max_gap(run_scenario("embed", tmp_path / "single"), run_scenario("embed", tmp_path / "ddp", processes=2))
+    print(f"embed: largest parameter gap {gap:.2e}")
+    assert gap < ADAMW_TOLERANCE
+
+
+@pytest.mark.slow
+def test_pretrain_muon_one_process_ddp_and_fsdp_agree_and_fsdp_resumes_on_one_process(tmp_path):
+    """The modern model with Muon + AdamW: one process, DDP and FSDP2 (Muon orthogonalising whole gathered
+    matrices) take the same steps; FSDP's sharded checkpoint at step 2 continued by one process (2 -> 1)
+    reaches the same step-4 model."""
+    single = run_scenario("pretrain_muon", tmp_path / "single", **RESUMABLE)
+    ddp = run_scenario("pretrain_muon", tmp_path / "ddp", processes=2, **RESUMABLE)
+    fsdp = run_scenario("pretrain_muon", tmp_path / "fsdp", processes=2, parallel="fsdp", **RESUMABLE)
+    print(f"muon: gap single/ddp {max_gap(single, ddp):.2e}, ddp/fsdp {max_gap(ddp, fsdp):.2e}")
+    assert max_gap(single, ddp) < MUON_TOLERANCE and max_gap(ddp, fsdp) < MUON_TOLERANCE
+    assert (latest_checkpoint(tmp_path / "fsdp") / "optimizer").is_dir()  # the optimizer state stayed sharded
+    ddp_losses, fsdp_losses = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert fsdp_losses.keys() == set(range(1, 5))
+    assert [fsdp_losses[s] for s in ddp_losses] == pytest.approx(list(ddp_losses.values()), abs=1e-5)
+    resumed_dir = resumable_copy(tmp_path / "fsdp", tmp_path / "resumed", 2)
+    resumed = run_scenario("pretrain_muon", resumed_dir, parallel="fsdp", resume=True, **RESUMABLE)
+    resumed_losses = losses(resumed_dir)
+    print("2->1 losses, fsdp run:", fsdp_losses, "resumed:", resumed_losses)
+    assert [resumed_losses[s] for s in (3, 4)] == pytest.approx([fsdp_losses[3], fsdp_losses[4]], abs=1e-5)
+    assert max_gap(fsdp, resumed) < MUON_TOLERANCE

@@ -6,7 +6,9 @@
 torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them the run is a single process and no
 process group is created. The backend is NCCL on CUDA and gloo on the CPU. Every rank holds the whole model
 and computes its contiguous share of each global batch; DDP averages the gradients, so N processes take the
-same optimizer steps as one process with the whole batch. Only rank 0 writes files; what the ranks must agree
+same optimizer steps as one process with the whole batch (``--train.parallel=ddp``). With
+``--train.parallel=fsdp`` (FSDP2) each rank keeps only its shard of every parameter, gradient and optimizer
+state, for models whose training state does not fit on one device. Only rank 0 writes files; what the ranks must agree
 on (which checkpoint to resume) rank 0 decides and broadcasts, so nodes need not share a filesystem to agree.
 
 A collective that waits longer than ``CHATFORGE_DIST_TIMEOUT_MIN`` minutes (default 30) fails instead of
@@ -18,6 +20,7 @@ precision every large-scale recipe trains with).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 from chatforge.device import device_type, resolve_device
 from chatforge.errors import ChatforgeError
@@ -146,3 +151,57 @@ def init(device: str = "auto") -> Dist:
 def _shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- FSDP2: parameters, gradients and optimizer state sharded across the ranks ----------------------------------
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def shard_model(model: nn.Module, param_dtype: torch.dtype | None, checkpoint_activations: bool) -> None:
+    """Shard ``model`` in place with FSDP2 (``fully_shard``): each transformer block (every member of an
+    ``nn.ModuleList``) is its own unit, gathered just before its forward and freed after, then the root.
+
+    ``param_dtype`` (e.g. bf16) is the dtype blocks compute in; gradients are reduced in fp32 either way.
+    ``checkpoint_activations`` recomputes each block's activations in backward instead of keeping them.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for index, block in enumerate(module):
+                if checkpoint_activations:  # the wrapper's state-dict hooks keep the checkpoint's names unchanged
+                    block = checkpoint_wrapper(block)
+                    module[index] = block
+                fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def materialize(model: nn.Module, device: str, seed: int) -> None:
+    """Give a model built on the meta device (no memory) real, initialised storage after sharding: each rank
+    allocates only its shards, then every module's ``reset_parameters``/``reset_buffers`` fills them, innermost
+    first so that the model's own initialisation (the root's, last) has the final word."""
+    model.to_empty(device=device)
+    torch.manual_seed(seed + (dist.get_rank() if dist.is_initialized() else 0))  # independent draws per shard
+    with torch.no_grad():
+        for module in reversed(list(model.modules())):
+            for method in ("reset_parameters", "reset_buffers"):
+                if callable(getattr(module, method, None)):
+                    getattr(module, method)()
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(model: nn.Module):
+    """FSDP's counterpart of DDP's ``no_sync``: accumulate gradients locally, reduce-scatter on the last one."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded ``DTensor``'s whole value (gathered); any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
