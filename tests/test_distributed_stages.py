@@ -7,7 +7,8 @@ Muon normalise updates, so a rounding difference in a near-zero gradient coordin
 ~lr; after 3 steps AdamW-trained parameters agree to 1e-4 absolute, while a real fault (local negatives,
 unsynchronised gradients, mean-of-means weighting) moves them by 1e-3 or more. Muon orthogonalises in bf16
 (torch.optim.Muon's Newton–Schulz), so a rounding difference flips bf16 ulps (2^-8 relative) of updates of
-size ~lr·√(fan ratio) ≈ 0.04: ~1e-4 per step, hence 5e-4 for the Muon scenario (measured 1.2e-4).
+size ~lr·√(fan ratio) ≈ 0.04: ~1e-4 per step, hence 5e-4 for the Muon scenario (measured 1.2e-4 to 2.5e-4
+between one process and DDP; DDP and FSDP agree exactly).
 """
 
 from __future__ import annotations
