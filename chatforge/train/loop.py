@@ -65,7 +65,7 @@ from chatforge.config import option
 from chatforge.device import autocast, dtype_name, resolve_compile, resolve_dtype
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model import checkpoint as ckpt
-from chatforge.train import distributed
+from chatforge.train import distributed, throughput
 from chatforge.train.optim import OPTIMIZERS, apply_schedule, make_optimizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -535,6 +535,18 @@ class _Run:
         )
         plot_losses(self.rows, self.out_dir / PLOT_FILE, title)
 
+    def _speed(self) -> dict:
+        """Tokens/s of the whole job, its MFU and every rank's peak memory (a collective: all ranks call it)."""
+        memory = max(self.dist.gather_object(throughput.peak_memory_mb(self.device)))
+        speed = {"peak_memory_mb": round(memory, 1)}
+        if self.unit == "tokens" and self.rate:
+            job_rate = self.rate * self.dist.world_size  # every rank processes its share at the measured rate
+            peak, source = throughput.peak_flops(self.device, self.dtype)
+            speed.update(job_tokens_per_s=round(job_rate, 1), peak_flops_source=source,
+                         mfu=round(job_rate * throughput.flops_per_token(ckpt.unwrap(self.model)) /
+                                   (peak * self.dist.world_size), 4))
+        return speed
+
     def _summary(self, elapsed: float) -> dict:
         train_losses = [r["loss"] for r in self.rows if "loss" in r][-10:]
         val = [r["val_loss"] for r in self.rows if "val_loss" in r]
@@ -551,6 +563,8 @@ class _Run:
             "best_val_loss": round(min(val), 4) if val else None,
             "wall_time_s": round(elapsed, 1),
             "world_size": self.dist.world_size,
+            "parallel": "fsdp" if self.fsdp else "ddp" if self.dist.enabled else "single",
+            **self._speed(),
             "device": self.device,
             "dtype": dtype_name(self.dtype),
             "compiled": self.compiled,
