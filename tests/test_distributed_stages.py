@@ -112,3 +112,20 @@ def test_pretrain_muon_one_process_ddp_and_fsdp_agree_and_fsdp_resumes_on_one_pr
     print("2->1 losses, fsdp run:", fsdp_losses, "resumed:", resumed_losses)
     assert [resumed_losses[s] for s in (3, 4)] == pytest.approx([fsdp_losses[3], fsdp_losses[4]], abs=1e-5)
     assert max_gap(fsdp, resumed) < MUON_TOLERANCE
+
+
+def test_a_model_built_on_the_meta_device_is_initialised_by_the_loop(tmp_path):
+    """What fsdp does with a model built without storage, in one process: real, initialised weights and the
+    derived rotary tables, then training as usual."""
+    from train_helpers import CountingTask, fast_config, tiny_gpt
+
+    from chatforge.train.loop import train
+
+    with torch.device("meta"):
+        model = tiny_gpt(arch="modern")
+    summary = train(model, CountingTask(8), fast_config(steps=3, parallel="fsdp"), tmp_path)
+    reference = tiny_gpt(arch="modern")
+    assert torch.equal(model.rotary_cos, reference.rotary_cos) and torch.equal(model.rotary_sin, reference.rotary_sin)
+    # the GPT's own initialisation (embeddings std 0.8, residual scalars 1), moved a little by 3 steps
+    assert model.resid_lambdas.tolist() == pytest.approx([1.0, 1.0], abs=0.05) and float(model.wte.weight.std()) > 0.5
+    assert summary["final_train_loss"] < 5 and summary["parallel"] == "single"
