@@ -70,6 +70,19 @@ def scenario(name: str, world_size: int):
         rows = _conversations(24)
         task = SFTTask(ChatBatches(rows, 0, 8, seed=3), ChatBatches(rows[:6], 0, 1), 4)
         return tiny_gpt(), task, dict(micro_batch_size=2)
+    if name == "ppo":  # 16 prompts per rollout sampled 8 per rank, minibatches of 8 split 4 + 4
+        from test_ppo import FAST, make_task
+
+        from chatforge.stages.ppo import Config
+        from chatforge.tokenizer import Tokenizer
+        from chatforge.train.ppo import KLConfig
+
+        tok = Tokenizer.train(["hello there, general kenobi"] * 5, vocab_size=280)
+        fast = {k: v for k, v in FAST.items() if k not in ("warmup_steps", "eval_every", "ckpt_every")}
+        cfg = Config(rollout_prompts=16, epochs=1, max_tokens=8, ptx_coef=0.0, kl=KLConfig(beta=0.02, target=4.0),
+                     train=fast_config(batch_size=8, lr=3e-2, min_lr=3e-2, **fast))
+        policy, task = make_task(tok, cfg)
+        return policy, task, dict(batch_size=8, lr=3e-2, min_lr=3e-2, schedule="constant", weight_decay=0.0)
     if name == "embed":  # one micro-batch per process: each contrastive batch is the whole global batch
         return EmbeddingModel(tiny_gpt(), proj_dim=8), ContrastiveIdsTask(8, 2), dict(lr=1e-3)
     raise SystemExit(f"unknown scenario {name}")
