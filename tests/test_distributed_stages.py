@@ -144,3 +144,25 @@ def test_a_model_built_on_the_meta_device_is_initialised_by_the_loop(tmp_path):
     # the GPT's own initialisation (embeddings std 0.8, residual scalars 1), moved a little by 3 steps
     assert model.resid_lambdas.tolist() == pytest.approx([1.0, 1.0], abs=0.05) and float(model.wte.weight.std()) > 0.5
     assert summary["final_train_loss"] < 5 and summary["parallel"] == "single"
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_see_the_checkpoint_stops_every_rank_naming_it(tmp_path):
+    """Multi-node resume without shared storage: rank 0 picks the checkpoint, rank 1 cannot see it, and both
+    ranks raise the same error naming the path instead of resuming at different steps and hanging."""
+    from train_helpers import CountingTask, fast_config, tiny_gpt
+
+    from chatforge.train.loop import train
+
+    train(tiny_gpt(), CountingTask(8), fast_config(steps=2), tmp_path / "run")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(__file__).resolve().parent / "dist_unseen_checkpoint.py"), str(tmp_path / "run")]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = sorted(line for line in done.stdout.splitlines() if line.startswith("RANK"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert [line.split(" ERROR ")[0] for line in errors] == ["RANK 0", "RANK 1"], done.stdout
+    assert all(f"{checkpoint} (chosen by rank 0) is not visible on rank(s) [1]" in line for line in errors)
