@@ -2,6 +2,9 @@
 
 The speedrun stage (``chatforge/stages/speedrun.py``) lists its steps; this module runs them: a step whose
 outputs exist and whose options hash as when it finished is skipped unless a step it reads from ran again.
+
+Under torchrun the training steps run on every rank (data-parallel); every other step (data, tokenizer,
+evaluations, samples) runs on rank 0 alone while the others wait, so no two processes write the same files.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
 from chatforge.model.checkpoint import latest_checkpoint, load_model, tokenizer_path
 from chatforge.tokenizer import Tokenizer
+from chatforge.train import distributed
 
 STATE_FILE = "speedrun_state.json"
 TEXT_PROMPTS = ["The meaning of life is", "def fibonacci(n):", "In 1492, Columbus", "今天天气"]
@@ -42,6 +46,7 @@ class Step:
     done_marker: Path
     action: Callable[[], None]
     needs: tuple[str, ...] = ()  # stages whose outputs it reads: when one of them ran again, so must it
+    every_rank: bool = False  # a training stage: under torchrun every rank runs it; other steps run on rank 0
 
 
 def options_fingerprint(options: object) -> str:
@@ -52,10 +57,14 @@ def options_fingerprint(options: object) -> str:
 def train_resuming(stage, options) -> None:
     """Run a training stage; an interrupted run continues from its last checkpoint instead of starting over."""
     out_dir = Path(options.out_dir)
-    options.resume = latest_checkpoint(out_dir) is not None
-    if options.resume and (out_dir / "summary.json").exists():
-        shutil.rmtree(out_dir)  # finished before with other options (else the speedrun would have skipped it): redo
-        options.resume = False
+    ranks = distributed.init(getattr(getattr(options, "train", None), "device", "auto"))
+    resume = latest_checkpoint(out_dir) is not None
+    if resume and (out_dir / "summary.json").exists():
+        if ranks.is_main:  # finished before with other options (else the speedrun would have skipped it): redo
+            shutil.rmtree(out_dir)
+        resume = False
+    ranks.barrier()
+    options.resume = ranks.broadcast_object(resume)  # rank 0's view: the checkpoint it will broadcast
     stage.run(options, [])
 
 
@@ -95,7 +104,8 @@ def load_state(run_dir: Path) -> dict:
 def run_steps(steps: list[Step], run_dir: Path, only: str = "", force: bool = False) -> dict[str, float]:
     """Run the steps in order, skipping one whose outputs exist and whose options are unchanged since it finished
     unless a step it reads from ran again; returns the seconds each step took (this run's or a former one's)."""
-    state = load_state(run_dir)
+    ranks = distributed.init()
+    state = ranks.broadcast_object(load_state(run_dir))
     timings = state.get("seconds", {})
     ran: set[str] = set()
     for step in steps:
@@ -108,11 +118,14 @@ def run_steps(steps: list[Step], run_dir: Path, only: str = "", force: bool = Fa
             continue
         print(f"[speedrun] {step.name} ...", flush=True)
         t0 = time.perf_counter()
-        step.action()
+        if step.every_rank or ranks.is_main:
+            step.action()
+        ranks.barrier()
         ran.add(step.name)
         timings[step.name] = round(time.perf_counter() - t0, 1)
         state.setdefault("fingerprints", {})[step.name] = fingerprint
         state["seconds"] = timings
-        io.write_json(run_dir / STATE_FILE, state)  # after each stage, so an interruption loses only the current one
+        if ranks.is_main:  # after each stage, so an interruption loses only the current one
+            io.write_json(run_dir / STATE_FILE, state)
         print(f"[speedrun] {step.name} done in {timings[step.name]:.0f} s", flush=True)
     return timings

@@ -135,12 +135,14 @@ class EmbeddingModel(nn.Module):
     def dim(self) -> int:
         return self.proj.out_features if self.proj is not None else self.gpt.config.n_embd
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """L2-normalised embeddings [B, dim] of right-padded ``ids``."""
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, with_scale: bool = False):
+        """L2-normalised embeddings [B, dim] of right-padded ``ids`` (and ``scale()`` when ``with_scale``: the
+        temperature must come out of the forward call for DDP to see it used and reduce its gradient)."""
         pooled = pool(self.gpt.hidden_states(ids), lengths, self.pooling)
         if self.proj is not None:
             pooled = self.proj(pooled)
-        return F.normalize(pooled.float(), dim=-1)
+        embeddings = F.normalize(pooled.float(), dim=-1)
+        return (embeddings, self.scale()) if with_scale else embeddings
 
     def scale(self) -> torch.Tensor:
         """1 / temperature, with the temperature clamped to [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
@@ -178,6 +180,15 @@ def _rng_state() -> dict:
     return state
 
 
+def _gather_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """Every process's ``rows`` concatenated in rank order (``rows`` itself in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rows
+    parts = [torch.empty_like(rows) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)
+
+
 def grad_cache_step(
     model: EmbeddingModel,
     query_chunks: list[Chunk],
@@ -193,25 +204,40 @@ def grad_cache_step(
     (``tests/test_embed_model.py`` checks it); dropout masks are replayed from saved random states.
     ``sync_context`` (e.g. DDP's ``no_sync``) wraps every chunk backward but the last, so gradients are
     all-reduced once. Returns the detached loss.
+
+    Under torchrun the cached embeddings of every process are gathered, so each query's negatives span the
+    global batch (what makes large-batch contrastive training work) and the loss is the same one process would
+    compute on the whole batch. Each process then backpropagates the global loss's gradient for its own rows,
+    times the world size since DDP averages gradients, and the temperature's gradient (the same on every rank)
+    flows through the last chunk's forward call, inside DDP.
     """
     chunks = query_chunks + document_chunks
     states, cached = [], []
     with torch.no_grad():
         for ids, lengths in chunks:
             states.append(_rng_state())
-            cached.append(model(ids, lengths))
+            embeddings, scale = model(ids, lengths, with_scale=True)
+            cached.append(embeddings)
     n_query = len(query_chunks)
-    queries = torch.cat(cached[:n_query]).requires_grad_()
-    documents = torch.cat(cached[n_query:]).requires_grad_()
-    loss = info_nce(queries, documents, model.scale())
+    local_queries, local_documents = torch.cat(cached[:n_query]), torch.cat(cached[n_query:])
+    queries = _gather_ranks(local_queries).requires_grad_()
+    documents = _gather_ranks(local_documents).requires_grad_()
+    scale = scale.detach().requires_grad_()
+    loss = info_nce(queries, documents, scale)
     (loss * loss_weight).backward()
-    grads = list(queries.grad.split([len(c[0]) for c in query_chunks])) + list(
-        documents.grad.split([len(c[0]) for c in document_chunks])
+    world = len(queries) // len(local_queries)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    mine = slice(rank * len(local_queries), (rank + 1) * len(local_queries))
+    grads = list((queries.grad[mine] * world).split([len(c[0]) for c in query_chunks])) + list(
+        (documents.grad[mine] * world).split([len(c[0]) for c in document_chunks])
     )
     for i, ((ids, lengths), state, grad) in enumerate(zip(chunks, states, grads)):
         last = i == len(chunks) - 1
         with contextlib.nullcontext() if last or sync_context is None else sync_context(), _replay_rng(state):
-            model(ids, lengths).backward(grad)
+            if last:
+                torch.autograd.backward(model(ids, lengths, with_scale=True), (grad, scale.grad))
+            else:
+                model(ids, lengths).backward(grad)
     return loss.detach()
 
 
@@ -301,6 +327,8 @@ class ChatforgeEmbedder:
             )
         if not isinstance(meta.get("spec"), dict) or not isinstance(meta.get("gpt"), dict):
             raise ChatforgeError(f"{path / EMBEDDER_FILE}: 'spec' and 'gpt' must be objects")
+        if not isinstance(meta.get("info", {}), dict) or not isinstance(meta.get("name", ""), str):
+            raise ChatforgeError(f"{path / EMBEDDER_FILE}: 'info' must be an object and 'name' a string")
         try:
             spec = config_from_dict(EmbedSpec, meta["spec"])
         except ChatforgeError as exc:

@@ -11,9 +11,12 @@ from chatforge.model.gpt import GPT
 
 
 def sample_answers(
-    model: GPT, tokenizer, prompts: list[list[dict]], max_tokens: int, params: SamplingParams
+    model: GPT, tokenizer, prompts: list[list[dict]], max_tokens: int, params: SamplingParams, first_index: int = 0
 ) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids incl. a final stop token) for each conversation, through the shared engine."""
+    """(prompt ids, response ids incl. a final stop token) for each conversation, through the shared engine.
+
+    ``prompts`` are items ``first_index``, ``first_index + 1``, ... of a larger list whose seeds they take, so
+    processes sampling their own shares of a list draw what one process sampling all of it would."""
     engine = Engine(model, tokenizer, max_batch_size=len(prompts))
     # one seed per request: equal prompts must still get independent samples
     settings = [
@@ -22,7 +25,7 @@ def sample_answers(
             max_tokens=max_tokens,
             truncate=True,
             n=1,
-            seed=None if params.seed is None else params.seed * 10_007 + i,
+            seed=None if params.seed is None else params.seed * 10_007 + first_index + i,
         )
         for i in range(len(prompts))
     ]

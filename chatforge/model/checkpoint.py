@@ -122,18 +122,24 @@ def save_checkpoint(
     config: dict,
     tokenizer: str | Path | None = None,
     keep: int = 2,
+    weights: dict[str, torch.Tensor] | None = None,
+    folders: dict[str, Path] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` of ``model`` into ``run_dir/checkpoints`` and point ``latest`` at it.
 
     ``trainer_state`` goes to ``trainer.pt`` (optimizer state, RNG, counters: plain tensors and Python values),
     ``config`` to ``config.json`` (JSON values; put the model config under ``"model"``). ``tokenizer`` (a
     ``tokenizer.json`` or its folder) is copied in. Only the ``keep`` newest checkpoints stay (0 = all).
+    ``weights`` replaces ``model``'s state dict (a sharded model's, gathered); ``folders`` ({name: folder}) are
+    moved into the checkpoint under ``name`` (e.g. a sharded optimizer state written by every rank).
     Returns the checkpoint folder.
     """
     root = _checkpoints_dir(Path(run_dir))
     target = root / step_name(step)
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (weights or unwrap(model).state_dict()).items()}
     with io.atomic_directory(target) as staging:
+        for name, folder in (folders or {}).items():
+            shutil.move(folder, staging / name)
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "step": str(step)})
         torch.save(trainer_state, staging / TRAINER_FILE)
         recorded = None
@@ -273,10 +279,15 @@ def _shape_mismatch(weights: Path, model: nn.Module, prefix: str = "") -> str | 
     return shape_difference(found, expected)
 
 
+def load_weights_file(checkpoint: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> dict:
+    """A checkpoint's weights (a state dict), checked to fit ``model``."""
+    check_compatible(checkpoint, model)
+    return read_safetensors(Path(checkpoint) / WEIGHTS_FILE, device)
+
+
 def load_weights(checkpoint: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> None:
     """Load a checkpoint's weights into ``model`` after checking they fit."""
-    check_compatible(checkpoint, model)
-    unwrap(model).load_state_dict(read_safetensors(Path(checkpoint) / WEIGHTS_FILE, device))
+    unwrap(model).load_state_dict(load_weights_file(checkpoint, model, device))
 
 
 def _is_hf_dir(path: Path) -> bool:

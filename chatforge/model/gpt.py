@@ -249,11 +249,22 @@ class GPT(nn.Module):
             self.x0_lambdas = nn.Parameter(torch.zeros(cfg.n_layer))
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
             # cos/sin of every position: a buffer derived from the config, never saved in checkpoints
-            inv_freq = cfg.rope_base ** -(torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
-            angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
-            self.register_buffer("rotary_cos", angles.cos(), persistent=False)
-            self.register_buffer("rotary_sin", angles.sin(), persistent=False)
+            self.register_buffer("rotary_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rotary_sin", torch.empty(0), persistent=False)
+        self.reset_buffers()
         self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the derived buffers (also after a model built on the meta device gets real storage)."""
+        cfg = self.config
+        if cfg.arch == "gpt2":
+            return
+        device = self.wte.weight.device
+        dims = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = cfg.rope_base ** -(dims / cfg.head_dim)
+        angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32, device=device), inv_freq)
+        self.rotary_cos, self.rotary_sin = angles.cos(), angles.sin()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -9,9 +9,10 @@ code from code documents, user turn ↔ answer from conversations, WordNet lemma
 user JSONL pairs. Every other example of the batch is a negative (symmetric InfoNCE, learnable
 temperature). The batch is embedded in chunks of ``chunk_size`` texts with gradient caching, so a large
 batch — the method's many negatives — costs the memory of one chunk. Under ``torchrun`` each process
-contrasts its own share of the batch. Runs on the shared training loop (resume, metrics, plots); the model
-is saved to ``out_dir/embedder`` for ``chatforge search``, ``chatforge serve --embed_ckpt`` and
-``chatforge eval-embed``, which then runs on the held-out splits (``--evaluate=false`` skips it).
+embeds its share of the batch and the embeddings are gathered, so negatives span the whole batch. Runs on the
+shared training loop (resume, metrics, plots); the model is saved to ``out_dir/embedder`` for
+``chatforge search``, ``chatforge serve --embed_ckpt`` and ``chatforge eval-embed``, which then runs on the
+held-out splits (``--evaluate=false`` skips it).
 """
 
 from __future__ import annotations

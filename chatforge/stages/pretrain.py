@@ -87,7 +87,9 @@ def run(cfg: Config, args: list[str]) -> None:
     if model is None:
         config, origin = choose_shape(cfg, train_windows.vocab_size, distributed.init(cfg.train.device).device)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every rerun
-        model = GPT(config)
+        # fsdp: built without storage; the loop initialises each rank's shards after sharding
+        with torch.device("meta" if cfg.train.parallel == "fsdp" else "cpu"):
+            model = GPT(config)
     elif model.config.vocab_size != train_windows.vocab_size:
         raise ChatforgeError(f"init_from {cfg.init_from} has a vocabulary of {model.config.vocab_size} tokens but "
                              f"the token shards use {train_windows.vocab_size}; pretrain with the tokenizer it was "

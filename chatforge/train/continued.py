@@ -3,13 +3,13 @@
 The stage supplies ``build(tokenizer, block_size) -> ({split: token-id lists}, counts)``; this writes
 ``out_dir/data`` as a tokenizer stage's output (tokenizer.json, tokens/{train,val}.bin, corpus.json), measures
 the starting model's held-out loss, and trains with the pretrain stage's task on the shared loop. A resumed
-run reuses ``out_dir/data`` so its batches do not change.
+run reuses ``out_dir/data`` so its batches do not change. Under torchrun rank 0 builds the corpus and the other
+ranks read it once it is written (``out_dir`` must be on storage every node sees).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +21,10 @@ import torch
 from chatforge import io
 from chatforge.config import option
 from chatforge.data.shards import write_shard
-from chatforge.device import resolve_device
 from chatforge.errors import ChatforgeError
 from chatforge.model.checkpoint import latest_checkpoint, load_model, tokenizer_path
 from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
+from chatforge.train import distributed
 from chatforge.train.loop import TrainConfig, train
 from chatforge.train.pretrain import TOKENS_DIR, PretrainTask, open_shards
 
@@ -68,19 +68,17 @@ def continue_training(stage: str, cfg, build: Build, describe: Callable[[dict], 
     ``cfg`` needs init_from, out_dir, resume, eval_batches and train (a TrainConfig); ``describe(counts)`` is the
     line printed about the corpus.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ChatforgeError(
-            f"the {stage} stage builds its corpus in-process; run it as one process (without torchrun)"
-        )
+    ranks = distributed.init(cfg.train.device)
     out = Path(cfg.out_dir)
     if not cfg.resume and latest_checkpoint(out) is not None:
         raise ChatforgeError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out_dir")
     model, info = load_model(cfg.init_from)
     data = out / DATA_DIR
-    if cfg.resume and (data / CORPUS_FILE).is_file():
-        counts = io.read_json(data / CORPUS_FILE, "corpus counts")
-    else:
-        counts = write_token_data(data, tokenizer_path(cfg.init_from), build, model.config.block_size)
+    if ranks.is_main and not (cfg.resume and (data / CORPUS_FILE).is_file()):
+        write_token_data(data, tokenizer_path(cfg.init_from), build, model.config.block_size)
+    ranks.barrier()
+    ranks.agree_on_path(data / CORPUS_FILE, "corpus")
+    counts = io.read_json(data / CORPUS_FILE, "corpus counts")
     print(f"[{stage}] corpus: {describe(counts)}")
     tokenizer_copy, train_windows, val_windows = open_shards(data, model.config.block_size, cfg.train.seed)
     if model.config.vocab_size < train_windows.vocab_size:
@@ -91,7 +89,7 @@ def continue_training(stage: str, cfg, build: Build, describe: Callable[[dict], 
     task = PretrainTask(
         train_windows, val_windows, cfg.train.batch_size, cfg.eval_batches * cfg.train.batch_size // chunk, chunk
     )
-    device = resolve_device(cfg.train.device)
+    device = ranks.device
     with torch.no_grad():
         base_val_loss = task.eval_loss(model.to(device).eval(), device)
     print(f"[{stage}] held-out loss of the starting model ({info['path']}): {base_val_loss:.4f}")

@@ -11,8 +11,7 @@ import torch
 
 from chatforge.config import option
 from chatforge.embed.data import PairBatches
-from chatforge.embed.model import EmbeddingModel, EmbedSpec, encode_texts, grad_cache_step, info_nce
-from chatforge.model.checkpoint import unwrap
+from chatforge.embed.model import EmbedSpec, encode_texts, grad_cache_step, info_nce
 from chatforge.train.loop import TrainConfig
 
 EMBEDDER_DIR = "embedder"
@@ -30,17 +29,6 @@ class EmbedTrainConfig(TrainConfig):
     max_minutes: float = option(3.0, "wall-time budget in minutes (0 = none)")
     dtype: str = option("fp32", "fp32: gradient caching replays forward passes, which must match exactly")
     compile: str = option("false", "texts of every length make compiled shapes churn")
-
-
-class _Forward:
-    """What ``grad_cache_step`` calls: forward passes through the (DDP/compiled) wrapper, the temperature from
-    the plain module (a wrapper does not expose it)."""
-
-    def __init__(self, wrapped, plain: EmbeddingModel):
-        self.wrapped, self.scale = wrapped, plain.scale
-
-    def __call__(self, ids, lengths):
-        return self.wrapped(ids, lengths)
 
 
 class ContrastiveTask:
@@ -67,9 +55,7 @@ class ContrastiveTask:
 
     def backward(self, model, batch, micro) -> dict:
         queries, documents = batch
-        loss = grad_cache_step(
-            _Forward(model, unwrap(model)), queries, documents, loss_weight=micro.scale, sync_context=micro.no_sync
-        )
+        loss = grad_cache_step(model, queries, documents, loss_weight=micro.scale, sync_context=micro.no_sync)
         return {"loss": loss, "tokens": int(sum(lengths.sum() for _, lengths in queries + documents))}
 
     @torch.no_grad()

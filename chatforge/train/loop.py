@@ -56,6 +56,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.state_dict as sd
 from torch import nn
 
 from chatforge import io
@@ -63,13 +65,14 @@ from chatforge.config import option
 from chatforge.device import autocast, dtype_name, resolve_compile, resolve_dtype
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model import checkpoint as ckpt
-from chatforge.train import distributed
+from chatforge.train import distributed, throughput
 from chatforge.train.optim import OPTIMIZERS, apply_schedule, make_optimizer
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss.png"
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
+SHARDED_OPTIMIZER_DIR = "optimizer"  # a checkpoint's optimizer state as torch.distributed.checkpoint shards
 
 
 @dataclass
@@ -101,6 +104,10 @@ class TrainConfig:
     dtype: str = option("auto", "autocast dtype: auto (bf16 where it is faster), bf16 or fp32")
     compile: str = option("auto", "torch.compile the model: auto (where supported), true or false")
     device: str = option("auto", "auto, cpu, cuda or cuda:N (under torchrun each rank takes its local GPU)")
+    parallel: str = option("ddp", "under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters, "
+                                  "gradients and optimizer state sharded across the ranks)")
+    activation_checkpointing: bool = option(False, "fsdp: recompute each block's activations in backward "
+                                                   "(less memory, ~30 % more compute)")
     seed: int = option(0, "seed of the random draws during training (dropout); batches are the task's")
     progress: bool = option(True, "show a progress bar")
 
@@ -127,6 +134,9 @@ class TrainConfig:
             raise ConfigError("option 'train.muon_momentum' must be in [0, 1) and 'train.muon_momentum_warmup' >= 0")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"option 'train.schedule' must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if self.parallel not in distributed.PARALLEL_MODES:
+            raise ConfigError(f"option 'train.parallel' must be one of {', '.join(distributed.PARALLEL_MODES)}; "
+                              f"got {self.parallel!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"option 'train.dtype' must be auto, bf16 or fp32; got {self.dtype!r}")
         if str(self.compile).lower() not in ("auto", "true", "false"):
@@ -298,9 +308,17 @@ class _Run:
         self.model = model
         self.start_from = self._checkpoint_to_resume(resume)  # before anything is written
 
-        self.model.to(self.device)
+        self.fsdp = cfg.parallel == "fsdp" and self.dist.enabled
+        on_meta = any(p.is_meta for p in model.parameters())  # built without storage: initialised once sharded
+        if not on_meta:
+            self.model.to(self.device)
         self.compiled = resolve_compile(cfg.compile, self.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device, self.compiled)
+        if self.fsdp:
+            param_dtype = self.dtype if self.dtype != torch.float32 else None
+            distributed.shard_model(self.model, param_dtype, cfg.activation_checkpointing)
+        if on_meta:
+            distributed.materialize(self.model, self.device, cfg.seed)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.params = sum(p.numel() for p in self.model.parameters())
         self.step, self.seen, self.elapsed_before = 0, 0, 0.0
@@ -323,7 +341,10 @@ class _Run:
     # ---- setup -------------------------------------------------------------------------------------------
 
     def _checkpoint_to_resume(self, resume: bool) -> Path | None:
-        found = ckpt.latest_checkpoint(self.out_dir)
+        """Rank 0 looks for the checkpoint and every rank resumes that one (or fails naming it)."""
+        found = self.dist.agree_on_path(
+            ckpt.latest_checkpoint(self.out_dir) if self.dist.is_main else None, "checkpoint"
+        )
         if found is None:
             if resume and self.dist.is_main:
                 print(f"[train] no checkpoint in {self.out_dir}; starting from scratch")
@@ -336,12 +357,29 @@ class _Run:
         ckpt.check_compatible(found, self.model, self.meta.get("model"))
         return found
 
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return getattr(self.optimizer, "optimizers", [self.optimizer])
+
     def _restore(self, folder: Path) -> None:
-        ckpt.load_weights(folder, self.model, self.device)
+        if self.fsdp:  # every rank reads the whole file and keeps its shards
+            sd.set_model_state_dict(self.model, ckpt.load_weights_file(folder, self.model, "cpu"),
+                                    options=sd.StateDictOptions(full_state_dict=True))
+        else:
+            ckpt.load_weights(folder, self.model, self.device)
         state = ckpt.load_trainer_state(folder)
         base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if (folder / SHARDED_OPTIMIZER_DIR).is_dir():  # resharded to this run's ranks, whatever saved it
+                optimizer_state = sd.get_optimizer_state_dict(self.model, self._optimizers())
+                dcp.load(optimizer_state, checkpoint_id=folder / SHARDED_OPTIMIZER_DIR)
+                sd.set_optimizer_state_dict(self.model, self._optimizers(), optimizer_state)
+            elif self.fsdp:
+                raise ChatforgeError(
+                    f"cannot resume {folder} with train.parallel=fsdp: it was saved by a ddp or single-process "
+                    "run, whose optimizer state is not sharded; resume it with train.parallel=ddp"
+                )
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as exc:
             raise ChatforgeError(
                 f"cannot resume from {folder}: its optimizer state does not fit this model and "
@@ -363,7 +401,7 @@ class _Run:
 
     def _wrap(self) -> nn.Module:
         wrapped = torch.compile(self.model) if self.compiled else self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.fsdp:
             ids = [self.dist.local_rank] if torch.device(self.device).type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
         return wrapped
@@ -372,6 +410,8 @@ class _Run:
         return autocast(self.device, self.dtype)
 
     def _no_sync(self):
+        if self.fsdp:
+            return distributed.fsdp_no_sync(self.model)
         return self.wrapped.no_sync() if self.dist.enabled else contextlib.nullcontext()
 
     # ---- one optimizer step ------------------------------------------------------------------------------
@@ -408,7 +448,7 @@ class _Run:
             for key, value in more.items():
                 extras[key] = extras.get(key, 0.0) + value / self.accum
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = float(distributed.full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed, reserve = clock() if self.dist.is_main else (0.0, 0.0)
@@ -438,20 +478,22 @@ class _Run:
     def _evaluate(self) -> dict:
         metrics = {}
         evaluate = getattr(self.task, "eval_loss", None)
-        if self.dist.is_main and evaluate is not None:
+        # a sharded model's forward needs every rank (each gathers the blocks' parameters from the others)
+        if (self.dist.is_main or self.fsdp) and evaluate is not None:
             t0 = time.perf_counter()
             self.model.eval()
             with torch.no_grad(), self._autocast():
                 metrics = _eval_metrics(evaluate(self.model, self.device))
             self.model.train()
             self.eval_seconds = time.perf_counter() - t0
-            if metrics:  # eval_s: what evaluation took, so a curve can be put on training time alone
+            # eval_s: what evaluation took, so a curve can be put on training time alone
+            if metrics and self.dist.is_main:
                 self.rows.append({"step": self.step, **metrics, "eval_s": round(self.eval_seconds, 3)})
         return metrics
 
     def _trainer_state(self, elapsed: float) -> dict:
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.fsdp else self.optimizer.state_dict(),  # fsdp: sharded, beside it
             "step": self.step,
             "seen": self.seen,
             "elapsed": elapsed,
@@ -466,10 +508,20 @@ class _Run:
     def _save(self, elapsed: float) -> None:
         t0 = time.perf_counter()
         state = self._trainer_state(elapsed)  # every rank takes part: the RNG states are gathered
+        weights, folders = None, None
+        if self.fsdp:  # the weights gathered whole on rank 0 (the ordinary file); the optimizer state stays sharded
+            weights = sd.get_model_state_dict(
+                self.model, options=sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            sharded = self.out_dir / ckpt.CHECKPOINTS_DIR / f".{SHARDED_OPTIMIZER_DIR}-{ckpt.step_name(self.step)}"
+            dcp.save(sd.get_optimizer_state_dict(self.model, self._optimizers()), checkpoint_id=sharded)
+            self.dist.barrier()
+            folders = {SHARDED_OPTIMIZER_DIR: sharded}
         if self.dist.is_main:
             config = {**self.meta, "train": dataclasses.asdict(self.cfg)}
             ckpt.save_checkpoint(
-                self.out_dir, self.step, self.model, state, config, self.tokenizer, keep=self.cfg.keep_checkpoints
+                self.out_dir, self.step, self.model, state, config, self.tokenizer, keep=self.cfg.keep_checkpoints,
+                weights=weights, folders=folders,
             )
             self._write_progress()
         self.dist.barrier()
@@ -482,6 +534,18 @@ class _Run:
             f"{self.meta.get('stage', 'training')}: {self.params / 1e6:.2f}M params, {self.seen / 1e6:.2f}M {self.unit}"
         )
         plot_losses(self.rows, self.out_dir / PLOT_FILE, title)
+
+    def _speed(self) -> dict:
+        """Tokens/s of the whole job, its MFU and every rank's peak memory (a collective: all ranks call it)."""
+        memory = max(self.dist.gather_object(throughput.peak_memory_mb(self.device)))
+        speed = {"peak_memory_mb": round(memory, 1)}
+        if self.unit == "tokens" and self.rate:
+            job_rate = self.rate * self.dist.world_size  # every rank processes its share at the measured rate
+            peak, source = throughput.peak_flops(self.device, self.dtype)
+            speed.update(job_tokens_per_s=round(job_rate, 1), peak_flops_source=source,
+                         mfu=round(job_rate * throughput.flops_per_token(ckpt.unwrap(self.model)) /
+                                   (peak * self.dist.world_size), 4))
+        return speed
 
     def _summary(self, elapsed: float) -> dict:
         train_losses = [r["loss"] for r in self.rows if "loss" in r][-10:]
@@ -499,6 +563,8 @@ class _Run:
             "best_val_loss": round(min(val), 4) if val else None,
             "wall_time_s": round(elapsed, 1),
             "world_size": self.dist.world_size,
+            "parallel": "fsdp" if self.fsdp else "ddp" if self.dist.enabled else "single",
+            **self._speed(),
             "device": self.device,
             "dtype": dtype_name(self.dtype),
             "compiled": self.compiled,

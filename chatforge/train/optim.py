@@ -19,6 +19,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 REFERENCE_BATCH_TOKENS = 2**19
 REFERENCE_WIDTH = 768
@@ -44,8 +45,15 @@ class MuonWithAdamW:
         return self.muon.param_groups + self.adamw.param_groups
 
     def step(self) -> None:
-        self.muon.step()
+        if any(isinstance(p, DTensor) for group in self.muon.param_groups for p in group["params"]):
+            sharded_muon_step(self.muon)
+        else:
+            self.muon.step()
         self.adamw.step()
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.muon, self.adamw]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.muon.zero_grad(set_to_none=set_to_none)
@@ -59,6 +67,48 @@ class MuonWithAdamW:
             raise ValueError("the saved optimizer state is not Muon + AdamW")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+
+
+@torch.no_grad()
+def sharded_muon_step(muon: torch.optim.Muon) -> None:
+    """``muon.step()`` for matrices sharded by FSDP (``DTensor`` rows split across ranks).
+
+    Newton–Schulz orthogonalises the *whole* matrix: on a shard of rows it would be a different (wrong) update.
+    Momentum is elementwise, so each rank keeps and updates only its shard of the buffer; the Nesterov update is
+    then gathered whole, orthogonalised (the same computation on every rank, as under DDP), and each rank applies
+    its own rows. The state keeps torch.optim.Muon's layout (a ``momentum_buffer`` per parameter), so sharded
+    checkpoints and resumes treat it like any optimizer's.
+    """
+    from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+    for group in muon.param_groups:
+        lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = muon.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            grad, buf = p.grad.to_local(), state["momentum_buffer"].to_local()
+            buf.lerp_(grad, 1 - momentum)
+            update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+            whole = DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            orthogonal = _zeropower_via_newtonschulz(whole.full_tensor(), group["ns_coefficients"],
+                                                     group["ns_steps"], group["eps"])
+            local = p.to_local()
+            mine = _local_rows(orthogonal, p)
+            local.mul_(1 - lr * decay)
+            local.add_(mine.to(local.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+
+
+def _local_rows(whole: torch.Tensor, p: DTensor) -> torch.Tensor:
+    """This rank's rows of ``whole`` as FSDP shards ``p`` (``torch.chunk`` of dim 0 over the mesh)."""
+    chunks = whole.chunk(p.device_mesh.size(), dim=0)
+    rank = p.device_mesh.get_local_rank()
+    mine = chunks[rank] if rank < len(chunks) else whole[:0]
+    if mine.shape != p.to_local().shape:
+        raise RuntimeError(f"unexpected FSDP shard {tuple(p.to_local().shape)} of a {tuple(p.shape)} matrix")
+    return mine
 
 
 def _adamw(groups: list[dict], cfg, device: str) -> torch.optim.AdamW:

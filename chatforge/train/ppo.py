@@ -21,6 +21,7 @@ from chatforge.infer.params import SamplingParams
 from chatforge.model.gpt import GPT
 from chatforge.model.heads import ScalarHeadModel
 from chatforge.tokenizer import PAD
+from chatforge.train import distributed
 from chatforge.train.loop import TrainConfig
 from chatforge.train.ppo_math import (
     AdaptiveKL,
@@ -133,9 +134,16 @@ class PPOTask:
     def rollout(self, index: int, device: str) -> dict:
         """Steps 1-4 for rollout ``index``; B = rollout_prompts, T = the longest response."""
         # 1. rollout: answers sampled from the actor's full distribution (temperature 1) by the shared engine
+        # Under torchrun each process samples its share of the prompts (generation is most of PPO's time) and
+        # the answers are gathered: every process then scores the whole rollout, so the whitening and the KL
+        # controller see the global batch and agree on every rank.
         chosen = [self.prompts[i]["messages"] for i in self.order.indices(index)]
         params = SamplingParams(temperature=1.0, seed=self.cfg.train.seed * 100_003 + index)
-        pairs = sample_answers(self.policy.actor, self.tokenizer, chosen, self.cfg.max_tokens, params)
+        ranks = distributed.init(self.cfg.train.device)
+        first, last = (len(chosen) * r // ranks.world_size for r in (ranks.rank, ranks.rank + 1))
+        mine = sample_answers(self.policy.actor, self.tokenizer, chosen[first:last], self.cfg.max_tokens, params,
+                              first_index=first)
+        pairs = [pair for share in ranks.gather_object(mine) for pair in share]
         ids, _ = pad_rows([p + r for p, r in pairs], self.pad)
         ids = ids.to(device)  # [B, prompt + response]
         start = torch.tensor([len(p) for p, _ in pairs], device=device)  # [B] where each response begins
@@ -186,21 +194,24 @@ class PPOTask:
         index, within = divmod(step, self.per_rollout)  # rollout, position inside its epochs × minibatches
         epoch, minibatch = divmod(within, self.per_epoch)
         if self.buffer is None or self.buffer["index"] != index:
-            self.buffer = self.rollout(index, device)  # every process makes the same rollout and takes its part
+            self.buffer = self.rollout(index, device)  # every process holds the whole rollout and takes its part
         # each epoch visits the rollout's responses in a fresh order fixed by (rollout, epoch)
         order = np.random.default_rng([self.cfg.train.seed, index, epoch]).permutation(self.cfg.rollout_prompts)
         size = self.cfg.train.batch_size
-        rows = order[minibatch * size : (minibatch + 1) * size]
-        rows = rows[part * len(rows) // parts : (part + 1) * len(rows) // parts]
+        minibatch_rows = order[minibatch * size : (minibatch + 1) * size]
+        rows = minibatch_rows[part * len(minibatch_rows) // parts : (part + 1) * len(minibatch_rows) // parts]
         picked = {k: v[rows].to(device) for k, v in self.buffer.items() if isinstance(v, torch.Tensor)}
         ptx = None
         if self.cfg.ptx_coef > 0 and self.ptx_windows is not None:
             ptx = self.ptx_windows.batch(step, self.cfg.train.batch_size, part, parts, device)
-        return picked, ptx
+        # the part's token means weighted by its share of the minibatch's tokens (the loop averages parts
+        # equally), so the objective is the minibatch's token mean however it is split across processes
+        weight = parts * float(self.buffer["mask"][rows].sum()) / float(self.buffer["mask"][minibatch_rows].sum())
+        return picked, ptx, weight
 
     def loss(self, model, batch) -> dict:
         """5. Clipped policy objective + value_coef × clipped value loss + ptx_coef × pretraining loss."""
-        b, ptx = batch
+        b, ptx, weight = batch
         mask = b["mask"]  # [b, T]
         width = mask.size(1)
         ids = b["ids"][:, : int((b["start"] + width).max())]
@@ -209,7 +220,7 @@ class PPOTask:
         new_values = state_values(values, b["start"], width)  # [b, T]
         pg, clip_frac = policy_loss(logprobs, b["old_logprobs"], b["advantages"], mask, self.cfg.clip)
         vf = value_loss(new_values, b["old_values"], b["returns"], mask, self.cfg.value_clip)
-        total = pg + self.cfg.value_coef * vf
+        total = (pg + self.cfg.value_coef * vf) * weight
         out = {
             "policy_loss": float(pg.detach()),
             "value_loss": float(vf.detach()),

@@ -7,7 +7,6 @@ The `chatforge pretrain` stage (chatforge/stages/pretrain.py) runs it.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +14,13 @@ import torch
 
 from chatforge.config import option
 from chatforge.data.shards import TokenWindows, read_meta
-from chatforge.device import native_bf16, synchronize
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model.checkpoint import latest_checkpoint, read_config
 from chatforge.model.gpt import ARCHS, GPT, PRESETS, GPTConfig, preset_config
 from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
 from chatforge.train import distributed
 from chatforge.train.loop import TrainConfig, lm_loss
+from chatforge.train.throughput import flops_per_token, matmul_peak
 
 TOKENS_DIR = "tokens"
 HEAD_WIDTH = 64
@@ -124,23 +123,9 @@ def non_embedding_params(config: GPTConfig) -> int:
 
 
 def train_flops_per_token(config: GPTConfig) -> float:
-    """Forward + backward FLOPs of one token: 6 per matrix parameter (the head included) plus attention."""
-    matmul = non_embedding_params(config) + config.n_embd * config.vocab_size
-    return 6 * matmul + 12 * config.n_layer * config.block_size * config.n_embd
-
-
-def matmul_peak(device: str) -> float:
-    """FLOP/s of a 1024² matmul in the training dtype, measured on the spot (best of 5)."""
-    dtype = torch.bfloat16 if native_bf16(torch.device(device).type) else torch.float32
-    a = torch.randn(1024, 1024, dtype=dtype, device=device)
-    best = math.inf
-    for _ in range(6):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ a
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 1024**3 / best
+    """Training FLOPs per token of a GPT of this shape, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        return flops_per_token(GPT(config))
 
 
 def pick_depth(budget_minutes: float, vocab_size: int, device: str, model: ModelConfig) -> tuple[int, float]:

@@ -16,10 +16,10 @@ from chatforge import io
 from chatforge.chat_template import validate_messages
 from chatforge.config import option
 from chatforge.data.chat_batches import IGNORE, ChatBatches, encode_conversations
-from chatforge.device import resolve_device
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model.checkpoint import load_model, tokenizer_path
 from chatforge.tokenizer import PAD, Tokenizer
+from chatforge.train import distributed
 from chatforge.train.loop import TrainConfig, lm_loss, train
 
 
@@ -51,17 +51,30 @@ def read_conversations(path: Path) -> list[list[dict]]:
 
 
 class SFTTask:
-    """Whole conversations in step-indexed batches; validation = mean loss per assistant token of the held-out set."""
+    """Whole conversations in step-indexed batches; validation = mean loss per assistant token of the held-out set.
+
+    The step's loss is the mean over every assistant token of the global batch, whatever the split into
+    processes and micro-batches: a micro-batch's mean is weighted by its share of the step's tokens (the loop
+    averages the parts equally), so 1 and N processes compute the same gradient.
+    """
 
     def __init__(self, train_batches: ChatBatches, val_batches: ChatBatches, eval_batch_size: int):
         self.train_batches, self.val_batches, self.eval_batch_size = train_batches, val_batches, eval_batch_size
 
+    def _step_tokens(self, step: int) -> int:
+        """Assistant tokens (targets) in the whole global batch of ``step``."""
+        return sum(sum(self.train_batches.encoded[i][1][1:]) for i in self.train_batches.order.indices(step))
+
     def batch(self, step: int, part: int, parts: int, device: str):
-        return self.train_batches.batch(step, part, parts, device)
+        x, y = self.train_batches.batch(step, part, parts, device)
+        return x, y, parts / self._step_tokens(step)
 
     def loss(self, model, batch) -> dict:
-        out = lm_loss(model, batch)
-        out["tokens"] = int((batch[1] != IGNORE).sum())  # throughput in learned tokens, not padding
+        x, y, weight_per_token = batch
+        out = lm_loss(model, (x, y))
+        tokens = int((y != IGNORE).sum())  # throughput in learned tokens, not padding
+        out["loss"] = out["loss"] * (tokens * weight_per_token)
+        out["tokens"] = tokens
         return out
 
     @torch.no_grad()
@@ -108,7 +121,7 @@ def fine_tune_on_conversations(
         f"[{stage}] {len(train_set)} train conversations ({learned / 1e3:.0f}k assistant tokens), {len(val_set)} held "
         f"out; model from {info['path']}: {model.num_params() / 1e6:.2f}M parameters, context {block}"
     )
-    device = resolve_device(cfg.train.device)
+    device = distributed.init(cfg.train.device).device  # this rank's own GPU, not every rank on cuda:0
     base_val_loss = task.eval_loss(model.to(device).eval(), device)
     print(f"[{stage}] held-out assistant-token loss of the starting model: {base_val_loss:.4f}")
     model.train()

@@ -1,0 +1,102 @@
+"""Training scenarios run once as one process and once under ``torchrun --nproc_per_node=2`` (gloo, CPU) by
+``tests/test_distributed_stages.py``, which compares what they leave in ``out_dir``.
+
+    python tests/dist_scenarios.py SCENARIO OUT_DIR [key=value ...]
+
+Each scenario trains a tiny model through the shared loop with a stage's real task (or its real loss code) on
+a fixed global batch; its final checkpoint holds the parameters. ``resume=true`` continues the run's latest
+checkpoint (as ``--resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_helpers import BLOCK, VOCAB, CountingTask, fast_config, tiny_gpt  # noqa: E402
+
+from chatforge.data.chat_batches import ChatBatches  # noqa: E402
+from chatforge.embed.model import EmbeddingModel, grad_cache_step  # noqa: E402
+from chatforge.train import distributed  # noqa: E402
+from chatforge.train.loop import train  # noqa: E402
+from chatforge.train.sft import SFTTask  # noqa: E402
+
+
+def _conversations(count: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss mask) rows of different lengths and assistant shares, so token weighting matters."""
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for i in range(count):
+        n = 6 + int(torch.randint(0, BLOCK - 5, (1,), generator=g))
+        ids = torch.randint(1, VOCAB, (n,), generator=g).tolist()
+        answer = 1 + i % (n - 2)
+        rows.append((ids, [0] * (n - answer) + [1] * answer))
+    return rows
+
+
+class ContrastiveIdsTask:
+    """The embed stage's training step (``grad_cache_step`` through the wrapped model) on random token rows."""
+
+    def __init__(self, batch_size: int, chunk: int):
+        self.batch_size, self.chunk = batch_size, chunk
+
+    def _rows(self, step: int, seed: int, part: int, parts: int):
+        g = torch.Generator().manual_seed(seed * 1000 + step)
+        lengths = torch.randint(3, BLOCK, (self.batch_size,), generator=g)
+        ids = torch.randint(1, VOCAB, (self.batch_size, BLOCK), generator=g)
+        per = self.batch_size // parts
+        ids, lengths = ids[part * per : (part + 1) * per], lengths[part * per : (part + 1) * per]
+        return [(ids[i : i + self.chunk], lengths[i : i + self.chunk]) for i in range(0, per, self.chunk)]
+
+    def batch(self, step, part, parts, device):
+        return self._rows(step, 1, part, parts), self._rows(step, 2, part, parts)
+
+    def backward(self, model, batch, micro):
+        queries, documents = batch
+        loss = grad_cache_step(model, queries, documents, loss_weight=micro.scale, sync_context=micro.no_sync)
+        return {"loss": loss}
+
+
+def scenario(name: str, world_size: int):
+    """(model, task, config overrides) of scenario ``name``; the global batch is the same at any world size."""
+    if name == "pretrain_muon":
+        return tiny_gpt(arch="modern"), CountingTask(8), dict(optimizer="muon", lr=0.02, micro_batch_size=2)
+    if name == "sft":
+        rows = _conversations(24)
+        task = SFTTask(ChatBatches(rows, 0, 8, seed=3), ChatBatches(rows[:6], 0, 1), 4)
+        return tiny_gpt(), task, dict(micro_batch_size=2)
+    if name == "ppo":  # 16 prompts per rollout sampled 8 per rank, minibatches of 8 split 4 + 4
+        from test_ppo import FAST, make_task
+
+        from chatforge.stages.ppo import Config
+        from chatforge.tokenizer import Tokenizer
+        from chatforge.train.ppo import KLConfig
+
+        tok = Tokenizer.train(["hello there, general kenobi"] * 5, vocab_size=280)
+        fast = {k: v for k, v in FAST.items() if k not in ("warmup_steps", "eval_every", "ckpt_every")}
+        cfg = Config(rollout_prompts=16, epochs=1, max_tokens=8, ptx_coef=0.0, kl=KLConfig(beta=0.02, target=4.0),
+                     train=fast_config(batch_size=8, lr=3e-2, min_lr=3e-2, **fast))
+        policy, task = make_task(tok, cfg)
+        return policy, task, dict(batch_size=8, lr=3e-2, min_lr=3e-2, schedule="constant", weight_decay=0.0)
+    if name == "embed":  # one micro-batch per process: each contrastive batch is the whole global batch
+        return EmbeddingModel(tiny_gpt(), proj_dim=8), ContrastiveIdsTask(8, 2), dict(lr=1e-3)
+    raise SystemExit(f"unknown scenario {name}")
+
+
+def main(argv: list[str]) -> None:
+    name, out_dir = argv[0], Path(argv[1])
+    overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in argv[2:])}
+    ranks = distributed.init("cpu")
+    model, task, options = scenario(name, ranks.world_size)
+    options.update(overrides)
+    resume = options.pop("resume", False)
+    train(model, task, fast_config(**{"steps": 3, "warmup_steps": 1, **options}), out_dir, resume=resume)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

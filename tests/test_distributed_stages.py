@@ -1,0 +1,168 @@
+"""Each training stage under torchrun (2 gloo processes on the CPU) ends with the parameters of one process
+trained on the same global batch (the scenarios are in ``dist_scenarios.py``).
+
+Tolerance: fp32 throughout; the two runs differ only in summation order (a gradient summed over 2 ranks by
+all-reduce vs over one batch, micro-batches accumulated in another grouping), ~1e-7 relative per step. Adam and
+Muon normalise updates, so a rounding difference in a near-zero gradient coordinate can move its update by up to
+~lr; after 3 steps AdamW-trained parameters agree to 1e-4 absolute, while a real fault (local negatives,
+unsynchronised gradients, mean-of-means weighting) moves them by 1e-3 or more. Muon orthogonalises in bf16
+(torch.optim.Muon's Newton–Schulz), so a rounding difference flips bf16 ulps (2^-8 relative) of updates of
+size ~lr·√(fan ratio) ≈ 0.04: ~1e-4 per step, hence 5e-4 for the Muon scenario (measured 1.2e-4 to 2.5e-4
+between one process and DDP; DDP and FSDP agree exactly). Measured AdamW gaps: SFT 3e-6, embed 1.3e-5; PPO
+(learning rate 10x) 9.8e-5 against 1e-3. The SFT check has teeth: weighting micro-batches equally (the old
+mean of means) moves the parameters by 1.5e-2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dist_scenarios
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import losses
+
+from chatforge.model.checkpoint import latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = Path(__file__).resolve().parent / "dist_scenarios.py"
+ADAMW_TOLERANCE, MUON_TOLERANCE = 1e-4, 5e-4
+
+
+def run_scenario(name: str, out_dir: Path, processes: int = 1, **options) -> dict[str, torch.Tensor]:
+    """Run scenario ``name`` in this process or under torchrun; the parameters it ended with."""
+    extra = [f"{key}={json.dumps(value)}" for key, value in options.items()]
+    if processes == 1:
+        dist_scenarios.main([name, str(out_dir), *extra])
+    else:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env["PYTHONPATH"] = str(ROOT)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   str(SCENARIOS), name, str(out_dir), *extra]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(latest_checkpoint(out_dir) / "model.safetensors"))
+
+
+def max_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def resumable_copy(run: Path, copy: Path, step: int) -> Path:
+    """``run`` copied with its checkpoints after ``step`` removed: the state of a run stopped at ``step``."""
+    shutil.copytree(run, copy)
+    for folder in (copy / "checkpoints").glob("step_*"):
+        if int(folder.name.split("_")[1]) > step:
+            shutil.rmtree(folder)
+    (copy / "checkpoints" / "latest").unlink()
+    return copy
+
+
+RESUMABLE = dict(steps=4, ckpt_every=2, keep_checkpoints=0)
+
+
+@pytest.mark.slow
+def test_sft_two_processes_match_one_and_resume_a_one_process_run(tmp_path):
+    """One micro-batch of 8 vs 2 ranks x 2 micro-batches of 2: a mean of micro-batch means would differ (token
+    weighting). Then 1 -> 2: the single run's step-2 checkpoint continued by two processes reaches its model."""
+    single = run_scenario("sft", tmp_path / "single", micro_batch_size=8, **RESUMABLE)
+    parallel = run_scenario("sft", tmp_path / "ddp", processes=2, micro_batch_size=2, **RESUMABLE)
+    gap = max_gap(single, parallel)
+    print(f"sft: largest parameter gap {gap:.2e}")
+    assert gap < ADAMW_TOLERANCE
+    resumed_dir = resumable_copy(tmp_path / "single", tmp_path / "resumed", 2)
+    resumed = run_scenario("sft", resumed_dir, processes=2, resume=True, micro_batch_size=2, **RESUMABLE)
+    single_losses, resumed_losses = losses(tmp_path / "single"), losses(resumed_dir)
+    print("1->2 losses, single run:", single_losses, "resumed:", resumed_losses)
+    assert [resumed_losses[s] for s in (3, 4)] == pytest.approx([single_losses[3], single_losses[4]], abs=1e-5)
+    assert max_gap(single, resumed) < ADAMW_TOLERANCE
+
+
+@pytest.mark.slow
+def test_embed_two_processes_match_one(tmp_path):
+    """Negatives must span both ranks' rows and the temperature's gradient must be reduced."""
+    gap = max_gap(run_scenario("embed", tmp_path / "single"), run_scenario("embed", tmp_path / "ddp", processes=2))
+    print(f"embed: largest parameter gap {gap:.2e}")
+    assert gap < ADAMW_TOLERANCE
+
+
+@pytest.mark.slow
+def test_ppo_two_processes_match_one(tmp_path):
+    """Each rank samples half of the rollout's prompts (seeded by their place in the whole list) and the answers
+    are gathered, so advantages are whitened and the KL controller updated over the whole rollout."""
+    options = dict(steps=4)  # two rollouts of 16 prompts, 2 minibatches of 8 each
+    single = run_scenario("ppo", tmp_path / "single", **options)
+    parallel = run_scenario("ppo", tmp_path / "ddp", processes=2, **options)
+    gap = max_gap(single, parallel)
+    print(f"ppo: largest parameter gap {gap:.2e}; losses", losses(tmp_path / "single"), losses(tmp_path / "ddp"))
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    assert gap < ADAMW_TOLERANCE * 10  # PPO's learning rate is 10x the other scenarios' (3e-2): so are rounding gaps
+
+
+@pytest.mark.slow
+def test_pretrain_muon_one_process_ddp_and_fsdp_agree_and_fsdp_resumes_on_one_process(tmp_path):
+    """The modern model with Muon + AdamW: one process, DDP and FSDP2 (Muon orthogonalising whole gathered
+    matrices) take the same steps; FSDP's sharded checkpoint at step 2 continued by one process (2 -> 1)
+    reaches the same step-4 model."""
+    single = run_scenario("pretrain_muon", tmp_path / "single", **RESUMABLE)
+    ddp = run_scenario("pretrain_muon", tmp_path / "ddp", processes=2, **RESUMABLE)
+    fsdp = run_scenario("pretrain_muon", tmp_path / "fsdp", processes=2, parallel="fsdp", **RESUMABLE)
+    print(f"muon: gap single/ddp {max_gap(single, ddp):.2e}, ddp/fsdp {max_gap(ddp, fsdp):.2e}")
+    assert max_gap(single, ddp) < MUON_TOLERANCE and max_gap(ddp, fsdp) < MUON_TOLERANCE
+    assert (latest_checkpoint(tmp_path / "fsdp") / "optimizer").is_dir()  # the optimizer state stayed sharded
+    ddp_losses, fsdp_losses = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert fsdp_losses.keys() == set(range(1, 5))
+    assert [fsdp_losses[s] for s in ddp_losses] == pytest.approx(list(ddp_losses.values()), abs=1e-5)
+    resumed_dir = resumable_copy(tmp_path / "fsdp", tmp_path / "resumed", 2)
+    resumed = run_scenario("pretrain_muon", resumed_dir, parallel="fsdp", resume=True, **RESUMABLE)
+    resumed_losses = losses(resumed_dir)
+    print("2->1 losses, fsdp run:", fsdp_losses, "resumed:", resumed_losses)
+    assert [resumed_losses[s] for s in (3, 4)] == pytest.approx([fsdp_losses[3], fsdp_losses[4]], abs=1e-5)
+    assert max_gap(fsdp, resumed) < MUON_TOLERANCE
+
+
+def test_a_model_built_on_the_meta_device_is_initialised_by_the_loop(tmp_path):
+    """What fsdp does with a model built without storage, in one process: real, initialised weights and the
+    derived rotary tables, then training as usual."""
+    from train_helpers import CountingTask, fast_config, tiny_gpt
+
+    from chatforge.train.loop import train
+
+    with torch.device("meta"):
+        model = tiny_gpt(arch="modern")
+    summary = train(model, CountingTask(8), fast_config(steps=3, parallel="fsdp"), tmp_path)
+    reference = tiny_gpt(arch="modern")
+    assert torch.equal(model.rotary_cos, reference.rotary_cos) and torch.equal(model.rotary_sin, reference.rotary_sin)
+    # the GPT's own initialisation (embeddings std 0.8, residual scalars 1), moved a little by 3 steps
+    assert model.resid_lambdas.tolist() == pytest.approx([1.0, 1.0], abs=0.05) and float(model.wte.weight.std()) > 0.5
+    assert summary["final_train_loss"] < 5 and summary["parallel"] == "single"
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_see_the_checkpoint_stops_every_rank_naming_it(tmp_path):
+    """Multi-node resume without shared storage: rank 0 picks the checkpoint, rank 1 cannot see it, and both
+    ranks raise the same error naming the path instead of resuming at different steps and hanging."""
+    from train_helpers import CountingTask, fast_config, tiny_gpt
+
+    from chatforge.train.loop import train
+
+    train(tiny_gpt(), CountingTask(8), fast_config(steps=2), tmp_path / "run")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(__file__).resolve().parent / "dist_unseen_checkpoint.py"), str(tmp_path / "run")]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = sorted(line for line in done.stdout.splitlines() if line.startswith("RANK"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert [line.split(" ERROR ")[0] for line in errors] == ["RANK 0", "RANK 1"], done.stdout
+    assert all(f"{checkpoint} (chosen by rank 0) is not visible on rank(s) [1]" in line for line in errors)
