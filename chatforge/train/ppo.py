@@ -135,7 +135,8 @@ class PPOTask:
         # 1. rollout: answers sampled from the actor's full distribution (temperature 1) by the shared engine
         chosen = [self.prompts[i]["messages"] for i in self.order.indices(index)]
         params = SamplingParams(temperature=1.0, seed=self.cfg.train.seed * 100_003 + index)
-        pairs = sample_answers(self.policy.actor, self.tokenizer, chosen, self.cfg.max_tokens, params)
+        pairs = sample_answers(self.policy.actor, self.tokenizer, chosen, self.cfg.max_tokens, params,
+                               self.cfg.inference)
         ids, _ = pad_rows([p + r for p, r in pairs], self.pad)
         ids = ids.to(device)  # [B, prompt + response]
         start = torch.tensor([len(p) for p, _ in pairs], device=device)  # [B] where each response begins
