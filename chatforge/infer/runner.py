@@ -165,7 +165,12 @@ class BatchRunner:
         if self.active:
             n = len(self.active)
             self._tokens[:n] = self._last_tokens
-            logits.append(self._decode(self.model, self._tokens, self.cache, self._active)[:n, : self.vocab_size])
+            # the first power-of-two rows holding every active one: a few shapes (each compiled once) and
+            # little work wasted on empty slots when a large cache is nearly idle (a server at night)
+            m = min(self.capacity, 1 << (n - 1).bit_length())
+            cache = self.cache if m == self.capacity else self.cache.rows(0, m)
+            step = self._decode(self.model, self._tokens[:m], cache, self._active[:m])
+            logits.append(step[:n, : self.vocab_size])
         admitted = self._admit()
         if admitted is not None:
             logits.append(admitted)
