@@ -73,6 +73,8 @@ def test_counter_uniforms_depend_only_on_the_row_and_look_uniform():
     # Kolmogorov-Smirnov against U(0, 1): 1.63 / sqrt(n) is the 1% critical value
     ks = (u.sort().values - torch.arange(1, 20001, dtype=torch.float64) / 20000).abs().max()
     assert ks < 1.63 / 20000**0.5
+    along = counter_uniforms(torch.full((20000,), 12345), torch.arange(20000)).sort().values  # one row's stream
+    assert (along - torch.arange(1, 20001, dtype=torch.float64) / 20000).abs().max() < 1.63 / 20000**0.5
     alone = counter_uniforms(keys[7:8], torch.tensor([3]))
     assert alone.item() == counter_uniforms(keys, torch.full_like(keys, 3))[7].item()
     assert counter_uniforms(keys[:1], torch.tensor([1])).item() != u[0].item()  # the stream moves on
