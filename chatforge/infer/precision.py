@@ -96,6 +96,9 @@ def compiled_step(step: Callable, options: InferenceOptions, device: str | torch
     """``step`` (the runner's decode step), compiled when ``options.compile`` says so."""
     if not resolve_compile(options.compile, device):
         return step
+    # dynamo keeps its compiled graphs per code object, and every engine compiles this same step: each model
+    # type, precision and power-of-two row count is one more graph, well past the default limit of 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if device_type(device) != "cuda":
         return torch.compile(step, dynamic=False, fullgraph=True)
     graphed = torch.compile(step, dynamic=False, fullgraph=True, mode="reduce-overhead")
