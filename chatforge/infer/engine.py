@@ -22,7 +22,8 @@ from chatforge.infer.beam import Beam, beam_search
 from chatforge.infer.detokenizer import IncrementalDetokenizer
 from chatforge.infer.outputs import Completion, Delta
 from chatforge.infer.params import ParamError, SamplingParams
-from chatforge.infer.runner import BatchRunner, Event, Prepared
+from chatforge.infer.precision import InferenceOptions, compiled_step, inference_model
+from chatforge.infer.runner import BatchRunner, Event, Prepared, decode_step
 from chatforge.infer.sampling import token_logprobs
 from chatforge.tokenizer import END_OF_TEXT, END_OF_TURN
 
@@ -38,17 +39,23 @@ def sample_seed(seed: int, index: int) -> int:
 class Engine:
     """Decoding with a KV cache for a GPT-like ``model`` (``model(idx, kv_cache=cache) -> (logits, _)``).
 
-    ``device``/``dtype``, when given, move the model there. ``max_batch_size`` is the number of KV-cache
-    slots, i.e. how many sequences decode together.
+    ``device``, when given, moves the model there. ``max_batch_size`` is the number of KV-cache slots, i.e.
+    how many sequences decode together. ``options`` (dtype, quantization, compilation) decide how decoding
+    computes; without them the model is used exactly as given. ``model`` stays the caller's: a converted copy
+    decodes, and ``refresh`` re-copies it after the caller changed the weights (PPO between rollouts).
     """
 
     def __init__(self, model, tokenizer=None, device: str | torch.device | None = None, max_batch_size: int = 16,
-                 dtype: torch.dtype | None = None):
+                 options: InferenceOptions | None = None):
         if max_batch_size < 1:
             raise ChatforgeError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if device is not None or dtype is not None:
-            model = model.to(device=device, dtype=dtype)
-        self.model = model
+        if device is not None:
+            model = model.to(device=device)
+        self.source = model
+        self.options = options or InferenceOptions(dtype="fp32")
+        self.model = inference_model(model, self.options)
+        self._decode = compiled_step(decode_step, self.options, next(model.parameters()).device)
+        self._compiled = self._decode is not decode_step
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.block_size = model.config.block_size
@@ -134,15 +141,26 @@ class Engine:
         seed = sample_seed(params.seed, index) if params.seed is not None else int(torch.randint(2**62, ()).item())
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    def refresh(self) -> None:
+        """Decode with the source model's current weights (a converted copy goes stale when they change)."""
+        if self.model is not self.source:
+            self.model = inference_model(self.source, self.options)
+
     def new_runner(self, max_batch_size: int | None = None, max_len: int | None = None) -> BatchRunner:
         """A continuous-batching loop over a fresh KV cache (the Scheduler keeps one for its lifetime)."""
+        slots = max_batch_size or self.max_batch_size
+        if self._compiled:
+            # a compiled step is specialised to the cache's shape: power-of-two slot counts and the full
+            # context keep the number of shapes (and so of compilations) small
+            slots, max_len = min(1 << (slots - 1).bit_length(), self.max_batch_size), None
         return BatchRunner(
             self.model,
             self.vocab_size,
-            max_batch_size or self.max_batch_size,
+            slots,
             max_len or self.block_size,
             self.new_detokenizer,
             self.new_generator,
+            self._decode,
         )
 
     @contextlib.contextmanager

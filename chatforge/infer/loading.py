@@ -12,21 +12,26 @@ from chatforge.device import resolve_device
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
+from chatforge.infer.precision import InferenceOptions
 from chatforge.model.checkpoint import load_model, tokenizer_path
 from chatforge.tokenizer import Tokenizer
 
 
 @dataclass
-class EngineOptions(SamplingParams):
+class EngineOptions(InferenceOptions, SamplingParams):
     ckpt: str = option("runs/speedrun/pretrain", "checkpoint directory, run directory or Hugging Face GPT-2 directory")
     tokenizer: str = option("", "tokenizer.json or its directory (default: the checkpoint's tokenizer)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     max_batch_size: int = option(16, "sequences decoded together")
 
     def validate(self) -> None:
-        super().validate()
+        SamplingParams.validate(self)
+        InferenceOptions.validate(self)
         if self.max_batch_size < 1:
             raise ConfigError(f"option 'max_batch_size' must be >= 1; got {self.max_batch_size}")
+
+    def inference(self) -> InferenceOptions:
+        return InferenceOptions(self.dtype, self.quantize, self.compile)
 
     def sampling(self) -> SamplingParams:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)}
@@ -45,15 +50,22 @@ def load_engine(options: EngineOptions) -> Engine:
         raise ChatforgeError(f"checkpoint not found: {options.ckpt} (train one, or pass --ckpt)")
     model, _ = load_model(options.ckpt, device=resolve_device(options.device))
     tokenizer = Tokenizer.load(options.tokenizer or tokenizer_path(options.ckpt))
-    return Engine(model, tokenizer, max_batch_size=options.max_batch_size)
+    return Engine(model, tokenizer, max_batch_size=options.max_batch_size, options=options.inference())
 
 
-def answer_sampler(ckpt: str, device: str, n: int, max_tokens: int, temperature: float, seed: int):
+def checkpoint_engine(ckpt: str, device: str, inference: InferenceOptions | None = None, **options) -> Engine:
+    """``load_engine`` for a command whose own options name the checkpoint, the device and how to compute."""
+    inference = inference or InferenceOptions()
+    return load_engine(EngineOptions(ckpt=ckpt, device=device, **dataclasses.asdict(inference), **options))
+
+
+def answer_sampler(ckpt: str, device: str, n: int, max_tokens: int, temperature: float, seed: int,
+                   inference: InferenceOptions | None = None):
     """A function from chat prompts (message lists) to ``n`` sampled answers each, by the model at ``ckpt``;
     without a checkpoint or with ``n`` = 0 it returns no answers."""
     if not ckpt or not n:
         return lambda prompts: [[] for _ in prompts]
-    engine = load_engine(EngineOptions(ckpt=ckpt, device=device))
+    engine = checkpoint_engine(ckpt, device, inference)
     # the full distribution: no top-k/top-p, so the samples are what the policy really says
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed, truncate=True)
 

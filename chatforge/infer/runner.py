@@ -1,9 +1,11 @@
 """Continuous batching: a fixed set of KV-cache slots that requests join and leave between decode steps.
 
-Active sequences always occupy rows [0, n) of the cache, so a decode step runs on a view of those rows
-and nothing else. New sequences are prefilled into the next free rows (a request's extra samples copy the
-prefilled row instead of recomputing it); a finished sequence's row is refilled by moving the last active
-row into it. ``Engine.generate``/``stream`` and the ``Scheduler`` all drive this one loop.
+Active sequences always occupy rows [0, n) of the cache. A decode step runs on every slot with fixed shapes
+(``KVCache.decode_view``: lengths and the active-row flags are tensors, nothing is read back to the host), so
+the engine can hand in a compiled step; the one host read per step is the sampled tokens. New sequences are
+prefilled together, right-padded into one batch (a request's extra samples copy its prefilled row instead of
+recomputing it); a finished sequence's row is refilled by moving the last active row into it.
+``Engine.generate``/``stream`` and the ``Scheduler`` all drive this one loop.
 """
 
 from __future__ import annotations
@@ -107,12 +109,16 @@ class BatchRunner:
         max_len: int,
         new_detokenizer: Callable[[SamplingParams], IncrementalDetokenizer],
         new_generator: Callable[[SamplingParams, int], torch.Generator | None],
+        decode: Callable = None,
     ):
         self.model = model
         self.vocab_size = vocab_size
         self.capacity = max_batch_size
         self.cache = KVCache.for_model(model, max_batch_size, max_len)
         self.device = self.cache.k.device
+        self._decode = decode or decode_step
+        self._tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # the step's input
+        self._active = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # 1 for rows [0, n)
         self.sampler = BatchSampler(vocab_size, self.device)
         self._new_detokenizer = new_detokenizer
         self._new_generator = new_generator
@@ -167,8 +173,13 @@ class BatchRunner:
         logits = []
         if self.active:
             n = len(self.active)
-            view = self.cache if n == self.capacity else self.cache.rows(0, n)
-            logits.append(self.model(self._last_tokens[:, None], kv_cache=view)[0][:, -1, : self.vocab_size])
+            self._tokens[:n] = self._last_tokens
+            # the first power-of-two rows holding every active one: a few shapes (each compiled once) and
+            # little work wasted on empty slots when a large cache is nearly idle (a server at night)
+            m = min(self.capacity, 1 << (n - 1).bit_length())
+            cache = self.cache if m == self.capacity else self.cache.rows(0, m)
+            step = self._decode(self.model, self._tokens[:m], cache, self._active[:m])
+            logits.append(step[:n, : self.vocab_size])
         admitted = self._admit()
         if admitted is not None:
             logits.append(admitted)
@@ -218,45 +229,83 @@ class BatchRunner:
         return seq.finish_reason is not None
 
     def _admit(self) -> torch.Tensor | None:
-        """Prefill waiting sequences into free rows; returns the logits [m, V] of their last prompt position."""
-        new_logits, new_rows = [], []
-        prefilled: dict[int, tuple[int, torch.Tensor]] = {}  # request id -> (row, last logits)
-        while self.waiting and len(self.active) < self.capacity:
-            seq = self.waiting.popleft()
-            request, row = seq.request, len(self.active)
-            if request.id in prefilled:
-                source, last = prefilled[request.id]
-                self.cache.copy_row(source, row)
-            else:
-                try:
-                    last = self._prefill(request, row)
-                except Exception as exc:  # this request's prompt broke the forward: it fails, nobody else
-                    self.waiting = deque(s for s in self.waiting if s.request is not request)
-                    self.failed.append((request, exc))
-                    continue
-                prefilled[request.id] = (row, last)
-            self.active.append(seq)
-            new_rows.append(seq.sampling)
-            new_logits.append(last)
-        if not new_rows:
-            return None
-        self.sampler.add_rows(new_rows)
-        return torch.stack(new_logits)
+        """Prefill waiting sequences into free rows; returns the logits [m, V] of their last prompt position.
 
-    def _prefill(self, request: Request, row: int) -> torch.Tensor:
-        self.cache.reset_rows([row])
-        ids = torch.tensor([request.prepared.prompt_ids], dtype=torch.long, device=self.device)
-        view = self.cache.rows(row, row + 1)
-        params = request.prepared.params
-        if not params.echo and hasattr(self.model, "hidden_states"):
+        Each request's first sample is prefilled (all of them in one padded batch, in rows [n, n + u)); its
+        other samples then copy that row. A request whose prompt breaks the prefill fails alone (see
+        ``_prefill_each``); the others are admitted."""
+        admitted: list[_Sequence] = []
+        while self.waiting and len(self.active) + len(admitted) < self.capacity:
+            admitted.append(self.waiting.popleft())
+        if not admitted:
+            return None
+        firsts = list({id(s.request): s for s in reversed(admitted)}.values())[::-1]  # first sample of each
+        n = len(self.active)
+        try:
+            last = self._prefill([s.request for s in firsts], n)
+        except Exception:  # one prompt may have broken the whole batch: find it by prefilling one at a time
+            firsts, last = self._prefill_each(firsts, n)
+            if not firsts:
+                return None
+        chosen, prefilled = {id(s) for s in firsts}, {id(s.request) for s in firsts}
+        admitted = firsts + [s for s in admitted if id(s) not in chosen and id(s.request) in prefilled]
+        source = {id(s.request): n + i for i, s in enumerate(firsts)}
+        row_logits = []
+        for row, seq in enumerate(admitted, start=n):
+            first_row = source[id(seq.request)]
+            if row != first_row:
+                self.cache.copy_row(first_row, row)
+            row_logits.append(last[first_row - n])
+        self.active += admitted
+        self._active[: len(self.active)] = 1
+        self.sampler.add_rows([s.sampling for s in admitted])
+        return torch.stack(row_logits)
+
+    def _prefill_each(self, firsts: list[_Sequence], row: int) -> tuple[list[_Sequence], torch.Tensor | None]:
+        """After a failed batched prefill: prefill each request alone into the next free row, so the one whose
+        prompt broke the forward fails by itself (into ``failed``, its waiting samples dropped) and the others
+        go on. Returns the sequences that were prefilled, in rows [row, ...), and their last logits."""
+        prefilled, logits = [], []
+        for seq in firsts:
+            try:
+                logits.append(self._prefill([seq.request], row + len(prefilled))[0])
+            except Exception as exc:
+                self.waiting = deque(s for s in self.waiting if s.request is not seq.request)
+                self.failed.append((seq.request, exc))
+                continue
+            prefilled.append(seq)
+        return prefilled, torch.stack(logits) if logits else None
+
+    def _prefill(self, requests: list[Request], row: int) -> torch.Tensor:
+        """Prefill ``requests`` into rows [row, row + len(requests)) together; their last logits [u, V]."""
+        prompts = [r.prepared.prompt_ids for r in requests]
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        # right padding: attention is causal, so the padding never changes a real position's output
+        ids = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        view = self.cache.rows(row, row + len(requests))
+        view.reset_rows(slice(None))
+        echo = any(r.prepared.params.echo for r in requests)
+        rows = torch.arange(len(prompts), device=self.device)
+        if not echo and hasattr(self.model, "hidden_states"):
             # only the last position's logits are needed: skip the vocabulary projection of all the others
-            return self.model.logits(self.model.hidden_states(ids, kv_cache=view)[0, -1])[: self.vocab_size]
-        logits = self.model(ids, kv_cache=view)[0][0, :, : self.vocab_size]
-        if params.echo and request.prompt_logprobs is None:
-            targets = request.prepared.prompt_ids[1:]
-            entries = _logprob_entries(targets, *token_logprobs(logits[:-1], ids[0, 1:], params.logprobs or 0))
-            request.prompt_logprobs = [None] + entries
-        return logits[-1]
+            hidden = self.model.hidden_states(ids, kv_cache=view)
+            last = self.model.logits(hidden[rows, lengths - 1])[:, : self.vocab_size]
+        else:
+            logits = self.model(ids, kv_cache=view)[0][..., : self.vocab_size]
+            last = logits[rows, lengths - 1]
+            for i, request in enumerate(requests):
+                params = request.prepared.params
+                if params.echo and request.prompt_logprobs is None:
+                    targets = prompts[i][1:]
+                    entries = _logprob_entries(
+                        targets, *token_logprobs(logits[i, : len(targets)], ids[i, 1 : len(prompts[i])],
+                                                 params.logprobs or 0)
+                    )
+                    request.prompt_logprobs = [None] + entries
+        view.lengths.copy_(lengths)
+        return last
 
     def _compact(self, finished_rows: set[int]) -> None:
         """Drop finished rows, moving the last active rows into the holes so rows [0, n) stay the active ones."""
@@ -271,5 +320,11 @@ class BatchRunner:
             self.cache.copy_row(mover, hole)
             order[hole] = mover
         self.active = [self.active[i] for i in order]
+        self._active[keep:] = 0
         self.sampler.keep_rows(order)
         self._last_tokens = self._last_tokens[torch.tensor(order, dtype=torch.long, device=self.device)]
+
+
+def decode_step(model, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor) -> torch.Tensor:
+    """Logits [B, V] of the next token of every cache slot after ``tokens`` [B]: fixed shapes, no host read."""
+    return model(tokens[:, None], kv_cache=cache.decode_view(active))[0][:, -1]

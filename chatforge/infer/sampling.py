@@ -1,9 +1,10 @@
 """Logits processors and the per-row sampler of a batch whose rows each have their own settings.
 
 Every processor works on a [B, V] batch with one parameter per row, so a batch of requests with different
-settings costs the same handful of tensor ops as a batch with one setting. Each row samples with its own
-``torch.Generator`` (one uniform draw per step, inverse-CDF), so a seeded request gets the same tokens
-whatever else shares its batch.
+settings costs the same handful of tensor ops as a batch with one setting. Each row's random numbers are a
+counter-based stream: a key drawn once from the row's own ``torch.Generator``, hashed with the row's step
+count into one uniform per step (inverse-CDF). The whole batch's uniforms are a few vectorised integer ops,
+and a seeded request still gets the same tokens whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -59,6 +60,28 @@ def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche (xorshift-multiply, as Wellons' hash prospector), on int64
+    tensors holding values in [0, 2^32): both multipliers are below 2^31, so products stay below 2^63 and
+    nothing relies on overflow."""
+    x = ((x >> 16) ^ x) * 0x7FEB352D & _MASK32
+    x = ((x >> 15) ^ x) * 0x045D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def counter_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) (53 bits, float64) that depend only on each row's ``keys`` [B] (62-bit) and
+    ``counters`` [B]: row i's stream is the same whatever the other rows are."""
+    lo, hi = keys & _MASK32, keys >> 32
+    a = _mix32(lo ^ _mix32(counters & _MASK32))
+    a = _mix32(a ^ hi)
+    b = _mix32(a ^ 0x9E3779B9)
+    return ((a << 21) | (b >> 11)).double() / 2.0**53
+
+
 @dataclass
 class SamplingRow:
     """One sequence's sampling state."""
@@ -102,6 +125,8 @@ class BatchSampler:
         self.rows: list[SamplingRow] = []
         self.prompt_mask = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
         self.counts = torch.zeros(0, vocab_size, device=device)
+        self.keys = torch.zeros(0, dtype=torch.long, device=device)  # each row's random stream ...
+        self.draws = torch.zeros(0, dtype=torch.long, device=device)  # ... and how far along it is
         self._tensors: dict[str, torch.Tensor] | None = None  # per-row parameters, rebuilt when rows change
 
     def add_rows(self, rows: list[SamplingRow]) -> None:
@@ -109,7 +134,11 @@ class BatchSampler:
         for i, row in enumerate(rows):
             if row.params.repetition_penalty != 1:
                 mask[i, torch.tensor(row.prompt_ids, device=self.device)] = True
+        keys = [int(torch.randint(2**62, (), generator=r.generator, device=r.generator.device))
+                if r.generator is not None else 0 for r in rows]
         self.rows += rows
+        self.keys = torch.cat([self.keys, torch.tensor(keys, dtype=torch.long, device=self.device)])
+        self.draws = torch.cat([self.draws, torch.zeros(len(rows), dtype=torch.long, device=self.device)])
         self.prompt_mask = torch.cat([self.prompt_mask, mask])
         self.counts = torch.cat([self.counts, torch.zeros(len(rows), self.vocab_size, device=self.device)])
         self._tensors = None
@@ -127,6 +156,7 @@ class BatchSampler:
         self.rows = [self.rows[i] for i in order]
         self.prompt_mask = self.prompt_mask.index_select(0, index)
         self.counts = self.counts.index_select(0, index)
+        self.keys, self.draws = self.keys.index_select(0, index), self.draws.index_select(0, index)
         self._tensors = None
 
     def _row_tensors(self) -> dict:
@@ -188,15 +218,12 @@ class BatchSampler:
         x = x / t["temperature"][:, None]
         if t["any_filter"]:
             x = filter_logits(x, t["top_k"], t["top_p"], t["min_p"])
-        uniforms = torch.zeros(len(self.rows), dtype=torch.float64, device=self.device)
-        for i, row in enumerate(self.rows):
-            if row.generator is not None:
-                uniforms[i] = torch.rand((), generator=row.generator, dtype=torch.float64, device=self.device)
-        return sample_from(x.softmax(dim=-1), uniforms)
+        return sample_from(x.softmax(dim=-1), counter_uniforms(self.keys, self.draws))
 
     def observe(self, tokens: torch.Tensor) -> None:
         """Count the tokens just sampled; only rows with penalties ever read their counts."""
         if self._row_tensors()["any_penalty"]:
             self.counts.scatter_add_(1, tokens[:, None], torch.ones(len(tokens), 1, device=self.device))
+        self.draws += 1
         for row in self.rows:
             row.generated += 1

@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from chatforge import io
-from chatforge.config import option
+from chatforge.config import nested, option
 from chatforge.errors import ChatforgeError, ConfigError
-from chatforge.infer.loading import EngineOptions, load_engine
+from chatforge.infer.loading import checkpoint_engine
 from chatforge.infer.params import BOUNDS, SamplingParams
+from chatforge.infer.precision import InferenceOptions
 from chatforge.model.checkpoint import trained_for_fim
 from chatforge.prompting.ape import (
     METRICS,
@@ -71,6 +72,7 @@ class Config:
     mc_variants: int = option(4, "variants sampled per instruction per Monte-Carlo round")
     seed: int = option(0, "makes the sampling and the subsets reproducible")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    inference: InferenceOptions = nested(InferenceOptions, "how generation computes (dtype, quantize, compile)")
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -93,14 +95,14 @@ def run(cfg: Config, args: list[str]) -> None:
     if len(train) < cfg.prompt_demos + cfg.subset:
         raise ChatforgeError(f"{len(items)} demonstrations leave {len(train)} for proposing and scoring; need at least "
                              f"{cfg.prompt_demos + cfg.subset} besides the {cfg.held_out} held out")
-    engine = load_engine(EngineOptions(ckpt=cfg.ckpt, device=cfg.device))
+    engine = checkpoint_engine(cfg.ckpt, cfg.device, cfg.inference)
     shown = train[: cfg.prompt_demos]
     proposals = {
         "forward": forward_proposals(engine, shown, cfg.forward, cfg.temperature, cfg.seed) if cfg.forward else []
     }
     if cfg.reverse and cfg.insert_ckpt:
         if Path(cfg.insert_ckpt).exists() and trained_for_fim(cfg.insert_ckpt):
-            inserter = load_engine(EngineOptions(ckpt=cfg.insert_ckpt, device=cfg.device))
+            inserter = checkpoint_engine(cfg.insert_ckpt, cfg.device, cfg.inference)
             proposals["reverse"] = reverse_proposals(inserter, shown, cfg.reverse, cfg.temperature, cfg.seed)
         elif not cfg.forward:
             raise ChatforgeError(

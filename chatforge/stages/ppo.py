@@ -32,6 +32,7 @@ from chatforge.data.rankings import read_prompt_pool
 from chatforge.data.shards import TokenWindows
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evals.ppo_eval import plot_ppo, win_rates
+from chatforge.infer.precision import InferenceOptions
 from chatforge.model.checkpoint import load_model, tokenizer_path
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import distributed
@@ -61,6 +62,7 @@ class Config:
     )
     held_out_prompts: int = option(48, "prompts in the win-rate evaluation after training", ge=1)
     kl: KLConfig = nested(KLConfig, "the KL penalty")
+    inference: InferenceOptions = nested(InferenceOptions, "how rollouts are generated (dtype, quantize, compile)")
     train: PPOTrainConfig = nested(PPOTrainConfig, "the shared training loop")
 
     def validate(self) -> None:

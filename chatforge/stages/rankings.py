@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge import io
-from chatforge.config import option
+from chatforge.config import nested, option
 from chatforge.data.rankings import (
     MAX_K,
     assign_split,
@@ -33,6 +33,7 @@ from chatforge.data.rankings import (
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.infer.loading import answer_sampler
 from chatforge.infer.params import BOUNDS
+from chatforge.infer.precision import InferenceOptions
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Config:
     temperature: float = option(1.0, "sampling temperature of the SFT answers", **BOUNDS["temperature"].field_kwargs())
     val_fraction: float = option(0.15, "share of prompts held out to measure the reward model's accuracy")
     device: str = option("auto", "device for sampling")
+    inference: InferenceOptions = nested(InferenceOptions, "how sampling computes (dtype, quantize, compile)")
     seed: int = option(0, "seed for sampling, corruptions and the split")
 
     def validate(self) -> None:
@@ -62,7 +64,7 @@ def run(cfg: Config, args: list[str]) -> None:
     records = [r for path in cfg.inputs for r in read_rankings(path)]
     pool = read_prompt_pool(cfg.prompts)[: cfg.max_prompts]
     records += automatic_rankings(pool, answer_sampler(cfg.ckpt, cfg.device, cfg.samples_per_prompt, cfg.max_tokens,
-                                                  cfg.temperature, cfg.seed), rng)
+                                                  cfg.temperature, cfg.seed, cfg.inference), rng)
     splits: dict[str, list[dict]] = {"train": [], "val": []}
     for record in records:
         splits[assign_split(record["id"], cfg.seed, cfg.val_fraction)].append(record)

@@ -16,11 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatforge.config import option
+from chatforge.config import nested, option
 from chatforge.device import resolve_device
 from chatforge.embed.model import ChatforgeEmbedder
 from chatforge.errors import ChatforgeError
-from chatforge.infer.loading import EngineOptions, load_engine
+from chatforge.infer.loading import checkpoint_engine
+from chatforge.infer.precision import InferenceOptions
 from chatforge.infer.scheduler import Scheduler
 from chatforge.model.checkpoint import trained_for_fim
 from chatforge.serve.api import ServeOptions, create_app
@@ -34,6 +35,7 @@ class Config(ServeOptions):
     tokenizer: str = option("", "tokenizer.json or its directory (default: the checkpoint's tokenizer)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     max_batch_size: int = option(16, "KV-cache slots: sequences decoded together across all requests")
+    inference: InferenceOptions = nested(InferenceOptions, "how decoding computes (dtype, quantize, compile)")
     embed_ckpt: str = option("", "embedding model (saved by `chatforge embed`) to serve on /v1/embeddings")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = option(8000, "port to listen on")
@@ -53,8 +55,8 @@ def run(cfg: Config, args: list[str]) -> None:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    engine = load_engine(EngineOptions(ckpt=cfg.ckpt, tokenizer=cfg.tokenizer, device=cfg.device,
-                                       max_batch_size=cfg.max_batch_size))
+    engine = checkpoint_engine(cfg.ckpt, cfg.device, cfg.inference, tokenizer=cfg.tokenizer,
+                               max_batch_size=cfg.max_batch_size)
     cfg.model_name = cfg.model_name or Path(cfg.ckpt).resolve().name
     cfg.fim = cfg.fim or trained_for_fim(cfg.ckpt)
     embedder = None

@@ -142,7 +142,7 @@ class PPOTask:
         ranks = distributed.init(self.cfg.train.device)
         first, last = (len(chosen) * r // ranks.world_size for r in (ranks.rank, ranks.rank + 1))
         mine = sample_answers(self.policy.actor, self.tokenizer, chosen[first:last], self.cfg.max_tokens, params,
-                              first_index=first)
+                              self.cfg.inference, first_index=first)
         pairs = [pair for share in ranks.gather_object(mine) for pair in share]
         ids, _ = pad_rows([p + r for p, r in pairs], self.pad)
         ids = ids.to(device)  # [B, prompt + response]

@@ -1,0 +1,116 @@
+"""Inference precision: the weights' dtype, int8 weight-only quantization and a compiled decode step.
+
+One ``InferenceOptions`` travels from every command line (``--dtype``, ``--quantize``, ``--compile``) through
+``load_engine`` to the ``Engine``, and PPO rollouts and the evals build their engines from it too, so there
+is one path that decides how generation computes.
+
+* ``dtype=auto`` follows training's rule (``chatforge.device.resolve_dtype``): bf16 on a GPU that supports it,
+  and on a CPU with native bf16 only when the decode step is compiled; fp32 otherwise (see ``torch_dtype``).
+  The weights themselves are converted (a copy, so a model being trained keeps its fp32 master weights):
+  decoding reads every weight once per token, so halving the bytes is what makes a step faster; autocast
+  would read fp32 and cast on every step.
+* ``quantize=int8`` stores each ``nn.Linear`` weight as int8 with one scale per output channel and
+  multiplies through aten's ``_weight_int8pack_mm`` (the kernel torchao's int8 weight-only also lowers to on
+  the CPU; measured here, see benchmarks/decode.py). Its activations are bf16: the kernel's fp32 path is
+  ~10x slower. Embeddings (and GPT-2's head, tied to them) stay in the model's dtype.
+* ``compile`` wraps the static-shape decode step in ``torch.compile``; on CUDA as ``mode="reduce-overhead"``
+  (CUDA graphs: the cache tensors are marked static so a replay reads and writes them in place).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from chatforge.config import option
+from chatforge.device import DTYPES, device_type, resolve_compile, resolve_dtype
+from chatforge.errors import ConfigError
+
+QUANTIZATIONS = ("none", "int8")
+
+
+@dataclass
+class InferenceOptions:
+    dtype: str = option("auto", "weights' dtype for decoding: auto (bf16 on a bf16 GPU, or a bf16 CPU with "
+                                "--compile), bf16 or fp32")
+    quantize: str = option("none", "weight-only quantization of the linear layers: none or int8")
+    compile: str = option("false", "torch.compile the decode step (auto, true, false); pays off on long runs")
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"option 'dtype' must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.quantize not in QUANTIZATIONS:
+            raise ConfigError(f"option 'quantize' must be one of {', '.join(QUANTIZATIONS)}; got {self.quantize!r}")
+
+    def torch_dtype(self, device: str | torch.device) -> torch.dtype:
+        # auto is bf16 on a CPU only for a compiled step, the rule training's autocast uses: eager bf16 decode
+        # measured slower than fp32 on this CPU despite its native bf16 (807 vs 1057 tok/s at batch 1 on the
+        # speedrun shape); an explicit --dtype=bf16 still converts
+        return resolve_dtype(self.dtype, device, compiled=resolve_compile(self.compile, device))
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with an int8 weight and a per-output-channel scale (symmetric, absmax / 127)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (in place) by an ``Int8Linear``."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(model, name, Int8Linear(child))
+        else:
+            quantize_int8(child)
+    return model
+
+
+def inference_model(model: nn.Module, options: InferenceOptions) -> nn.Module:
+    """``model`` itself when it already computes as asked (fp32, no quantization), else a converted copy."""
+    options.validate()
+    device = next(model.parameters()).device
+    dtype = options.torch_dtype(device)
+    if dtype == next(model.parameters()).dtype and options.quantize == "none":
+        return model
+    converted = copy.deepcopy(model).to(dtype=dtype).eval()
+    for p in converted.parameters():
+        p.requires_grad_(False)
+    return quantize_int8(converted) if options.quantize == "int8" else converted
+
+
+def compiled_step(step: Callable, options: InferenceOptions, device: str | torch.device) -> Callable:
+    """``step`` (the runner's decode step), compiled when ``options.compile`` says so."""
+    if not resolve_compile(options.compile, device):
+        return step
+    # dynamo keeps its compiled graphs per code object, and every engine compiles this same step: each model
+    # type, precision and power-of-two row count is one more graph, well past the default limit of 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if device_type(device) != "cuda":
+        return torch.compile(step, dynamic=False, fullgraph=True)
+    graphed = torch.compile(step, dynamic=False, fullgraph=True, mode="reduce-overhead")
+
+    def replay(model, tokens, cache, active):
+        # a CUDA graph replays fixed addresses: the cache and the step's inputs must be those same tensors
+        for tensor in (cache.k, cache.v, cache.lengths, tokens, active):
+            torch._dynamo.mark_static_address(tensor)
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(model, tokens, cache, active).clone()  # the graph's output buffer is reused next replay
+
+    return replay

@@ -1,0 +1,187 @@
+"""The fast decode path on both architectures: the static-shape step, batched prefill, counter-based sampling
+streams, bf16/int8 inference copies and the compiled step."""
+
+import dataclasses
+
+import pytest
+import torch
+from test_model import CONFIGS, MODERN, TINY, randomized
+from torch import nn
+
+from chatforge import device
+from chatforge.config import parse
+from chatforge.errors import ChatforgeError
+from chatforge.infer.engine import Engine
+from chatforge.infer.loading import EngineOptions
+from chatforge.infer.params import SamplingParams
+from chatforge.infer.precision import InferenceOptions, Int8Linear, inference_model
+from chatforge.infer.runner import decode_step
+from chatforge.infer.sampling import counter_uniforms
+from chatforge.model.kv_cache import KVCache
+
+PROMPTS = [[5, 17, 60, 3], [9], [44, 61, 2, 8, 30, 31, 7], [70, 70]]
+
+
+def recomputed(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens by a full forward pass per token: no cache at all."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+@CONFIGS
+def test_batched_static_decode_equals_full_recompute(config):
+    model = randomized(config)
+    engine = Engine(model, max_batch_size=2)  # 4 prompts of different lengths through 2 slots: rows refill
+    outs = engine.generate(PROMPTS, greedy(10))
+    assert [o.choices[0].token_ids for o in outs] == [recomputed(model, p, 10) for p in PROMPTS]
+
+
+@CONFIGS
+def test_static_decode_step_matches_the_dynamic_cache_path(config):
+    model = randomized(config)
+    static, dynamic = KVCache.for_model(model, 2, 16), KVCache.for_model(model, 2, 16)
+    prompts = torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]])
+    with torch.no_grad():
+        for cache in (static, dynamic):
+            model(prompts, kv_cache=cache)
+            cache.lengths.copy_(torch.tensor([4, 2]))  # the second row's prompt was right-padded
+        tokens = torch.tensor([11, 12])
+        ours = decode_step(model, tokens, static, torch.ones(2, dtype=torch.long))
+        theirs = model(tokens[:, None], kv_cache=dynamic)[0][:, -1]
+    torch.testing.assert_close(ours, theirs)
+    assert static.lengths.tolist() == [5, 3] == dynamic.lengths.tolist()
+
+
+def test_an_inactive_slot_keeps_its_length():
+    model = randomized(MODERN)
+    cache = KVCache.for_model(model, 2, 8)
+    with torch.no_grad():
+        decode_step(model, torch.tensor([1, 2]), cache, torch.tensor([1, 0]))
+    assert cache.lengths.tolist() == [1, 0]
+
+
+def test_counter_uniforms_depend_only_on_the_row_and_look_uniform():
+    keys = torch.randint(2**62, (20000,), generator=torch.Generator().manual_seed(0))
+    u = counter_uniforms(keys, torch.zeros_like(keys))
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    # Kolmogorov-Smirnov against U(0, 1): 1.63 / sqrt(n) is the 1% critical value
+    ks = (u.sort().values - torch.arange(1, 20001, dtype=torch.float64) / 20000).abs().max()
+    assert ks < 1.63 / 20000**0.5
+    along = counter_uniforms(torch.full((20000,), 12345), torch.arange(20000)).sort().values  # one row's stream
+    assert (along - torch.arange(1, 20001, dtype=torch.float64) / 20000).abs().max() < 1.63 / 20000**0.5
+    alone = counter_uniforms(keys[7:8], torch.tensor([3]))
+    assert alone.item() == counter_uniforms(keys, torch.full_like(keys, 3))[7].item()
+    assert counter_uniforms(keys[:1], torch.tensor([1])).item() != u[0].item()  # the stream moves on
+
+
+def test_seeded_samples_do_not_depend_on_the_rest_of_the_batch():
+    model = randomized(MODERN)
+    engine = Engine(model, max_batch_size=4)
+    params = SamplingParams(max_tokens=8, seed=11, temperature=1.0, ignore_eos=True)
+    alone = engine.generate([PROMPTS[0]], params)[0].choices[0].token_ids
+    crowd = engine.generate(PROMPTS[1:] + [PROMPTS[0]], [SamplingParams(max_tokens=5, seed=1)] * 3 + [params])
+    assert crowd[-1].choices[0].token_ids == alone
+
+
+def test_a_prompt_that_breaks_the_batched_prefill_fails_alone():
+    model = randomized(MODERN)
+    engine = Engine(model, max_batch_size=4)
+    poison = 66
+
+    def refuse(_, args):
+        if args[0].size(1) > 1 and (args[0] == poison).any():  # a prefill holding the poison token
+            raise RuntimeError("this prompt breaks the forward")
+
+    expected = engine.generate([PROMPTS[0], PROMPTS[2]], greedy(5))
+    hook = model.wte.register_forward_pre_hook(refuse)  # the prefill may skip forward() for hidden_states()
+    try:
+        runner = engine.new_runner()
+        with engine.inference():
+            good, bad, other = (runner.add(engine.prepare(p, dataclasses.replace(greedy(5), n=2)))
+                                for p in (PROMPTS[0], [3, poison, 4], PROMPTS[2]))
+            failures = []
+            while runner.busy:
+                runner.step()
+                failures += runner.take_failures()
+    finally:
+        hook.remove()
+    assert [(request, str(exc)) for request, exc in failures] == [(bad, "this prompt breaks the forward")]
+    assert bad.completion is None and not runner.waiting
+    for request, completion in ((good, expected[0]), (other, expected[1])):
+        assert [c.token_ids for c in request.completion.choices] == [completion.choices[0].token_ids] * 2
+
+
+def test_auto_dtype_is_bf16_on_a_cpu_only_for_a_compiled_step(monkeypatch):
+    monkeypatch.setattr(device, "native_bf16", lambda kind: True)
+    monkeypatch.setattr(device, "compile_supported", lambda kind: True)
+    assert InferenceOptions(dtype="auto").torch_dtype("cpu") == torch.float32  # eager bf16 decode is slower
+    assert InferenceOptions(dtype="auto", compile="true").torch_dtype("cpu") == torch.bfloat16
+    assert InferenceOptions(dtype="bf16").torch_dtype("cpu") == torch.bfloat16
+    model = randomized(TINY)
+    assert Engine(model, options=InferenceOptions()).model is model  # auto, eager: the fp32 model itself
+    monkeypatch.setattr(device, "native_bf16", lambda kind: False)
+    assert InferenceOptions(dtype="auto", compile="true").torch_dtype("cpu") == torch.float32
+
+
+def test_int8_linear_is_close_to_the_float_layer():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    x = torch.randn(5, 64)
+    quantized = Int8Linear(linear)
+    assert quantized.weight.dtype == torch.int8
+    with torch.no_grad():
+        error = (quantized(x) - linear(x)).abs().max() / linear(x).abs().max()
+    assert error < 0.02
+
+
+@CONFIGS
+@pytest.mark.parametrize("dtype, quantize", [("bf16", "none"), ("fp32", "int8")])
+def test_reduced_precision_copies_decode_like_fp32(config, dtype, quantize):
+    model = randomized(config)
+    engine = Engine(model, max_batch_size=4, options=InferenceOptions(dtype=dtype, quantize=quantize))
+    assert engine.model is not model and next(model.parameters()).dtype == torch.float32  # the source is kept
+    with torch.no_grad():
+        ids = torch.tensor([PROMPTS[2]])
+        ours, theirs = engine.model(ids)[0].float().softmax(-1), model(ids)[0].softmax(-1)
+    assert (ours - theirs).abs().max() < 0.1  # close distributions; exact agreement is measured on real weights
+    outs = engine.generate(PROMPTS, greedy(6))
+    assert all(len(o.choices[0].token_ids) == 6 for o in outs)
+
+
+def test_fp32_uses_the_model_itself_and_refresh_follows_new_weights():
+    model = randomized(TINY)
+    assert Engine(model).model is model
+    engine = Engine(model, options=InferenceOptions(dtype="bf16"))
+    before = engine.generate([PROMPTS[0]], greedy(6))[0].choices[0].token_ids
+    with torch.no_grad():
+        model.wte.weight.mul_(-1)  # PPO changed the weights
+    engine.refresh()
+    after = engine.generate([PROMPTS[0]], greedy(6))[0].choices[0].token_ids
+    assert after != before and inference_model(model, InferenceOptions(dtype="fp32")) is model
+
+
+def test_engine_options_come_from_the_command_line():
+    cfg, _ = parse(EngineOptions, ["--dtype=bf16", "--quantize=int8"])
+    assert dataclasses.asdict(cfg.inference()) == {"dtype": "bf16", "quantize": "int8", "compile": "false"}
+    with pytest.raises(ChatforgeError, match="option 'dtype'"):
+        parse(EngineOptions, ["--dtype=fp16"])
+    with pytest.raises(ChatforgeError, match="option 'quantize'"):
+        parse(EngineOptions, ["--quantize=int4"])
+
+
+@pytest.mark.slow
+@CONFIGS
+def test_the_compiled_step_decodes_the_same_tokens(config):
+    model = randomized(config)
+    eager = Engine(model, max_batch_size=2).generate(PROMPTS, greedy(6))
+    compiled = Engine(model, max_batch_size=2, options=InferenceOptions(dtype="fp32", compile="true"))
+    assert [o.choices[0].token_ids for o in compiled.generate(PROMPTS, greedy(6))] == [
+        o.choices[0].token_ids for o in eager
+    ]
