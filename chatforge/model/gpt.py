@@ -55,7 +55,9 @@ class GPTConfig:
 
     @property
     def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head if self.arch == "modern" else self.n_head
+        if self.arch != "modern":
+            return self.n_head
+        return self.n_kv_head or self.n_head
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
