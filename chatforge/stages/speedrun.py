@@ -51,6 +51,8 @@ class ToolTrainOptions(SFTTrainConfig):
     # measured: 600 steps taught the call format but garbled numbers (1 % right); 1000 steps reached 63 %
     steps: int = option(1200, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
     max_minutes: float = option(8.0, "wall-time budget in minutes (0 = none)")
+    eval_every: int = option(200, "steps between validation losses (0 = only at the start and the end)")
+    ckpt_every: int = option(200, "steps between checkpoints (0 = only at the end)")
 
 
 @dataclass
