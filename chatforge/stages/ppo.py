@@ -36,8 +36,8 @@ from chatforge.infer.precision import InferenceOptions
 from chatforge.model.checkpoint import load_model, tokenizer_path
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import distributed
-from chatforge.train.loop import read_metrics, train
-from chatforge.train.ppo import ActorCritic, KLConfig, PPOTask, PPOTrainConfig
+from chatforge.train.loop import read_metrics
+from chatforge.train.ppo import PPO, ActorCritic, KLConfig, PPOTrainConfig, train_ppo
 from chatforge.train.reward import load_reward_model
 
 
@@ -103,11 +103,11 @@ def run(cfg: Config, args: list[str]) -> None:
             )
         ptx = TokenWindows(cfg.pretrain_tokens, actor.config.block_size, cfg.train.seed)
     policy = ActorCritic(actor.train(), critic.train())
-    task = PPOTask(cfg, policy, reference.eval(), reward_model, tokenizer, train_pool, ptx)
+    ppo = PPO(cfg, policy, reference.eval(), reward_model, tokenizer, train_pool, ptx)
     if job.is_main:
         print(
             f"[ppo] actor {info['path']} ({actor.num_params() / 1e6:.2f}M), reward model {cfg.reward_model}; "
-            f"{len(train_pool)} train prompts, {len(held_out)} held out; {task.per_rollout} updates per rollout"
+            f"{len(train_pool)} train prompts, {len(held_out)} held out; {ppo.per_rollout} updates per rollout"
         )
     meta = {
         "stage": "ppo",
@@ -117,7 +117,7 @@ def run(cfg: Config, args: list[str]) -> None:
         "model_prefix": "actor.",
         "stage_config": dataclasses.asdict(cfg),
     }
-    summary = train(policy, task, cfg.train, cfg.out_dir, resume=cfg.resume, meta=meta, tokenizer=tokenizer_file)
+    summary = train_ppo(ppo, cfg.out_dir, resume=cfg.resume, meta=meta, tokenizer=tokenizer_file)
     if not job.is_main:
         return
     out = Path(cfg.out_dir)
@@ -131,7 +131,7 @@ def run(cfg: Config, args: list[str]) -> None:
         final_reward=last.get("reward"),
         final_kl=last.get("kl"),
         final_beta=last.get("beta"),
-        stopped_early=task.stop_reason,
+        stopped_early=ppo.stop_reason,
     )
     io.write_json(out / "summary.json", summary)
     io.write_json(out / "win_rate_examples.json", rates["examples"])
