@@ -90,6 +90,13 @@ class Trainer(RunState):
     Entering the context installs the SIGINT/SIGTERM handler, evaluates a fresh run and opens the progress bar.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.out_of_time = False
+        self.stop_reason: str | None = None  # why the caller stopped the run early
+        self._stop_pending: str | None = None
+        self._steps_here, self._timed_seconds, self._timed_units = 0, 0.0, 0.0
+
     def __enter__(self) -> Trainer:
         from tqdm import tqdm
 
@@ -97,10 +104,6 @@ class Trainer(RunState):
         self.model.train()
         if self.step == 0:
             self.evaluate()  # the curve's starting point
-        self._steps_here, self._timed_seconds, self._timed_units = 0, 0.0, 0.0
-        self.out_of_time = False
-        self.stop_reason: str | None = None
-        self._stop_pending: str | None = None
         # a log file (not a terminal) gets a progress line every 30 s instead of ten redraws a second
         self.bar = tqdm(
             total=self.cfg.steps,
@@ -116,7 +119,11 @@ class Trainer(RunState):
         return self
 
     def __exit__(self, *exc) -> None:
-        self._signal.__exit__(*exc)
+        self._close()
+
+    def _close(self) -> None:
+        """Restore the signal handlers (a signal then stops the process at once) and close the progress bar."""
+        self._signal.__exit__()
         self.bar.close()
 
     def elapsed(self) -> float:
@@ -285,7 +292,7 @@ class Trainer(RunState):
 
     def finish(self) -> dict:
         """The final validation and checkpoint, metrics.jsonl, loss.png and summary.json; returns the summary."""
-        self.__exit__(None, None, None)  # a signal from here on stops the process at once, as outside training
+        self._close()
         if self.step < self.cfg.steps and self.stopped_by == "steps":
             self.stopped_by = "max_minutes"
         if not any(r.get("step") == self.step and "val_loss" in r for r in self.rows):
