@@ -58,12 +58,15 @@ TINY = [
     "--rankings.val_fraction=0.3",
     "--reward.train.steps=3",
     "--reward.train.batch_size=2",
+    "--reward_gold.train.steps=3",
+    "--reward_gold.train.batch_size=2",
     "--ppo.train.steps=2",
     "--ppo.train.batch_size=4",
     "--ppo.rollout_prompts=4",
     "--ppo.epochs=1",
     "--ppo.max_tokens=6",
     "--ppo.held_out_prompts=4",
+    "--rlhf_eval.rlhf.best_of=1,2",
     "--sample_tokens=6",
     "--code.max_files=8",
     "--code.val_fraction=0.3",
@@ -113,7 +116,9 @@ TINY = [
 ]
 FAST = [
     f"--{stage}.train.{key}"
-    for stage in ("pretrain", "sft", "reward", "ppo", "code", "embed", "fim", "fim_baseline", "edit", "tools")
+    for stage in (
+        "pretrain", "sft", "reward", "reward_gold", "ppo", "code", "embed", "fim", "fim_baseline", "edit", "tools"
+    )
     for key in ("dtype=fp32", "compile=false", "progress=false", "max_minutes=0", "device=cpu")
 ]
 
@@ -139,7 +144,7 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
         "Supervised fine-tuning",
         "Ranking data",
         "Reward model",
-        "PPO",
+        "RLHF",
         "Code model",
         "HumanEval",
         "Insert (fill-in-the-middle)",
@@ -161,12 +166,12 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert "chatforge chat --ckpt=" in capsys.readouterr().out
     main(args)
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 22
+    assert out.count("up to date, skipped") == 24
     # a changed option reruns that stage and the stages that read its outputs, nothing else
     main(args[: -len(FAST)] + FAST + ["--reward.train.steps=4"])
     out = capsys.readouterr().out
-    assert "reward ..." in out and "ppo ..." in out and "samples ..." in out
+    assert "reward ..." in out and "ppo ..." in out and "rlhf-eval ..." in out and "samples ..." in out
     assert all(
         f"{name}: up to date" in out
-        for name in ("pretrain", "sft", "rankings", "code", "humaneval", "embed", "fim", "edit")
+        for name in ("pretrain", "sft", "rankings", "reward-gold", "code", "humaneval", "embed", "fim", "edit")
     )

@@ -1,12 +1,12 @@
 """run every stage end to end on the embedded default and write the report card.
 
-data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → fim (and
-its left-to-right twin) → edit-data → edit → icl → cot → ape → tool-data → tools → tools-eval → embed →
+data → tokenizer → pretrain → sft-data → sft → rankings → reward → reward-gold → ppo → rlhf-eval → code → humaneval
+→ fim (and its left-to-right twin) → edit-data → edit → icl → cot → ape → tool-data → tools → tools-eval → embed →
 samples → report card, all under ``run_dir``. Each stage's options are nested (``--pretrain.train.max_minutes=5``,
 ``--tokenizer.vocab_size=4096``); the directories are placed under ``run_dir`` by the speedrun. A stage whose
-outputs exist and whose options are unchanged since it finished is skipped unless a stage it reads from ran
-again, so a rerun after an interruption continues where it stopped (training resumes from its last
-checkpoint); ``--force`` redoes everything, ``--only=STAGE`` runs one stage.
+outputs exist and whose options are unchanged since it finished is skipped unless a stage it reads from ran again,
+so a rerun after an interruption continues where it stopped (training resumes from its last checkpoint);
+``--force`` redoes everything, ``--only=STAGE`` runs one stage.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from chatforge.stages import sft as sft_stage
 from chatforge.stages import sft_data as sft_data_stage
 from chatforge.stages import tokenizer as tokenizer_stage
 from chatforge.stages import tool_data as tool_data_stage
+from chatforge.train.reward import RewardTrainConfig
 from chatforge.train.sft import SFTTrainConfig
 
 
@@ -43,6 +44,16 @@ from chatforge.train.sft import SFTTrainConfig
 class HumanEvalOptions(eval_stage.Config):
     max_tokens: int | None = option(128, "most tokens per completion (short: a speedrun-sized model rarely needs more)")
     progress: bool = option(False, "show progress bars")
+
+
+@dataclass
+class GoldRewardTrainOptions(RewardTrainConfig):
+    steps: int = option(240, "optimizer steps: three times the proxy's, so the gold judge knows more than the proxy")
+
+
+@dataclass
+class GoldRewardOptions(reward_stage.Config):
+    train: GoldRewardTrainOptions = nested(GoldRewardTrainOptions, "the shared training loop")
 
 
 @dataclass
@@ -63,7 +74,8 @@ class Config:
     force: bool = option(False, "redo every stage even when its outputs are up to date")
     only: str = option(
         "",
-        "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, ppo, code, "
+        "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, reward-gold, ppo, "
+        "rlhf-eval, code, "
         "humaneval, fim, fim-baseline, edit-data, edit, icl, cot, ape, tool-data, tools, "
         "tools-eval, embed, samples)",
     )
@@ -76,7 +88,9 @@ class Config:
     sft: sft_stage.Config = nested(sft_stage.Config, "the sft stage")
     rankings: rankings_stage.Config = nested(rankings_stage.Config, "the rankings stage")
     reward: reward_stage.Config = nested(reward_stage.Config, "the reward stage")
+    reward_gold: GoldRewardOptions = nested(GoldRewardOptions, "the gold reward model (judges PPO, never optimised)")
     ppo: ppo_stage.Config = nested(ppo_stage.Config, "the ppo stage")
+    rlhf_eval: eval_stage.Config = nested(eval_stage.Config, "`eval rlhf` of the PPO policy (its rlhf.* options)")
     code: code_stage.Config = nested(code_stage.Config, "the code stage (Codex-style fine-tuning on Python)")
     humaneval: HumanEvalOptions = nested(HumanEvalOptions, "`eval humaneval` of the code model")
     fim: fim_stage.Config = nested(fim_stage.Config, "the fim stage (fill-in-the-middle continued pretraining)")
@@ -107,7 +121,12 @@ class Config:
         self.sft.out_dir = self.rankings.ckpt = self.reward.init_from = self.ppo.policy = str(run / "sft")
         self.rankings.prompts = self.ppo.prompts = str(run / "sft_data" / "rl_prompts.jsonl")
         self.rankings.out_dir = self.reward.rankings_dir = str(run / "rankings")
-        self.reward.out_dir = self.ppo.reward_model = str(run / "reward")
+        self.reward.out_dir = self.ppo.reward_model = self.rlhf_eval.rlhf.reward_model = str(run / "reward")
+        self.reward_gold.rankings_dir, self.reward_gold.init_from = str(run / "rankings"), str(run / "sft")
+        self.reward_gold.out_dir = self.rlhf_eval.rlhf.gold_reward_model = str(run / "reward_gold")
+        self.rlhf_eval.ckpt, self.rlhf_eval.out = str(run / "ppo"), str(run / "eval" / "rlhf")
+        self.rlhf_eval.rlhf.baseline = str(run / "sft")
+        self.rlhf_eval.rlhf.prompts = str(run / "sft_data" / "rl_prompts.jsonl")
         self.ppo.pretrain_tokens = str(run / "tokenizer" / "tokens" / "train.bin")
         self.ppo.out_dir = str(run / "ppo")
         self.code.init_from = str(run / "pretrain")
@@ -153,9 +172,13 @@ class Config:
                  lambda: rankings_stage.run(self.rankings, []), ("sft-data", "sft")),
             Step("reward", self.reward, run / "reward" / "summary.json",
                  lambda: train_resuming(reward_stage, self.reward), ("sft", "rankings"), every_rank=True),
+            Step("reward-gold", self.reward_gold, run / "reward_gold" / "summary.json",
+                 lambda: train_resuming(reward_stage, self.reward_gold), ("sft", "rankings"), every_rank=True),
             Step("ppo", self.ppo, run / "ppo" / "summary.json",
                  lambda: train_resuming(ppo_stage, self.ppo), ("tokenizer", "sft-data", "sft", "reward"),
                  every_rank=True),
+            Step("rlhf-eval", self.rlhf_eval, run / "eval" / "rlhf" / "summary.json",
+                 lambda: eval_stage.run(self.rlhf_eval, ["rlhf"]), ("sft-data", "sft", "reward", "reward-gold", "ppo")),
             Step("code", self.code, run / "code" / "summary.json",
                  lambda: train_resuming(code_stage, self.code), ("pretrain",), every_rank=True),
             Step("humaneval", self.humaneval, run / "eval" / "humaneval" / "summary.json",
