@@ -226,12 +226,15 @@ def plot_rlhf(summary: dict, ppo_rows: list[dict], path: Path) -> None:
     curve = training_curve(ppo_rows)
     bon = summary["best_of_n"]
     final = summary["policy"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, title in zip(axes, ("gold_reward", "proxy_reward"), ("gold reward model", "proxy reward model")):
         ppo_key = "reward" if key == "proxy_reward" else key
         trained = [(math.sqrt(max(p["kl"], 0.0)), p[ppo_key]) for p in curve if p.get(ppo_key) is not None]
         if trained:
             ax.plot(*zip(*trained), ".", alpha=0.35, color="tab:blue", label="PPO rollouts (training prompts)")
+            window = max(1, len(trained) // 10)  # a running mean: one rollout's mean reward is noisy
+            ax.plot(*(np.convolve(axis, np.ones(window) / window, mode="valid") for axis in zip(*trained)), "-",
+                    color="tab:blue")
         ax.plot([math.sqrt(p["kl"]) for p in bon], [p[key] for p in bon], "o-", color="tab:orange",
                 label="best-of-n from SFT (held out)")
         for p in bon:
@@ -243,8 +246,8 @@ def plot_rlhf(summary: dict, ppo_rows: list[dict], path: Path) -> None:
                     fmt="*", markersize=12, color="tab:red", label="PPO final policy (held out)")
         ax.set_title(title)
         ax.set_xlabel("√KL to SFT (nats)")
+        ax.set_ylabel("reward")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("reward")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
