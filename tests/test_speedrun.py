@@ -67,6 +67,7 @@ TINY = [
     "--ppo.max_tokens=6",
     "--ppo.held_out_prompts=4",
     "--rlhf_eval.rlhf.best_of=1,2",
+    "--rlhf_eval.rlhf.max_tokens=6",
     "--sample_tokens=6",
     "--code.max_files=8",
     "--code.val_fraction=0.3",
