@@ -127,21 +127,23 @@ def test_eval_rlhf_end_to_end_on_tiny_models(tmp_path, capsys):
     write_shard(tmp_path / "train.bin", [np.arange(500) % tok.vocab_size], tok.vocab_size)
     train = [f"--train.{k}" for k in ("dtype=fp32", "compile=false", "device=cpu", "progress=false", "max_minutes=0",
                                       "batch_size=4")]
-    main(["rankings", f"--prompts={tmp_path / 'pool.jsonl'}", "--ckpt=", f"--out_dir={tmp_path / 'rankings'}"])
-    for name, steps in (("proxy", 3), ("gold", 6)):
+    main(["rankings", f"--prompts={tmp_path / 'pool.jsonl'}", "--ckpt=", f"--out_dir={tmp_path / 'rankings'}",
+          "--held_out_prompts=8"])
+    for name, steps, held_out in (("proxy", 3, "false"), ("gold", 6, "true")):
         main(["reward", f"--rankings_dir={tmp_path / 'rankings'}", f"--init_from={tmp_path / 'sft'}",
-              f"--out_dir={tmp_path / name}", f"--train.steps={steps}", *train])
+              f"--out_dir={tmp_path / name}", f"--train.steps={steps}", f"--include_held_out={held_out}", *train])
     main(["ppo", f"--policy={tmp_path / 'sft'}", f"--reward_model={tmp_path / 'proxy'}",
-          f"--prompts={tmp_path / 'pool.jsonl'}", f"--pretrain_tokens={tmp_path / 'train.bin'}",
-          f"--out_dir={tmp_path / 'ppo'}", "--rollout_prompts=4", "--held_out_prompts=8", "--max_tokens=6",
-          "--train.steps=2", *train])
+          f"--gold_reward_model={tmp_path / 'gold'}", f"--prompts={tmp_path / 'pool.jsonl'}",
+          f"--pretrain_tokens={tmp_path / 'train.bin'}", f"--out_dir={tmp_path / 'ppo'}", "--rollout_prompts=4",
+          "--held_out_prompts=8", "--max_tokens=6", "--unfinished_penalty=0.5", "--train.steps=2", *train])
     capsys.readouterr()
     main(["eval", "rlhf", f"--ckpt={tmp_path / 'ppo'}", f"--rlhf.baseline={tmp_path / 'sft'}",
           f"--rlhf.reward_model={tmp_path / 'proxy'}", f"--rlhf.gold_reward_model={tmp_path / 'gold'}",
-          f"--rlhf.prompts={tmp_path / 'pool.jsonl'}", "--rlhf.max_tokens=6", "--rlhf.best_of=1,2,4",
-          f"--out={tmp_path / 'eval'}", "--device=cpu"])
+          f"--rlhf.prompts={tmp_path / 'pool.jsonl'}", "--rlhf.best_of=1,2,4", f"--out={tmp_path / 'eval'}",
+          "--device=cpu"])
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["prompts"] == 8 and summary["task"] == "rlhf"
+    # budget, held-out count and penalty are the PPO run's
+    assert (summary["prompts"], summary["max_tokens"], summary["unfinished_penalty"]) == (8, 6, 0.5)
     for key in ("win_rate_gold", "win_rate_minilm"):
         rate = summary[key]
         assert rate["prompts"] == 8 and 0 <= rate["low"] <= rate["rate"] <= rate["high"] <= 1
@@ -150,7 +152,7 @@ def test_eval_rlhf_end_to_end_on_tiny_models(tmp_path, capsys):
     assert summary["best_of_n"][0]["gold_reward"] == summary["sft"]["gold_reward"]["mean"]
     proxy_curve = [p["proxy_reward"] for p in summary["best_of_n"]]
     assert proxy_curve == sorted(proxy_curve)  # more candidates never lower the proxy's pick
-    assert summary["policy"]["kl"]["prompts"] == 8
+    assert summary["policy"]["kl"]["prompts"] == 8 and summary["task"] == "rlhf"
     assert len((tmp_path / "eval" / "answers.jsonl").read_text().splitlines()) == 8
     assert (tmp_path / "eval" / "rlhf.png").stat().st_size > 1000
     assert "win rate over SFT on 8 prompts" in capsys.readouterr().out

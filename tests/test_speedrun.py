@@ -56,6 +56,7 @@ TINY = [
     "--rankings.samples_per_prompt=1",
     "--rankings.max_tokens=8",
     "--rankings.val_fraction=0.3",
+    "--rankings.held_out_prompts=4",
     "--reward.train.steps=3",
     "--reward.train.batch_size=2",
     "--reward_gold.train.steps=3",
@@ -67,7 +68,6 @@ TINY = [
     "--ppo.max_tokens=6",
     "--ppo.held_out_prompts=4",
     "--rlhf_eval.rlhf.best_of=1,2",
-    "--rlhf_eval.rlhf.max_tokens=6",
     "--sample_tokens=6",
     "--code.max_files=8",
     "--code.val_fraction=0.3",
@@ -117,9 +117,8 @@ TINY = [
 ]
 FAST = [
     f"--{stage}.train.{key}"
-    for stage in (
-        "pretrain", "sft", "reward", "reward_gold", "ppo", "code", "embed", "fim", "fim_baseline", "edit", "tools"
-    )
+    for stage in ("pretrain", "sft", "reward", "reward_gold", "ppo", "code", "embed", "fim", "fim_baseline", "edit",
+                  "tools")
     for key in ("dtype=fp32", "compile=false", "progress=false", "max_minutes=0", "device=cpu")
 ]
 

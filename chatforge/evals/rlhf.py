@@ -27,7 +27,7 @@ from chatforge.chat_template import stop_token_ids
 from chatforge.data.chat_batches import pad_rows
 from chatforge.errors import ChatforgeError
 from chatforge.evals.ppo_eval import reward_scores
-from chatforge.infer.answers import sample_answers
+from chatforge.infer.answers import ended, sample_answers
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.precision import InferenceOptions
 from chatforge.model.gpt import GPT
@@ -115,9 +115,9 @@ def response_logprob_sums(model: GPT, pairs: Pairs, pad_id: int, device: str) ->
 def scores(reward_model: ScalarHeadModel, pairs: Pairs, end_id: int, pad_id: int, device: str,
            unfinished_penalty: float) -> np.ndarray:
     """``reward_scores`` (the unfinished-answer rule) in chunks, as a float array."""
-    raw = torch.cat([reward_scores(reward_model, pairs[i:i + SCORED_TOGETHER], end_id, pad_id, device).cpu()
-                     for i in range(0, len(pairs), SCORED_TOGETHER)]).numpy().astype(float)
-    return raw - unfinished_penalty * np.array([not (r and r[-1] == end_id) for _, r in pairs], dtype=float)
+    return torch.cat([reward_scores(reward_model, pairs[i:i + SCORED_TOGETHER], end_id, pad_id, device,
+                                    unfinished_penalty).cpu()
+                      for i in range(0, len(pairs), SCORED_TOGETHER)]).numpy().astype(float)
 
 
 def evaluate_rlhf(
@@ -172,7 +172,7 @@ def evaluate_rlhf(
         return {"gold_reward": mean_interval(rm["gold"][name]), "proxy_reward": mean_interval(rm["proxy"][name]),
                 "similarity": round(float(np.mean(similarity[name])), 4),
                 "response_length": round(float(np.mean([len(r) for _, r in answers[name]])), 2),
-                "ended_fraction": round(float(np.mean([bool(r) and r[-1] == end for _, r in answers[name]])), 4)}
+                "ended_fraction": round(float(np.mean([ended(r, end) for _, r in answers[name]])), 4)}
 
     bon_gold = at_kl(curve, policy_kl, "gold_reward")
     summary = {

@@ -38,6 +38,10 @@ class Config:
     init_from: str = option("runs/speedrun/sft", "the SFT model the reward model starts from")
     out_dir: str = option("runs/speedrun/reward", "where checkpoints/, metrics.jsonl, loss.png, summary.json go")
     loss: str = option("pairwise", "pairwise (InstructGPT) or plackett_luce (listwise)")
+    include_held_out: bool = option(
+        False, "also train on held_out.jsonl, the rankings of the prompts PPO holds out: for a gold reward model "
+        "that judges PPO's policy (Gao et al.), never for the proxy PPO optimises",
+    )
     resume: bool = option(False, "continue from out_dir's latest checkpoint")
     train: RewardTrainConfig = nested(RewardTrainConfig, "the shared training loop")
 
@@ -55,6 +59,8 @@ def run(cfg: Config, args: list[str]) -> None:
     block = gpt.config.block_size
     root = Path(cfg.rankings_dir)
     train_set = load_rankings(root / "train.jsonl", tokenizer, block)
+    if cfg.include_held_out:
+        train_set += load_rankings(root / "held_out.jsonl", tokenizer, block)
     val_set = load_rankings(root / "val.jsonl", tokenizer, block)
     model = ScalarHeadModel(gpt.train())
     task = RewardTask(

@@ -1,12 +1,12 @@
 """run every stage end to end on the embedded default and write the report card.
 
-data → tokenizer → pretrain → sft-data → sft → rankings → reward → reward-gold → ppo → rlhf-eval → code → humaneval
-→ fim (and its left-to-right twin) → edit-data → edit → icl → cot → ape → tool-data → tools → tools-eval → embed →
-samples → report card, all under ``run_dir``. Each stage's options are nested (``--pretrain.train.max_minutes=5``,
-``--tokenizer.vocab_size=4096``); the directories are placed under ``run_dir`` by the speedrun. A stage whose
-outputs exist and whose options are unchanged since it finished is skipped unless a stage it reads from ran again,
-so a rerun after an interruption continues where it stopped (training resumes from its last checkpoint);
-``--force`` redoes everything, ``--only=STAGE`` runs one stage.
+data → tokenizer → pretrain → sft-data → sft → rankings → reward (the proxy) → reward-gold → ppo → rlhf-eval →
+code → humaneval → fim (and its left-to-right twin) → edit-data → edit → icl → cot → ape → tool-data → tools →
+tools-eval → embed → samples → report card, all under ``run_dir``. Each stage's options are nested
+(``--pretrain.train.max_minutes=5``, ``--tokenizer.vocab_size=4096``); the directories are placed under
+``run_dir`` by the speedrun. A stage whose outputs exist and whose options are unchanged since it finished is
+skipped unless a stage it reads from ran again, so a rerun after an interruption continues where it stopped
+(training resumes from its last checkpoint); ``--force`` redoes everything, ``--only=STAGE`` runs one stage.
 """
 
 from __future__ import annotations
@@ -47,16 +47,6 @@ class HumanEvalOptions(eval_stage.Config):
 
 
 @dataclass
-class GoldRewardTrainOptions(RewardTrainConfig):
-    steps: int = option(240, "optimizer steps: three times the proxy's, so the gold judge knows more than the proxy")
-
-
-@dataclass
-class GoldRewardOptions(reward_stage.Config):
-    train: GoldRewardTrainOptions = nested(GoldRewardTrainOptions, "the shared training loop")
-
-
-@dataclass
 class ToolTrainOptions(SFTTrainConfig):
     # measured: 600 steps taught the call format but garbled numbers (1 % right); 1000 steps reached 63 %
     steps: int = option(1200, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
@@ -66,6 +56,18 @@ class ToolTrainOptions(SFTTrainConfig):
 @dataclass
 class ToolSFTOptions(sft_stage.Config):
     train: ToolTrainOptions = nested(ToolTrainOptions, "the shared training loop")
+
+
+@dataclass
+class GoldRewardTrainOptions(RewardTrainConfig):
+    steps: int = option(240, "optimizer steps (more data than the proxy's, trained longer)")
+    max_minutes: float = option(8.0, "wall-time budget in minutes (0 = none)")
+
+
+@dataclass
+class GoldRewardOptions(reward_stage.Config):
+    include_held_out: bool = option(True, "train on the held-out prompts' rankings too (the gold model may)")
+    train: GoldRewardTrainOptions = nested(GoldRewardTrainOptions, "the shared training loop")
 
 
 @dataclass
@@ -87,8 +89,10 @@ class Config:
     sft_data: sft_data_stage.Config = nested(sft_data_stage.Config, "the sft-data stage")
     sft: sft_stage.Config = nested(sft_stage.Config, "the sft stage")
     rankings: rankings_stage.Config = nested(rankings_stage.Config, "the rankings stage")
-    reward: reward_stage.Config = nested(reward_stage.Config, "the reward stage")
-    reward_gold: GoldRewardOptions = nested(GoldRewardOptions, "the gold reward model (judges PPO, never optimised)")
+    reward: reward_stage.Config = nested(reward_stage.Config, "the reward stage (the proxy reward model PPO optimises)")
+    reward_gold: GoldRewardOptions = nested(
+        GoldRewardOptions, "the gold reward model: all rankings, trained longer; judges PPO, never optimised"
+    )
     ppo: ppo_stage.Config = nested(ppo_stage.Config, "the ppo stage")
     rlhf_eval: eval_stage.Config = nested(eval_stage.Config, "`eval rlhf` of the PPO policy (its rlhf.* options)")
     code: code_stage.Config = nested(code_stage.Config, "the code stage (Codex-style fine-tuning on Python)")
@@ -122,8 +126,10 @@ class Config:
         self.rankings.prompts = self.ppo.prompts = str(run / "sft_data" / "rl_prompts.jsonl")
         self.rankings.out_dir = self.reward.rankings_dir = str(run / "rankings")
         self.reward.out_dir = self.ppo.reward_model = self.rlhf_eval.rlhf.reward_model = str(run / "reward")
-        self.reward_gold.rankings_dir, self.reward_gold.init_from = str(run / "rankings"), str(run / "sft")
-        self.reward_gold.out_dir = self.rlhf_eval.rlhf.gold_reward_model = str(run / "reward_gold")
+        self.reward_gold.rankings_dir, self.reward_gold.init_from = self.reward.rankings_dir, self.reward.init_from
+        self.reward_gold.out_dir = self.ppo.gold_reward_model = self.rlhf_eval.rlhf.gold_reward_model = str(
+            run / "reward_gold"
+        )
         self.rlhf_eval.ckpt, self.rlhf_eval.out = str(run / "ppo"), str(run / "eval" / "rlhf")
         self.rlhf_eval.rlhf.baseline = str(run / "sft")
         self.rlhf_eval.rlhf.prompts = str(run / "sft_data" / "rl_prompts.jsonl")
@@ -175,7 +181,7 @@ class Config:
             Step("reward-gold", self.reward_gold, run / "reward_gold" / "summary.json",
                  lambda: train_resuming(reward_stage, self.reward_gold), ("sft", "rankings"), every_rank=True),
             Step("ppo", self.ppo, run / "ppo" / "summary.json",
-                 lambda: train_resuming(ppo_stage, self.ppo), ("tokenizer", "sft-data", "sft", "reward"),
+                 lambda: train_resuming(ppo_stage, self.ppo), ("tokenizer", "sft-data", "sft", "reward", "reward-gold"),
                  every_rank=True),
             Step("rlhf-eval", self.rlhf_eval, run / "eval" / "rlhf" / "summary.json",
                  lambda: eval_stage.run(self.rlhf_eval, ["rlhf"]), ("sft-data", "sft", "reward", "reward-gold", "ppo")),
