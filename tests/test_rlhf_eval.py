@@ -106,25 +106,60 @@ def test_training_curve_keeps_one_point_per_rollout_and_tolerates_rows_without_g
     assert curve[0]["gold_reward"] is None and curve[1]["gold_reward"] == 0.2
 
 
+def tiny_gpt(vocab: int, seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab, block_size=48, n_layer=1, n_head=2, n_embd=32)).eval()
+
+
+def test_a_policy_identical_to_sft_ties_everywhere_at_zero_kl(tmp_path):
+    """Policy and SFT share seeds, so the same model gives the same answers: every judge ties, the KL is 0."""
+    from chatforge.evals.rlhf import evaluate_rlhf, plot_rlhf
+    from chatforge.model.heads import ScalarHeadModel
+    from chatforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["a helpful answer", "zzz qqq", "question"] * 5, vocab_size=290)
+    sft = tiny_gpt(tok.vocab_size, 0)
+    proxy, gold = (ScalarHeadModel(tiny_gpt(tok.vocab_size, seed)).eval() for seed in (1, 2))
+    held_out = [{"messages": [{"role": "user", "content": f"question {i}"}], "reference": "a helpful answer"}
+                for i in range(6)]
+
+    def judge(texts):  # letter counts, normalised: any fixed embedding will do for a tie
+        vectors = np.array([[t.count(c) + 1.0 for c in "aehlpqz "] for t in texts])
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    summary, rows = evaluate_rlhf(sft, sft, proxy, gold, tok, held_out, 5, judge, best_of=(1, 2, 4),
+                                  unfinished_penalty=0.5)
+    assert summary["policy"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    for key in ("win_rate_gold", "win_rate_minilm", "win_rate_proxy"):
+        assert summary[key] == {"rate": 0.5, "low": 0.5, "high": 0.5, "prompts": 6}
+    assert summary["gold_reward_difference"]["mean"] == 0.0
+    assert summary["best_of_n"][0]["gold_reward"] == summary["sft"]["gold_reward"]["mean"]
+    assert summary["best_of_n_gold_at_policy_kl"] == summary["sft"]["gold_reward"]["mean"]
+    assert [r["policy_answer"] for r in rows] == [r["sft_answer"] for r in rows]
+    plot_rlhf(summary, [{"step": 1, "kl": 0.0, "reward": 0.1}], tmp_path / "rlhf.png")
+    assert (tmp_path / "rlhf.png").stat().st_size > 1000
+
+
 @pytest.mark.slow
 def test_eval_rlhf_end_to_end_on_tiny_models(tmp_path, capsys):
-    """sft → rankings → proxy and gold reward models → a short PPO run → `eval rlhf`: summary, answers, plot."""
-    import numpy as np
-
+    """Rankings → proxy and gold reward models → `eval rlhf` of a PPO run directory: summary, answers, plot."""
     from chatforge.cli import main
-    from chatforge.data.shards import write_shard
     from chatforge.model.hf import export_hf_gpt2
     from chatforge.tokenizer import Tokenizer
 
     tok = Tokenizer.train(["a helpful answer", "zzz qqq", "question"] * 5, vocab_size=290)
-    tok.save(tmp_path / "sft")
-    torch.manual_seed(0)
-    export_hf_gpt2(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=32)),
-                   tmp_path / "sft")
+    for name, seed in (("sft", 0), ("ppo", 1)):  # a "policy" that differs from SFT everywhere
+        tok.save(tmp_path / name)
+        export_hf_gpt2(tiny_gpt(tok.vocab_size, seed), tmp_path / name)
+    # what a PPO run leaves beside its policy: the summary's settings and per-rollout metrics (gold from step 3)
+    (tmp_path / "ppo" / "summary.json").write_text(json.dumps(
+        {"max_tokens": 6, "held_out_prompts": 8, "unfinished_penalty": 0.5}))
+    (tmp_path / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": i, "kl": 0.1 * i, "reward": 0.05 * i, **({"gold_reward": 0.02 * i} if i > 2 else {})}) + "\n"
+        for i in range(1, 12)))
     pool = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"question {i}"}],
              "reference": "a helpful answer" if i % 2 else "zzz qqq"} for i in range(20)]
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pool))
-    write_shard(tmp_path / "train.bin", [np.arange(500) % tok.vocab_size], tok.vocab_size)
     train = [f"--train.{k}" for k in ("dtype=fp32", "compile=false", "device=cpu", "progress=false", "max_minutes=0",
                                       "batch_size=4")]
     main(["rankings", f"--prompts={tmp_path / 'pool.jsonl'}", "--ckpt=", f"--out_dir={tmp_path / 'rankings'}",
@@ -132,10 +167,6 @@ def test_eval_rlhf_end_to_end_on_tiny_models(tmp_path, capsys):
     for name, steps, held_out in (("proxy", 3, "false"), ("gold", 6, "true")):
         main(["reward", f"--rankings_dir={tmp_path / 'rankings'}", f"--init_from={tmp_path / 'sft'}",
               f"--out_dir={tmp_path / name}", f"--train.steps={steps}", f"--include_held_out={held_out}", *train])
-    main(["ppo", f"--policy={tmp_path / 'sft'}", f"--reward_model={tmp_path / 'proxy'}",
-          f"--gold_reward_model={tmp_path / 'gold'}", f"--prompts={tmp_path / 'pool.jsonl'}",
-          f"--pretrain_tokens={tmp_path / 'train.bin'}", f"--out_dir={tmp_path / 'ppo'}", "--rollout_prompts=4",
-          "--held_out_prompts=8", "--max_tokens=6", "--unfinished_penalty=0.5", "--train.steps=2", *train])
     capsys.readouterr()
     main(["eval", "rlhf", f"--ckpt={tmp_path / 'ppo'}", f"--rlhf.baseline={tmp_path / 'sft'}",
           f"--rlhf.reward_model={tmp_path / 'proxy'}", f"--rlhf.gold_reward_model={tmp_path / 'gold'}",
@@ -152,7 +183,7 @@ def test_eval_rlhf_end_to_end_on_tiny_models(tmp_path, capsys):
     assert summary["best_of_n"][0]["gold_reward"] == summary["sft"]["gold_reward"]["mean"]
     proxy_curve = [p["proxy_reward"] for p in summary["best_of_n"]]
     assert proxy_curve == sorted(proxy_curve)  # more candidates never lower the proxy's pick
-    assert summary["policy"]["kl"]["prompts"] == 8 and summary["task"] == "rlhf"
+    assert summary["policy"]["kl"]["mean"] > 0  # two unrelated models: the measured KL is far from 0
     assert len((tmp_path / "eval" / "answers.jsonl").read_text().splitlines()) == 8
     assert (tmp_path / "eval" / "rlhf.png").stat().st_size > 1000
     assert "win rate over SFT on 8 prompts" in capsys.readouterr().out
