@@ -246,6 +246,45 @@ def tools_section(run_dir: Path) -> Section | None:
                                                   "right_call", "oracle") if k in summary}, text=text)
 
 
+def _interval(result: dict, key: str = "mean") -> str:
+    return f"{result[key]:.4g} [{result['low']:.4g}, {result['high']:.4g}] on {result['prompts']} prompts"
+
+
+def rlhf_section(run_dir: Path) -> Section | None:
+    """PPO's training (summary, ppo.png) and `eval rlhf`'s verdict: win rates over SFT with their intervals, and
+    gold and proxy reward of PPO against best-of-n from SFT at matched KL (rlhf.png)."""
+    ppo, judged = _read_json(run_dir / "ppo" / "summary.json"), _read_json(run_dir / "eval" / "rlhf" / "summary.json")
+    if ppo is None and judged is None:
+        return None
+    section = Section("RLHF (PPO against the proxy reward model; judged by a gold reward model and MiniLM)",
+                      facts=figures(ppo or {}), plots=[*sorted((run_dir / "ppo").glob("*.png")),
+                                                       *sorted((run_dir / "eval" / "rlhf").glob("*.png"))])
+    if judged is None:
+        return section
+    section.facts.update({"held-out prompts": judged["prompts"], "sampling": judged["sampling"],
+                          "intervals": judged["intervals"], "answer budget (tokens)": judged["max_tokens"],
+                          "unfinished penalty": judged["unfinished_penalty"],
+                          "gold reward, PPO − SFT (paired)": _interval(judged["gold_reward_difference"]),
+                          "best-of-n gold reward at PPO's KL": judged["best_of_n_gold_at_policy_kl"],
+                          "PPO − best-of-n gold reward at PPO's KL": judged["policy_minus_best_of_n_gold"]})
+    policy, sft = judged["policy"], judged["sft"]
+    rows = [["SFT", 0.0, sft["proxy_reward"]["mean"], sft["gold_reward"]["mean"], sft["similarity"]]]
+    rows += [[f"best-of-{p['n']} from SFT", p["kl"], p["proxy_reward"], p["gold_reward"], ""]
+             for p in judged["best_of_n"]]
+    rows.append(["PPO", _interval(policy["kl"]), _interval(policy["proxy_reward"]), _interval(policy["gold_reward"]),
+                 policy["similarity"]])
+    judges = (("gold reward model", "win_rate_gold"), ("MiniLM similarity to the reference", "win_rate_minilm"),
+              ("proxy reward model (the one optimised)", "win_rate_proxy"))
+    section.tables += [
+        ("PPO vs best-of-n from SFT on the held-out prompts (best-of-n KL = log n − (n−1)/n; PPO's measured)",
+         ["policy", "KL to SFT (nats)", "proxy reward", "gold reward", "MiniLM similarity"], rows),
+        ("Win rate of PPO over SFT (ties ½) with its 95 % interval",
+         ["judge", "win rate", "low", "high", "prompts"],
+         [[name, *(judged[key][k] for k in ("rate", "low", "high", "prompts"))] for name, key in judges]),
+    ]
+    return section
+
+
 SECTIONS: list[Callable[[Path], Section | None]] = [
     corpus_section,
     tokenizer_section,
@@ -255,7 +294,7 @@ SECTIONS: list[Callable[[Path], Section | None]] = [
                      "sft"),
     manifest_section("Ranking data", "rankings/manifest.json"),
     training_section("Reward model (val_accuracy = held-out pairwise accuracy)", "reward"),
-    training_section("PPO (win rates over SFT: by the reward model and by the MiniLM judge)", "ppo"),
+    rlhf_section,
     training_section("Code model (held-out code loss before/after fine-tuning)", "code"),
     training_section("HumanEval (pass@k of the code model, sandboxed)", "eval/humaneval"),
     insertion_section,

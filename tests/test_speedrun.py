@@ -67,6 +67,7 @@ TINY = [
     "--ppo.epochs=1",
     "--ppo.max_tokens=6",
     "--ppo.held_out_prompts=4",
+    "--rlhf_eval.rlhf.best_of=1,2",
     "--sample_tokens=6",
     "--code.max_files=8",
     "--code.val_fraction=0.3",
@@ -143,7 +144,7 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
         "Supervised fine-tuning",
         "Ranking data",
         "Reward model",
-        "PPO",
+        "RLHF",
         "Code model",
         "HumanEval",
         "Insert (fill-in-the-middle)",
@@ -165,11 +166,11 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert "chatforge chat --ckpt=" in capsys.readouterr().out
     main(args)
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 23
+    assert out.count("up to date, skipped") == 24
     # a changed option reruns that stage and the stages that read its outputs, nothing else
     main(args[: -len(FAST)] + FAST + ["--reward.train.steps=4"])
     out = capsys.readouterr().out
-    assert "reward ..." in out and "ppo ..." in out and "samples ..." in out
+    assert "reward ..." in out and "ppo ..." in out and "rlhf-eval ..." in out and "samples ..." in out
     assert all(
         f"{name}: up to date" in out
         for name in ("pretrain", "sft", "rankings", "reward-gold", "code", "humaneval", "embed", "fim", "edit")

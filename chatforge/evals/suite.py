@@ -1,4 +1,5 @@
-"""The evaluations `chatforge eval` runs (humaneval, icl, cot, tools): their option groups and runners.
+"""The evaluations `chatforge eval` runs (humaneval, icl, cot, tools, rlhf): their option groups and runners
+(rlhf's runner loads reward models, so it lives with the stage, `chatforge.stages.eval`).
 """
 
 from __future__ import annotations
@@ -7,17 +8,25 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from chatforge import io
 from chatforge.config import option
-from chatforge.errors import ConfigError
+from chatforge.data.rankings import read_prompt_pool
+from chatforge.device import resolve_device
+from chatforge.embed.minilm import MiniLMEmbedder
+from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evals.cot import evaluate_cot
 from chatforge.evals.humaneval import Problem, evaluate, load_problems
 from chatforge.evals.icl import built_in_tasks, run_suite, user_task
+from chatforge.evals.rlhf import evaluate_rlhf, plot_rlhf
 from chatforge.evals.sandbox import Sandbox
 from chatforge.infer.loading import load_engine
+from chatforge.model.checkpoint import load_model, tokenizer_path
+from chatforge.model.heads import ScalarHeadModel
+from chatforge.tokenizer import Tokenizer
 from chatforge.tools.evaluate import evaluate_tools, read_questions
 
 MODES = ("model", "canonical", "empty")
@@ -46,6 +55,21 @@ class ToolsOptions:
                             "held-out arithmetic questions with answers (`chatforge tool-data`)")
     limit: int = option(100, "questions evaluated (0 = all)")
     max_calls: int = option(2, "tool calls allowed per answer")
+
+
+@dataclass
+class RLHFOptions:
+    baseline: str = option("runs/speedrun/sft", "the SFT model PPO started from (the win rates' opponent)")
+    reward_model: str = option("runs/speedrun/reward", "the proxy reward model: the one PPO optimised")
+    gold_reward_model: str = option("runs/speedrun/reward_gold", "the gold reward model, never optimised against")
+    prompts: str = option("runs/speedrun/sft_data/rl_prompts.jsonl", "the RLHF prompt pool")
+    held_out_prompts: int = option(0, "the pool's last prompts evaluated (0 = as many as PPO held out)")
+    max_tokens: int = option(0, "answer budget (0 = the PPO run's max_tokens)")
+    unfinished_penalty: float | None = option(
+        None, "taken off an answer that has not ended within max_tokens (default: the PPO run's)", ge=0
+    )
+    best_of: list[int] = option([1, 2, 4, 8, 16], "n of best-of-n from SFT (max(n) answers per prompt are drawn)",
+                                ge=1)
 
 
 def sample_completions(cfg, problems: list[Problem]) -> list[list[str]]:
@@ -138,6 +162,56 @@ def report_humaneval(cfg) -> None:
           f"{summary['isolation']} sandbox): {scores}")
     print(f"solved {summary['solved_problems']}/{summary['problems']}; sample statuses {summary['statuses']}; "
           f"wrote {summary['out']}/results.jsonl and summary.json")
+
+
+def ppo_setting(options: RLHFOptions, ppo: dict, run: Path, name: str, unset=0, fallback=None):
+    """An `eval rlhf` setting: the option when set, else what the PPO run recorded (else ``fallback``)."""
+    given = getattr(options, name)
+    if given != unset:
+        return given
+    recorded = ppo.get(name, fallback)
+    if recorded is None:
+        raise ChatforgeError(f"{run / 'summary.json'} records no '{name}'; pass --rlhf.{name}")
+    return recorded
+
+
+def run_rlhf(cfg, load_reward_model: Callable[[str, str], ScalarHeadModel],
+             read_metrics: Callable[[Path], list[dict]]) -> None:
+    """`eval rlhf` (chatforge.evals.rlhf); the stage hands in the training layer's readers of reward models and
+    of a run's metrics.jsonl."""
+    options, run = cfg.rlhf, Path(cfg.ckpt)
+    ppo = io.read_json(run / "summary.json", "PPO run summary (--ckpt must be a `chatforge ppo` out_dir)")
+    max_tokens = ppo_setting(options, ppo, run, "max_tokens")
+    count = ppo_setting(options, ppo, run, "held_out_prompts")
+    # a PPO run from before the unfinished-answer rule recorded no penalty: it had none
+    penalty = ppo_setting(options, ppo, run, "unfinished_penalty", unset=None, fallback=0.0)
+    pool = read_prompt_pool(options.prompts)
+    if count > len(pool):
+        raise ChatforgeError(f"{options.prompts} has {len(pool)} prompts; cannot hold out the last {count}")
+    device = resolve_device(cfg.device)
+    policy, _ = load_model(run, device)
+    baseline, _ = load_model(options.baseline, device)
+    proxy = load_reward_model(options.reward_model, device)
+    gold = load_reward_model(options.gold_reward_model, device)
+    tokenizer = Tokenizer.load(cfg.tokenizer or tokenizer_path(run))
+    print(f"[rlhf] {run} vs {options.baseline} on the last {count} of {len(pool)} prompts, {max_tokens}-token "
+          f"answers, best-of-{max(options.best_of)} from SFT; proxy {options.reward_model}, "
+          f"gold {options.gold_reward_model}")
+    summary, rows = evaluate_rlhf(policy, baseline, proxy, gold, tokenizer, pool[len(pool) - count:], max_tokens,
+                                  MiniLMEmbedder(device=device).embed, options.best_of, cfg.seed or 0, device,
+                                  cfg.inference(), penalty)
+    summary = {"task": "rlhf", "ckpt": cfg.ckpt, "baseline": options.baseline, "reward_model": options.reward_model,
+               "gold_reward_model": options.gold_reward_model, **summary}
+    out = Path(cfg.out or "runs/eval/rlhf")
+    io.write_jsonl(out / "answers.jsonl", rows)
+    io.write_json(out / "summary.json", summary)
+    plot_rlhf(summary, read_metrics(run), out / "rlhf.png")
+    rates = "; ".join(f"{judge} {r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+                      for judge, r in (("gold RM", summary["win_rate_gold"]), ("MiniLM", summary["win_rate_minilm"])))
+    diff, kl = summary["gold_reward_difference"], summary["policy"]["kl"]["mean"]
+    print(f"[rlhf] win rate over SFT on {count} prompts: {rates}; gold reward policy − SFT {diff['mean']:+.3f} "
+          f"[{diff['low']:+.3f}, {diff['high']:+.3f}] at KL {kl:.2f}; best-of-n at that KL: "
+          f"{summary['best_of_n_gold_at_policy_kl']}; wrote {out}/summary.json, answers.jsonl and rlhf.png")
 
 
 RUNNERS = {"humaneval": report_humaneval, "icl": run_icl, "cot": run_cot, "tools": run_tools}

@@ -1,9 +1,10 @@
-"""evaluate a model: HumanEval pass@k in a sandbox, in-context learning, chain-of-thought, tool use.
+"""evaluate a model: HumanEval pass@k in a sandbox, in-context learning, chain-of-thought, tool use, RLHF.
 
     chatforge eval icl --ckpt=runs/speedrun/pretrain --icl.shots=0,1,4      # zero-, one- and few-shot
     chatforge eval icl --icl.tasks=arithmetic,copy --icl.inputs=my_task.jsonl
     chatforge eval cot --ckpt=runs/speedrun/pretrain --cot.items=100         # worked reasoning vs direct answers
     chatforge eval tools --ckpt=runs/speedrun/tools                          # arithmetic with vs without the calculator
+    chatforge eval rlhf --ckpt=runs/speedrun/ppo --out=runs/speedrun/eval/rlhf  # PPO vs SFT and best-of-n
     chatforge eval humaneval --ckpt=runs/speedrun/code --n=10 --temperature=0.2
     chatforge eval humaneval --n=200 --temperature=0.8            # pass@100 as Codex reports it
     chatforge eval humaneval --mode=canonical                      # proves the harness: must be 100 %
@@ -22,6 +23,13 @@ multiple choice (log-likelihood of the gold answer among candidates), and writes
 and icl.png (accuracy vs k). ``cot`` compares few-shot prompts with worked reasoning against direct answers
 on multi-step arithmetic (``chatforge.evals.cot``). Both decode greedily; the sampling options above are
 HumanEval's.
+
+``rlhf`` judges the PPO policy at ``--ckpt`` (a PPO run directory: its summary.json gives the answer budget, the
+held-out count and the unfinished-answer penalty, its metrics.jsonl the training curve) against the SFT model
+on the prompt pool's held-out prompts, by the gold reward model, the proxy it optimised and MiniLM similarity
+to the reference answers, and against best-of-n from SFT at matched KL (``chatforge.evals.rlhf``: temperature
+1 for every model, 95 % intervals by the normal approximation). Writes summary.json, answers.jsonl (one row
+per prompt) and rlhf.png (gold and proxy reward against √KL) to ``--out`` (default runs/eval/rlhf).
 """
 
 from __future__ import annotations
@@ -32,9 +40,11 @@ from chatforge.config import nested, option
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evals.humaneval import DEFAULT_K, STOP_SEQUENCES
 from chatforge.evals.sandbox import SandboxLimits
-from chatforge.evals.suite import MODES, RUNNERS, CoTOptions, ICLOptions, ToolsOptions
+from chatforge.evals.suite import MODES, RUNNERS, CoTOptions, ICLOptions, RLHFOptions, ToolsOptions, run_rlhf
 from chatforge.infer.loading import EngineOptions
 from chatforge.infer.params import BOUNDS
+from chatforge.train.loop import read_metrics
+from chatforge.train.reward import load_reward_model
 
 
 @dataclass
@@ -60,6 +70,7 @@ class Config(EngineOptions):
     icl: ICLOptions = nested(ICLOptions, "`eval icl`: in-context learning")
     cot: CoTOptions = nested(CoTOptions, "`eval cot`: chain-of-thought vs direct answers")
     tools: ToolsOptions = nested(ToolsOptions, "`eval tools`: arithmetic with vs without the calculator")
+    rlhf: RLHFOptions = nested(RLHFOptions, "`eval rlhf`: a PPO policy vs SFT and best-of-n, by gold and proxy RMs")
 
     def validate(self) -> None:
         super().validate()
@@ -85,6 +96,10 @@ class Config(EngineOptions):
 
 
 def run(cfg: Config, args: list[str]) -> None:
-    if len(args) != 1 or args[0] not in RUNNERS:
-        raise ChatforgeError(f"name one task to evaluate: {', '.join(RUNNERS)} (got {' '.join(args) or 'none'})")
-    RUNNERS[args[0]](cfg)
+    tasks = [*RUNNERS, "rlhf"]
+    if len(args) != 1 or args[0] not in tasks:
+        raise ChatforgeError(f"name one task to evaluate: {', '.join(tasks)} (got {' '.join(args) or 'none'})")
+    if args[0] == "rlhf":  # it reads reward models and a training run's metrics: the training layer's files
+        run_rlhf(cfg, load_reward_model, read_metrics)
+    else:
+        RUNNERS[args[0]](cfg)

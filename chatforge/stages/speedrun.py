@@ -1,7 +1,7 @@
 """run every stage end to end on the embedded default and write the report card.
 
-data → tokenizer → pretrain → sft-data → sft → rankings → reward (the proxy) → reward-gold → ppo → code →
-humaneval → fim (and its left-to-right twin) → edit-data → edit → icl → cot → ape → tool-data → tools →
+data → tokenizer → pretrain → sft-data → sft → rankings → reward (the proxy) → reward-gold → ppo → rlhf-eval →
+code → humaneval → fim (and its left-to-right twin) → edit-data → edit → icl → cot → ape → tool-data → tools →
 tools-eval → embed → samples → report card, all under ``run_dir``. Each stage's options are nested
 (``--pretrain.train.max_minutes=5``, ``--tokenizer.vocab_size=4096``); the directories are placed under
 ``run_dir`` by the speedrun. A stage whose outputs exist and whose options are unchanged since it finished is
@@ -78,7 +78,8 @@ class Config:
     force: bool = option(False, "redo every stage even when its outputs are up to date")
     only: str = option(
         "",
-        "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, reward-gold, ppo, code, "
+        "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, reward-gold, ppo, "
+        "rlhf-eval, code, "
         "humaneval, fim, fim-baseline, edit-data, edit, icl, cot, ape, tool-data, tools, "
         "tools-eval, embed, samples)",
     )
@@ -95,6 +96,7 @@ class Config:
         GoldRewardOptions, "the gold reward model: all rankings, trained longer; judges PPO, never optimised"
     )
     ppo: ppo_stage.Config = nested(ppo_stage.Config, "the ppo stage")
+    rlhf_eval: eval_stage.Config = nested(eval_stage.Config, "`eval rlhf` of the PPO policy (its rlhf.* options)")
     code: code_stage.Config = nested(code_stage.Config, "the code stage (Codex-style fine-tuning on Python)")
     humaneval: HumanEvalOptions = nested(HumanEvalOptions, "`eval humaneval` of the code model")
     fim: fim_stage.Config = nested(fim_stage.Config, "the fim stage (fill-in-the-middle continued pretraining)")
@@ -125,9 +127,14 @@ class Config:
         self.sft.out_dir = self.rankings.ckpt = self.reward.init_from = self.ppo.policy = str(run / "sft")
         self.rankings.prompts = self.ppo.prompts = str(run / "sft_data" / "rl_prompts.jsonl")
         self.rankings.out_dir = self.reward.rankings_dir = str(run / "rankings")
-        self.reward.out_dir = self.ppo.reward_model = str(run / "reward")
+        self.reward.out_dir = self.ppo.reward_model = self.rlhf_eval.rlhf.reward_model = str(run / "reward")
         self.reward_gold.rankings_dir, self.reward_gold.init_from = self.reward.rankings_dir, self.reward.init_from
-        self.reward_gold.out_dir = self.ppo.gold_reward_model = str(run / "reward_gold")
+        self.reward_gold.out_dir = self.ppo.gold_reward_model = self.rlhf_eval.rlhf.gold_reward_model = str(
+            run / "reward_gold"
+        )
+        self.rlhf_eval.ckpt, self.rlhf_eval.out = str(run / "ppo"), str(run / "eval" / "rlhf")
+        self.rlhf_eval.rlhf.baseline = str(run / "sft")
+        self.rlhf_eval.rlhf.prompts = str(run / "sft_data" / "rl_prompts.jsonl")
         self.ppo.pretrain_tokens = str(run / "tokenizer" / "tokens" / "train.bin")
         self.ppo.out_dir = str(run / "ppo")
         self.code.init_from = str(run / "pretrain")
@@ -178,6 +185,8 @@ class Config:
             Step("ppo", self.ppo, run / "ppo" / "summary.json",
                  lambda: train_resuming(ppo_stage, self.ppo), ("tokenizer", "sft-data", "sft", "reward", "reward-gold"),
                  every_rank=True),
+            Step("rlhf-eval", self.rlhf_eval, run / "eval" / "rlhf" / "summary.json",
+                 lambda: eval_stage.run(self.rlhf_eval, ["rlhf"]), ("sft-data", "sft", "reward", "reward-gold", "ppo")),
             Step("code", self.code, run / "code" / "summary.json",
                  lambda: train_resuming(code_stage, self.code), ("pretrain",), every_rank=True),
             Step("humaneval", self.humaneval, run / "eval" / "humaneval" / "summary.json",
