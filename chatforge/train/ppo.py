@@ -1,9 +1,10 @@
 """PPO for language models (InstructGPT step 3): the actor-critic and the PPO loop, ``train_ppo``.
 
 The `chatforge ppo` stage (chatforge/stages/ppo.py) describes the recipe and runs it; the arithmetic is in
-``ppo_math``; the win rates and curves are in ``chatforge.evals.ppo_eval``. ``train_ppo`` drives the shared
-training loop's pieces (``chatforge.train.trainer.Trainer``: optimizer, schedule, accumulation, DDP/FSDP,
-checkpoints, exact resume, metrics, time budget) from its own rollout → epochs × minibatches loop.
+``ppo_math``; reward scoring and the curves are in ``chatforge.evals.ppo_eval``, the judging of a trained policy
+(``chatforge eval rlhf``) in ``chatforge.evals.rlhf``. ``train_ppo`` drives the shared training loop's pieces
+(``chatforge.train.trainer.Trainer``: optimizer, schedule, accumulation, DDP/FSDP, checkpoints, exact resume,
+metrics, time budget) from its own rollout → epochs × minibatches loop.
 """
 
 from __future__ import annotations
