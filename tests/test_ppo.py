@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from chatforge.chat_template import prompt_ids
+from chatforge.chat_template import prompt_ids, stop_token_ids
 from chatforge.data.shards import TokenWindows, write_shard
+from chatforge.evals.ppo_eval import reward_scores
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.heads import ScalarHeadModel
 from chatforge.stages.ppo import Config
@@ -111,9 +112,20 @@ def test_ptx_mixes_a_pretraining_loss_into_each_update(tok, tmp_path):
     assert len(rows) == 2 and all(r["ptx_loss"] > 0 for r in rows)
 
 
+def test_unfinished_answers_lose_the_penalty(tok):
+    end = stop_token_ids(tok)[0]
+    prompt = prompt_ids([{"role": "user", "content": "hello"}], tok)
+    judge = EvenTokenReward(32, len(prompt))
+    finished, cut = (prompt, [2, 4, end]), (prompt, [2, 4])  # same text; only the first ended by itself
+    plain = reward_scores(judge, [finished, cut], end, 0, "cpu")
+    assert plain[0] == plain[1] == 2  # read the same way: <|end|> appended to the cut one
+    penalised = reward_scores(judge, [finished, cut], end, 0, "cpu", unfinished_penalty=1.5)
+    assert penalised.tolist() == [2.0, 0.5]
+
+
 @pytest.mark.slow
 def test_ppo_stage_end_to_end(tmp_path, capsys):
-    """sft checkpoint → reward stage → ppo stage: metrics, plot, both win rates in summary.json."""
+    """sft checkpoint → rankings → proxy and gold reward models → ppo stage: the measured budget, metrics, plot."""
     from chatforge.cli import main
     from chatforge.model.hf import export_hf_gpt2
 
@@ -135,18 +147,13 @@ def test_ppo_stage_end_to_end(tmp_path, capsys):
         "--train.progress=false",
         "--train.max_minutes=0",
     ]
-    main(["rankings", f"--prompts={tmp_path / 'pool.jsonl'}", "--ckpt=", f"--out_dir={tmp_path / 'rankings'}"])
-    main(
-        [
-            "reward",
-            f"--rankings_dir={tmp_path / 'rankings'}",
-            f"--init_from={tmp_path / 'sft'}",
-            f"--out_dir={tmp_path / 'rm'}",
-            "--train.steps=6",
-            "--train.batch_size=4",
-            *fast,
-        ]
-    )
+    main(["rankings", f"--prompts={tmp_path / 'pool.jsonl'}", f"--ckpt={tmp_path / 'sft'}", "--device=cpu",
+          f"--out_dir={tmp_path / 'rankings'}", "--held_out_prompts=8", "--samples_per_prompt=1"])
+    for name, extra in (("rm", []), ("gold", ["--include_held_out", "--train.steps=8"])):
+        main(["reward", f"--rankings_dir={tmp_path / 'rankings'}", f"--init_from={tmp_path / 'sft'}",
+              f"--out_dir={tmp_path / name}", "--train.steps=6", "--train.batch_size=4", *fast, *extra])
+    manifest = json.loads((tmp_path / "rankings" / "manifest.json").read_text())
+    assert manifest["splits"]["held_out"] == 8 and manifest["answer_budget"]["cap"] == 24
     write_shard(tmp_path / "tokens" / "train.bin", [np.arange(500) % tok.vocab_size], tok.vocab_size)
     main(
         [
@@ -156,17 +163,23 @@ def test_ppo_stage_end_to_end(tmp_path, capsys):
             f"--prompts={tmp_path / 'pool.jsonl'}",
             f"--pretrain_tokens={tmp_path / 'tokens' / 'train.bin'}",
             f"--out_dir={tmp_path / 'ppo'}",
+            f"--gold_reward_model={tmp_path / 'gold'}",
             "--rollout_prompts=8",
             "--held_out_prompts=8",
-            "--max_tokens=6",
+            "--max_tokens=0",
             "--train.steps=4",
             "--train.batch_size=4",
             *fast,
         ]
     )
     summary = json.loads((tmp_path / "ppo" / "summary.json").read_text())
-    assert 0 <= summary["win_rate_rm"] <= 1 and 0 <= summary["win_rate_minilm"] <= 1
+    # the rollout budget is the SFT model's own, measured on the same prompts and seed as the ranking data's
+    assert summary["max_tokens"] == manifest["answer_budget"]["max_tokens"]
+    assert summary["max_tokens"] % 8 == 0 and 8 <= summary["max_tokens"] <= 24
+    assert summary["final_gold_reward"] is not None and summary["held_out_prompts"] == 8
     assert summary["steps"] == 4 and (tmp_path / "ppo" / "ppo.png").is_file()
+    rows = read_metrics(tmp_path / "ppo")
+    assert {"approx_kl", "clip_frac", "ended_fraction", "gold_reward"} <= set(rows[-1])
     from chatforge.model.checkpoint import load_model
 
     actor, info = load_model(tmp_path / "ppo")  # the checkpoint loads as a plain GPT (the actor)

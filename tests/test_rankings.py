@@ -8,7 +8,7 @@ import random
 import pytest
 
 from chatforge.cli import main
-from chatforge.data.rankings import automatic_rankings, read_rankings
+from chatforge.data.rankings import automatic_rankings, concise, read_rankings
 
 POOL = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"question {i}?"}],
          "reference": f"A careful answer number {i} with several words in it."} for i in range(40)]
@@ -16,17 +16,38 @@ POOL = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"question {i}?
 
 def test_reference_beats_samples_beat_corruptions():
     records = automatic_rankings(
-        POOL[:3], lambda prompts: [["sampled a", "sampled b"] for _ in prompts], random.Random(0)
+        POOL[:3], lambda prompts: [[("sampled a", True), ("sampled b", True)] for _ in prompts], random.Random(0)
     )
     first = records[0]
     assert first["completions"][0] == POOL[0]["reference"]
     assert first["completions"][1:3] == ["sampled a", "sampled b"]
-    assert first["ranking"] == [[0], [1, 2], [3, 4, 5, 6]]
+    assert first["ranking"] == [[0], [1, 2], [3, 4, 5, 6, 7]]
     corrupted = first["completions"][3:]
     assert corrupted[0] in {p["reference"] for p in POOL[1:3]}  # another prompt's answer
     assert len(corrupted[1]) < len(POOL[0]["reference"])  # truncated
     assert sorted(corrupted[2].split()) == sorted(POOL[0]["reference"].split())  # shuffled
+    assert corrupted[4] == "sampled a"  # the model's answer to another prompt, ranked as off topic
     assert first["source"] == "auto" and 4 <= len(first["completions"]) <= 9
+
+
+def test_unfinished_samples_rank_with_the_corruptions():
+    (record,) = automatic_rankings(POOL[:1], lambda prompts: [[("ended", True), ("cut off mid", False)]],
+                                   random.Random(0))
+    completions, ranking = record["completions"], record["ranking"]
+    assert ranking[0] == [0] and [completions[i] for i in ranking[1]] == ["ended"]
+    assert "cut off mid" in [completions[i] for i in ranking[2]] and len(ranking[2]) == 5
+
+
+def test_concise_reference_ranks_between_reference_and_samples():
+    item = {"id": "c", "messages": [{"role": "user", "content": "q?"}],
+            "reference": "First point here. Second point follows! Third one is much longer than the budget allows."}
+    fits = lambda text: len(text.split()) <= 6  # noqa: E731
+    assert concise(item["reference"], fits) == "First point here. Second point follows!"
+    assert concise("One sentence only.", fits) is None  # nothing shorter than the whole reference
+    (record,) = automatic_rankings([item], lambda prompts: [[("sampled", True)]], random.Random(0), fits)
+    completions, ranking = record["completions"], record["ranking"]
+    assert [completions[i] for i in ranking[1]] == ["First point here. Second point follows!"]
+    assert [completions[i] for i in ranking[2]] == ["sampled"] and len(completions) <= 9
 
 
 def test_human_rankings_are_validated_with_file_and_line(tmp_path):
@@ -53,12 +74,17 @@ def test_stage_writes_disjoint_splits_and_counts_sources(tmp_path):
         + "\n"
     )
     out = tmp_path / "rankings"
-    main(["rankings", f"--prompts={pool}", "--ckpt=", f"--inputs={human}", f"--out_dir={out}", "--val_fraction=0.3"])
+    main(["rankings", f"--prompts={pool}", "--ckpt=", f"--inputs={human}", f"--out_dir={out}", "--val_fraction=0.3",
+          "--held_out_prompts=10"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sources"] == {"auto": 40, "human": 1}
-    train = [json.loads(line)["id"] for line in (out / "train.jsonl").read_text().splitlines()]
-    val = [json.loads(line)["id"] for line in (out / "val.jsonl").read_text().splitlines()]
-    assert not set(train) & set(val) and len(train) + len(val) == 41
+    train, val, held_out = (
+        [json.loads(line)["id"] for line in (out / f"{split}.jsonl").read_text().splitlines()]
+        for split in ("train", "val", "held_out")
+    )
+    assert not set(train) & set(val) and len(train) + len(val) == 31
+    # the prompts PPO holds out for evaluation reach only the gold reward model's file
+    assert held_out == [p["id"] for p in POOL[-10:]] and not set(held_out) & (set(train) | set(val))
 
 
 def test_missing_reference_is_named(tmp_path, capsys):

@@ -56,8 +56,11 @@ TINY = [
     "--rankings.samples_per_prompt=1",
     "--rankings.max_tokens=8",
     "--rankings.val_fraction=0.3",
+    "--rankings.held_out_prompts=4",
     "--reward.train.steps=3",
     "--reward.train.batch_size=2",
+    "--reward_gold.train.steps=3",
+    "--reward_gold.train.batch_size=2",
     "--ppo.train.steps=2",
     "--ppo.train.batch_size=4",
     "--ppo.rollout_prompts=4",
@@ -113,7 +116,8 @@ TINY = [
 ]
 FAST = [
     f"--{stage}.train.{key}"
-    for stage in ("pretrain", "sft", "reward", "ppo", "code", "embed", "fim", "fim_baseline", "edit", "tools")
+    for stage in ("pretrain", "sft", "reward", "reward_gold", "ppo", "code", "embed", "fim", "fim_baseline", "edit",
+                  "tools")
     for key in ("dtype=fp32", "compile=false", "progress=false", "max_minutes=0", "device=cpu")
 ]
 
@@ -161,12 +165,12 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
     assert "chatforge chat --ckpt=" in capsys.readouterr().out
     main(args)
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 22
+    assert out.count("up to date, skipped") == 23
     # a changed option reruns that stage and the stages that read its outputs, nothing else
     main(args[: -len(FAST)] + FAST + ["--reward.train.steps=4"])
     out = capsys.readouterr().out
     assert "reward ..." in out and "ppo ..." in out and "samples ..." in out
     assert all(
         f"{name}: up to date" in out
-        for name in ("pretrain", "sft", "rankings", "code", "humaneval", "embed", "fim", "edit")
+        for name in ("pretrain", "sft", "rankings", "reward-gold", "code", "humaneval", "embed", "fim", "edit")
     )

@@ -131,7 +131,7 @@ def test_ppo_on_simulated_users_signals_raises_how_often_the_policy_gives_kept_a
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pool))
     main(["ppo", f"--policy={root / 'sft'}", f"--reward_model={tmp_path / 'rm'}",
           f"--prompts={tmp_path / 'pool.jsonl'}", f"--out_dir={tmp_path / 'ppo'}", "--ptx_coef=0",
-          f"--max_tokens={MAX_TOKENS}", "--rollout_prompts=16",
+          f"--max_tokens={MAX_TOKENS}", "--unfinished_penalty=0", "--gold_reward_model=", "--rollout_prompts=16",
           "--held_out_prompts=8", "--epochs=2", "--kl.beta=0.02", "--kl.adaptive=false", "--train.steps=40",
           "--train.batch_size=8", "--train.lr=1e-3", "--train.min_lr=1e-3", *FAST])
 

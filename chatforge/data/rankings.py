@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
+from typing import Callable
 
 from chatforge import io
 from chatforge.chat_template import validate_messages
@@ -67,20 +69,47 @@ def corruptions(answer: str, other_answer: str, rng: random.Random) -> list[str]
     ]
 
 
-def automatic_rankings(pool: list[dict], sample_answers, rng: random.Random) -> list[dict]:
-    """Reference > SFT samples > corruptions, for each prompt of the pool.
+def concise(reference: str, fits: Callable[[str], bool]) -> str | None:
+    """The reference's longest run of whole first sentences that ``fits`` the answer budget, when that is
+    shorter than the reference: a finished, on-topic answer of the length the policy can give."""
+    sentences = re.split(r"(?<=[.!?:])\s+", reference.strip())
+    kept = ""
+    for sentence in sentences[:-1]:
+        candidate = f"{kept} {sentence}".strip()
+        if not fits(candidate):
+            break
+        kept = candidate
+    return kept or None
 
-    ``sample_answers(prompts) -> list[list[str]]`` gives the SFT model's answers (empty lists without one).
+
+def automatic_rankings(pool: list[dict], sample_answers, rng: random.Random,
+                       fits: Callable[[str], bool] | None = None) -> list[dict]:
+    """Reference > its concise form > finished SFT samples > corruptions, the SFT model's answer to another prompt
+    and unfinished SFT samples, for each prompt of the pool.
+
+    The concise form (whole first sentences of the reference that ``fits`` the answer budget, when ``fits`` is
+    given and the reference is longer) shows the reward model short answers that are good, so a short answer is
+    judged by what it says, not only by how little it risks.
+
+    ``sample_answers(prompts) -> list[list[(text, finished)]]`` gives the SFT model's answers and whether each
+    ended with <|end|> inside its token budget (empty lists without a model). An unfinished answer ranks with
+    the corruptions: the same rule PPO applies when it takes ``unfinished_penalty`` off such a rollout.
     """
     sampled = sample_answers([p["messages"] for p in pool])
     records = []
     for i, (item, samples) in enumerate(zip(pool, sampled)):
-        other = (
-            pool[(i + 1 + rng.randrange(len(pool) - 1)) % len(pool)]["reference"] if len(pool) > 1 else "I don't know."
-        )
-        bad = corruptions(item["reference"], other, rng)
-        completions = [item["reference"], *samples, *bad]
-        tiers = [[0], list(range(1, 1 + len(samples))), list(range(1 + len(samples), len(completions)))]
+        j = (i + 1 + rng.randrange(len(pool) - 1)) % len(pool) if len(pool) > 1 else i
+        other = pool[j]["reference"] if j != i else "I don't know."
+        # the model's own answer to another question: fluent, in the policy's style and off topic, so the
+        # reward model must judge what an answer says about this question rather than who wrote it
+        off_topic = [sampled[j][0][0]] if j != i and sampled[j] else []
+        finished = [text for text, done in samples if done]
+        bad = corruptions(item["reference"], other, rng) + off_topic + [text for text, done in samples if not done]
+        short = [c for c in [concise(item["reference"], fits)] if c] if fits else []
+        completions = [item["reference"], *short, *finished, *bad]
+        good = 1 + len(short) + len(finished)
+        tiers = [[0], list(range(1, 1 + len(short))), list(range(1 + len(short), good))]
+        tiers.append(list(range(good, len(completions))))
         records.append(
             {
                 "id": item["id"],

@@ -12,24 +12,29 @@ from chatforge import io
 from chatforge.chat_template import stop_token_ids
 from chatforge.data.chat_batches import pad_rows
 from chatforge.embed.minilm import MiniLMEmbedder
-from chatforge.infer.answers import sample_answers
+from chatforge.infer.answers import ended, sample_answers
 from chatforge.infer.params import SamplingParams
 from chatforge.model.gpt import GPT
 from chatforge.model.heads import ScalarHeadModel
 from chatforge.tokenizer import PAD
 
 
-def reward_scores(reward_model: ScalarHeadModel, pairs, end_id: int, pad_id: int, device: str) -> torch.Tensor:
-    """Scores of prompt + response, with <|end|> appended to answers that ran out of tokens (the reward model
-    was trained on finished answers), keeping each sequence's end when it exceeds the context."""
+def reward_scores(reward_model: ScalarHeadModel, pairs, end_id: int, pad_id: int, device: str,
+                  unfinished_penalty: float = 0.0) -> torch.Tensor:
+    """Scores of prompt + response under the unfinished-answer rule: the reward model reads every answer with
+    <|end|> after it (it was trained on finished answers; a sequence longer than the context keeps its end),
+    and an answer that ran out of tokens before its own <|end|> loses ``unfinished_penalty``. The ranking
+    builder applies the same rule by ranking unfinished samples with the corrupted answers."""
     block = reward_model.config.block_size
-    rows = [(p + r + ([] if r and r[-1] == end_id else [end_id]))[-block:] for p, r in pairs]
+    rows = [(p + r + ([] if ended(r, end_id) else [end_id]))[-block:] for p, r in pairs]
     ids, lengths = pad_rows(rows, pad_id)
+    unfinished = torch.tensor([not ended(r, end_id) for _, r in pairs], dtype=torch.float32, device=device)
     with torch.no_grad():
-        return reward_model.score(ids.to(device), lengths.to(device)).float()
+        return reward_model.score(ids.to(device), lengths.to(device)).float() - unfinished_penalty * unfinished
 
 
-PLOTTED = ("reward", "kl", "beta", "entropy", "clip_frac", "value_loss", "response_length", "ptx_loss")
+PLOTTED = ("reward", "gold_reward", "kl", "beta", "clip_frac", "approx_kl", "entropy", "value_loss",
+           "response_length", "ended_fraction", "ptx_loss")
 
 
 def plot_ppo(rows: list[dict], path: Path) -> None:
@@ -38,7 +43,7 @@ def plot_ppo(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6))
+    fig, axes = plt.subplots(3, 4, figsize=(16, 9))
     for ax, key in zip(axes.flat, PLOTTED):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:

@@ -10,6 +10,8 @@ from chatforge.infer.params import SamplingParams
 from chatforge.infer.precision import InferenceOptions
 from chatforge.model.gpt import GPT
 
+BUDGET_PROMPTS = 64  # prompts whose answers set the length budget (enough for a stable 90th percentile)
+
 
 def sample_answers(
     model: GPT, tokenizer, prompts: list[list[dict]], max_tokens: int, params: SamplingParams,
@@ -34,3 +36,32 @@ def sample_answers(
     ]
     outs = engine.generate([prompt_ids(p, tokenizer) for p in prompts], settings)
     return [(o.prompt_ids, list(o.choices[0].token_ids)) for o in outs]
+
+
+def ended(response: list[int], end_id: int) -> bool:
+    """Whether an answer finished with the end-of-turn token inside its budget (else it was cut off)."""
+    return bool(response) and response[-1] == end_id
+
+
+def measure_answer_budget(
+    model: GPT, tokenizer, prompts: list[list[dict]], end_id: int, seed: int, quantile: float = 0.9,
+    inference: InferenceOptions | None = None,
+) -> dict:
+    """The answer length budget read off the model's own answers: sample one answer per prompt (temperature 1,
+    the policy's full distribution) with room for half the context, and take the ``quantile`` of the lengths
+    (an answer still running at the cap counts as the cap), rounded up to a multiple of 8.
+
+    RL rollouts and the ranking data use this budget, so most answers end by themselves and the few that do not
+    are the ones the unfinished-answer rule is for."""
+    cap = model.config.block_size // 2
+    pairs = sample_answers(model, tokenizer, prompts, cap, SamplingParams(temperature=1.0, seed=seed), inference)
+    lengths = sorted(len(r) if ended(r, end_id) else cap for _, r in pairs)
+    at_quantile = lengths[min(len(lengths) - 1, int(quantile * len(lengths)))]
+    return {
+        "max_tokens": min(cap, -(-at_quantile // 8) * 8),
+        "cap": cap,
+        "quantile": quantile,
+        "prompts": len(pairs),
+        "ended_within_cap": round(sum(ended(r, end_id) for _, r in pairs) / len(pairs), 4),
+        "median_length": lengths[len(lengths) // 2],
+    }

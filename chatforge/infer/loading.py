@@ -6,10 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatforge.chat_template import prompt_ids
+from chatforge.chat_template import prompt_ids, stop_token_ids
 from chatforge.config import option
 from chatforge.device import resolve_device
 from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.infer.answers import ended
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.precision import InferenceOptions
@@ -61,16 +62,19 @@ def checkpoint_engine(ckpt: str, device: str, inference: InferenceOptions | None
 
 def answer_sampler(ckpt: str, device: str, n: int, max_tokens: int, temperature: float, seed: int,
                    inference: InferenceOptions | None = None):
-    """A function from chat prompts (message lists) to ``n`` sampled answers each, by the model at ``ckpt``;
-    without a checkpoint or with ``n`` = 0 it returns no answers."""
+    """A function from chat prompts (message lists) to ``n`` sampled answers each, (text, ended with the stop
+    token within ``max_tokens``), by the model at ``ckpt``; without a checkpoint or with ``n`` = 0 it returns no
+    answers."""
     if not ckpt or not n:
         return lambda prompts: [[] for _ in prompts]
     engine = checkpoint_engine(ckpt, device, inference)
     # the full distribution: no top-k/top-p, so the samples are what the policy really says
+    end_id = stop_token_ids(engine.tokenizer)[0]
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed, truncate=True)
 
-    def sample(prompts: list[list[dict]]) -> list[list[str]]:
+    def sample(prompts: list[list[dict]]) -> list[list[tuple[str, bool]]]:
         ids = [prompt_ids(m, engine.tokenizer) for m in prompts]
-        return [[c.text.strip() for c in out.choices] for out in engine.generate(ids, params)]
+        outs = engine.generate(ids, params)
+        return [[(c.text.strip(), ended(list(c.token_ids), end_id)) for c in out.choices] for out in outs]
 
     return sample

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge import io
+from chatforge.chat_template import stop_token_ids
 from chatforge.config import check_option_bounds, nested, option
 from chatforge.data.rankings import read_prompt_pool
 from chatforge.data.shards import TokenWindows
 from chatforge.errors import ChatforgeError, ConfigError
-from chatforge.evals.ppo_eval import plot_ppo, win_rates
+from chatforge.evals.ppo_eval import plot_ppo
+from chatforge.infer.answers import BUDGET_PROMPTS, measure_answer_budget
 from chatforge.infer.precision import InferenceOptions
 from chatforge.model.checkpoint import load_model, tokenizer_path
 from chatforge.tokenizer import Tokenizer
@@ -50,8 +52,13 @@ class Config:
     out_dir: str = option("runs/speedrun/ppo", "where checkpoints/, metrics.jsonl, ppo.png, summary.json go")
     resume: bool = option(False, "continue from out_dir's latest checkpoint")
     rollout_prompts: int = option(16, "prompts answered per rollout", ge=1)
-    epochs: int = option(2, "passes over each rollout", ge=1)
-    max_tokens: int = option(48, "longest sampled answer", ge=1)
+    epochs: int = option(4, "passes over each rollout", ge=1)
+    max_tokens: int = option(0, "longest sampled answer (0 = measured: the 90th percentile of the SFT model's own "
+                                "answer lengths, see infer.answers.measure_answer_budget)", ge=0)
+    unfinished_penalty: float = option(
+        1.0, "taken off the reward of an answer that has not ended (<|end|>) within max_tokens", ge=0
+    )
+    gold_reward_model: str = option("", "a gold reward model scored on every rollout but never optimised ('' = none)")
     gamma: float = option(1.0, "discount in GAE", ge=0, le=1)
     lam: float = option(0.95, "λ in GAE", ge=0, le=1)
     clip: float = option(0.2, "PPO ratio clip ε", gt=0, lt=1)
@@ -60,7 +67,10 @@ class Config:
     ptx_coef: float = option(
         1.0, "γ: weight of the pretraining next-token loss mixed into each update (0 = off)", ge=0
     )
-    held_out_prompts: int = option(48, "prompts in the win-rate evaluation after training", ge=1)
+    held_out_prompts: int = option(
+        200, "the pool's last prompts, kept out of training for `chatforge eval rlhf` (and of the proxy RM's rankings)",
+        ge=0,
+    )
     kl: KLConfig = nested(KLConfig, "the KL penalty")
     inference: InferenceOptions = nested(InferenceOptions, "how rollouts are generated (dtype, quantize, compile)")
     train: PPOTrainConfig = nested(PPOTrainConfig, "the shared training loop")
@@ -93,7 +103,7 @@ def run(cfg: Config, args: list[str]) -> None:
             f"{cfg.prompts} has {len(pool)} prompts; PPO needs rollout_prompts ({cfg.rollout_prompts}) "
             f"+ held_out_prompts ({cfg.held_out_prompts})"
         )
-    train_pool, held_out = pool[: -cfg.held_out_prompts], pool[-cfg.held_out_prompts :]
+    train_pool, held_out = pool[: len(pool) - cfg.held_out_prompts], pool[len(pool) - cfg.held_out_prompts :]
     ptx = None
     if cfg.ptx_coef > 0:
         if not Path(cfg.pretrain_tokens).is_file():
@@ -102,12 +112,21 @@ def run(cfg: Config, args: list[str]) -> None:
                 "(set --pretrain_tokens, or --ptx_coef=0 to disable the mix)"
             )
         ptx = TokenWindows(cfg.pretrain_tokens, actor.config.block_size, cfg.train.seed)
+    gold = load_reward_model(cfg.gold_reward_model, device).requires_grad_(False) if cfg.gold_reward_model else None
+    budget = {"max_tokens": cfg.max_tokens}
+    if not cfg.max_tokens:  # measured once and shared, so every process samples to the same budget
+        if job.is_main:
+            budget = measure_answer_budget(reference, tokenizer, [p["messages"] for p in train_pool[:BUDGET_PROMPTS]],
+                                           stop_token_ids(tokenizer)[0], cfg.train.seed, inference=cfg.inference)
+        budget = job.broadcast_object(budget)
     policy = ActorCritic(actor.train(), critic.train())
-    task = PPOTask(cfg, policy, reference.eval(), reward_model, tokenizer, train_pool, ptx)
+    task = PPOTask(cfg, policy, reference.eval(), reward_model, tokenizer, train_pool, ptx, gold,
+                   budget["max_tokens"])
     if job.is_main:
         print(
             f"[ppo] actor {info['path']} ({actor.num_params() / 1e6:.2f}M), reward model {cfg.reward_model}; "
-            f"{len(train_pool)} train prompts, {len(held_out)} held out; {task.per_rollout} updates per rollout"
+            f"{len(train_pool)} train prompts, {len(held_out)} held out; {task.per_rollout} updates per rollout; "
+            f"answers of at most {task.max_tokens} tokens ({budget})"
         )
     meta = {
         "stage": "ppo",
@@ -123,19 +142,15 @@ def run(cfg: Config, args: list[str]) -> None:
     out = Path(cfg.out_dir)
     rows = read_metrics(out)
     plot_ppo(rows, out / "ppo.png")
-    baseline, _ = load_model(cfg.policy, device)
-    rates = win_rates(actor, baseline, reward_model, tokenizer, held_out, cfg.max_tokens, device, cfg.train.seed)
     last = next((r for r in reversed(rows) if "reward" in r), {})
     summary.update(
-        {k: v for k, v in rates.items() if k != "examples"},
-        final_reward=last.get("reward"),
-        final_kl=last.get("kl"),
-        final_beta=last.get("beta"),
+        max_tokens=task.max_tokens,
+        answer_budget=budget,
+        unfinished_penalty=cfg.unfinished_penalty,
+        held_out_prompts=len(held_out),
+        **{f"final_{k}": last.get(k) for k in ("reward", "gold_reward", "kl", "beta", "ended_fraction")},
         stopped_early=task.stop_reason,
     )
     io.write_json(out / "summary.json", summary)
-    io.write_json(out / "win_rate_examples.json", rates["examples"])
-    print(
-        f"[ppo] win rate over SFT on {len(held_out)} held-out prompts: reward model {rates['win_rate_rm']:.2f}, "
-        f"MiniLM similarity to the reference {rates['win_rate_minilm']:.2f}"
-    )
+    print(f"[ppo] final rollout: proxy reward {last.get('reward')}, gold reward {last.get('gold_reward')}, "
+          f"KL {last.get('kl')}; judge the policy with `chatforge eval rlhf`")

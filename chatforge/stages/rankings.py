@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge import io
+from chatforge.chat_template import stop_token_ids
 from chatforge.config import nested, option
 from chatforge.data.rankings import (
     MAX_K,
@@ -30,10 +31,14 @@ from chatforge.data.rankings import (
     read_prompt_pool,
     read_rankings,
 )
+from chatforge.device import resolve_device
 from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.infer.answers import BUDGET_PROMPTS, measure_answer_budget
 from chatforge.infer.loading import answer_sampler
 from chatforge.infer.params import BOUNDS
 from chatforge.infer.precision import InferenceOptions
+from chatforge.model.checkpoint import load_model, tokenizer_path
+from chatforge.tokenizer import Tokenizer
 
 
 @dataclass
@@ -42,9 +47,15 @@ class Config:
     ckpt: str = option("runs/speedrun/sft", "SFT checkpoint that samples the middle-ranked answers ('' = none)")
     inputs: list[str] = option([], "human ranking files (JSONL, the format above), trusted first")
     out_dir: str = option("runs/speedrun/rankings", "writes train.jsonl, val.jsonl, manifest.json here")
-    max_prompts: int = option(400, "automatic rankings built for at most this many prompts")
-    samples_per_prompt: int = option(2, "SFT answers per prompt (ranked below the reference, above corruptions)")
-    max_tokens: int = option(64, "longest sampled answer in tokens")
+    max_prompts: int = option(0, "automatic rankings built for at most this many prompts of the pool (0 = all)")
+    held_out_prompts: int = option(
+        200, "the pool's last prompts, which PPO holds out for evaluation: their rankings go to held_out.jsonl, "
+        "read only by the gold reward model (`chatforge reward --include_held_out`)", ge=0,
+    )
+    samples_per_prompt: int = option(2, "SFT answers per prompt (ranked below the reference, above corruptions; "
+                                        "an answer that does not end within max_tokens ranks with the corruptions)")
+    max_tokens: int = option(0, "longest sampled answer in tokens (0 = measured from the SFT model's answers, "
+                                "the budget PPO measures the same way)", ge=0)
     temperature: float = option(1.0, "sampling temperature of the SFT answers", **BOUNDS["temperature"].field_kwargs())
     val_fraction: float = option(0.15, "share of prompts held out to measure the reward model's accuracy")
     device: str = option("auto", "device for sampling")
@@ -54,29 +65,50 @@ class Config:
     def validate(self) -> None:
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"option 'val_fraction' must be in (0, 1); got {self.val_fraction}")
-        if not 0 <= self.samples_per_prompt <= MAX_K - 5:
-            raise ConfigError(f"option 'samples_per_prompt' must be in 0..{MAX_K - 5} so that K stays ≤ {MAX_K}")
+        if not 0 <= self.samples_per_prompt <= MAX_K - 7:
+            raise ConfigError(f"option 'samples_per_prompt' must be in 0..{MAX_K - 7} so that K stays ≤ {MAX_K}")
 
 
 def run(cfg: Config, args: list[str]) -> None:
     cfg.validate()
     rng = random.Random(cfg.seed)
     records = [r for path in cfg.inputs for r in read_rankings(path)]
-    pool = read_prompt_pool(cfg.prompts)[: cfg.max_prompts]
-    records += automatic_rankings(pool, answer_sampler(cfg.ckpt, cfg.device, cfg.samples_per_prompt, cfg.max_tokens,
-                                                  cfg.temperature, cfg.seed, cfg.inference), rng)
-    splits: dict[str, list[dict]] = {"train": [], "val": []}
+    pool = read_prompt_pool(cfg.prompts)
+    held_out_ids = {p["id"] for p in pool[len(pool) - cfg.held_out_prompts :]} if cfg.held_out_prompts else set()
+    tokenizer = Tokenizer.load(tokenizer_path(cfg.ckpt)) if cfg.ckpt else None
+    budget = {"max_tokens": cfg.max_tokens}
+    if tokenizer and not cfg.max_tokens:  # the SFT model's own budget, on the same prompts and seed as PPO's
+        model, _ = load_model(cfg.ckpt, resolve_device(cfg.device))
+        kept = [p["messages"] for p in pool if p["id"] not in held_out_ids][:BUDGET_PROMPTS]
+        budget = measure_answer_budget(model, tokenizer, kept, stop_token_ids(tokenizer)[0], cfg.seed,
+                                       inference=cfg.inference)
+    sample = answer_sampler(cfg.ckpt, cfg.device, cfg.samples_per_prompt, budget["max_tokens"], cfg.temperature,
+                            cfg.seed, cfg.inference)
+    sampled: list[list[tuple[str, bool]]] = []
+
+    def sample_and_count(prompts):
+        sampled.extend(sample(prompts))
+        return sampled
+
+    fits = None
+    if tokenizer and budget["max_tokens"]:
+        fits = lambda text: len(tokenizer.encode(text)) < budget["max_tokens"]  # noqa: E731
+    records += automatic_rankings(pool[: cfg.max_prompts or len(pool)], sample_and_count, rng, fits)
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "held_out": []}
     for record in records:
-        splits[assign_split(record["id"], cfg.seed, cfg.val_fraction)].append(record)
+        split = "held_out" if record["id"] in held_out_ids else assign_split(record["id"], cfg.seed, cfg.val_fraction)
+        splits[split].append(record)
     if not splits["train"] or not splits["val"]:
         raise ChatforgeError(f"{len(records)} rankings are too few to hold some out; add prompts or rankings")
     out = Path(cfg.out_dir)
-    manifest = {"records": len(records), "splits": {}, "sources": {}}
+    manifest = {"records": len(records), "splits": {}, "sources": {}, "answer_budget": budget}
     for name, rows in splits.items():
         io.write_jsonl(out / f"{name}.jsonl", rows)
         manifest["splits"][name] = len(rows)
         for row in rows:
             manifest["sources"][row["source"]] = manifest["sources"].get(row["source"], 0) + 1
     manifest["completions_per_prompt"] = sorted({len(r["completions"]) for r in records})
+    manifest["unfinished_samples"] = sum(not done for answers in sampled for _, done in answers)
     io.write_json(out / "manifest.json", manifest)
     print(json.dumps(manifest, indent=2))
+

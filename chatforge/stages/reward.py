@@ -58,6 +58,10 @@ class Config:
     init_from: str = option("runs/speedrun/sft", "the SFT model the reward model starts from")
     out_dir: str = option("runs/speedrun/reward", "where checkpoints/, metrics.jsonl, loss.png, summary.json go")
     loss: str = option("pairwise", "pairwise (InstructGPT) or plackett_luce (listwise)")
+    include_held_out: bool = option(
+        False, "also train on held_out.jsonl, the rankings of the prompts PPO holds out: for a gold reward model "
+        "that judges PPO's policy (Gao et al.), never for the proxy PPO optimises",
+    )
     signals: list[str] = option([], "user-signal reward files (`chatforge feedback export --as rewards`, "
                                     "comma-separated) trained with a pointwise loss")
     signals_weight: float = option(1.0, "weight of the signals' pointwise loss beside the rankings' loss", gt=0)
@@ -84,6 +88,8 @@ def run(cfg: Config, args: list[str]) -> None:
     if cfg.rankings_dir:
         root = Path(cfg.rankings_dir)
         train_set = load_rankings(root / "train.jsonl", tokenizer, block)
+        if cfg.include_held_out:
+            train_set += load_rankings(root / "held_out.jsonl", tokenizer, block)
         val_set = load_rankings(root / "val.jsonl", tokenizer, block)
         rankings = RewardTask(train_set, val_set, batch, seed, pad, cfg.loss)
         print(

@@ -54,7 +54,7 @@ class Config:
     max_chars: int = option(12_000, "keep at most this many characters of a conversation (whole turns)")
     max_conversations: int = option(5_000, "stop after keeping this many conversations (0 = no cap)")
     val_fraction: float = option(0.05, "share of conversations held out as sft_val", ge=0, lt=1)
-    rl_fraction: float = option(0.25, "share of conversations turned into the RLHF prompt pool", ge=0, lt=1)
+    rl_fraction: float = option(0.4, "share of conversations turned into the RLHF prompt pool", ge=0, lt=1)
     seed: int = option(0, "seed of the split hash")
 
     def validate(self) -> None:

@@ -1,12 +1,12 @@
 """run every stage end to end on the embedded default and write the report card.
 
-data → tokenizer → pretrain → sft-data → sft → rankings → reward → ppo → code → humaneval → fim (and
-its left-to-right twin) → edit-data → edit → icl → cot → ape → tool-data → tools → tools-eval → embed →
-samples → report card, all under ``run_dir``. Each stage's options are nested (``--pretrain.train.max_minutes=5``,
-``--tokenizer.vocab_size=4096``); the directories are placed under ``run_dir`` by the speedrun. A stage whose
-outputs exist and whose options are unchanged since it finished is skipped unless a stage it reads from ran
-again, so a rerun after an interruption continues where it stopped (training resumes from its last
-checkpoint); ``--force`` redoes everything, ``--only=STAGE`` runs one stage.
+data → tokenizer → pretrain → sft-data → sft → rankings → reward (the proxy) → reward-gold → ppo → code →
+humaneval → fim (and its left-to-right twin) → edit-data → edit → icl → cot → ape → tool-data → tools →
+tools-eval → embed → samples → report card, all under ``run_dir``. Each stage's options are nested
+(``--pretrain.train.max_minutes=5``, ``--tokenizer.vocab_size=4096``); the directories are placed under
+``run_dir`` by the speedrun. A stage whose outputs exist and whose options are unchanged since it finished is
+skipped unless a stage it reads from ran again, so a rerun after an interruption continues where it stopped
+(training resumes from its last checkpoint); ``--force`` redoes everything, ``--only=STAGE`` runs one stage.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from chatforge.stages import sft as sft_stage
 from chatforge.stages import sft_data as sft_data_stage
 from chatforge.stages import tokenizer as tokenizer_stage
 from chatforge.stages import tool_data as tool_data_stage
+from chatforge.train.reward import RewardTrainConfig
 from chatforge.train.sft import SFTTrainConfig
 
 
@@ -50,6 +51,8 @@ class ToolTrainOptions(SFTTrainConfig):
     # measured: 600 steps taught the call format but garbled numbers (1 % right); 1000 steps reached 63 %
     steps: int = option(1200, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
     max_minutes: float = option(8.0, "wall-time budget in minutes (0 = none)")
+    eval_every: int = option(200, "steps between validation losses (0 = only at the start and the end)")
+    ckpt_every: int = option(200, "steps between checkpoints (0 = only at the end)")
 
 
 @dataclass
@@ -58,12 +61,24 @@ class ToolSFTOptions(sft_stage.Config):
 
 
 @dataclass
+class GoldRewardTrainOptions(RewardTrainConfig):
+    steps: int = option(240, "optimizer steps (more data than the proxy's, trained longer)")
+    max_minutes: float = option(8.0, "wall-time budget in minutes (0 = none)")
+
+
+@dataclass
+class GoldRewardOptions(reward_stage.Config):
+    include_held_out: bool = option(True, "train on the held-out prompts' rankings too (the gold model may)")
+    train: GoldRewardTrainOptions = nested(GoldRewardTrainOptions, "the shared training loop")
+
+
+@dataclass
 class Config:
     run_dir: str = option("runs/speedrun", "every stage writes under this directory")
     force: bool = option(False, "redo every stage even when its outputs are up to date")
     only: str = option(
         "",
-        "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, ppo, code, "
+        "run just this stage (data, tokenizer, pretrain, sft-data, sft, rankings, reward, reward-gold, ppo, code, "
         "humaneval, fim, fim-baseline, edit-data, edit, icl, cot, ape, tool-data, tools, "
         "tools-eval, embed, samples)",
     )
@@ -75,7 +90,10 @@ class Config:
     sft_data: sft_data_stage.Config = nested(sft_data_stage.Config, "the sft-data stage")
     sft: sft_stage.Config = nested(sft_stage.Config, "the sft stage")
     rankings: rankings_stage.Config = nested(rankings_stage.Config, "the rankings stage")
-    reward: reward_stage.Config = nested(reward_stage.Config, "the reward stage")
+    reward: reward_stage.Config = nested(reward_stage.Config, "the reward stage (the proxy reward model PPO optimises)")
+    reward_gold: GoldRewardOptions = nested(
+        GoldRewardOptions, "the gold reward model: all rankings, trained longer; judges PPO, never optimised"
+    )
     ppo: ppo_stage.Config = nested(ppo_stage.Config, "the ppo stage")
     code: code_stage.Config = nested(code_stage.Config, "the code stage (Codex-style fine-tuning on Python)")
     humaneval: HumanEvalOptions = nested(HumanEvalOptions, "`eval humaneval` of the code model")
@@ -108,6 +126,8 @@ class Config:
         self.rankings.prompts = self.ppo.prompts = str(run / "sft_data" / "rl_prompts.jsonl")
         self.rankings.out_dir = self.reward.rankings_dir = str(run / "rankings")
         self.reward.out_dir = self.ppo.reward_model = str(run / "reward")
+        self.reward_gold.rankings_dir, self.reward_gold.init_from = self.reward.rankings_dir, self.reward.init_from
+        self.reward_gold.out_dir = self.ppo.gold_reward_model = str(run / "reward_gold")
         self.ppo.pretrain_tokens = str(run / "tokenizer" / "tokens" / "train.bin")
         self.ppo.out_dir = str(run / "ppo")
         self.code.init_from = str(run / "pretrain")
@@ -153,8 +173,10 @@ class Config:
                  lambda: rankings_stage.run(self.rankings, []), ("sft-data", "sft")),
             Step("reward", self.reward, run / "reward" / "summary.json",
                  lambda: train_resuming(reward_stage, self.reward), ("sft", "rankings"), every_rank=True),
+            Step("reward-gold", self.reward_gold, run / "reward_gold" / "summary.json",
+                 lambda: train_resuming(reward_stage, self.reward_gold), ("sft", "rankings"), every_rank=True),
             Step("ppo", self.ppo, run / "ppo" / "summary.json",
-                 lambda: train_resuming(ppo_stage, self.ppo), ("tokenizer", "sft-data", "sft", "reward"),
+                 lambda: train_resuming(ppo_stage, self.ppo), ("tokenizer", "sft-data", "sft", "reward", "reward-gold"),
                  every_rank=True),
             Step("code", self.code, run / "code" / "summary.json",
                  lambda: train_resuming(code_stage, self.code), ("pretrain",), every_rank=True),

@@ -25,13 +25,16 @@ from chatforge.train.loop import TrainConfig, lm_loss, train
 
 @dataclass
 class SFTTrainConfig(TrainConfig):
-    steps: int = option(600, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
+    # measured on the speedrun (depth-4 modern base, ~900 conversations of ~200 assistant tokens): held-out loss
+    # 3.90 → 3.71 at step 200, then rising to 3.74 at 600 (with 750 conversations: best 3.73 at 100, 3.82 at 500);
+    # Muon at 6e-3 overfit far worse (3.73 at 100 → 4.86 at 600), so SFT keeps AdamW
+    steps: int = option(200, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
     batch_size: int = option(16, "conversations per optimizer step, summed over all processes")
     lr: float = option(1e-3, "peak learning rate, reached at the end of warm-up")
     min_lr: float = option(1e-4, "learning rate at the end of the decay")
     warmup_steps: int = option(20, "steps of linear warm-up from 0 to lr")
-    eval_every: int = option(100, "steps between validation losses (0 = only at the start and the end)")
-    ckpt_every: int = option(100, "steps between checkpoints (0 = only at the end)")
+    eval_every: int = option(50, "steps between validation losses (0 = only at the start and the end)")
+    ckpt_every: int = option(50, "steps between checkpoints (0 = only at the end)")
     max_minutes: float = option(4.0, "wall-time budget in minutes (0 = none)")
 
 
