@@ -181,7 +181,7 @@ class MixedRewardTask:
 
     def combine(self, ranking: dict, signal: dict) -> dict:
         return {"loss": ranking["loss"] + self.signal_weight * signal["loss"], "accuracy": ranking["accuracy"],
-                "ranking_loss": float(ranking["loss"]), "signal_loss": float(signal["loss"]),
+                "ranking_loss": _value(ranking["loss"]), "signal_loss": _value(signal["loss"]),
                 "signal_accuracy": signal["accuracy"]}
 
     def loss(self, model, batch) -> dict:
@@ -196,6 +196,11 @@ class MixedRewardTask:
     @torch.no_grad()
     def eval_loss(self, model, device: str) -> dict:
         return self.combine(self.rankings.eval_loss(model, device), self.signals.eval_loss(model, device))
+
+
+def _value(loss) -> float:
+    """A loss as a number to log (training gives tensors with a graph, evaluation plain floats)."""
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
 
 def load_signal_rewards(paths: list[str], tokenizer: Tokenizer, block_size: int, val_fraction: float,
