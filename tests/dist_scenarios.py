@@ -24,6 +24,7 @@ from chatforge.data.chat_batches import ChatBatches  # noqa: E402
 from chatforge.embed.model import EmbeddingModel, grad_cache_step  # noqa: E402
 from chatforge.train import distributed  # noqa: E402
 from chatforge.train.loop import train  # noqa: E402
+from chatforge.train.ppo import PPO, train_ppo  # noqa: E402
 from chatforge.train.sft import SFTTask  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def scenario(name: str, world_size: int):
         task = SFTTask(ChatBatches(rows, 0, 8, seed=3), ChatBatches(rows[:6], 0, 1), 4)
         return tiny_gpt(), task, dict(micro_batch_size=2)
     if name == "ppo":  # 16 prompts per rollout sampled 8 per rank, minibatches of 8 split 4 + 4
-        from test_ppo import FAST, make_task
+        from test_ppo import FAST, make_ppo
 
         from chatforge.stages.ppo import Config
         from chatforge.tokenizer import Tokenizer
@@ -81,8 +82,8 @@ def scenario(name: str, world_size: int):
         fast = {k: v for k, v in FAST.items() if k not in ("warmup_steps", "eval_every", "ckpt_every")}
         cfg = Config(rollout_prompts=16, epochs=1, max_tokens=8, ptx_coef=0.0, kl=KLConfig(beta=0.02, target=4.0),
                      train=fast_config(batch_size=8, lr=3e-2, min_lr=3e-2, **fast))
-        policy, task = make_task(tok, cfg)
-        return policy, task, dict(batch_size=8, lr=3e-2, min_lr=3e-2, schedule="constant", weight_decay=0.0)
+        ppo = make_ppo(tok, cfg)
+        return ppo.policy, ppo, dict(batch_size=8, lr=3e-2, min_lr=3e-2, schedule="constant", weight_decay=0.0)
     if name == "embed":  # one micro-batch per process: each contrastive batch is the whole global batch
         return EmbeddingModel(tiny_gpt(), proj_dim=8), ContrastiveIdsTask(8, 2), dict(lr=1e-3)
     raise SystemExit(f"unknown scenario {name}")
@@ -95,7 +96,12 @@ def main(argv: list[str]) -> None:
     model, task, options = scenario(name, ranks.world_size)
     options.update(overrides)
     resume = options.pop("resume", False)
-    train(model, task, fast_config(**{"steps": 3, "warmup_steps": 1, **options}), out_dir, resume=resume)
+    config = fast_config(**{"steps": 3, "warmup_steps": 1, **options})
+    if isinstance(task, PPO):  # PPO runs its own loop over the shared loop's pieces, as its config's train says
+        task.cfg.train = config
+        train_ppo(task, out_dir, resume=resume)
+    else:
+        train(model, task, config, out_dir, resume=resume)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.heads import ScalarHeadModel
 from chatforge.stages.ppo import Config
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.loop import TrainConfig, read_metrics, train
-from chatforge.train.ppo import ActorCritic, KLConfig, PPOTask
+from chatforge.train.loop import TrainConfig, read_metrics
+from chatforge.train.ppo import PPO, ActorCritic, KLConfig, train_ppo
 
 FAST = dict(dtype="fp32", compile="false", device="cpu", progress=False, max_minutes=0.0, eval_every=0, ckpt_every=0,
             warmup_steps=0, schedule="constant", weight_decay=0.0)
@@ -47,13 +48,13 @@ def tiny(vocab: int, seed: int) -> GPT:
     return GPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=1, n_head=2, n_embd=32))
 
 
-def make_task(tok, cfg: Config, ptx=None):
+def make_ppo(tok, cfg: Config, ptx=None):
     prompts = [{"id": str(i), "messages": [{"role": "user", "content": "hello"}], "reference": "hi"} for i in range(16)]
     actor, reference = tiny(tok.vocab_size, 0), tiny(tok.vocab_size, 0)
     critic = ScalarHeadModel(tiny(tok.vocab_size, 1))
     prompt_len = len(prompt_ids(prompts[0]["messages"], tok))
     policy = ActorCritic(actor, critic)
-    return policy, PPOTask(
+    return PPO(
         cfg, policy, reference.eval().requires_grad_(False), EvenTokenReward(32, prompt_len), tok, prompts, ptx
     )
 
@@ -70,14 +71,14 @@ def test_ppo_raises_a_known_reward_while_kl_stays_under_its_limit(tok, tmp_path)
         kl=KLConfig(beta=0.02, target=4.0, limit=25.0),
         train=TrainConfig(steps=48, batch_size=8, lr=3e-2, min_lr=3e-2, **FAST),
     )
-    policy, task = make_task(tok, cfg)
-    train(policy, task, cfg.train, tmp_path / "ppo")
+    ppo = make_ppo(tok, cfg)
+    train_ppo(ppo, tmp_path / "ppo")
     rows = [r for r in read_metrics(tmp_path / "ppo") if "reward" in r]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout's actor is the reference
     first, last = rows[0]["reward"], np.mean([r["reward"] for r in rows[-16:]])  # first vs last two rollouts
     assert last > first + 1.0, (first, last)  # of at most 8 even tokens; a uniform policy gets ~4
     assert max(r["kl"] for r in rows) < cfg.kl.limit
-    assert task.stop_reason is None
+    assert ppo.stop_reason is None
     assert {"entropy", "clip_frac", "value_loss", "beta", "response_length"} <= set(rows[-1])
 
 
@@ -90,10 +91,10 @@ def test_kl_limit_stops_the_run_with_a_message(tok, tmp_path, capsys):
         kl=KLConfig(beta=0.0, adaptive=False, limit=0.05),
         train=TrainConfig(steps=48, batch_size=8, lr=1e-2, min_lr=1e-2, **FAST),
     )
-    policy, task = make_task(tok, cfg)
-    summary = train(policy, task, cfg.train, tmp_path / "ppo")
+    ppo = make_ppo(tok, cfg)
+    summary = train_ppo(ppo, tmp_path / "ppo")
     assert summary["stopped_by"] == "task" and summary["steps"] < 48
-    assert "passed kl.limit" in capsys.readouterr().err + (task.stop_reason or "")
+    assert "passed kl.limit" in capsys.readouterr().err + (ppo.stop_reason or "")
 
 
 def test_ptx_mixes_a_pretraining_loss_into_each_update(tok, tmp_path):
@@ -106,10 +107,37 @@ def test_ptx_mixes_a_pretraining_loss_into_each_update(tok, tmp_path):
         ptx_coef=0.5,
         train=TrainConfig(steps=2, batch_size=8, lr=1e-3, min_lr=1e-3, **FAST),
     )
-    policy, task = make_task(tok, cfg, ptx)
-    train(policy, task, cfg.train, tmp_path / "ppo")
+    ppo = make_ppo(tok, cfg, ptx)
+    train_ppo(ppo, tmp_path / "ppo")
     rows = [r for r in read_metrics(tmp_path / "ppo") if "ptx_loss" in r]
     assert len(rows) == 2 and all(r["ptx_loss"] > 0 for r in rows)
+
+
+def test_a_run_resumed_inside_a_rollout_ends_with_the_weights_of_an_uninterrupted_one(tok, tmp_path):
+    """Checkpoints at step 3 of 4-update rollouts: the resumed run must take the checkpoint's rollout (not sample
+    a new one), skip the updates already taken and draw the same minibatches, ptx batches and dropout."""
+    write_shard(tmp_path / "tokens" / "train.bin", [np.arange(200) % tok.vocab_size], tok.vocab_size)
+    ptx = TokenWindows(tmp_path / "tokens" / "train.bin", 32, seed=0)
+    cfg = Config(
+        rollout_prompts=16,
+        epochs=2,
+        max_tokens=4,
+        ptx_coef=0.5,
+        train=TrainConfig(steps=6, batch_size=8, micro_batch_size=4, lr=3e-2, min_lr=3e-2, keep_checkpoints=0,
+                          **{**FAST, "ckpt_every": 3}),
+    )
+    whole = make_ppo(tok, cfg, ptx)
+    train_ppo(whole, tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_00000003", tmp_path / "resumed" / "checkpoints" /
+                    "step_00000003")
+    shutil.copy(tmp_path / "whole" / "metrics.jsonl", tmp_path / "resumed" / "metrics.jsonl")
+    resumed = make_ppo(tok, cfg, ptx)
+    summary = train_ppo(resumed, tmp_path / "resumed", resume=True)
+    assert summary["steps"] == 6
+    losses = {d: [r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("whole", "resumed")}
+    assert len(losses["whole"]) == 6 and losses["resumed"] == losses["whole"]
+    for name, value in whole.policy.state_dict().items():
+        assert torch.equal(value, resumed.policy.state_dict()[name]), name
 
 
 def test_unfinished_answers_lose_the_penalty(tok):

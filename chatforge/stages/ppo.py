@@ -38,8 +38,8 @@ from chatforge.infer.precision import InferenceOptions
 from chatforge.model.checkpoint import load_model, tokenizer_path
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import distributed
-from chatforge.train.loop import read_metrics, train
-from chatforge.train.ppo import ActorCritic, KLConfig, PPOTask, PPOTrainConfig
+from chatforge.train.loop import read_metrics
+from chatforge.train.ppo import PPO, ActorCritic, KLConfig, PPOTrainConfig, train_ppo
 from chatforge.train.reward import load_reward_model
 
 
@@ -120,13 +120,12 @@ def run(cfg: Config, args: list[str]) -> None:
                                            stop_token_ids(tokenizer)[0], cfg.train.seed, inference=cfg.inference)
         budget = job.broadcast_object(budget)
     policy = ActorCritic(actor.train(), critic.train())
-    task = PPOTask(cfg, policy, reference.eval(), reward_model, tokenizer, train_pool, ptx, gold,
-                   budget["max_tokens"])
+    ppo = PPO(cfg, policy, reference.eval(), reward_model, tokenizer, train_pool, ptx, gold, budget["max_tokens"])
     if job.is_main:
         print(
             f"[ppo] actor {info['path']} ({actor.num_params() / 1e6:.2f}M), reward model {cfg.reward_model}; "
-            f"{len(train_pool)} train prompts, {len(held_out)} held out; {task.per_rollout} updates per rollout; "
-            f"answers of at most {task.max_tokens} tokens ({budget})"
+            f"{len(train_pool)} train prompts, {len(held_out)} held out; {ppo.per_rollout} updates per rollout; "
+            f"answers of at most {ppo.max_tokens} tokens ({budget})"
         )
     meta = {
         "stage": "ppo",
@@ -136,7 +135,7 @@ def run(cfg: Config, args: list[str]) -> None:
         "model_prefix": "actor.",
         "stage_config": dataclasses.asdict(cfg),
     }
-    summary = train(policy, task, cfg.train, cfg.out_dir, resume=cfg.resume, meta=meta, tokenizer=tokenizer_file)
+    summary = train_ppo(ppo, cfg.out_dir, resume=cfg.resume, meta=meta, tokenizer=tokenizer_file)
     if not job.is_main:
         return
     out = Path(cfg.out_dir)
@@ -144,12 +143,12 @@ def run(cfg: Config, args: list[str]) -> None:
     plot_ppo(rows, out / "ppo.png")
     last = next((r for r in reversed(rows) if "reward" in r), {})
     summary.update(
-        max_tokens=task.max_tokens,
+        max_tokens=ppo.max_tokens,
         answer_budget=budget,
         unfinished_penalty=cfg.unfinished_penalty,
         held_out_prompts=len(held_out),
         **{f"final_{k}": last.get(k) for k in ("reward", "gold_reward", "kl", "beta", "ended_fraction")},
-        stopped_early=task.stop_reason,
+        stopped_early=ppo.stop_reason,
     )
     io.write_json(out / "summary.json", summary)
     print(f"[ppo] final rollout: proxy reward {last.get('reward')}, gold reward {last.get('gold_reward')}, "

@@ -1,12 +1,15 @@
-"""PPO for language models (InstructGPT step 3): the actor-critic, the rollout and the PPO task on the shared loop.
+"""PPO for language models (InstructGPT step 3): the actor-critic and the PPO loop, ``train_ppo``.
 
 The `chatforge ppo` stage (chatforge/stages/ppo.py) describes the recipe and runs it; the arithmetic is in
-``ppo_math``; the win rates and curves are in ``chatforge.evals.ppo_eval``.
+``ppo_math``; the win rates and curves are in ``chatforge.evals.ppo_eval``. ``train_ppo`` drives the shared
+training loop's pieces (``chatforge.train.trainer.Trainer``: optimizer, schedule, accumulation, DDP/FSDP,
+checkpoints, exact resume, metrics, time budget) from its own rollout → epochs × minibatches loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,8 +24,7 @@ from chatforge.infer.params import SamplingParams
 from chatforge.model.gpt import GPT
 from chatforge.model.heads import ScalarHeadModel
 from chatforge.tokenizer import PAD
-from chatforge.train import distributed
-from chatforge.train.loop import TrainConfig
+from chatforge.train.config import TrainConfig
 from chatforge.train.ppo_math import (
     AdaptiveKL,
     FixedKL,
@@ -34,6 +36,7 @@ from chatforge.train.ppo_math import (
     value_loss,
     whiten,
 )
+from chatforge.train.trainer import Trainer
 
 
 @dataclass
@@ -100,20 +103,10 @@ def state_values(values: torch.Tensor, start: torch.Tensor, width: int) -> torch
     return values.gather(1, positions)
 
 
-class PPOTask:
-    """PPO on the shared training loop (its optimizer, schedule, checkpoints, DDP and time budget).
-
-    The loop asks for step ``s``; PPO's structure is the arithmetic of ``s``:
-
-        for rollout in 0, 1, ...:                        # rollout = s // per_rollout
-            1-4. make the rollout (``rollout``)           # sample → score → KL-shaped rewards → GAE
-            for epoch in range(cfg.epochs):              # epoch = (s % per_rollout) // per_epoch
-                for minibatch in range(per_epoch):       # a fresh order per (rollout, epoch)
-                    5. clipped objective + value loss + ptx, one optimizer step (``loss``)
-
-    A rollout is made the first time one of its minibatches is drawn, with a seed fixed by its index, so a
-    resumed run (the buffer is in the checkpoint) continues exactly.
-    """
+class PPO:
+    """What PPO trains and against what: the actor-critic, the frozen reference and reward model, the prompts, the
+    pretraining windows for ptx; and the state a checkpoint keeps (β, and the rollout being trained on, so a run
+    resumed inside a rollout continues exactly)."""
 
     def __init__(
         self,
@@ -132,128 +125,13 @@ class PPOTask:
         self.max_tokens = max_tokens or cfg.max_tokens  # the stage measures it when cfg.max_tokens is 0
         self.tokenizer, self.prompts, self.ptx_windows = tokenizer, prompts, ptx_windows
         self.order = EpochOrder(len(prompts), cfg.rollout_prompts, cfg.train.seed, what="RL prompts")
-        self.per_epoch = cfg.rollout_prompts // cfg.train.batch_size
+        self.per_epoch = cfg.rollout_prompts // cfg.train.batch_size  # minibatch updates per pass over a rollout
         self.per_rollout = self.per_epoch * cfg.epochs
         self.kl = AdaptiveKL(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive else FixedKL(cfg.kl.beta)
         self.pad = tokenizer.special_id(PAD)
         self.end = stop_token_ids(tokenizer)[0]
-        self.buffer: dict | None = None
+        self.buffer: dict | None = None  # the rollout being trained on
         self.stop_reason: str | None = None
-
-    @torch.no_grad()
-    def rollout(self, index: int, device: str) -> dict:
-        """Steps 1-4 for rollout ``index``; B = rollout_prompts, T = the longest response."""
-        # 1. rollout: answers sampled from the actor's full distribution (temperature 1) by the shared engine
-        # Under torchrun each process samples its share of the prompts (generation is most of PPO's time) and
-        # the answers are gathered: every process then scores the whole rollout, so the whitening and the KL
-        # controller see the global batch and agree on every rank.
-        chosen = [self.prompts[i]["messages"] for i in self.order.indices(index)]
-        params = SamplingParams(temperature=1.0, seed=self.cfg.train.seed * 100_003 + index)
-        ranks = distributed.init(self.cfg.train.device)
-        first, last = (len(chosen) * r // ranks.world_size for r in (ranks.rank, ranks.rank + 1))
-        mine = sample_answers(self.policy.actor, self.tokenizer, chosen[first:last], self.max_tokens, params,
-                              self.cfg.inference, first_index=first)
-        pairs = [pair for share in ranks.gather_object(mine) for pair in share]
-        ids, _ = pad_rows([p + r for p, r in pairs], self.pad)
-        ids = ids.to(device)  # [B, prompt + response]
-        start = torch.tensor([len(p) for p, _ in pairs], device=device)  # [B] where each response begins
-        width = max(1, max(len(r) for _, r in pairs))  # T
-        lengths = torch.tensor([len(r) for _, r in pairs], device=device)
-        mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).float()  # [B, T]
-        self.policy.eval()
-        logits, values, _ = self.policy(ids)
-        self.policy.train()
-        old_logprobs = token_logprobs(logits, ids, start, width) * mask  # [B, T] log π_old
-        ref_logprobs = token_logprobs(self.reference(ids)[0], ids, start, width) * mask  # [B, T] log π_ref
-        old_values = state_values(values, start, width) * mask  # [B, T] V_old
-        # 2. reward-model scores, unfinished answers (no <|end|> within max_tokens) losing unfinished_penalty
-        scores = reward_scores(self.reward_model, pairs, self.end, self.pad, device, self.cfg.unfinished_penalty)
-        # 3. per-token rewards: −β·(log π − log π_ref) at every token, plus the score at the last one
-        rewards, kl = token_rewards(old_logprobs, ref_logprobs, scores, mask, self.kl.beta)  # [B, T] each
-        # 4. GAE advantages (whitened) and returns
-        advantages, returns = gae(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)  # [B, T] each
-        kl_per_response = float(kl.sum(1).mean())
-        stats = {
-            "reward": float(scores.mean()),
-            "kl": kl_per_response,
-            "beta": self.kl.beta,
-            "response_length": float(mask.sum(1).mean()),
-            "ended_fraction": sum(ended(r, self.end) for _, r in pairs) / len(pairs),
-        }
-        if self.gold_model is not None:  # Gao et al.: the reward the proxy is meant to stand for, never optimised
-            stats["gold_reward"] = float(
-                reward_scores(self.gold_model, pairs, self.end, self.pad, device, self.cfg.unfinished_penalty).mean()
-            )
-        self.kl.update(kl_per_response, len(pairs))
-        if kl_per_response > self.cfg.kl.limit:
-            self.stop_reason = (
-                f"KL per response {kl_per_response:.2f} passed kl.limit {self.cfg.kl.limit} at rollout "
-                f"{index}: the policy is drifting from the SFT model; lower train.lr or raise kl.beta"
-            )
-        return {
-            "index": index,
-            "ids": ids.cpu(),
-            "start": start.cpu(),
-            "mask": mask.cpu(),
-            "old_logprobs": old_logprobs.cpu(),
-            "old_values": old_values.cpu(),
-            "advantages": whiten(advantages, mask).cpu(),
-            "returns": returns.cpu(),
-            "stats": stats,
-        }
-
-    # ---- the shared loop's Task protocol -----------------------------------------------------------------
-
-    def batch(self, step: int, part: int, parts: int, device: str):
-        """The minibatch of step ``step`` (this process's ``part`` of it) and a pretraining batch for ptx."""
-        index, within = divmod(step, self.per_rollout)  # rollout, position inside its epochs × minibatches
-        epoch, minibatch = divmod(within, self.per_epoch)
-        if self.buffer is None or self.buffer["index"] != index:
-            self.buffer = self.rollout(index, device)  # every process holds the whole rollout and takes its part
-        # each epoch visits the rollout's responses in a fresh order fixed by (rollout, epoch)
-        order = np.random.default_rng([self.cfg.train.seed, index, epoch]).permutation(self.cfg.rollout_prompts)
-        size = self.cfg.train.batch_size
-        minibatch_rows = order[minibatch * size : (minibatch + 1) * size]
-        rows = minibatch_rows[part * len(minibatch_rows) // parts : (part + 1) * len(minibatch_rows) // parts]
-        picked = {k: v[rows].to(device) for k, v in self.buffer.items() if isinstance(v, torch.Tensor)}
-        ptx = None
-        if self.cfg.ptx_coef > 0 and self.ptx_windows is not None:
-            ptx = self.ptx_windows.batch(step, self.cfg.train.batch_size, part, parts, device)
-        # the part's token means weighted by its share of the minibatch's tokens (the loop averages parts
-        # equally), so the objective is the minibatch's token mean however it is split across processes
-        weight = parts * float(self.buffer["mask"][rows].sum()) / float(self.buffer["mask"][minibatch_rows].sum())
-        return picked, ptx, weight
-
-    def loss(self, model, batch) -> dict:
-        """5. Clipped policy objective + value_coef × clipped value loss + ptx_coef × pretraining loss."""
-        b, ptx, weight = batch
-        mask = b["mask"]  # [b, T]
-        width = mask.size(1)
-        ids = b["ids"][:, : int((b["start"] + width).max())]
-        logits, values, ptx_loss = model(ids, ptx)  # [b, L, vocab], [b, L], scalar or None
-        logprobs = token_logprobs(logits, ids, b["start"], width)  # [b, T] log π_θ
-        new_values = state_values(values, b["start"], width)  # [b, T]
-        pg, clip_frac = policy_loss(logprobs, b["old_logprobs"], b["advantages"], mask, self.cfg.clip)
-        with torch.no_grad():  # how far this update has already moved from the rollout's policy (k3 estimator)
-            log_ratio = (logprobs - b["old_logprobs"]) * mask
-            approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
-        vf = value_loss(new_values, b["old_values"], b["returns"], mask, self.cfg.value_clip)
-        total = (pg + self.cfg.value_coef * vf) * weight
-        out = {
-            "policy_loss": float(pg.detach()),
-            "value_loss": float(vf.detach()),
-            "clip_frac": float(clip_frac),
-            "approx_kl": float(approx_kl),
-            **self.buffer["stats"],
-        }
-        with torch.no_grad():
-            out["entropy"] = float(entropy(response_logits(logits, b["start"], width), mask))
-        if ptx_loss is not None:
-            total = total + self.cfg.ptx_coef * ptx_loss
-            out["ptx_loss"] = float(ptx_loss.detach())
-        out["loss"] = total
-        out["tokens"] = int(mask.sum())
-        return out
 
     def state_dict(self) -> dict:
         return {"beta": self.kl.beta, "buffer": self.buffer}
@@ -262,5 +140,135 @@ class PPOTask:
         self.kl.beta = state["beta"]
         self.buffer = state["buffer"]
 
-    def should_stop(self) -> str | None:
-        return self.stop_reason
+
+def train_ppo(ppo: PPO, out_dir: str | Path, *, resume: bool = False, meta: dict | None = None,
+              tokenizer: str | Path | None = None) -> dict:
+    """Train ``ppo.policy`` for ``cfg.train.steps`` minibatch updates; returns the shared loop's summary.
+
+    B = rollout_prompts responses per rollout, T = the longest of them, b = train.batch_size per update.
+    ``out_dir``, ``resume``, ``meta`` and ``tokenizer`` are as for ``chatforge.train.loop.train``.
+    """
+    cfg = ppo.cfg
+    with Trainer(ppo.policy, cfg.train, out_dir, resume=resume, meta=meta, tokenizer=tokenizer, state=ppo) as trainer:
+        device = trainer.device
+        while not trainer.done:
+            rollout = trainer.step // ppo.per_rollout
+            if trainer.step % ppo.per_rollout == 0:  # else a resumed run is inside a rollout its checkpoint holds
+                # 1. rollout: answers sampled from the actor's full distribution (temperature 1) by the shared
+                # engine, seeded by the rollout's number; each process samples its share of the prompts and gets
+                # everyone's answers, so the whitening and the KL controller see the whole rollout on every rank
+                prompts = [ppo.prompts[i]["messages"] for i in ppo.order.indices(rollout)]
+                params = SamplingParams(temperature=1.0, seed=cfg.train.seed * 100_003 + rollout)
+                pairs = _sample_shared(ppo, prompts, params, trainer.dist)  # B × (prompt ids, response ids)
+                ids, start, mask = _pack(pairs, ppo.pad, device)  # [B, prompt + response], [B], [B, T]
+                width = mask.size(1)  # T
+                with torch.no_grad():
+                    ppo.policy.eval()
+                    logits, values, _ = ppo.policy(ids)
+                    ppo.policy.train()
+                    ref_logits, _ = ppo.reference(ids)
+                old_logprobs = token_logprobs(logits, ids, start, width) * mask  # [B, T] log π_old
+                ref_logprobs = token_logprobs(ref_logits, ids, start, width) * mask  # [B, T] log π_ref
+                old_values = state_values(values, start, width) * mask  # [B, T] V_old
+                # 2. reward-model scores, unfinished answers (no <|end|> within max_tokens) losing unfinished_penalty
+                scores = reward_scores(ppo.reward_model, pairs, ppo.end, ppo.pad, device, cfg.unfinished_penalty)  # [B]
+                # 3. per-token rewards: −β·(log π − log π_ref) at every token, plus the score at the last one
+                rewards, kl = token_rewards(old_logprobs, ref_logprobs, scores, mask, ppo.kl.beta)  # [B, T] each
+                # 4. GAE advantages (whitened) and returns
+                advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # [B, T] each
+                kl_per_response = float(kl.sum(1).mean())
+                stats = {"reward": float(scores.mean()), "kl": kl_per_response, "beta": ppo.kl.beta,
+                         "response_length": float(mask.sum(1).mean()),
+                         "ended_fraction": sum(ended(r, ppo.end) for _, r in pairs) / len(pairs)}
+                if ppo.gold_model is not None:  # Gao et al.: the reward the proxy stands for, never optimised
+                    stats["gold_reward"] = float(reward_scores(ppo.gold_model, pairs, ppo.end, ppo.pad, device,
+                                                               cfg.unfinished_penalty).mean())
+                ppo.kl.update(kl_per_response, len(pairs))
+                ppo.buffer = {"index": rollout, "ids": ids.cpu(), "start": start.cpu(), "mask": mask.cpu(),
+                               "old_logprobs": old_logprobs.cpu(), "old_values": old_values.cpu(),
+                               "advantages": whiten(advantages, mask).cpu(), "returns": returns.cpu(), "stats": stats}
+                if kl_per_response > cfg.kl.limit:  # the run ends after the next update, whose row shows this KL
+                    ppo.stop_reason = (
+                        f"KL per response {kl_per_response:.2f} passed kl.limit {cfg.kl.limit} at rollout {rollout}: "
+                        "the policy is drifting from the SFT model; lower train.lr or raise kl.beta"
+                    )
+                    trainer.stop_after_next_step(ppo.stop_reason)
+            for epoch in range(cfg.epochs):
+                # each epoch visits the rollout's responses in a fresh order fixed by (rollout, epoch)
+                order = np.random.default_rng([cfg.train.seed, rollout, epoch]).permutation(cfg.rollout_prompts)
+                for minibatch in range(ppo.per_epoch):
+                    if rollout * ppo.per_rollout + epoch * ppo.per_epoch + minibatch < trainer.step:
+                        continue  # taken before the run was resumed
+                    rows = order[minibatch * cfg.train.batch_size : (minibatch + 1) * cfg.train.batch_size]  # b
+                    # 5. clipped surrogate + value loss + ptx on this process's parts of the minibatch, one step
+                    parts = _minibatch(ppo, rows, trainer.step, device)
+                    trainer.optimizer_step(parts, lambda model, part: _ppo_loss(model, part, cfg),
+                                           metrics=ppo.buffer["stats"])
+                    if trainer.done:
+                        break
+                if trainer.done:
+                    break
+        return trainer.finish()
+
+
+def _ppo_loss(model: nn.Module, part: tuple[dict, tuple | None, float], cfg) -> dict:
+    """5. The clipped policy objective + value_coef × clipped value loss + ptx_coef × pretraining loss of a part
+    of a minibatch (its token means, times the part's weight) and the metrics of each term."""
+    b, ptx, weight = part
+    mask = b["mask"]  # [b, T]
+    width = mask.size(1)
+    ids = b["ids"][:, : int((b["start"] + width).max())]
+    logits, values, ptx_loss = model(ids, ptx)  # [b, L, vocab], [b, L], scalar or None
+    logprobs = token_logprobs(logits, ids, b["start"], width)  # [b, T] log π_θ
+    new_values = state_values(values, b["start"], width)  # [b, T]
+    pg, clip_frac = policy_loss(logprobs, b["old_logprobs"], b["advantages"], mask, cfg.clip)
+    with torch.no_grad():  # how far this update has already moved from the rollout's policy (k3 estimator)
+        log_ratio = (logprobs - b["old_logprobs"]) * mask
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    vf = value_loss(new_values, b["old_values"], b["returns"], mask, cfg.value_clip)
+    total = (pg + cfg.value_coef * vf) * weight
+    out = {"policy_loss": float(pg.detach()), "value_loss": float(vf.detach()), "clip_frac": float(clip_frac),
+           "approx_kl": float(approx_kl)}
+    with torch.no_grad():
+        out["entropy"] = float(entropy(response_logits(logits, b["start"], width), mask))
+    if ptx_loss is not None:
+        total = total + cfg.ptx_coef * ptx_loss
+        out["ptx_loss"] = float(ptx_loss.detach())
+    return {**out, "loss": total, "tokens": int(mask.sum())}
+
+
+def _sample_shared(ppo: PPO, prompts: list, params: SamplingParams, ranks) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) for every prompt, each process sampling its contiguous share (generation is
+    most of PPO's time) and gathering the others'; seeds follow the prompts' places in the whole list."""
+    first, last = (len(prompts) * r // ranks.world_size for r in (ranks.rank, ranks.rank + 1))
+    mine = sample_answers(ppo.policy.actor, ppo.tokenizer, prompts[first:last], ppo.max_tokens, params,
+                          ppo.cfg.inference, first_index=first)
+    return [pair for share in ranks.gather_object(mine) for pair in share]
+
+
+def _pack(pairs, pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt + response ids [B, L] padded, where each response starts [B], and the response-token mask [B, T]."""
+    ids, _ = pad_rows([p + r for p, r in pairs], pad)
+    start = torch.tensor([len(p) for p, _ in pairs], device=device)
+    width = max(1, max(len(r) for _, r in pairs))
+    lengths = torch.tensor([len(r) for _, r in pairs], device=device)
+    mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    return ids.to(device), start, mask
+
+
+def _minibatch(ppo: PPO, rows: np.ndarray, step: int, device: str):
+    """The minibatch ``rows`` of the current rollout as ``part(index, parts)``: that part of its responses, a
+    pretraining batch for ptx (or None), and the part's weight, its share of the minibatch's tokens × ``parts``
+    (the loop averages parts equally): the objective is the minibatch's token mean however it is split."""
+    buffer = ppo.buffer
+
+    def part(index: int, parts: int) -> tuple[dict, tuple | None, float]:
+        mine = rows[index * len(rows) // parts : (index + 1) * len(rows) // parts]
+        picked = {k: v[mine].to(device) for k, v in buffer.items() if isinstance(v, torch.Tensor)}
+        ptx = None
+        if ppo.cfg.ptx_coef > 0 and ppo.ptx_windows is not None:
+            ptx = ppo.ptx_windows.batch(step, ppo.cfg.train.batch_size, index, parts, device)
+        weight = parts * float(buffer["mask"][mine].sum()) / float(buffer["mask"][rows].sum())
+        return picked, ptx, weight
+
+    return part
