@@ -140,5 +140,5 @@ def test_ppo_on_simulated_users_signals_raises_how_often_the_policy_gives_kept_a
     with capsys.disabled():
         print(f"\n[simulated users] {counts}; {len(records)} rewards; answers starting 'Sure' on 200 fresh prompts: "
               f"SFT {before:.3f} -> PPO {after:.3f}")
-    # 200 samples each: the difference's standard error is ~0.045; measured SFT 0.280 -> PPO 0.865 (seed 7)
+    # 200 samples each: the difference's standard error is ~0.045; measured SFT 0.280 -> PPO 0.855 (seed 7)
     assert after - before >= 0.2, (before, after)
