@@ -13,6 +13,7 @@ from serve_helpers import MODEL, tiny_engine
 
 from chatforge.cli import main
 from chatforge.data.rankings import read_rankings
+from chatforge.data.signal_rewards import read_signal_rewards, signal_reward
 from chatforge.errors import ChatforgeError
 from chatforge.infer.scheduler import Scheduler
 from chatforge.serve.api import ServeOptions, create_app
@@ -405,3 +406,73 @@ def test_schema_versions_upgrade_known_refuse_unknown_and_the_file_is_private(tm
     fresh.create_conversation("m1")
     assert os.stat(tmp_path / "new" / "feedback.db").st_mode & 0o777 == 0o600
     fresh.close()
+
+
+def test_rewards_export_turns_signals_into_one_reward_per_generated_answer(store, tmp_path, capsys):
+    conv = store.create_conversation("m1")["id"]
+    q, first = _turn(store, conv, "What is 2+2?", "5")
+    second = store.add_message(conv, "assistant", "4", parent_id=q["id"], model_id="m1")  # first: regenerated
+    for _ in range(3):  # copied three times is one copy
+        store.add_signal(second["id"], "copied")
+    q2, third = _turn(store, conv, "And 3+3?", "7", parent=second["id"])  # second: continued
+    store.add_message(conv, "user", "And 3 + 3, exactly?", parent_id=second["id"])  # third: asked again
+    store.edit_message(second["id"], "Four.")  # the reward is for the answer as the model wrote it
+    other = store.create_conversation("m1")["id"]
+    q3, mixed = _turn(store, other, "Name a number.", "6")
+    store.add_signal(mixed["id"], "copied")
+    store.add_message(other, "assistant", "six", parent_id=q3["id"], model_id="m1")  # mixed: copied, regenerated
+    _, quiet = _turn(store, store.create_conversation("m1")["id"], "Hi", "Hello")  # no signal: no line
+    by_person = store.create_conversation("m1")["id"]
+    q4 = store.add_message(by_person, "user", "Hi")
+    human = store.add_message(by_person, "assistant", "A person's hello.", parent_id=q4["id"], author="human")
+    store.add_signal(human["id"], "copied")  # a person's answer is no reward for the model
+
+    records, skipped = store.reward_records()
+    by_id = {r["id"]: r for r in records}
+    assert skipped == 1 and quiet["id"] not in by_id and human["id"] not in by_id
+    assert {by_id[m["id"]]["completion"]: (by_id[m["id"]]["reward"], by_id[m["id"]]["signals"])
+            for m in (first, second, third, mixed)} == {
+        "5": (-1.0, ["regenerated"]),
+        "4": (1.0, ["continued", "copied"]),  # +1.5 clipped
+        "7": (-1.0, ["asked_again"]),
+        "6": (0.0, ["copied", "regenerated"]),
+    }
+    assert by_id[third["id"]]["prompt"] == [{"role": "user", "content": "What is 2+2?"},
+                                            {"role": "assistant", "content": "Four."},
+                                            {"role": "user", "content": "And 3+3?"}]
+    assert all(r["source"] == "feedback" and r["model"] == "m1" and r["provenance"] == "model-generated"
+               for r in records)
+
+    out = tmp_path / "rewards.jsonl"
+    main(["feedback", "export", "--as=rewards", f"--run_dir={tmp_path / 'run'}", f"--out={out}"])
+    assert "wrote 4 rewards records" in capsys.readouterr().out
+    assert [r["reward"] for r in read_signal_rewards(out)] == [r["reward"] for r in records]
+    main(["feedback", "export", "--as=rankings", f"--run_dir={tmp_path / 'run'}", f"--out={tmp_path / 'r.jsonl'}"])
+    assert (tmp_path / "r.jsonl").read_text() == ""  # the other exports are unchanged by signals
+
+
+def test_signal_rule_and_bad_reward_files(tmp_path):
+    assert signal_reward(["continued"]) == 0.5 and signal_reward(["continued", "asked_again"]) == -0.5
+    assert signal_reward(["copied", "continued", "copied"]) == 1.0 and signal_reward([]) == 0.0
+    with pytest.raises(ChatforgeError, match="unknown signal"):
+        signal_reward(["liked"])
+    good = {"prompt": [{"role": "user", "content": "hi"}], "completion": "hello", "reward": 1, "signals": ["copied"]}
+    for change, message in (
+        ({"reward": 2.0}, "within"),
+        ({"reward": "1"}, "must be a number"),
+        ({"reward": True}, "must be a number"),
+        ({"completion": None}, "'completion' must be a string"),
+        ({"signals": ["liked"]}, "'signals' must be a list"),
+        ({"prompt": [{"role": "assistant", "content": "hi"}]}, "end with the user's question"),
+        ({"prompt": []}, "non-empty list"),
+    ):
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **change}) + "\n")
+        with pytest.raises(ChatforgeError, match=message) as caught:
+            read_signal_rewards(path)
+        assert f"{path}:2" in str(caught.value)
+    path.write_text(json.dumps({"prompt": good["prompt"], "reward": 0.5}) + "\n")
+    with pytest.raises(ChatforgeError, match="missing field 'completion'"):
+        read_signal_rewards(path)
+    with pytest.raises(ChatforgeError, match="not found|no such|does not exist"):
+        read_signal_rewards(tmp_path / "absent.jsonl")

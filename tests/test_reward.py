@@ -74,3 +74,54 @@ def test_all_responses_of_a_prompt_stay_in_one_batch_element(setup):
     (batch, _), (second, _) = task.batch(0, 0, 2, "cpu"), task.batch(0, 1, 2, "cpu")
     assert len(batch) == 1 and len(batch[0][0]) == 4  # a rank's share is whole prompts with all K responses
     assert batch[0] is not second[0]
+
+
+def signal_rewards(indices) -> str:
+    """Exported user-signal rewards: the good answers were copied (+1), the junk ones re-asked (-1)."""
+    lines = []
+    for i in indices:
+        prompt = [{"role": "user", "content": f"question {i}"}]
+        for j, (text, reward) in enumerate(((GOOD[i % 4], 1.0), (BAD[i % 4], -1.0))):
+            lines.append({"id": f"s{i}-{j}", "prompt": prompt, "completion": text, "reward": reward,
+                          "signals": ["copied", "continued"] if reward > 0 else ["asked_again"], "source": "feedback"})
+    return "".join(json.dumps(line) + "\n" for line in lines)
+
+
+def test_reward_model_learns_user_signals_alone_and_beside_rankings(setup):
+    root, args = setup
+    signals = root / "signals.jsonl"
+    signals.write_text(signal_rewards(range(40)))
+    steps = ["--train.steps=30", "--train.batch_size=4", "--train.lr=3e-3", "--train.warmup_steps=3"]
+    main(["reward", *args, "--rankings_dir=", f"--signals={signals}", f"--out_dir={root / 'rm_signals'}", *steps])
+    summary = json.loads((root / "rm_signals" / "summary.json").read_text())
+    assert summary["val_signal_accuracy"] >= 0.9 and "val_accuracy" not in summary
+    assert summary["reward_offset"] == 0 and summary["train_rankings"] == 0 and summary["val_signals"] > 0
+    model = load_reward_model(root / "rm_signals")
+    tok = Tokenizer.load(root / "base")
+    rows = [r for i in range(100, 108) for r in encode_ranking(ranking(i), tok, 32)]  # unseen prompts
+    ids, lengths = pad_rows(rows, tok.special_id("<|pad|>"))
+    with torch.no_grad():
+        scores = model.score(ids, lengths).view(-1, 4)
+    assert (scores[:, :2].min(1).values > scores[:, 2:].max(1).values).float().mean() >= 0.75  # good > junk
+
+    main(["reward", *args, f"--signals={signals}", f"--out_dir={root / 'rm_mixed'}", *steps])
+    summary = json.loads((root / "rm_mixed" / "summary.json").read_text())
+    assert summary["val_accuracy"] >= 0.9 and summary["val_signal_accuracy"] >= 0.9
+    assert summary["train_rankings"] == 32 and summary["train_signals"] + summary["val_signals"] == 80
+    rows = [json.loads(line) for line in (root / "rm_mixed" / "metrics.jsonl").read_text().splitlines()]
+    assert {"ranking_loss", "signal_loss", "signal_accuracy"} <= set(next(r for r in rows if "loss" in r))
+
+
+def test_signal_reward_options_are_checked(setup, capsys):
+    root, args = setup
+    few = root / "few.jsonl"
+    few.write_text(signal_rewards(range(1)))
+    for extra, message in (
+        (["--rankings_dir="], "nothing to train on"),
+        (["--rankings_dir=", f"--signals={few}"], "to hold out"),
+        ([f"--signals={root / 'absent.jsonl'}"], "absent.jsonl"),
+        ([f"--signals={few}", "--signals_val_fraction=1"], "signals_val_fraction"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["reward", *args, *extra, f"--out_dir={root / 'never'}"])
+        assert message in capsys.readouterr().err

@@ -28,7 +28,7 @@ Tables (every row has a timestamp; every row about a model answer records the mo
   re-asked the question that led to it). The last three are recorded by the store itself when messages
   are added, whatever client adds them; ``copied`` is reported by the client.
 
-Exports (``chatforge feedback export --as sft|rankings --out FILE``), JSON lines:
+Exports (``chatforge feedback export --as sft|rankings|rewards --out FILE``), JSON lines:
 
 * ``sft`` — ``{"id", "messages": [{"role", "content"}, ...], "source": "feedback", "user_id"?, "model",
   "provenance"}``, where provenance is ``model-generated`` (every answer as the model wrote it),
@@ -46,6 +46,12 @@ Exports (``chatforge feedback export --as sft|rankings --out FILE``), JSON lines
   model wrote them (edits are demonstrations, not samples), so ``provenance`` is always ``model-generated``
   (only generated answers can be ranked). Rankings of fewer than 4 or more than 9
   answers are skipped (and counted), since the reward data needs 4 ≤ K ≤ 9.
+* ``rewards`` — ``{"id" (the answer's), "prompt": [messages up to the question], "completion": the answer as the
+  model wrote it, "reward": in [-1, 1], "signals": [kinds], "source": "feedback", "model", "provenance"}``, one
+  line per generated answer with implicit signals, the format of ``chatforge reward --signals FILE``. The rule
+  from signals to a reward, and why, is ``chatforge.data.signal_rewards.signal_reward``'s. As with rankings,
+  only answers the model generated are rewards for it (``provenance`` is ``model-generated``); signals on
+  answers a person wrote, or from before version 2, are skipped (and counted).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from sqlalchemy.orm import Session
 from chatforge import io
 from chatforge.chat_template import ROLE_TOKENS
 from chatforge.data.rankings import MAX_K, MIN_K
+from chatforge.data.signal_rewards import SIGNALS, signal_reward
 from chatforge.errors import ChatforgeError
 from chatforge.serve.feedback_tables import (
     AUTHORS,
@@ -77,8 +84,7 @@ from chatforge.serve.feedback_tables import (
     sqlite_pragmas,
 )
 
-SIGNALS = ("copied", "regenerated", "continued", "asked_again")
-EXPORT_FORMATS = ("sft", "rankings")
+EXPORT_FORMATS = ("sft", "rankings", "rewards")
 DB_FILE = "feedback.db"
 
 
@@ -366,12 +372,32 @@ class FeedbackStore:
                                 "provenance": "model-generated"})
         return records, skipped
 
+    def reward_records(self) -> tuple[list[dict], int]:
+        """(reward records of generated answers with signals, how many answers with signals were not generated)."""
+        records, skipped = [], 0
+        with self.session() as s:
+            for conv in s.scalars(select(Conversation).order_by(Conversation.created_at)):
+                by_id = {m.id: m for m in conv.messages}
+                for m in conv.messages:
+                    if m.role != "assistant" or not m.signals:
+                        continue
+                    if m.author != "model":
+                        skipped += 1
+                        continue
+                    kinds = sorted({x.kind for x in m.signals})
+                    prompt = [{"role": p.role, "content": p.content} for p in _path(by_id[m.parent_id], by_id)]
+                    records.append({"id": m.id, "prompt": prompt, "completion": _as_written(m),
+                                    "reward": signal_reward(kinds), "signals": kinds, "source": "feedback",
+                                    "model": m.model_id, "provenance": "model-generated"})
+        return records, skipped
+
     def export(self, kind: str, path: str | Path, include_implicit: bool = False) -> tuple[int, int]:
-        """Write ``kind`` (sft or rankings) to ``path`` atomically; returns (rows written, rankings skipped)."""
+        """Write ``kind`` (sft, rankings or rewards) to ``path`` atomically; returns (rows written, rows skipped:
+        rankings of the wrong size, or signals on answers the model did not generate)."""
         if kind == "sft":
             return io.write_jsonl(path, self.sft_records(include_implicit)), 0
-        if kind == "rankings":
-            records, skipped = self.ranking_records()
+        if kind in ("rankings", "rewards"):
+            records, skipped = self.ranking_records() if kind == "rankings" else self.reward_records()
             return io.write_jsonl(path, records), skipped
         raise ChatforgeError(f"export format must be one of {', '.join(EXPORT_FORMATS)}; got {kind!r}")
 
