@@ -20,8 +20,11 @@ ranks = distributed.init("cpu")
 if ranks.rank == 1:  # this rank's "disk" has no run directory
     real_exists = Path.exists
     Path.exists = lambda self: False if str(self).startswith(str(out_dir)) else real_exists(self)
+# one write per line: both ranks share the pipe, and print's separate write of the newline let two lines run
+# together ("...nodeRANK 1 ERROR ...") when the ranks finished at the same moment
 try:
     train(tiny_gpt(), CountingTask(8), fast_config(steps=4), out_dir, resume=True)
-    print(f"RANK {ranks.rank} FINISHED", flush=True)
+    sys.stdout.write(f"RANK {ranks.rank} FINISHED\n")
 except ChatforgeError as exc:
-    print(f"RANK {ranks.rank} ERROR {exc}", flush=True)
+    sys.stdout.write(f"RANK {ranks.rank} ERROR {exc}\n")
+sys.stdout.flush()
