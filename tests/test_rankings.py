@@ -16,7 +16,7 @@ POOL = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"question {i}?
 
 def test_reference_beats_samples_beat_corruptions():
     records = automatic_rankings(
-        POOL[:3], lambda prompts: [[("sampled a", True), ("sampled b", True)] for _ in prompts], random.Random(0)
+        POOL[:3], [[("sampled a", True), ("sampled b", True)] for _ in POOL[:3]], random.Random(0)
     )
     first = records[0]
     assert first["completions"][0] == POOL[0]["reference"]
@@ -31,8 +31,7 @@ def test_reference_beats_samples_beat_corruptions():
 
 
 def test_unfinished_samples_rank_with_the_corruptions():
-    (record,) = automatic_rankings(POOL[:1], lambda prompts: [[("ended", True), ("cut off mid", False)]],
-                                   random.Random(0))
+    (record,) = automatic_rankings(POOL[:1], [[("ended", True), ("cut off mid", False)]], random.Random(0))
     completions, ranking = record["completions"], record["ranking"]
     assert ranking[0] == [0] and [completions[i] for i in ranking[1]] == ["ended"]
     assert "cut off mid" in [completions[i] for i in ranking[2]] and len(ranking[2]) == 5
@@ -44,7 +43,7 @@ def test_concise_reference_ranks_between_reference_and_samples():
     fits = lambda text: len(text.split()) <= 6  # noqa: E731
     assert concise(item["reference"], fits) == "First point here. Second point follows!"
     assert concise("One sentence only.", fits) is None  # nothing shorter than the whole reference
-    (record,) = automatic_rankings([item], lambda prompts: [[("sampled", True)]], random.Random(0), fits)
+    (record,) = automatic_rankings([item], [[("sampled", True)]], random.Random(0), fits)
     completions, ranking = record["completions"], record["ranking"]
     assert [completions[i] for i in ranking[1]] == ["First point here. Second point follows!"]
     assert [completions[i] for i in ranking[2]] == ["sampled"] and len(completions) <= 9

@@ -82,7 +82,7 @@ def concise(reference: str, fits: Callable[[str], bool]) -> str | None:
     return kept or None
 
 
-def automatic_rankings(pool: list[dict], sample_answers, rng: random.Random,
+def automatic_rankings(pool: list[dict], sampled: list[list[tuple[str, bool]]], rng: random.Random,
                        fits: Callable[[str], bool] | None = None) -> list[dict]:
     """Reference > its concise form > finished SFT samples > corruptions, the SFT model's answer to another prompt
     and unfinished SFT samples, for each prompt of the pool.
@@ -91,11 +91,10 @@ def automatic_rankings(pool: list[dict], sample_answers, rng: random.Random,
     given and the reference is longer) shows the reward model short answers that are good, so a short answer is
     judged by what it says, not only by how little it risks.
 
-    ``sample_answers(prompts) -> list[list[(text, finished)]]`` gives the SFT model's answers and whether each
-    ended with <|end|> inside its token budget (empty lists without a model). An unfinished answer ranks with
+    ``sampled[i]`` holds the SFT model's answers to prompt i and whether each ended with <|end|> inside its token
+    budget, as (text, finished) pairs (empty lists without a model). An unfinished answer ranks with
     the corruptions: the same rule PPO applies when it takes ``unfinished_penalty`` off such a rollout.
     """
-    sampled = sample_answers([p["messages"] for p in pool])
     records = []
     for i, (item, samples) in enumerate(zip(pool, sampled)):
         j = (i + 1 + rng.randrange(len(pool) - 1)) % len(pool) if len(pool) > 1 else i
@@ -120,6 +119,12 @@ def automatic_rankings(pool: list[dict], sample_answers, rng: random.Random,
             }
         )
     return records
+
+
+def held_out_split(pool: list[dict], held_out: int) -> tuple[list[dict], list[dict]]:
+    """(prompts to train on, prompts held out for judging): the pool's last ``held_out`` prompts are held out, by
+    PPO, by the proxy reward model's rankings and by `eval rlhf` alike."""
+    return pool[: len(pool) - held_out], pool[len(pool) - held_out :]
 
 
 def read_prompt_pool(path: str | Path) -> list[dict]:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from chatforge import io
 from chatforge.config import option
-from chatforge.data.rankings import read_prompt_pool
+from chatforge.data.rankings import held_out_split, read_prompt_pool
 from chatforge.device import resolve_device
 from chatforge.embed.minilm import MiniLMEmbedder
 from chatforge.errors import ChatforgeError, ConfigError
@@ -197,7 +197,7 @@ def run_rlhf(cfg, load_reward_model: Callable[[str, str], ScalarHeadModel],
     print(f"[rlhf] {run} vs {options.baseline} on the last {count} of {len(pool)} prompts, {max_tokens}-token "
           f"answers, best-of-{max(options.best_of)} from SFT; proxy {options.reward_model}, "
           f"gold {options.gold_reward_model}")
-    summary, rows = evaluate_rlhf(policy, baseline, proxy, gold, tokenizer, pool[len(pool) - count:], max_tokens,
+    summary, rows = evaluate_rlhf(policy, baseline, proxy, gold, tokenizer, held_out_split(pool, count)[1], max_tokens,
                                   MiniLMEmbedder(device=device).embed, options.best_of, cfg.seed or 0, device,
                                   cfg.inference(), penalty)
     summary = {"task": "rlhf", "ckpt": cfg.ckpt, "baseline": options.baseline, "reward_model": options.reward_model,

@@ -60,21 +60,14 @@ def checkpoint_engine(ckpt: str, device: str, inference: InferenceOptions | None
     return load_engine(EngineOptions(ckpt=ckpt, device=device, **dataclasses.asdict(inference), **options))
 
 
-def answer_sampler(ckpt: str, device: str, n: int, max_tokens: int, temperature: float, seed: int,
-                   inference: InferenceOptions | None = None):
-    """A function from chat prompts (message lists) to ``n`` sampled answers each, (text, ended with the stop
-    token within ``max_tokens``), by the model at ``ckpt``; without a checkpoint or with ``n`` = 0 it returns no
-    answers."""
-    if not ckpt or not n:
-        return lambda prompts: [[] for _ in prompts]
-    engine = checkpoint_engine(ckpt, device, inference)
-    # the full distribution: no top-k/top-p, so the samples are what the policy really says
+def sample_answer_texts(engine: Engine | None, prompts: list[list[dict]], n: int, max_tokens: int,
+                        temperature: float, seed: int) -> list[list[tuple[str, bool]]]:
+    """``n`` sampled answers to each chat prompt (message list) as (text, ended with the stop token within
+    ``max_tokens``); without an engine or with ``n`` = 0, no answers."""
+    if engine is None or not n:
+        return [[] for _ in prompts]
     end_id = stop_token_ids(engine.tokenizer)[0]
+    # the full distribution: no top-k/top-p, so the samples are what the policy really says
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed, truncate=True)
-
-    def sample(prompts: list[list[dict]]) -> list[list[tuple[str, bool]]]:
-        ids = [prompt_ids(m, engine.tokenizer) for m in prompts]
-        outs = engine.generate(ids, params)
-        return [[(c.text.strip(), ended(list(c.token_ids), end_id)) for c in out.choices] for out in outs]
-
-    return sample
+    outs = engine.generate([prompt_ids(m, engine.tokenizer) for m in prompts], params)
+    return [[(c.text.strip(), ended(list(c.token_ids), end_id)) for c in out.choices] for out in outs]

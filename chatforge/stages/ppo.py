@@ -29,7 +29,7 @@ from pathlib import Path
 from chatforge import io
 from chatforge.chat_template import stop_token_ids
 from chatforge.config import check_option_bounds, nested, option
-from chatforge.data.rankings import read_prompt_pool
+from chatforge.data.rankings import held_out_split, read_prompt_pool
 from chatforge.data.shards import TokenWindows
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evals.ppo_eval import plot_ppo
@@ -103,7 +103,7 @@ def run(cfg: Config, args: list[str]) -> None:
             f"{cfg.prompts} has {len(pool)} prompts; PPO needs rollout_prompts ({cfg.rollout_prompts}) "
             f"+ held_out_prompts ({cfg.held_out_prompts})"
         )
-    train_pool, held_out = pool[: len(pool) - cfg.held_out_prompts], pool[len(pool) - cfg.held_out_prompts :]
+    train_pool, held_out = held_out_split(pool, cfg.held_out_prompts)
     ptx = None
     if cfg.ptx_coef > 0:
         if not Path(cfg.pretrain_tokens).is_file():

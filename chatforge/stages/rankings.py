@@ -28,17 +28,15 @@ from chatforge.data.rankings import (
     MAX_K,
     assign_split,
     automatic_rankings,
+    held_out_split,
     read_prompt_pool,
     read_rankings,
 )
-from chatforge.device import resolve_device
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.infer.answers import BUDGET_PROMPTS, measure_answer_budget
-from chatforge.infer.loading import answer_sampler
+from chatforge.infer.loading import checkpoint_engine, sample_answer_texts
 from chatforge.infer.params import BOUNDS
 from chatforge.infer.precision import InferenceOptions
-from chatforge.model.checkpoint import load_model, tokenizer_path
-from chatforge.tokenizer import Tokenizer
 
 
 @dataclass
@@ -74,26 +72,21 @@ def run(cfg: Config, args: list[str]) -> None:
     rng = random.Random(cfg.seed)
     records = [r for path in cfg.inputs for r in read_rankings(path)]
     pool = read_prompt_pool(cfg.prompts)
-    held_out_ids = {p["id"] for p in pool[len(pool) - cfg.held_out_prompts :]} if cfg.held_out_prompts else set()
-    tokenizer = Tokenizer.load(tokenizer_path(cfg.ckpt)) if cfg.ckpt else None
+    train_pool, held_out = held_out_split(pool, cfg.held_out_prompts)
+    held_out_ids = {p["id"] for p in held_out}
+    engine = checkpoint_engine(cfg.ckpt, cfg.device, cfg.inference) if cfg.ckpt else None
     budget = {"max_tokens": cfg.max_tokens}
-    if tokenizer and not cfg.max_tokens:  # the SFT model's own budget, on the same prompts and seed as PPO's
-        model, _ = load_model(cfg.ckpt, resolve_device(cfg.device))
-        kept = [p["messages"] for p in pool if p["id"] not in held_out_ids][:BUDGET_PROMPTS]
-        budget = measure_answer_budget(model, tokenizer, kept, stop_token_ids(tokenizer)[0], cfg.seed,
-                                       inference=cfg.inference)
-    sample = answer_sampler(cfg.ckpt, cfg.device, cfg.samples_per_prompt, budget["max_tokens"], cfg.temperature,
-                            cfg.seed, cfg.inference)
-    sampled: list[list[tuple[str, bool]]] = []
-
-    def sample_and_count(prompts):
-        sampled.extend(sample(prompts))
-        return sampled
-
+    if engine and not cfg.max_tokens:  # the SFT model's own budget, on the same prompts and seed as PPO's
+        budget = measure_answer_budget(engine.source, engine.tokenizer,
+                                       [p["messages"] for p in train_pool[:BUDGET_PROMPTS]],
+                                       stop_token_ids(engine.tokenizer)[0], cfg.seed, inference=cfg.inference)
+    chosen = pool[: cfg.max_prompts or len(pool)]
+    sampled = sample_answer_texts(engine, [p["messages"] for p in chosen], cfg.samples_per_prompt,
+                                  budget["max_tokens"], cfg.temperature, cfg.seed)
     fits = None
-    if tokenizer and budget["max_tokens"]:
-        fits = lambda text: len(tokenizer.encode(text)) < budget["max_tokens"]  # noqa: E731
-    records += automatic_rankings(pool[: cfg.max_prompts or len(pool)], sample_and_count, rng, fits)
+    if engine and budget["max_tokens"]:
+        fits = lambda text: len(engine.tokenizer.encode(text)) < budget["max_tokens"]  # noqa: E731
+    records += automatic_rankings(chosen, sampled, rng, fits)
     splits: dict[str, list[dict]] = {"train": [], "val": [], "held_out": []}
     for record in records:
         split = "held_out" if record["id"] in held_out_ids else assign_split(record["id"], cfg.seed, cfg.val_fraction)
@@ -111,4 +104,3 @@ def run(cfg: Config, args: list[str]) -> None:
     manifest["unfinished_samples"] = sum(not done for answers in sampled for _, done in answers)
     io.write_json(out / "manifest.json", manifest)
     print(json.dumps(manifest, indent=2))
-
