@@ -68,18 +68,32 @@ def last_token_scores(model, rows: list[list[int]], pad_id: int, device: str) ->
     return values.gather(1, (lengths.to(device) - 1).unsqueeze(1)).squeeze(1)
 
 
-class RewardTask:
+class _ScoredAnswersTask:
+    """What the ranking and the signal tasks share: batches drawn in epoch order, and a loss that scores a batch's
+    rows in one forward pass and hands the scores to the task's ``objective``."""
+
+    def __init__(self, train_set: list[tuple], val_set: list[tuple], batch_size: int, seed: int, pad_id: int,
+                 what: str):
+        self.train_set, self.val_set, self.pad_id = train_set, val_set, pad_id
+        self.order = EpochOrder(len(train_set), batch_size, seed, what=what)
+
+    def batch(self, step: int, part: int, parts: int, device: str):
+        return [self.train_set[i] for i in self.order.indices(step, part, parts)], device
+
+    def loss(self, model, batch) -> dict:
+        items, device = batch
+        return {**self.objective(self.scores(model, items, device), items),
+                "tokens": sum(len(r) for r in self.rows(items))}
+
+
+class RewardTask(_ScoredAnswersTask):
     """One batch element per prompt; all K responses of every prompt in the micro-batch share one forward pass."""
 
     def __init__(
         self, train_set: list[tuple], val_set: list[tuple], batch_size: int, seed: int, pad_id: int, loss: str
     ):
-        self.train_set, self.val_set, self.pad_id = train_set, val_set, pad_id
-        self.order = EpochOrder(len(train_set), batch_size, seed, what="training rankings")
+        super().__init__(train_set, val_set, batch_size, seed, pad_id, "training rankings")
         self.loss_fn = LOSSES[loss]
-
-    def batch(self, step: int, part: int, parts: int, device: str):
-        return [self.train_set[i] for i in self.order.indices(step, part, parts)], device
 
     @staticmethod
     def rows(items: list[tuple]) -> list[list[int]]:
@@ -100,11 +114,6 @@ class RewardTask:
         )
         return {"loss": loss, "accuracy": right / total}
 
-    def loss(self, model, batch) -> dict:
-        items, device = batch
-        return {**self.objective(self.scores(model, items, device), items),
-                "tokens": sum(len(r) for r in self.rows(items))}
-
     @torch.no_grad()
     def eval_loss(self, model, device: str) -> dict:
         losses, right, total = [], 0, 0
@@ -117,7 +126,7 @@ class RewardTask:
         return {"loss": sum(losses) / len(losses), "accuracy": right / max(total, 1)}
 
 
-class SignalRewardTask:
+class SignalRewardTask(_ScoredAnswersTask):
     """Pointwise: each answer's user-signal reward y in [-1, 1] is a soft label (y + 1) / 2 that the answer is
     good, and the loss is the binary cross-entropy of σ(r) against it.
 
@@ -128,11 +137,7 @@ class SignalRewardTask:
     """
 
     def __init__(self, train_set: list[tuple], val_set: list[tuple], batch_size: int, seed: int, pad_id: int):
-        self.train_set, self.val_set, self.pad_id = train_set, val_set, pad_id
-        self.order = EpochOrder(len(train_set), batch_size, seed, what="signal-rewarded answers")
-
-    def batch(self, step: int, part: int, parts: int, device: str):
-        return [self.train_set[i] for i in self.order.indices(step, part, parts)], device
+        super().__init__(train_set, val_set, batch_size, seed, pad_id, "signal-rewarded answers")
 
     @staticmethod
     def rows(items: list[tuple]) -> list[list[int]]:
@@ -148,11 +153,6 @@ class SignalRewardTask:
         signed = rewards != 0
         agree = (scores.detach() > 0) == (rewards > 0)
         return {"loss": loss, "accuracy": int((agree & signed).sum()) / max(int(signed.sum()), 1)}
-
-    def loss(self, model, batch) -> dict:
-        items, device = batch
-        return {**self.objective(self.scores(model, items, device), items),
-                "tokens": sum(len(r) for r in self.rows(items))}
 
     @torch.no_grad()
     def eval_loss(self, model, device: str) -> dict:
