@@ -20,9 +20,10 @@ def reward_scores(reward_model: ScalarHeadModel, pairs, end_id: int, pad_id: int
     and an answer that ran out of tokens before its own <|end|> loses ``unfinished_penalty``. The ranking
     builder applies the same rule by ranking unfinished samples with the corrupted answers."""
     block = reward_model.config.block_size
-    rows = [(p + r + ([] if ended(r, end_id) else [end_id]))[-block:] for p, r in pairs]
+    finished = [ended(r, end_id) for _, r in pairs]
+    rows = [(p + r + ([] if done else [end_id]))[-block:] for (p, r), done in zip(pairs, finished)]
     ids, lengths = pad_rows(rows, pad_id)
-    unfinished = torch.tensor([not ended(r, end_id) for _, r in pairs], dtype=torch.float32, device=device)
+    unfinished = torch.tensor([not done for done in finished], dtype=torch.float32, device=device)
     with torch.no_grad():
         return reward_model.score(ids.to(device), lengths.to(device)).float() - unfinished_penalty * unfinished
 
