@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from chatforge.chat_template import prompt_ids
+from chatforge.chat_template import prompt_ids, stop_token_ids
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.precision import InferenceOptions
@@ -44,17 +44,19 @@ def ended(response: list[int], end_id: int) -> bool:
 
 
 def measure_answer_budget(
-    model: GPT, tokenizer, prompts: list[list[dict]], end_id: int, seed: int, quantile: float = 0.9,
+    model: GPT, tokenizer, prompts: list[list[dict]], seed: int, quantile: float = 0.9,
     inference: InferenceOptions | None = None,
 ) -> dict:
-    """The answer length budget read off the model's own answers: sample one answer per prompt (temperature 1,
-    the policy's full distribution) with room for half the context, and take the ``quantile`` of the lengths
-    (an answer still running at the cap counts as the cap), rounded up to a multiple of 8.
+    """The answer length budget read off the model's own answers: sample one answer to each of the first
+    ``BUDGET_PROMPTS`` prompts (temperature 1, the policy's full distribution) with room for half the context,
+    and take the ``quantile`` of the lengths (an answer still running at the cap counts as the cap), rounded up
+    to a multiple of 8. Callers that pass the same prompts and seed measure the same budget.
 
     RL rollouts and the ranking data use this budget, so most answers end by themselves and the few that do not
     are the ones the unfinished-answer rule is for."""
-    cap = model.config.block_size // 2
-    pairs = sample_answers(model, tokenizer, prompts, cap, SamplingParams(temperature=1.0, seed=seed), inference)
+    cap, end_id = model.config.block_size // 2, stop_token_ids(tokenizer)[0]
+    params = SamplingParams(temperature=1.0, seed=seed)
+    pairs = sample_answers(model, tokenizer, prompts[:BUDGET_PROMPTS], cap, params, inference)
     lengths = sorted(len(r) if ended(r, end_id) else cap for _, r in pairs)
     at_quantile = lengths[min(len(lengths) - 1, int(quantile * len(lengths)))]
     return {

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge import io
-from chatforge.chat_template import stop_token_ids
 from chatforge.config import check_option_bounds, nested, option
 from chatforge.data.rankings import held_out_split, read_prompt_pool
 from chatforge.data.shards import TokenWindows
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.evals.ppo_eval import plot_ppo
-from chatforge.infer.answers import BUDGET_PROMPTS, measure_answer_budget
+from chatforge.infer.answers import measure_answer_budget
 from chatforge.infer.precision import InferenceOptions
 from chatforge.model.checkpoint import load_model, tokenizer_path
 from chatforge.tokenizer import Tokenizer
@@ -116,8 +115,8 @@ def run(cfg: Config, args: list[str]) -> None:
     budget = {"max_tokens": cfg.max_tokens}
     if not cfg.max_tokens:  # measured once and shared, so every process samples to the same budget
         if job.is_main:
-            budget = measure_answer_budget(reference, tokenizer, [p["messages"] for p in train_pool[:BUDGET_PROMPTS]],
-                                           stop_token_ids(tokenizer)[0], cfg.train.seed, inference=cfg.inference)
+            budget = measure_answer_budget(reference, tokenizer, [p["messages"] for p in train_pool], cfg.train.seed,
+                                           inference=cfg.inference)
         budget = job.broadcast_object(budget)
     policy = ActorCritic(actor.train(), critic.train())
     ppo = PPO(cfg, policy, reference.eval(), reward_model, tokenizer, train_pool, ptx, gold, budget["max_tokens"])

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge import io
-from chatforge.chat_template import stop_token_ids
 from chatforge.config import nested, option
 from chatforge.data.rankings import (
     MAX_K,
@@ -33,7 +32,7 @@ from chatforge.data.rankings import (
     read_rankings,
 )
 from chatforge.errors import ChatforgeError, ConfigError
-from chatforge.infer.answers import BUDGET_PROMPTS, measure_answer_budget
+from chatforge.infer.answers import measure_answer_budget
 from chatforge.infer.loading import checkpoint_engine, sample_answer_texts
 from chatforge.infer.params import BOUNDS
 from chatforge.infer.precision import InferenceOptions
@@ -77,9 +76,8 @@ def run(cfg: Config, args: list[str]) -> None:
     engine = checkpoint_engine(cfg.ckpt, cfg.device, cfg.inference) if cfg.ckpt else None
     budget = {"max_tokens": cfg.max_tokens}
     if engine and not cfg.max_tokens:  # the SFT model's own budget, on the same prompts and seed as PPO's
-        budget = measure_answer_budget(engine.source, engine.tokenizer,
-                                       [p["messages"] for p in train_pool[:BUDGET_PROMPTS]],
-                                       stop_token_ids(engine.tokenizer)[0], cfg.seed, inference=cfg.inference)
+        budget = measure_answer_budget(engine.source, engine.tokenizer, [p["messages"] for p in train_pool], cfg.seed,
+                                       inference=cfg.inference)
     chosen = pool[: cfg.max_prompts or len(pool)]
     sampled = sample_answer_texts(engine, [p["messages"] for p in chosen], cfg.samples_per_prompt,
                                   budget["max_tokens"], cfg.temperature, cfg.seed)
