@@ -4,7 +4,15 @@ import random
 import pytest
 
 from chatforge import cli
-from chatforge.data.sft_data import DROP_REASONS, Conversation, Curator, parse_row, read_conversations, split
+from chatforge.data.sft_data import (
+    DROP_REASONS,
+    Conversation,
+    Curator,
+    parse_row,
+    read_conversations,
+    rl_prompt,
+    split,
+)
 from chatforge.data.sft_rules import cutoff_reason, fit_max_chars, language_id
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.stages.sft_data import Config
@@ -327,6 +335,26 @@ def test_splits_are_disjoint_sized_and_deterministic():
     for prompt in parts["rl"]:
         assert prompt["messages"] == by_id[prompt["id"]][:-1] and prompt["messages"][-1]["role"] == "user"
         assert prompt["reference"] == by_id[prompt["id"]][-1]["content"]
+
+
+def test_rl_prompts_end_before_the_latest_answer_whose_history_fits():
+    def conv(first_question):
+        return parse_row({"messages": [
+            {"role": "user", "content": first_question}, {"role": "assistant", "content": "First answer."},
+            {"role": "user", "content": "A follow-up question. " * 30}, {"role": "assistant", "content": "Second."},
+            {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "Third answer."},
+        ]}, "t.jsonl:1", "user")
+
+    short = conv("What is a hash index?")
+    fits = rl_prompt(short, history_chars=400)
+    assert [m["content"] for m in fits["messages"]] == ["What is a hash index?"]
+    assert fits["reference"] == "First answer."
+    # a history that never fits still gives the first exchange, the shortest question the conversation has
+    long_first = rl_prompt(conv("Explain this code: " + "x = 1; " * 100), history_chars=400)
+    assert len(long_first["messages"]) == 1 and long_first["reference"] == "First answer."
+    # a budget that takes the whole history gives the last answer, as history_chars=0 always does
+    for everything in (rl_prompt(short, history_chars=10_000), rl_prompt(short, history_chars=0)):
+        assert len(everything["messages"]) == 5 and everything["reference"] == "Third answer."
 
 
 def test_split_needs_enough_conversations():

@@ -214,10 +214,20 @@ def split_draw(key: bytes, seed: int) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def rl_prompt(conv: Conversation) -> dict:
-    """The conversation up to its last assistant answer, which becomes the held-out reference."""
+def rl_prompt(conv: Conversation, history_chars: int) -> dict:
+    """The conversation up to one of its assistant answers, which becomes the held-out reference: the latest
+    answer whose history (every message before it) has at most ``history_chars`` characters, else the first
+    answer; with ``history_chars`` 0 always the last one.
+
+    The policy and the reward model read only their context's last tokens; a prompt longer than that leaves
+    them judging answers to a question they cannot see, so the shorter exchanges make the better RL prompts."""
+    messages = conv.messages
+    answers = [i for i, m in enumerate(messages)
+               if m["role"] == "assistant" and any(q["role"] == "user" for q in messages[:i])]
+    fitting = [i for i in answers if sum(len(m["content"]) for m in messages[:i]) <= history_chars]
+    cut = (fitting or answers[:1])[-1] if history_chars else answers[-1]
     row = conv.record()
-    row["messages"], row["reference"] = conv.messages[:-1], conv.messages[-1]["content"]
+    row["messages"], row["reference"] = messages[:cut], messages[cut]["content"]
     return row
 
 
@@ -241,7 +251,7 @@ def split(kept: list[Conversation], cfg) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {name: [] for name in SPLIT_FILES}
     for i, conv in enumerate(kept):
         name = name_of.get(i, "train")
-        out[name].append(rl_prompt(conv) if name == "rl" else conv.record())
+        out[name].append(rl_prompt(conv, cfg.rl_history_chars) if name == "rl" else conv.record())
     return out
 
 

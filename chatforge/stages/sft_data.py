@@ -55,6 +55,10 @@ class Config:
     max_conversations: int = option(5_000, "stop after keeping this many conversations (0 = no cap)")
     val_fraction: float = option(0.05, "share of conversations held out as sft_val", ge=0, lt=1)
     rl_fraction: float = option(0.4, "share of conversations turned into the RLHF prompt pool", ge=0, lt=1)
+    rl_history_chars: int = option(
+        400, "an RL prompt ends before its conversation's latest answer whose history fits this many characters "
+        "(else before the first answer; 0 = before the last answer), so the question fits the models' context", ge=0
+    )
     seed: int = option(0, "seed of the split hash")
 
     def validate(self) -> None:
