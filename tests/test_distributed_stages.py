@@ -37,6 +37,7 @@ ADAMW_TOLERANCE, MUON_TOLERANCE = 1e-4, 5e-4
 
 def run_scenario(name: str, out_dir: Path, processes: int = 1, **options) -> dict[str, torch.Tensor]:
     """Run scenario ``name`` in this process or under torchrun; the parameters it ended with."""
+    checkpoint = options.pop("checkpoint", True)
     extra = [f"{key}={json.dumps(value)}" for key, value in options.items()]
     if processes == 1:
         dist_scenarios.main([name, str(out_dir), *extra])
@@ -48,7 +49,12 @@ def run_scenario(name: str, out_dir: Path, processes: int = 1, **options) -> dic
                    str(SCENARIOS), name, str(out_dir), *extra]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-    return load_file(str(latest_checkpoint(out_dir) / "model.safetensors"))
+    return load_file(str(latest_checkpoint(out_dir) / "model.safetensors")) if checkpoint else {}
+
+
+def val_losses(out_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["val_loss"] for row in rows if "val_loss" in row}
 
 
 def max_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -78,6 +84,12 @@ def test_sft_two_processes_match_one_and_resume_a_one_process_run(tmp_path):
     gap = max_gap(single, parallel)
     print(f"sft: largest parameter gap {gap:.2e}")
     assert gap < ADAMW_TOLERANCE
+    # the held-out loss, split across the ranks, is the single process's at the start (same model: to 1e-9) and
+    # at the end (models 1e-4 apart)
+    single_val, parallel_val = val_losses(tmp_path / "single"), val_losses(tmp_path / "ddp")
+    assert single_val.keys() == parallel_val.keys() == {0, 4}
+    assert parallel_val[0] == pytest.approx(single_val[0], abs=1e-9) and parallel_val[4] == pytest.approx(
+        single_val[4], abs=1e-4)
     resumed_dir = resumable_copy(tmp_path / "single", tmp_path / "resumed", 2)
     resumed = run_scenario("sft", resumed_dir, processes=2, resume=True, micro_batch_size=2, **RESUMABLE)
     single_losses, resumed_losses = losses(tmp_path / "single"), losses(resumed_dir)
@@ -166,3 +178,21 @@ def test_a_rank_that_cannot_see_the_checkpoint_stops_every_rank_naming_it(tmp_pa
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
     assert [line.split(" ERROR ")[0] for line in errors] == ["RANK 0", "RANK 1"], done.stdout
     assert all(f"{checkpoint} (chosen by rank 0) is not visible on rank(s) [1]" in line for line in errors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_evaluation_split_across_two_processes_gives_the_single_process_figures(tmp_path, parallel):
+    """Each rank evaluates its share of the held-out items (uneven shares: 5 batches, 7 conversations, 21 rankings,
+    19 answers, 11 pairs) and the sums are reduced. Tolerance 1e-9: both runs compute the same float32 value for
+    every batch (same batches, same model), and only the float64 summation order differs (~1e-16 relative); a
+    figure averaged over one rank's share alone, or a mean of the ranks' means, differs by 1e-3 or more."""
+    single_dir, parallel_dir = tmp_path / "single", tmp_path / parallel
+    single_dir.mkdir()
+    parallel_dir.mkdir()
+    run_scenario("evals", single_dir, checkpoint=False, parallel=parallel)
+    run_scenario("evals", parallel_dir, processes=2, checkpoint=False, parallel=parallel)
+    single, split = (json.loads((folder / "evals.json").read_text()) for folder in (single_dir, parallel_dir))
+    print(f"{parallel}: single {single}, split {split}")
+    assert single.keys() == split.keys() and len(single) == (8 if parallel == "ddp" else 6)
+    assert split == pytest.approx(single, abs=1e-9, rel=0)

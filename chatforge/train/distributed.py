@@ -25,6 +25,7 @@ import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -66,11 +67,7 @@ class Dist:
 
     def gather_object(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        return gather_over_ranks(obj)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -151,6 +148,59 @@ def init(device: str = "auto") -> Dist:
 def _shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- evaluation split across the ranks ---------------------------------------------------------------------------
+# A task's evaluation runs on every rank: each computes its share of the held-out items and the sums are reduced,
+# so the figure is the one a single process computes (the same items, summed, divided by the same counts).
+
+
+def _place() -> tuple[int, int]:
+    """(rank, world size) of the running job; (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def eval_share(count: int) -> list[tuple[int, bool]]:
+    """This rank's share of ``count`` evaluation items (every world-size-th, from its rank) as (index, counted).
+
+    Every rank gets the same number of entries: the short ones are padded with ``(0, False)``, an item to
+    compute and leave out of the sums, because under FSDP every forward pass gathers parameters from all ranks
+    and the ranks must run the same number of them.
+    """
+    rank, world = _place()
+    mine = [(index, True) for index in range(rank, count, world)]
+    return mine + [(0, False)] * (-(-count // world) - len(mine))
+
+
+def sum_over_ranks(values: list[float], device: str | torch.device) -> list[float]:
+    """Every rank's ``values`` summed element-wise (in float64; ``device`` is the rank's, as NCCL needs)."""
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    if _place()[1] > 1:
+        dist.all_reduce(total)
+    return total.tolist()
+
+
+def gather_over_ranks(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if _place()[1] == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def map_shared(fn: Callable[[int], Any], count: int) -> list:
+    """``[fn(0), ..., fn(count - 1)]`` on every rank, each rank computing its share (``eval_share``, padding
+    included) and the results gathered in order."""
+    mine = {}
+    for index, counted in eval_share(count):
+        result = fn(index)
+        if counted:
+            mine[index] = result
+    merged = {index: result for share in gather_over_ranks(mine) for index, result in share.items()}
+    return [merged[index] for index in range(count)]
 
 
 # ---- FSDP2: parameters, gradients and optimizer state sharded across the ranks ----------------------------------

@@ -167,8 +167,9 @@ class RunState:
     def evaluate(self) -> dict:
         """The validation metrics of the plain module now (a row of metrics.jsonl), if the run has ``evaluate``."""
         metrics = {}
-        # a sharded model's forward needs every rank (each gathers the blocks' parameters from the others)
-        if (self.dist.is_main or self.fsdp) and self.evaluate_fn is not None:
+        # every rank evaluates its share of the held-out items and the task reduces the sums (see
+        # distributed.eval_share); a sharded model's forward needs every rank anyway
+        if self.evaluate_fn is not None:
             t0 = time.perf_counter()
             self.model.eval()
             with torch.no_grad(), self.autocast():
