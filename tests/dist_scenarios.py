@@ -85,6 +85,13 @@ def scenario(name: str, world_size: int):
                      train=fast_config(batch_size=8, lr=3e-2, min_lr=3e-2, **fast))
         ppo = make_ppo(tok, cfg)
         return ppo.policy, ppo, dict(batch_size=8, lr=3e-2, min_lr=3e-2, schedule="constant", weight_decay=0.0)
+    if name == "reward":  # rankings (3 answers each) and signal rewards mixed, 8 of each per step
+        from chatforge.model.heads import ScalarHeadModel
+        from chatforge.train.reward import MixedRewardTask, RewardTask, SignalRewardTask
+
+        rankings = RewardTask(_rankings(24, 1), _rankings(5, 2), 8, 0, 0, "pairwise")
+        signals = SignalRewardTask(_signals(24), _signals(5), 8, 0, 0)
+        return ScalarHeadModel(tiny_gpt()), MixedRewardTask(rankings, signals, 0.5), dict(micro_batch_size=2)
     if name == "embed":  # one micro-batch per process: each contrastive batch is the whole global batch
         return EmbeddingModel(tiny_gpt(), proj_dim=8), ContrastiveIdsTask(8, 2), dict(lr=1e-3)
     raise SystemExit(f"unknown scenario {name}")

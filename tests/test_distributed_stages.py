@@ -196,3 +196,80 @@ def test_evaluation_split_across_two_processes_gives_the_single_process_figures(
     print(f"{parallel}: single {single}, split {split}")
     assert single.keys() == split.keys() and len(single) == (8 if parallel == "ddp" else 6)
     assert split == pytest.approx(single, abs=1e-9, rel=0)
+
+
+@pytest.mark.slow
+def test_reward_two_processes_match_one(tmp_path):
+    """The reward model on rankings and signal rewards mixed: one micro-batch of 8 prompts (and 8 answers) vs 2
+    ranks x 2 micro-batches of 2. Each part holds the same number of prompts, so the loop's equal weighting of
+    parts is the global mean over prompts (and over answers); held-out figures are reduced over the ranks."""
+    single = run_scenario("reward", tmp_path / "single", micro_batch_size=8)
+    parallel = run_scenario("reward", tmp_path / "ddp", processes=2)
+    gap = max_gap(single, parallel)
+    single_val, parallel_val = val_losses(tmp_path / "single"), val_losses(tmp_path / "ddp")
+    print(f"reward: largest parameter gap {gap:.2e}; val losses {single_val} vs {parallel_val}")
+    assert gap < ADAMW_TOLERANCE
+    assert parallel_val[0] == pytest.approx(single_val[0], abs=1e-9)
+    assert parallel_val[3] == pytest.approx(single_val[3], abs=1e-4)
+
+
+def run_cli(args: list[str], processes: int = 1) -> None:
+    """``chatforge ARGS`` in this process, or under torchrun with ``processes`` ranks."""
+    from chatforge.cli import main
+
+    if processes == 1:
+        main(args)
+        return
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "chatforge.cli", *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(out_dir) / "model.safetensors"))
+
+
+LOOP = ["--train.steps=4", "--train.batch_size=8", "--train.lr=3e-3", "--train.warmup_steps=1", "--train.max_minutes=0",
+        "--train.eval_every=0", "--train.ckpt_every=0", "--train.dtype=fp32", "--train.compile=false",
+        "--train.device=cpu", "--train.progress=false", "--train.micro_batch_size=2", "--eval_batches=3"]
+
+
+@pytest.mark.slow
+def test_code_and_fim_two_processes_match_one(tmp_path):
+    """The code and fim stages under torchrun: rank 0 builds the corpus once, both ranks train on it, and one
+    process accumulating 4 micro-batches of 2 windows vs 2 ranks x 2 end with the same parameters (AdamW, fp32:
+    ADAMW_TOLERANCE, see the module's docstring) and the same held-out losses (reduced over the ranks: the base
+    model's to 1e-9, the trained one's within 1e-4). fim's insertion evaluation runs after training."""
+    from test_code import _write_tree
+    from test_fim import _data_dir
+    from train_helpers import make_corpus, tiny_pretrain_args
+
+    from chatforge.cli import main
+
+    base = tmp_path / "base"
+    main(["pretrain", *tiny_pretrain_args(make_corpus(tmp_path / "tok"), base, model__block_size=32)])
+    tree, data = _write_tree(tmp_path), _data_dir(tmp_path)
+    stages = {
+        "code": [f"--init_from={base}", "--stdlib=false", f"--folders={tree}", "--val_fraction=0.2"],
+        "fim": [f"--init_from={base}", f"--data_dir={data}", "--fim_rate=0.5", "--eval_examples=4"],
+    }
+    for stage, args in stages.items():
+        # micro-batches of 2 in both: the validation batches are micro-batch sized, and the same batches give the
+        # same float32 figures (4 accumulated micro-batches in one process, 2 per rank in two)
+        run_cli([stage, *args, *LOOP, f"--out_dir={tmp_path / stage / 'single'}"])
+        run_cli([stage, *args, *LOOP, f"--out_dir={tmp_path / stage / 'ddp'}"], processes=2)
+        runs = {name: tmp_path / stage / name for name in ("single", "ddp")}
+        gap = max_gap(*(final_weights(run) for run in runs.values()))
+        summaries = {name: json.loads((run / "summary.json").read_text()) for name, run in runs.items()}
+        single_val, parallel_val = (val_losses(run) for run in runs.values())
+        print(f"{stage}: largest parameter gap {gap:.2e}; val losses {single_val} vs {parallel_val}")
+        assert gap < ADAMW_TOLERANCE
+        assert summaries["ddp"]["world_size"] == 2 and summaries["ddp"]["grad_accum_steps"] == 2
+        assert summaries["ddp"]["base_val_loss"] == summaries["single"]["base_val_loss"]
+        assert parallel_val[0] == pytest.approx(single_val[0], abs=1e-9)
+        assert parallel_val[4] == pytest.approx(single_val[4], abs=1e-4)
+    assert json.loads((tmp_path / "fim" / "ddp" / "summary.json").read_text())["insertion"]["examples"] == 4
