@@ -91,9 +91,11 @@ def scenario(name: str, world_size: int):
 
         rankings = RewardTask(_rankings(24, 1), _rankings(5, 2), 8, 0, 0, "pairwise")
         signals = SignalRewardTask(_signals(24), _signals(5), 8, 0, 0)
-        return ScalarHeadModel(tiny_gpt()), MixedRewardTask(rankings, signals, 0.5), dict(micro_batch_size=2)
+        # arch=modern: its untied output layer, which a reward model never uses, must not stall DDP
+        model = ScalarHeadModel(tiny_gpt(arch="modern"))
+        return model, MixedRewardTask(rankings, signals, 0.5), dict(micro_batch_size=2)
     if name == "embed":  # one micro-batch per process: each contrastive batch is the whole global batch
-        return EmbeddingModel(tiny_gpt(), proj_dim=8), ContrastiveIdsTask(8, 2), dict(lr=1e-3)
+        return EmbeddingModel(tiny_gpt(arch="modern"), proj_dim=8), ContrastiveIdsTask(8, 2), dict(lr=1e-3)
     raise SystemExit(f"unknown scenario {name}")
 
 

@@ -107,16 +107,23 @@ def test_embed_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_ppo_two_processes_match_one(tmp_path):
+def test_ppo_two_processes_match_one_under_ddp_and_fsdp(tmp_path):
     """Each rank samples half of the rollout's prompts (seeded by their place in the whole list) and the answers
-    are gathered, so advantages are whitened and the KL controller updated over the whole rollout."""
+    are gathered, so advantages are whitened and the KL controller updated over the whole rollout. Under FSDP the
+    sharded actor's full weights are gathered into a plain copy for sampling: the same rollouts, the same steps
+    (fp32, no mixed precision: FSDP's reduce-scatter and DDP's all-reduce sum the same two gradients)."""
     options = dict(steps=4)  # two rollouts of 16 prompts, 2 minibatches of 8 each
     single = run_scenario("ppo", tmp_path / "single", **options)
     parallel = run_scenario("ppo", tmp_path / "ddp", processes=2, **options)
-    gap = max_gap(single, parallel)
-    print(f"ppo: largest parameter gap {gap:.2e}; losses", losses(tmp_path / "single"), losses(tmp_path / "ddp"))
+    sharded = run_scenario("ppo", tmp_path / "fsdp", processes=2, parallel="fsdp", **options)
+    gap, fsdp_gap = max_gap(single, parallel), max_gap(parallel, sharded)
+    print(f"ppo: largest parameter gap {gap:.2e}, ddp/fsdp {fsdp_gap:.2e}; losses", losses(tmp_path / "single"),
+          losses(tmp_path / "ddp"), losses(tmp_path / "fsdp"))
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
-    assert gap < ADAMW_TOLERANCE * 10  # PPO's learning rate is 10x the other scenarios' (3e-2): so are rounding gaps
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-5)
+    # PPO's learning rate is 10x the other scenarios' (3e-2): so are rounding gaps
+    assert gap < ADAMW_TOLERANCE * 10 and fsdp_gap < ADAMW_TOLERANCE * 10
+    assert (latest_checkpoint(tmp_path / "fsdp") / "optimizer").is_dir()  # it really ran sharded
 
 
 @pytest.mark.slow
@@ -129,7 +136,9 @@ def test_pretrain_muon_one_process_ddp_and_fsdp_agree_and_fsdp_resumes_on_one_pr
     fsdp = run_scenario("pretrain_muon", tmp_path / "fsdp", processes=2, parallel="fsdp", **RESUMABLE)
     print(f"muon: gap single/ddp {max_gap(single, ddp):.2e}, ddp/fsdp {max_gap(ddp, fsdp):.2e}")
     assert max_gap(single, ddp) < MUON_TOLERANCE and max_gap(ddp, fsdp) < MUON_TOLERANCE
-    assert (latest_checkpoint(tmp_path / "fsdp") / "optimizer").is_dir()  # the optimizer state stayed sharded
+    # weights and optimizer state stayed sharded (and the weights were exported: the gaps above read them)
+    assert (latest_checkpoint(tmp_path / "fsdp") / "optimizer").is_dir()
+    assert (latest_checkpoint(tmp_path / "fsdp") / "model").is_dir()
     ddp_losses, fsdp_losses = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
     assert fsdp_losses.keys() == set(range(1, 5))
     assert [fsdp_losses[s] for s in ddp_losses] == pytest.approx(list(ddp_losses.values()), abs=1e-5)
@@ -139,6 +148,29 @@ def test_pretrain_muon_one_process_ddp_and_fsdp_agree_and_fsdp_resumes_on_one_pr
     print("2->1 losses, fsdp run:", fsdp_losses, "resumed:", resumed_losses)
     assert [resumed_losses[s] for s in (3, 4)] == pytest.approx([fsdp_losses[3], fsdp_losses[4]], abs=1e-5)
     assert max_gap(fsdp, resumed) < MUON_TOLERANCE
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_are_sharded_export_the_ordinary_file_and_resume_one_process_runs_on_two(tmp_path):
+    """train.parallel=fsdp saves weights and optimizer state as torch.distributed.checkpoint shards (nothing
+    gathered), and rank 0 streams the weights from the shards into model.safetensors. A one-process run asked for
+    fsdp saves the same format, so two FSDP processes continue its step-2 checkpoint (1 -> 2), each reading only
+    its shards, and reach the one-process run's step-4 losses and parameters."""
+    from chatforge.model.checkpoint import load_model
+
+    single = run_scenario("pretrain_muon", tmp_path / "single", parallel="fsdp", **RESUMABLE)
+    checkpoint = latest_checkpoint(tmp_path / "single")
+    assert (checkpoint / "model").is_dir() and (checkpoint / "optimizer").is_dir()
+    model, _ = load_model(tmp_path / "single")  # the exported file is an ordinary checkpoint's
+    assert max_gap(single, {k: v for k, v in model.state_dict().items() if k in single}) == 0.0
+    resumed_dir = resumable_copy(tmp_path / "single", tmp_path / "resumed", 2)
+    resumed = run_scenario("pretrain_muon", resumed_dir, processes=2, parallel="fsdp", resume=True, **RESUMABLE)
+    single_losses, resumed_losses = losses(tmp_path / "single"), losses(resumed_dir)
+    print("1->2 fsdp losses, single run:", single_losses, "resumed:", resumed_losses,
+          f"gap {max_gap(single, resumed):.2e}")
+    assert [resumed_losses[s] for s in (3, 4)] == pytest.approx([single_losses[3], single_losses[4]], abs=1e-5)
+    assert max_gap(single, resumed) < MUON_TOLERANCE
+    assert (latest_checkpoint(resumed_dir) / "model").is_dir()
 
 
 def test_a_model_built_on_the_meta_device_is_initialised_by_the_loop(tmp_path):
