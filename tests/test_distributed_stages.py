@@ -275,7 +275,8 @@ def test_code_and_fim_two_processes_match_one(tmp_path):
     """The code and fim stages under torchrun: rank 0 builds the corpus once, both ranks train on it, and one
     process accumulating 4 micro-batches of 2 windows vs 2 ranks x 2 end with the same parameters (AdamW, fp32:
     ADAMW_TOLERANCE, see the module's docstring) and the same held-out losses (reduced over the ranks: the base
-    model's to 1e-9, the trained one's within 1e-4). fim's insertion evaluation runs after training."""
+    model's to 1e-9, the trained one's within 1e-4). fim's insertion evaluation, split across the ranks, gives the
+    single process's figures."""
     from test_code import _write_tree
     from test_fim import _data_dir
     from train_helpers import make_corpus, tiny_pretrain_args
@@ -304,4 +305,16 @@ def test_code_and_fim_two_processes_match_one(tmp_path):
         assert summaries["ddp"]["base_val_loss"] == summaries["single"]["base_val_loss"]
         assert parallel_val[0] == pytest.approx(single_val[0], abs=1e-9)
         assert parallel_val[4] == pytest.approx(single_val[4], abs=1e-4)
-    assert json.loads((tmp_path / "fim" / "ddp" / "summary.json").read_text())["insertion"]["examples"] == 4
+    # the insertion evaluation, each rank writing and scoring 2 of the 4 spans, gives one process's figures
+    # (models 1e-7 apart, greedy decoding in batches of 2 instead of 4: the losses agree to rounding)
+    insertion = [json.loads((tmp_path / "fim" / name / "summary.json").read_text())["insertion"]
+                 for name in ("single", "ddp")]
+    print("insertion, single:", insertion[0], "ddp:", insertion[1])
+    assert insertion[1]["examples"] == insertion[0]["examples"] == 4
+    for order in ("psm", "spm"):
+        assert insertion[1][order]["exact_match"] == insertion[0][order]["exact_match"]
+        assert insertion[1][order]["middle_loss"] == pytest.approx(insertion[0][order]["middle_loss"], abs=1e-3)
+        assert [s["written"] for s in insertion[1][order]["samples"]] == [
+            s["written"] for s in insertion[0][order]["samples"]]
+    assert insertion[1]["left_to_right_middle_loss"] == pytest.approx(
+        insertion[0]["left_to_right_middle_loss"], abs=1e-3)

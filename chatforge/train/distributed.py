@@ -203,6 +203,16 @@ def map_shared(fn: Callable[[int], Any], count: int) -> list:
     return [merged[index] for index in range(count)]
 
 
+def map_shares(fn: Callable[[list, int], list], items: list) -> list:
+    """``fn`` applied to ``items`` cut into one contiguous share per rank (``fn(share, index of its first item)``
+    returns one result per item), every rank getting all results in order: batched work such as generation,
+    where each rank runs its share as one batch."""
+    rank, world = _place()
+    first, last = (len(items) * r // world for r in (rank, rank + 1))
+    mine = fn(items[first:last], first) if last > first else []
+    return [result for share in gather_over_ranks(mine) for result in share]
+
+
 # ---- FSDP2: parameters, gradients and optimizer state sharded across the ranks ----------------------------------
 
 PARALLEL_MODES = ("ddp", "fsdp")

@@ -25,6 +25,7 @@ from chatforge.infer.params import SamplingParams
 from chatforge.model.gpt import GPT
 from chatforge.model.heads import ScalarHeadModel
 from chatforge.tokenizer import PAD
+from chatforge.train import distributed
 from chatforge.train.config import TrainConfig
 from chatforge.train.ppo_math import (
     AdaptiveKL,
@@ -161,7 +162,7 @@ def train_ppo(ppo: PPO, out_dir: str | Path, *, resume: bool = False, meta: dict
                 # everyone's answers, so the whitening and the KL controller see the whole rollout on every rank
                 prompts = [ppo.prompts[i]["messages"] for i in ppo.order.indices(rollout)]
                 params = SamplingParams(temperature=1.0, seed=cfg.train.seed * 100_003 + rollout)
-                pairs = _sample_shared(ppo, sampler.actor(), prompts, params, trainer.dist)  # B × (prompt, response)
+                pairs = _sample_shared(ppo, sampler.actor(), prompts, params)  # B × (prompt ids, response ids)
                 ids, start, mask = _pack(pairs, ppo.pad, device)  # [B, prompt + response], [B], [B, T]
                 width = mask.size(1)  # T
                 with torch.no_grad():
@@ -266,14 +267,14 @@ class _RolloutActor:
         return self.copy
 
 
-def _sample_shared(ppo: PPO, actor: GPT, prompts: list, params: SamplingParams,
-                   ranks) -> list[tuple[list[int], list[int]]]:
+def _sample_shared(ppo: PPO, actor: GPT, prompts: list, params: SamplingParams) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) for every prompt, each process sampling its contiguous share (generation is
     most of PPO's time) with ``actor`` and gathering the others'; seeds follow the prompts' places in the list."""
-    first, last = (len(prompts) * r // ranks.world_size for r in (ranks.rank, ranks.rank + 1))
-    mine = sample_answers(actor, ppo.tokenizer, prompts[first:last], ppo.max_tokens, params,
-                          ppo.cfg.inference, first_index=first)
-    return [pair for share in ranks.gather_object(mine) for pair in share]
+    return distributed.map_shares(
+        lambda share, first: sample_answers(actor, ppo.tokenizer, share, ppo.max_tokens, params, ppo.cfg.inference,
+                                            first_index=first),
+        prompts,
+    )
 
 
 def _pack(pairs, pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -185,8 +185,9 @@ class RunState:
                 metrics = _eval_metrics(self.evaluate_fn(self.model, self.device))
             self.model.train()
             self.eval_seconds = time.perf_counter() - t0
-            # eval_s: what evaluation took, so a curve can be put on training time alone
-            if metrics and self.dist.is_main:
+            # eval_s: what evaluation took, so a curve can be put on training time alone. Every rank keeps the row
+            # (the reduced figures are the same everywhere), so every rank's summary says the same
+            if metrics:
                 self.rows.append({"step": self.step, **metrics, "eval_s": round(self.eval_seconds, 3)})
         return metrics
 
