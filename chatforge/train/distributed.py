@@ -8,8 +8,10 @@ process group is created. The backend is NCCL on CUDA and gloo on the CPU. Every
 and computes its contiguous share of each global batch; DDP averages the gradients, so N processes take the
 same optimizer steps as one process with the whole batch (``--train.parallel=ddp``). With
 ``--train.parallel=fsdp`` (FSDP2) each rank keeps only its shard of every parameter, gradient and optimizer
-state, for models whose training state does not fit on one device. Only rank 0 writes files; what the ranks must agree
-on (which checkpoint to resume) rank 0 decides and broadcasts, so nodes need not share a filesystem to agree.
+state, for models whose training state does not fit on one device. Only rank 0 writes files (but for the shards
+of an FSDP checkpoint, which every rank writes); what the ranks must agree on (which checkpoint to resume) rank 0
+decides and broadcasts, so nodes need not share a filesystem to agree. Evaluation is split across the ranks too
+(``eval_share``, ``sum_over_ranks``, ``map_shares``): each computes its share and the results are reduced.
 
 A collective that waits longer than ``CHATFORGE_DIST_TIMEOUT_MIN`` minutes (default 30) fails instead of
 hanging forever (a rank that crashed or is stuck in I/O). On CUDA, TF32 matmuls are enabled (fp32 tensors
