@@ -318,3 +318,16 @@ def test_code_and_fim_two_processes_match_one(tmp_path):
             s["written"] for s in insertion[0][order]["samples"]]
     assert insertion[1]["left_to_right_middle_loss"] == pytest.approx(
         insertion[0]["left_to_right_middle_loss"], abs=1e-3)
+
+
+def test_fsdp_names_a_scalar_parameter_it_cannot_shard():
+    """The embedding model's temperature is a 0-d parameter: FSDP2 refuses it, so the run says which and what to
+    use instead (checked before any process group is needed)."""
+    from train_helpers import tiny_gpt
+
+    from chatforge.embed.model import EmbeddingModel
+    from chatforge.errors import ChatforgeError
+    from chatforge.train import distributed
+
+    with pytest.raises(ChatforgeError, match="scalar parameter.*log_inv_temperature.*train.parallel=ddp"):
+        distributed.shard_model(EmbeddingModel(tiny_gpt()), None, False)

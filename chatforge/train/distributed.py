@@ -230,6 +230,10 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None, checkpoint_ac
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    scalars = [name for name, parameter in model.named_parameters() if parameter.dim() == 0]
+    if scalars:  # fully_shard cannot split a 0-d tensor across ranks
+        raise ChatforgeError(f"train.parallel=fsdp cannot shard the scalar parameter(s) {', '.join(scalars)} of this "
+                             "model; train it with train.parallel=ddp")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleList):
