@@ -8,9 +8,9 @@ Muon normalise updates, so a rounding difference in a near-zero gradient coordin
 unsynchronised gradients, mean-of-means weighting) moves them by 1e-3 or more. Muon orthogonalises in bf16
 (torch.optim.Muon's Newton–Schulz), so a rounding difference flips bf16 ulps (2^-8 relative) of updates of
 size ~lr·√(fan ratio) ≈ 0.04: ~1e-4 per step, hence 5e-4 for the Muon scenario (measured 1.2e-4 to 2.5e-4
-between one process and DDP; DDP and FSDP agree exactly). Measured AdamW gaps: SFT 3e-6, embed 1.3e-5; PPO
-(learning rate 10x) 9.8e-5 against 1e-3. The SFT check has teeth: weighting micro-batches equally (the old
-mean of means) moves the parameters by 1.5e-2.
+between one process and DDP; DDP and FSDP agree exactly). Measured AdamW gaps: SFT 3.4e-6, embed 2.1e-7, reward
+3.8e-5, code and fim 1.2e-7; PPO (learning rate 10x) 1.3e-4 against 1e-3, and 0 between DDP and FSDP. The SFT check
+has teeth: weighting micro-batches equally (the old mean of means) moves the parameters by 1.5e-2.
 """
 
 from __future__ import annotations
