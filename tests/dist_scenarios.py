@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,15 +85,90 @@ def scenario(name: str, world_size: int):
                      train=fast_config(batch_size=8, lr=3e-2, min_lr=3e-2, **fast))
         ppo = make_ppo(tok, cfg)
         return ppo.policy, ppo, dict(batch_size=8, lr=3e-2, min_lr=3e-2, schedule="constant", weight_decay=0.0)
+    if name == "reward":  # rankings (3 answers each) and signal rewards mixed, 8 of each per step
+        from chatforge.model.heads import ScalarHeadModel
+        from chatforge.train.reward import MixedRewardTask, RewardTask, SignalRewardTask
+
+        rankings = RewardTask(_rankings(24, 1), _rankings(5, 2), 8, 0, 0, "pairwise")
+        signals = SignalRewardTask(_signals(24), _signals(5), 8, 0, 0)
+        # arch=modern: its untied output layer, which a reward model never uses, must not stall DDP
+        model = ScalarHeadModel(tiny_gpt(arch="modern"))
+        return model, MixedRewardTask(rankings, signals, 0.5), dict(micro_batch_size=2)
     if name == "embed":  # one micro-batch per process: each contrastive batch is the whole global batch
-        return EmbeddingModel(tiny_gpt(), proj_dim=8), ContrastiveIdsTask(8, 2), dict(lr=1e-3)
+        return EmbeddingModel(tiny_gpt(arch="modern"), proj_dim=8), ContrastiveIdsTask(8, 2), dict(lr=1e-3)
     raise SystemExit(f"unknown scenario {name}")
+
+
+def _rankings(count: int, seed: int) -> list[tuple[list[list[int]], list[int]]]:
+    """Reward-model items: 3 answers of different lengths per prompt, ranked in tiers."""
+    g = torch.Generator().manual_seed(seed)
+    rows = lambda: [torch.randint(1, VOCAB, (3 + int(torch.randint(0, BLOCK - 3, (1,), generator=g)),),  # noqa: E731
+                                  generator=g).tolist() for _ in range(3)]
+    return [(rows(), [[0], [1, 2]] if i % 2 else [[2], [0], [1]]) for i in range(count)]
+
+
+def _signals(count: int) -> list[tuple[list[int], float]]:
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randint(1, VOCAB, (4 + i % 9,), generator=g).tolist(), (-1.0, 0.0, 0.5, 1.0)[i % 4])
+            for i in range(count)]
+
+
+def evaluations(out_dir: Path, parallel: str) -> dict[str, float]:
+    """Every stage task's held-out figures on fixed tiny models: pretrain's windows (5 batches), SFT's
+    conversations (7 in batches of 2), the reward model's rankings (21, in chunks of 8) and signal rewards (19),
+    embed's pairs (11 in chunks of 2). The counts are odd so that the ranks' shares are uneven; with
+    ``parallel=fsdp`` the models are sharded first (every rank must run the same number of forward passes)."""
+    from chatforge.data.shards import TokenWindows, write_shard
+    from chatforge.embed.data import Pair
+    from chatforge.embed.model import EmbedSpec
+    from chatforge.model.heads import ScalarHeadModel
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.train.embedding import ContrastiveTask
+    from chatforge.train.pretrain import PretrainTask
+    from chatforge.train.reward import RewardTask, SignalRewardTask
+
+    ranks = distributed.init("cpu")
+    if ranks.is_main:
+        write_shard(out_dir / "tokens" / "val.bin", [np.arange(400) % VOCAB], VOCAB)
+    ranks.barrier()
+    windows = TokenWindows(out_dir / "tokens" / "val.bin", BLOCK, 0)
+    rows = _conversations(7)
+    tok = Tokenizer.train(["hello there, general kenobi"] * 5, vocab_size=280)
+    pairs = [Pair(f"{i} hi {i}", f"{i}{i} there", "chat") for i in range(11)]  # short: within BLOCK tokens
+    spec = EmbedSpec(kind="similarity", max_tokens=BLOCK)
+    cases = {
+        "pretrain": (tiny_gpt(), PretrainTask(windows, windows, 8, 5, 2)),
+        "sft": (tiny_gpt(), SFTTask(ChatBatches(rows, 0, 1), ChatBatches(rows, 0, 1), 2)),
+        "reward": (ScalarHeadModel(tiny_gpt()), RewardTask(_rankings(8, 1), _rankings(21, 2), 8, 0, 0, "pairwise")),
+        "signals": (ScalarHeadModel(tiny_gpt()), SignalRewardTask(_signals(8), _signals(19), 8, 0, 0)),
+        "embed": (EmbeddingModel(tiny_gpt(vocab_size=288)), ContrastiveTask(None, pairs, tok, spec, BLOCK, 2)),
+    }
+    if parallel == "fsdp":  # embed is not trained under FSDP (fully_shard refuses its scalar temperature)
+        del cases["embed"]
+    figures = {}
+    for name, (model, task) in cases.items():
+        torch.manual_seed(5)
+        with torch.no_grad():  # zero-initialised projections and heads would make every score and embedding equal
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.2)
+        if parallel == "fsdp" and ranks.enabled:
+            distributed.shard_model(model, None, False)
+        with torch.no_grad():
+            out = task.eval_loss(model.eval(), "cpu")
+        for key, value in (out.items() if isinstance(out, dict) else [("loss", out)]):
+            figures[f"{name}_{key}"] = float(value)
+    return figures
 
 
 def main(argv: list[str]) -> None:
     name, out_dir = argv[0], Path(argv[1])
     overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in argv[2:])}
     ranks = distributed.init("cpu")
+    if name == "evals":
+        figures = evaluations(out_dir, overrides.get("parallel", "ddp"))
+        if ranks.is_main:
+            (out_dir / "evals.json").write_text(json.dumps(figures))
+        return
     model, task, options = scenario(name, ranks.world_size)
     options.update(overrides)
     resume = options.pop("resume", False)

@@ -118,3 +118,23 @@ def test_incompatible_checkpoint_is_a_clear_error_and_nothing_is_overwritten(tmp
     with pytest.raises(ChatforgeError, match="already holds checkpoints.*--resume"):
         train(tiny_gpt(), CountingTask(), fast_config(steps=6), tmp_path)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_sharded_weights_export_to_one_safetensors_file_a_few_tensors_at_a_time(tmp_path, monkeypatch):
+    """export_sharded writes the tensors of a torch.distributed.checkpoint folder as the safetensors file that
+    save_file would, whatever their dtypes and shapes (a scalar included), reading them in groups."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from chatforge.model import weights
+
+    tensors = {"b.weight": torch.randn(5, 3), "a.scale": torch.tensor(2.5), "c.half": torch.randn(7).bfloat16(),
+               "d.count": torch.arange(6).reshape(2, 3), "e.mask": torch.tensor([True, False, True])}
+    dcp.save(tensors, checkpoint_id=tmp_path / "shards", no_dist=True)
+    monkeypatch.setattr(weights, "EXPORT_GROUP_BYTES", 40)  # several groups, one tensor larger than a group
+    weights.export_sharded(tmp_path / "shards", tmp_path / "model.safetensors", {"step": "3"})
+    assert weights.safetensors_problem(tmp_path / "model.safetensors") is None
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    assert exported.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name

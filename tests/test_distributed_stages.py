@@ -8,9 +8,9 @@ Muon normalise updates, so a rounding difference in a near-zero gradient coordin
 unsynchronised gradients, mean-of-means weighting) moves them by 1e-3 or more. Muon orthogonalises in bf16
 (torch.optim.Muon's Newton–Schulz), so a rounding difference flips bf16 ulps (2^-8 relative) of updates of
 size ~lr·√(fan ratio) ≈ 0.04: ~1e-4 per step, hence 5e-4 for the Muon scenario (measured 1.2e-4 to 2.5e-4
-between one process and DDP; DDP and FSDP agree exactly). Measured AdamW gaps: SFT 3e-6, embed 1.3e-5; PPO
-(learning rate 10x) 9.8e-5 against 1e-3. The SFT check has teeth: weighting micro-batches equally (the old
-mean of means) moves the parameters by 1.5e-2.
+between one process and DDP; DDP and FSDP agree exactly). Measured AdamW gaps: SFT 3.4e-6, embed 2.1e-7, reward
+3.8e-5, code and fim 1.2e-7; PPO (learning rate 10x) 1.3e-4 against 1e-3, and 0 between DDP and FSDP. The SFT check
+has teeth: weighting micro-batches equally (the old mean of means) moves the parameters by 1.5e-2.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ ADAMW_TOLERANCE, MUON_TOLERANCE = 1e-4, 5e-4
 
 def run_scenario(name: str, out_dir: Path, processes: int = 1, **options) -> dict[str, torch.Tensor]:
     """Run scenario ``name`` in this process or under torchrun; the parameters it ended with."""
+    checkpoint = options.pop("checkpoint", True)
     extra = [f"{key}={json.dumps(value)}" for key, value in options.items()]
     if processes == 1:
         dist_scenarios.main([name, str(out_dir), *extra])
@@ -48,7 +49,12 @@ def run_scenario(name: str, out_dir: Path, processes: int = 1, **options) -> dic
                    str(SCENARIOS), name, str(out_dir), *extra]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-    return load_file(str(latest_checkpoint(out_dir) / "model.safetensors"))
+    return load_file(str(latest_checkpoint(out_dir) / "model.safetensors")) if checkpoint else {}
+
+
+def val_losses(out_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["val_loss"] for row in rows if "val_loss" in row}
 
 
 def max_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -78,6 +84,12 @@ def test_sft_two_processes_match_one_and_resume_a_one_process_run(tmp_path):
     gap = max_gap(single, parallel)
     print(f"sft: largest parameter gap {gap:.2e}")
     assert gap < ADAMW_TOLERANCE
+    # the held-out loss, split across the ranks, is the single process's at the start (same model: to 1e-9) and
+    # at the end (models 1e-4 apart)
+    single_val, parallel_val = val_losses(tmp_path / "single"), val_losses(tmp_path / "ddp")
+    assert single_val.keys() == parallel_val.keys() == {0, 4}
+    assert parallel_val[0] == pytest.approx(single_val[0], abs=1e-9) and parallel_val[4] == pytest.approx(
+        single_val[4], abs=1e-4)
     resumed_dir = resumable_copy(tmp_path / "single", tmp_path / "resumed", 2)
     resumed = run_scenario("sft", resumed_dir, processes=2, resume=True, micro_batch_size=2, **RESUMABLE)
     single_losses, resumed_losses = losses(tmp_path / "single"), losses(resumed_dir)
@@ -95,16 +107,23 @@ def test_embed_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_ppo_two_processes_match_one(tmp_path):
+def test_ppo_two_processes_match_one_under_ddp_and_fsdp(tmp_path):
     """Each rank samples half of the rollout's prompts (seeded by their place in the whole list) and the answers
-    are gathered, so advantages are whitened and the KL controller updated over the whole rollout."""
+    are gathered, so advantages are whitened and the KL controller updated over the whole rollout. Under FSDP the
+    sharded actor's full weights are gathered into a plain copy for sampling: the same rollouts, the same steps
+    (fp32, no mixed precision: FSDP's reduce-scatter and DDP's all-reduce sum the same two gradients)."""
     options = dict(steps=4)  # two rollouts of 16 prompts, 2 minibatches of 8 each
     single = run_scenario("ppo", tmp_path / "single", **options)
     parallel = run_scenario("ppo", tmp_path / "ddp", processes=2, **options)
-    gap = max_gap(single, parallel)
-    print(f"ppo: largest parameter gap {gap:.2e}; losses", losses(tmp_path / "single"), losses(tmp_path / "ddp"))
+    sharded = run_scenario("ppo", tmp_path / "fsdp", processes=2, parallel="fsdp", **options)
+    gap, fsdp_gap = max_gap(single, parallel), max_gap(parallel, sharded)
+    print(f"ppo: largest parameter gap {gap:.2e}, ddp/fsdp {fsdp_gap:.2e}; losses", losses(tmp_path / "single"),
+          losses(tmp_path / "ddp"), losses(tmp_path / "fsdp"))
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
-    assert gap < ADAMW_TOLERANCE * 10  # PPO's learning rate is 10x the other scenarios' (3e-2): so are rounding gaps
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-5)
+    # PPO's learning rate is 10x the other scenarios' (3e-2): so are rounding gaps
+    assert gap < ADAMW_TOLERANCE * 10 and fsdp_gap < ADAMW_TOLERANCE * 10
+    assert (latest_checkpoint(tmp_path / "fsdp") / "optimizer").is_dir()  # it really ran sharded
 
 
 @pytest.mark.slow
@@ -117,7 +136,9 @@ def test_pretrain_muon_one_process_ddp_and_fsdp_agree_and_fsdp_resumes_on_one_pr
     fsdp = run_scenario("pretrain_muon", tmp_path / "fsdp", processes=2, parallel="fsdp", **RESUMABLE)
     print(f"muon: gap single/ddp {max_gap(single, ddp):.2e}, ddp/fsdp {max_gap(ddp, fsdp):.2e}")
     assert max_gap(single, ddp) < MUON_TOLERANCE and max_gap(ddp, fsdp) < MUON_TOLERANCE
-    assert (latest_checkpoint(tmp_path / "fsdp") / "optimizer").is_dir()  # the optimizer state stayed sharded
+    # weights and optimizer state stayed sharded (and the weights were exported: the gaps above read them)
+    assert (latest_checkpoint(tmp_path / "fsdp") / "optimizer").is_dir()
+    assert (latest_checkpoint(tmp_path / "fsdp") / "model").is_dir()
     ddp_losses, fsdp_losses = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
     assert fsdp_losses.keys() == set(range(1, 5))
     assert [fsdp_losses[s] for s in ddp_losses] == pytest.approx(list(ddp_losses.values()), abs=1e-5)
@@ -127,6 +148,29 @@ def test_pretrain_muon_one_process_ddp_and_fsdp_agree_and_fsdp_resumes_on_one_pr
     print("2->1 losses, fsdp run:", fsdp_losses, "resumed:", resumed_losses)
     assert [resumed_losses[s] for s in (3, 4)] == pytest.approx([fsdp_losses[3], fsdp_losses[4]], abs=1e-5)
     assert max_gap(fsdp, resumed) < MUON_TOLERANCE
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_are_sharded_export_the_ordinary_file_and_resume_one_process_runs_on_two(tmp_path):
+    """train.parallel=fsdp saves weights and optimizer state as torch.distributed.checkpoint shards (nothing
+    gathered), and rank 0 streams the weights from the shards into model.safetensors. A one-process run asked for
+    fsdp saves the same format, so two FSDP processes continue its step-2 checkpoint (1 -> 2), each reading only
+    its shards, and reach the one-process run's step-4 losses and parameters."""
+    from chatforge.model.checkpoint import load_model
+
+    single = run_scenario("pretrain_muon", tmp_path / "single", parallel="fsdp", **RESUMABLE)
+    checkpoint = latest_checkpoint(tmp_path / "single")
+    assert (checkpoint / "model").is_dir() and (checkpoint / "optimizer").is_dir()
+    model, _ = load_model(tmp_path / "single")  # the exported file is an ordinary checkpoint's
+    assert max_gap(single, {k: v for k, v in model.state_dict().items() if k in single}) == 0.0
+    resumed_dir = resumable_copy(tmp_path / "single", tmp_path / "resumed", 2)
+    resumed = run_scenario("pretrain_muon", resumed_dir, processes=2, parallel="fsdp", resume=True, **RESUMABLE)
+    single_losses, resumed_losses = losses(tmp_path / "single"), losses(resumed_dir)
+    print("1->2 fsdp losses, single run:", single_losses, "resumed:", resumed_losses,
+          f"gap {max_gap(single, resumed):.2e}")
+    assert [resumed_losses[s] for s in (3, 4)] == pytest.approx([single_losses[3], single_losses[4]], abs=1e-5)
+    assert max_gap(single, resumed) < MUON_TOLERANCE
+    assert (latest_checkpoint(resumed_dir) / "model").is_dir()
 
 
 def test_a_model_built_on_the_meta_device_is_initialised_by_the_loop(tmp_path):
@@ -166,3 +210,124 @@ def test_a_rank_that_cannot_see_the_checkpoint_stops_every_rank_naming_it(tmp_pa
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
     assert [line.split(" ERROR ")[0] for line in errors] == ["RANK 0", "RANK 1"], done.stdout
     assert all(f"{checkpoint} (chosen by rank 0) is not visible on rank(s) [1]" in line for line in errors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_evaluation_split_across_two_processes_gives_the_single_process_figures(tmp_path, parallel):
+    """Each rank evaluates its share of the held-out items (uneven shares: 5 batches, 7 conversations, 21 rankings,
+    19 answers, 11 pairs) and the sums are reduced. Tolerance 1e-9: both runs compute the same float32 value for
+    every batch (same batches, same model), and only the float64 summation order differs (~1e-16 relative); a
+    figure averaged over one rank's share alone, or a mean of the ranks' means, differs by 1e-3 or more."""
+    single_dir, parallel_dir = tmp_path / "single", tmp_path / parallel
+    single_dir.mkdir()
+    parallel_dir.mkdir()
+    run_scenario("evals", single_dir, checkpoint=False, parallel=parallel)
+    run_scenario("evals", parallel_dir, processes=2, checkpoint=False, parallel=parallel)
+    single, split = (json.loads((folder / "evals.json").read_text()) for folder in (single_dir, parallel_dir))
+    print(f"{parallel}: single {single}, split {split}")
+    assert single.keys() == split.keys() and len(single) == (8 if parallel == "ddp" else 6)
+    assert split == pytest.approx(single, abs=1e-9, rel=0)
+
+
+@pytest.mark.slow
+def test_reward_two_processes_match_one(tmp_path):
+    """The reward model on rankings and signal rewards mixed: one micro-batch of 8 prompts (and 8 answers) vs 2
+    ranks x 2 micro-batches of 2. Each part holds the same number of prompts, so the loop's equal weighting of
+    parts is the global mean over prompts (and over answers); held-out figures are reduced over the ranks."""
+    single = run_scenario("reward", tmp_path / "single", micro_batch_size=8)
+    parallel = run_scenario("reward", tmp_path / "ddp", processes=2)
+    gap = max_gap(single, parallel)
+    single_val, parallel_val = val_losses(tmp_path / "single"), val_losses(tmp_path / "ddp")
+    print(f"reward: largest parameter gap {gap:.2e}; val losses {single_val} vs {parallel_val}")
+    assert gap < ADAMW_TOLERANCE
+    assert parallel_val[0] == pytest.approx(single_val[0], abs=1e-9)
+    assert parallel_val[3] == pytest.approx(single_val[3], abs=1e-4)
+
+
+def run_cli(args: list[str], processes: int = 1) -> None:
+    """``chatforge ARGS`` in this process, or under torchrun with ``processes`` ranks."""
+    from chatforge.cli import main
+
+    if processes == 1:
+        main(args)
+        return
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "chatforge.cli", *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(out_dir) / "model.safetensors"))
+
+
+LOOP = ["--train.steps=4", "--train.batch_size=8", "--train.lr=3e-3", "--train.warmup_steps=1", "--train.max_minutes=0",
+        "--train.eval_every=0", "--train.ckpt_every=0", "--train.dtype=fp32", "--train.compile=false",
+        "--train.device=cpu", "--train.progress=false", "--train.micro_batch_size=2", "--eval_batches=3"]
+
+
+@pytest.mark.slow
+def test_code_and_fim_two_processes_match_one(tmp_path):
+    """The code and fim stages under torchrun: rank 0 builds the corpus once, both ranks train on it, and one
+    process accumulating 4 micro-batches of 2 windows vs 2 ranks x 2 end with the same parameters (AdamW, fp32:
+    ADAMW_TOLERANCE, see the module's docstring) and the same held-out losses (reduced over the ranks: the base
+    model's to 1e-9, the trained one's within 1e-4). fim's insertion evaluation, split across the ranks, gives the
+    single process's figures."""
+    from test_code import _write_tree
+    from test_fim import _data_dir
+    from train_helpers import make_corpus, tiny_pretrain_args
+
+    from chatforge.cli import main
+
+    base = tmp_path / "base"
+    main(["pretrain", *tiny_pretrain_args(make_corpus(tmp_path / "tok"), base, model__block_size=32)])
+    tree, data = _write_tree(tmp_path), _data_dir(tmp_path)
+    stages = {
+        "code": [f"--init_from={base}", "--stdlib=false", f"--folders={tree}", "--val_fraction=0.2"],
+        "fim": [f"--init_from={base}", f"--data_dir={data}", "--fim_rate=0.5", "--eval_examples=4"],
+    }
+    for stage, args in stages.items():
+        # micro-batches of 2 in both: the validation batches are micro-batch sized, and the same batches give the
+        # same float32 figures (4 accumulated micro-batches in one process, 2 per rank in two)
+        run_cli([stage, *args, *LOOP, f"--out_dir={tmp_path / stage / 'single'}"])
+        run_cli([stage, *args, *LOOP, f"--out_dir={tmp_path / stage / 'ddp'}"], processes=2)
+        runs = {name: tmp_path / stage / name for name in ("single", "ddp")}
+        gap = max_gap(*(final_weights(run) for run in runs.values()))
+        summaries = {name: json.loads((run / "summary.json").read_text()) for name, run in runs.items()}
+        single_val, parallel_val = (val_losses(run) for run in runs.values())
+        print(f"{stage}: largest parameter gap {gap:.2e}; val losses {single_val} vs {parallel_val}")
+        assert gap < ADAMW_TOLERANCE
+        assert summaries["ddp"]["world_size"] == 2 and summaries["ddp"]["grad_accum_steps"] == 2
+        assert summaries["ddp"]["base_val_loss"] == summaries["single"]["base_val_loss"]
+        assert parallel_val[0] == pytest.approx(single_val[0], abs=1e-9)
+        assert parallel_val[4] == pytest.approx(single_val[4], abs=1e-4)
+    # the insertion evaluation, each rank writing and scoring 2 of the 4 spans, gives one process's figures
+    # (models 1e-7 apart, greedy decoding in batches of 2 instead of 4: the losses agree to rounding)
+    insertion = [json.loads((tmp_path / "fim" / name / "summary.json").read_text())["insertion"]
+                 for name in ("single", "ddp")]
+    print("insertion, single:", insertion[0], "ddp:", insertion[1])
+    assert insertion[1]["examples"] == insertion[0]["examples"] == 4
+    for order in ("psm", "spm"):
+        assert insertion[1][order]["exact_match"] == insertion[0][order]["exact_match"]
+        assert insertion[1][order]["middle_loss"] == pytest.approx(insertion[0][order]["middle_loss"], abs=1e-3)
+        assert [s["written"] for s in insertion[1][order]["samples"]] == [
+            s["written"] for s in insertion[0][order]["samples"]]
+    assert insertion[1]["left_to_right_middle_loss"] == pytest.approx(
+        insertion[0]["left_to_right_middle_loss"], abs=1e-3)
+
+
+def test_fsdp_names_a_scalar_parameter_it_cannot_shard():
+    """The embedding model's temperature is a 0-d parameter: FSDP2 refuses it, so the run says which and what to
+    use instead (checked before any process group is needed)."""
+    from train_helpers import tiny_gpt
+
+    from chatforge.embed.model import EmbeddingModel
+    from chatforge.errors import ChatforgeError
+    from chatforge.train import distributed
+
+    with pytest.raises(ChatforgeError, match="scalar parameter.*log_inv_temperature.*train.parallel=ddp"):
+        distributed.shard_model(EmbeddingModel(tiny_gpt()), None, False)

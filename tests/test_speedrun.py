@@ -175,3 +175,47 @@ def test_speedrun_runs_every_stage_then_skips_them(tmp_path, capsys):
         f"{name}: up to date" in out
         for name in ("pretrain", "sft", "rankings", "reward-gold", "code", "humaneval", "embed", "fim", "edit")
     )
+
+
+@pytest.mark.slow
+def test_speedrun_under_torchrun_writes_each_output_once_and_trains_as_one_process(tmp_path):
+    """Two gloo processes: the data and tokenizer steps (and every other non-training step) run on rank 0 alone,
+    so the corpus and the token shards are written once; the training steps run on both ranks. Pretraining then
+    matches one process rerunning it on the same shards: same global batch of 4 (2 per rank), Muon, whose bf16
+    orthogonalisation turns last-bit differences into bf16 steps of about the learning rate; the 8 steps here are
+    all warm-up at small rates (measured: losses 1e-6 apart), hence 1e-3."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train_helpers import losses
+
+    root = Path(__file__).resolve().parents[1]
+    sharegpt_json(tmp_path / "sharegpt.json")
+    options = [f"--data.sharegpt_file={tmp_path / 'sharegpt.json'}", *TINY, *FAST]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(root)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "chatforge.cli", "speedrun", f"--run_dir={tmp_path / 'run'}", *options]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout
+    assert printed.count("[data] corpus written to") == 1  # rank 0's data step only
+    assert printed.count("tokenizer: train:") == 1  # the train shard encoded and written once
+    assert printed.count("[speedrun] tokenizer ...") == 2  # while both ranks went through the step list
+    run = tmp_path / "run"
+    assert "## Samples" in (run / "report.md").read_text()
+    summary = json.loads((run / "pretrain" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == "ddp"
+    for stage in ("sft", "reward", "ppo", "code", "fim", "edit", "tools", "embed"):
+        assert json.loads((run / stage / "summary.json").read_text())["world_size"] == 2, stage
+    single = tmp_path / "single"
+    shutil.copytree(run, single, ignore=shutil.ignore_patterns("pretrain"))
+    main(["speedrun", f"--run_dir={single}", "--only=pretrain", *options])
+    parallel_losses, single_losses = losses(run / "pretrain"), losses(single / "pretrain")
+    print("pretrain losses, 2 processes:", parallel_losses, "1 process:", single_losses)
+    assert parallel_losses.keys() == single_losses.keys() == set(range(1, 9))
+    assert list(parallel_losses.values()) == pytest.approx(list(single_losses.values()), abs=1e-3)

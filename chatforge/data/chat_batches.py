@@ -68,8 +68,16 @@ class ChatBatches:
         self, batch_size: int, device: str | torch.device = "cpu"
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every conversation once, in order (the last batch may be smaller)."""
-        for start in range(0, len(self.encoded), batch_size):
-            yield self.rows(np.arange(start, min(start + batch_size, len(self.encoded))), device)
+        for index in range(self.eval_batch_count(batch_size)):
+            yield self.eval_batch(index, batch_size, device)
+
+    def eval_batch_count(self, batch_size: int) -> int:
+        return -(-len(self.encoded) // batch_size)
+
+    def eval_batch(self, index: int, batch_size: int, device: str | torch.device = "cpu"):
+        """Batch ``index`` of ``eval_batches`` (so evaluation can be split across ranks by batch)."""
+        start = index * batch_size
+        return self.rows(np.arange(start, min(start + batch_size, len(self.encoded))), device)
 
     def rows(self, indices: np.ndarray, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         chosen = [self.encoded[i] for i in indices]

@@ -150,10 +150,16 @@ class TokenWindows:
         Identical on every call (no randomness), so validation losses are comparable across a run. A shard with
         fewer than ``n_batches * batch_size`` windows (see ``num_windows``) is walked again from its start.
         """
-        check_split(batch_size, rank, world_size)
         for index in range(n_batches):
-            windows = np.arange(index * batch_size, (index + 1) * batch_size) % self.num_windows
-            yield self._rows(rank_slice(windows * self.block_size, rank, world_size), device)
+            yield self.eval_batch(index, batch_size, rank, world_size, device)
+
+    def eval_batch(
+        self, index: int, batch_size: int, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``index`` of ``eval_batches`` (so evaluation can be split across ranks by batch)."""
+        check_split(batch_size, rank, world_size)
+        windows = np.arange(index * batch_size, (index + 1) * batch_size) % self.num_windows
+        return self._rows(rank_slice(windows * self.block_size, rank, world_size), device)
 
     def _rows(self, starts: np.ndarray, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.from_numpy(self.tokens[starts[:, None] + np.arange(self.block_size + 1)].astype(np.int64))

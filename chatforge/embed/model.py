@@ -41,6 +41,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_directory
 from chatforge.model.checkpoint import read_safetensors, recorded_gpt_config
 from chatforge.model.gpt import GPT
+from chatforge.model.heads import freeze_output_layer
 from chatforge.tokenizer import END_OF_TEXT, Tokenizer
 
 END_TOKEN = END_OF_TEXT
@@ -126,6 +127,7 @@ class EmbeddingModel(nn.Module):
     def __init__(self, gpt: GPT, pooling: str = "last", proj_dim: int = 0, temperature: float = 0.05):
         super().__init__()
         self.gpt = gpt
+        freeze_output_layer(gpt)
         self.pooling = pooling
         self.proj = nn.Linear(gpt.config.n_embd, proj_dim, bias=False) if proj_dim else None
         # learned as a log so it stays positive; clamped in ``scale`` so it cannot collapse or explode

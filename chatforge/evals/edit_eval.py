@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
+from chatforge.evals.shares import MapShares, whole
 from chatforge.infer.edits import apply_edits
 
 
@@ -18,9 +19,10 @@ def cer(written: str, reference: str) -> float:
     return Levenshtein.distance(written, reference) / max(len(reference), 1)
 
 
-def evaluate_edits(engine, triples: list[dict]) -> dict:
-    """Per type: count, exact match, CER and the unchanged-input CER; plus a few samples per type."""
-    written = apply_edits(engine, [(t["instruction"], t["input"]) for t in triples])
+def evaluate_edits(engine, triples: list[dict], map_shares: MapShares = whole) -> dict:
+    """Per type: count, exact match, CER and the unchanged-input CER; plus a few samples per type. ``map_shares``
+    runs the rewriting over the triples (under torchrun: each rank its share, see ``chatforge.evals.shares``)."""
+    written = map_shares(lambda share, _: apply_edits(engine, share), [(t["instruction"], t["input"]) for t in triples])
     results: dict = {}
     for kind in dict.fromkeys(t["type"] for t in triples):
         rows = [(t, w) for t, w in zip(triples, written) if t["type"] == kind]

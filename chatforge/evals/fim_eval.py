@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from chatforge.data.fim import ORDERS, insertion_ids, middle_params
+from chatforge.evals.shares import MapShares, whole
 from chatforge.infer.params import SamplingParams
 
 WORD = re.compile(r"\S+\s*")
@@ -65,14 +66,12 @@ def _mean_nll(logprob_lists: list[list[float]]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def evaluate_insertion(engine, examples: list[Example], max_new_tokens: int = 48) -> dict:
-    """Per order (psm, spm): middle loss and exact match, overall and per kind; and the left-to-right middle loss."""
+def _outcomes(engine, examples: list[Example], max_new_tokens: int) -> list[dict]:
+    """Per example: for each order the middle's token log-probs and the middle written greedily, and the middle's
+    log-probs from the prefix alone ("left_to_right")."""
     tokenizer = engine.tokenizer
     middles = [tokenizer.encode(e.middle) for e in examples]
-    results: dict = {
-        "examples": len(examples),
-        "kinds": {k: sum(e.kind == k for e in examples) for k in ("code", "text")},
-    }
+    outcomes: list[dict] = [{} for _ in examples]
     for order in ORDERS:
         prompts = [insertion_ids(tokenizer, e.prefix, e.suffix, order) for e in examples]
         scores = engine.score_batch(list(zip(prompts, middles)), truncate=True)
@@ -82,7 +81,27 @@ def evaluate_insertion(engine, examples: list[Example], max_new_tokens: int = 48
             )
             for m in middles
         ]
-        written = [c.choices[0].text for c in engine.generate(prompts, params)]
+        for outcome, score, completion in zip(outcomes, scores, engine.generate(prompts, params)):
+            outcome[order] = (score, completion.choices[0].text)
+    start = [tokenizer.eot_id]  # documents follow end-of-text in the training stream
+    pairs = [(start + tokenizer.encode(e.prefix), m) for e, m in zip(examples, middles)]
+    for outcome, score in zip(outcomes, engine.score_batch(pairs, truncate=True)):
+        outcome["left_to_right"] = score
+    return outcomes
+
+
+def evaluate_insertion(engine, examples: list[Example], max_new_tokens: int = 48,
+                       map_shares: MapShares = whole) -> dict:
+    """Per order (psm, spm): middle loss and exact match, overall and per kind; and the left-to-right middle loss.
+    ``map_shares`` runs the per-example work (under torchrun: each rank its share, see ``chatforge.evals.shares``)."""
+    outcomes = map_shares(lambda share, _: _outcomes(engine, share, max_new_tokens), examples)
+    results: dict = {
+        "examples": len(examples),
+        "kinds": {k: sum(e.kind == k for e in examples) for k in ("code", "text")},
+    }
+    for order in ORDERS:
+        scores = [outcome[order][0] for outcome in outcomes]
+        written = [outcome[order][1] for outcome in outcomes]
         hits = [w.strip() == e.middle.strip() for w, e in zip(written, examples)]
         results[order] = {
             "middle_loss": round(_mean_nll(scores), 4),
@@ -97,7 +116,5 @@ def evaluate_insertion(engine, examples: list[Example], max_new_tokens: int = 48
             {"prefix_end": e.prefix[-60:], "suffix_start": e.suffix[:60], "removed": e.middle, "written": w}
             for e, w in list(zip(examples, written))[:5]
         ]
-    start = [tokenizer.eot_id]  # documents follow end-of-text in the training stream
-    pairs = [(start + tokenizer.encode(e.prefix), m) for e, m in zip(examples, middles)]
-    results["left_to_right_middle_loss"] = round(_mean_nll(engine.score_batch(pairs, truncate=True)), 4)
+    results["left_to_right_middle_loss"] = round(_mean_nll([outcome["left_to_right"] for outcome in outcomes]), 4)
     return results

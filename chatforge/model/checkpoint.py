@@ -122,7 +122,7 @@ def save_checkpoint(
     config: dict,
     tokenizer: str | Path | None = None,
     keep: int = 2,
-    weights: dict[str, torch.Tensor] | None = None,
+    weights: dict[str, torch.Tensor] | Path | None = None,
     folders: dict[str, Path] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` of ``model`` into ``run_dir/checkpoints`` and point ``latest`` at it.
@@ -130,17 +130,21 @@ def save_checkpoint(
     ``trainer_state`` goes to ``trainer.pt`` (optimizer state, RNG, counters: plain tensors and Python values),
     ``config`` to ``config.json`` (JSON values; put the model config under ``"model"``). ``tokenizer`` (a
     ``tokenizer.json`` or its folder) is copied in. Only the ``keep`` newest checkpoints stay (0 = all).
-    ``weights`` replaces ``model``'s state dict (a sharded model's, gathered); ``folders`` ({name: folder}) are
-    moved into the checkpoint under ``name`` (e.g. a sharded optimizer state written by every rank).
+    ``weights`` replaces ``model``'s state dict: a state dict, or a safetensors file already written (a sharded
+    model's, exported from its shards), moved in; ``folders`` ({name: folder}) are moved into the checkpoint under
+    ``name`` (e.g. the sharded weights and optimizer state written by every rank).
     Returns the checkpoint folder.
     """
     root = _checkpoints_dir(Path(run_dir))
     target = root / step_name(step)
-    state = {k: v.detach().cpu().contiguous() for k, v in (weights or unwrap(model).state_dict()).items()}
     with io.atomic_directory(target) as staging:
         for name, folder in (folders or {}).items():
             shutil.move(folder, staging / name)
-        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "step": str(step)})
+        if isinstance(weights, Path):
+            shutil.move(weights, staging / WEIGHTS_FILE)
+        else:
+            state = {k: v.detach().cpu().contiguous() for k, v in (weights or unwrap(model).state_dict()).items()}
+            save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "step": str(step)})
         torch.save(trainer_state, staging / TRAINER_FILE)
         recorded = None
         if tokenizer:

@@ -19,6 +19,7 @@ class ScalarHeadModel(nn.Module):
         super().__init__()
         self.gpt = gpt
         self.config = gpt.config
+        freeze_output_layer(gpt)
         self.head = nn.Linear(gpt.config.n_embd, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -31,3 +32,11 @@ class ScalarHeadModel(nn.Module):
         """The value at each row's last real token (rows are right-padded to a common width), [B]."""
         values = self(idx)
         return values.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+
+
+def freeze_output_layer(gpt: GPT) -> None:
+    """Stop training the untied output layer (``lm_head``, arch=modern) of a GPT read through its hidden states
+    alone: it gets no gradient, and DDP, which waits for every trainable parameter's, would fail its next step."""
+    head = getattr(gpt, "lm_head", None)
+    if head is not None:
+        head.requires_grad_(False)

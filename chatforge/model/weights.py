@@ -7,6 +7,7 @@ comparison of tensor shapes. Checkpoints (``chatforge.model.checkpoint``), Huggi
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from chatforge import io
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPTConfig
 
@@ -89,3 +91,51 @@ def recorded_gpt_config(path: Path, values: dict) -> GPTConfig:
     except ChatforgeError as exc:
         raise ChatforgeError(f"{path}: {exc}") from None
     return config
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
+EXPORT_GROUP_BYTES = 256 * 2**20  # tensors read from the shards per load: the export's memory beyond one tensor
+
+
+def export_sharded(shards: str | Path, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write the tensors of a ``torch.distributed.checkpoint`` folder (a sharded model's state dict, saved by every
+    rank) into one safetensors file at ``path``, streaming: the header is computed from the shards' metadata,
+    then the tensors are read whole from the shards a few at a time (up to ``EXPORT_GROUP_BYTES``, or one larger
+    tensor) and appended. No process ever holds the whole model, let alone its optimizer state.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(shards))
+    stored = reader.read_metadata().state_dict_metadata
+    tensors = {name: (tuple(meta.size), meta.properties.dtype) for name, meta in sorted(stored.items())
+               if isinstance(meta, TensorStorageMetadata)}
+    header, offset = {}, 0
+    for name, (shape, dtype) in tensors.items():
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ChatforgeError(f"{shards}: tensor {name} has dtype {dtype}, which safetensors cannot hold")
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    groups, group, group_bytes = [], [], 0
+    for name, (shape, dtype) in tensors.items():
+        size = math.prod(shape) * dtype.itemsize
+        if group and group_bytes + size > EXPORT_GROUP_BYTES:
+            groups.append(group)
+            group, group_bytes = [], 0
+        group.append(name)
+        group_bytes += size
+    groups.append(group)
+    with io.atomic_path(Path(path)) as tmp, open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        for names in groups:
+            part = {name: torch.empty(tensors[name][0], dtype=tensors[name][1]) for name in names}
+            dcp.load(part, storage_reader=reader, no_dist=True)
+            for name in names:
+                out.write(part[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -26,6 +26,7 @@ from chatforge.evals.edit_eval import evaluate_edits
 from chatforge.infer.loading import EngineOptions, load_engine
 from chatforge.model.checkpoint import load_model, tokenizer_path
 from chatforge.tokenizer import Tokenizer
+from chatforge.train import distributed
 from chatforge.train.edit import EditTrainConfig, fitting, read_triples
 from chatforge.train.loop import SUMMARY_FILE
 from chatforge.train.sft import fine_tune_on_conversations
@@ -64,9 +65,13 @@ def run(cfg: Config, args: list[str]) -> None:
     summary = fine_tune_on_conversations(
         "edit", cfg, conversations(train_set), conversations(val_set), {"too_long": too_long}
     )
-    if cfg.eval and summary.get("final_val_loss") is not None:
-        engine = load_engine(EngineOptions(ckpt=cfg.out_dir, device=cfg.train.device))
-        summary["edits"] = evaluate_edits(engine, val_set)
+    job = distributed.init(cfg.train.device)
+    if cfg.eval and summary.get("final_val_loss") is not None:  # every rank rewrites its share of the triples
+        engine = load_engine(EngineOptions(ckpt=cfg.out_dir, device=job.device))
+        summary["edits"] = evaluate_edits(engine, val_set, map_shares=distributed.map_shares)
+    if not job.is_main:
+        return
+    if "edits" in summary:
         for kind, score in summary["edits"].items():
             print(
                 f"[edit] {kind:>14}: {score['count']:3d} held out, exact match {score['exact_match']:.1%}, CER "

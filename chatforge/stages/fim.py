@@ -25,6 +25,7 @@ from pathlib import Path
 from chatforge import io
 from chatforge.config import nested, option
 from chatforge.errors import ConfigError
+from chatforge.train import distributed
 from chatforge.train.continued import continue_training
 from chatforge.train.fim import FIMTrainConfig, describe, evaluate, fim_corpus
 from chatforge.train.loop import SUMMARY_FILE
@@ -65,7 +66,10 @@ def run(cfg: Config, args: list[str]) -> None:
     )
     summary["left_to_right_loss"] = {"before": round(base_val_loss, 4), "after": summary.get("final_val_loss")}
     if cfg.eval_examples and summary.get("final_val_loss") is not None:
-        summary["insertion"] = evaluate(cfg, summary["corpus"]["chunk_chars"])
+        summary["insertion"] = evaluate(cfg, summary["corpus"]["chunk_chars"])  # every rank scores its share
+    if not distributed.init(cfg.train.device).is_main:
+        return
+    if "insertion" in summary:
         ins = summary["insertion"]
         print(
             f"[fim] insertion on {ins['examples']} held-out spans: middle loss PSM {ins['psm']['middle_loss']:.3f} / "

@@ -40,6 +40,7 @@ from chatforge.tokenizer import PAD, Tokenizer
 from chatforge.train import distributed
 from chatforge.train.loop import train
 from chatforge.train.reward import (
+    EVAL_CHUNK,
     LOSSES,
     OFFSET_FILE,
     MixedRewardTask,
@@ -117,9 +118,7 @@ def run(cfg: Config, args: list[str]) -> None:
     }
     train(model, task, cfg.train, cfg.out_dir, resume=cfg.resume, meta=meta, tokenizer=tokenizer_file)
     job = distributed.init(cfg.train.device)
-    if not job.is_main:
-        return
-    device = job.device
+    device = job.device  # every rank scores its share of the held-out and training items (eval_loss, map_shared)
     model.to(device).eval()
     results, offset = {}, 0.0
     with torch.no_grad():
@@ -128,12 +127,18 @@ def run(cfg: Config, args: list[str]) -> None:
         if rankings:
             results["val_accuracy"] = round(rankings.eval_loss(model, device)["accuracy"], 4)
             train_set = rankings.train_set
-            train_scores = [
-                s for start in range(0, len(train_set), 8)
-                for s in rankings.scores(model, train_set[start : start + 8], device)
-            ]
+
+            def reference_scores(index: int) -> list[float]:
+                items = train_set[index * EVAL_CHUNK : (index + 1) * EVAL_CHUNK]
+                scores = rankings.scores(model, items, device)
+                return [float(s[tiers[0]].mean()) for s, (_, tiers) in zip(scores, items)]
+
             # shift rewards so the reference (top-tier) answers of the training rankings average 0
-            offset = float(torch.stack([s[tiers[0]].mean() for s, (_, tiers) in zip(train_scores, train_set)]).mean())
+            means = [m for chunk in distributed.map_shared(reference_scores, -(-len(train_set) // EVAL_CHUNK))
+                     for m in chunk]
+            offset = sum(means) / len(means)
+    if not job.is_main:
+        return
     io.write_json(Path(cfg.out_dir) / OFFSET_FILE, {"offset": offset})
     summary_file = Path(cfg.out_dir) / "summary.json"
     summary = json.loads(summary_file.read_text(encoding="utf-8"))

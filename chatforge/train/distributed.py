@@ -8,8 +8,10 @@ process group is created. The backend is NCCL on CUDA and gloo on the CPU. Every
 and computes its contiguous share of each global batch; DDP averages the gradients, so N processes take the
 same optimizer steps as one process with the whole batch (``--train.parallel=ddp``). With
 ``--train.parallel=fsdp`` (FSDP2) each rank keeps only its shard of every parameter, gradient and optimizer
-state, for models whose training state does not fit on one device. Only rank 0 writes files; what the ranks must agree
-on (which checkpoint to resume) rank 0 decides and broadcasts, so nodes need not share a filesystem to agree.
+state, for models whose training state does not fit on one device. Only rank 0 writes files (but for the shards
+of an FSDP checkpoint, which every rank writes); what the ranks must agree on (which checkpoint to resume) rank 0
+decides and broadcasts, so nodes need not share a filesystem to agree. Evaluation is split across the ranks too
+(``eval_share``, ``sum_over_ranks``, ``map_shares``): each computes its share and the results are reduced.
 
 A collective that waits longer than ``CHATFORGE_DIST_TIMEOUT_MIN`` minutes (default 30) fails instead of
 hanging forever (a rank that crashed or is stuck in I/O). On CUDA, TF32 matmuls are enabled (fp32 tensors
@@ -25,6 +27,7 @@ import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -66,11 +69,7 @@ class Dist:
 
     def gather_object(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        return gather_over_ranks(obj)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -153,6 +152,69 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+# ---- evaluation split across the ranks ---------------------------------------------------------------------------
+# A task's evaluation runs on every rank: each computes its share of the held-out items and the sums are reduced,
+# so the figure is the one a single process computes (the same items, summed, divided by the same counts).
+
+
+def _place() -> tuple[int, int]:
+    """(rank, world size) of the running job; (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def eval_share(count: int) -> list[tuple[int, bool]]:
+    """This rank's share of ``count`` evaluation items (every world-size-th, from its rank) as (index, counted).
+
+    Every rank gets the same number of entries: the short ones are padded with ``(0, False)``, an item to
+    compute and leave out of the sums, because under FSDP every forward pass gathers parameters from all ranks
+    and the ranks must run the same number of them.
+    """
+    rank, world = _place()
+    mine = [(index, True) for index in range(rank, count, world)]
+    return mine + [(0, False)] * (-(-count // world) - len(mine))
+
+
+def sum_over_ranks(values: list[float], device: str | torch.device) -> list[float]:
+    """Every rank's ``values`` summed element-wise (in float64; ``device`` is the rank's, as NCCL needs)."""
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    if _place()[1] > 1:
+        dist.all_reduce(total)
+    return total.tolist()
+
+
+def gather_over_ranks(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if _place()[1] == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def map_shared(fn: Callable[[int], Any], count: int) -> list:
+    """``[fn(0), ..., fn(count - 1)]`` on every rank, each rank computing its share (``eval_share``, padding
+    included) and the results gathered in order."""
+    mine = {}
+    for index, counted in eval_share(count):
+        result = fn(index)
+        if counted:
+            mine[index] = result
+    merged = {index: result for share in gather_over_ranks(mine) for index, result in share.items()}
+    return [merged[index] for index in range(count)]
+
+
+def map_shares(fn: Callable[[list, int], list], items: list) -> list:
+    """``fn`` applied to ``items`` cut into one contiguous share per rank (``fn(share, index of its first item)``
+    returns one result per item), every rank getting all results in order: batched work such as generation,
+    where each rank runs its share as one batch."""
+    rank, world = _place()
+    first, last = (len(items) * r // world for r in (rank, rank + 1))
+    mine = fn(items[first:last], first) if last > first else []
+    return [result for share in gather_over_ranks(mine) for result in share]
+
+
 # ---- FSDP2: parameters, gradients and optimizer state sharded across the ranks ----------------------------------
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -168,6 +230,10 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None, checkpoint_ac
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    scalars = [name for name, parameter in model.named_parameters() if parameter.dim() == 0]
+    if scalars:  # fully_shard cannot split a 0-d tensor across ranks
+        raise ChatforgeError(f"train.parallel=fsdp cannot shard the scalar parameter(s) {', '.join(scalars)} of this "
+                             "model; train it with train.parallel=ddp")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleList):

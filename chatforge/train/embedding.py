@@ -12,6 +12,7 @@ import torch
 from chatforge.config import option
 from chatforge.embed.data import PairBatches
 from chatforge.embed.model import EmbedSpec, encode_texts, grad_cache_step, info_nce
+from chatforge.train import distributed
 from chatforge.train.loop import TrainConfig
 
 EMBEDDER_DIR = "embedder"
@@ -60,13 +61,16 @@ class ContrastiveTask:
 
     @torch.no_grad()
     def eval_loss(self, model, device: str) -> dict:
-        queries, documents = (
-            torch.cat([model(ids, lengths) for ids, lengths in chunks])
-            for chunks in (
-                self._chunks([p.query for p in self.val_pairs], "query", device),
-                self._chunks([p.document for p in self.val_pairs], "document", device),
-            )
-        )
+        """Held-out InfoNCE over all pairs (every document a negative of every other query) and top-1 retrieval;
+        each rank embeds its share of the chunks and every rank gets all embeddings."""
+        chunks = [self._chunks([p.query for p in self.val_pairs], "query", device),
+                  self._chunks([p.document for p in self.val_pairs], "document", device)]
+
+        def embed(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return tuple(model(*side[index]).cpu() for side in chunks)
+
+        embedded = distributed.map_shared(embed, len(chunks[0]))
+        queries, documents = (torch.cat([pair[side] for pair in embedded]).to(device) for side in (0, 1))
         top1 = float(
             (queries @ documents.T).argmax(1).eq(torch.arange(len(queries), device=queries.device)).float().mean()
         )

@@ -16,6 +16,7 @@ from chatforge.data.fim import transform
 from chatforge.errors import ChatforgeError
 from chatforge.evals.fim_eval import evaluate_insertion, make_examples
 from chatforge.infer.loading import EngineOptions, load_engine
+from chatforge.train import distributed
 from chatforge.train.continued import Build, ContinuedTrainConfig
 
 
@@ -81,5 +82,5 @@ def evaluate(cfg, chunk_chars: int) -> dict:
     examples = make_examples(
         read_chunks(Path(cfg.data_dir) / "pretrain_val.jsonl", chunk_chars), cfg.eval_examples, seed=cfg.train.seed
     )
-    engine = load_engine(EngineOptions(ckpt=cfg.out_dir, device=cfg.train.device))
-    return evaluate_insertion(engine, examples)
+    engine = load_engine(EngineOptions(ckpt=cfg.out_dir, device=distributed.init(cfg.train.device).device))
+    return evaluate_insertion(engine, examples, map_shares=distributed.map_shares)  # each rank its share

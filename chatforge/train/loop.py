@@ -27,8 +27,10 @@ The Task protocol (duck-typed; only ``batch`` and ``loss`` are required)::
         ``forward``, so DDP sees the computation; reach the plain module with ``checkpoint.unwrap(model)``.
         Micro-batches are weighted equally, so the step's loss is the mean of the micro-batch means.
     eval_loss(model, device) -> float | dict | None                                    (optional)
-        Validation loss (or a dict with "loss" and more metrics) of the plain module, called on rank 0 in
-        eval mode under ``no_grad`` and autocast.
+        Validation loss (or a dict with "loss" and more metrics) of the plain module, called on every rank in
+        eval mode under ``no_grad`` and autocast: each rank computes its share of the held-out items
+        (``distributed.eval_share``) and the sums are reduced (``distributed.sum_over_ranks``), so the figure is
+        the single process's.
     backward(model, batch, micro: Micro) -> Tensor | dict                              (optional)
         For losses that run their own backward passes (gradient caching): compute the loss, backpropagate
         ``loss * micro.scale``, wrap forward passes in ``micro.autocast()`` and every backward but the last

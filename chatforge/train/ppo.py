@@ -25,6 +25,7 @@ from chatforge.infer.params import SamplingParams
 from chatforge.model.gpt import GPT
 from chatforge.model.heads import ScalarHeadModel
 from chatforge.tokenizer import PAD
+from chatforge.train import distributed
 from chatforge.train.config import TrainConfig
 from chatforge.train.ppo_math import (
     AdaptiveKL,
@@ -152,6 +153,7 @@ def train_ppo(ppo: PPO, out_dir: str | Path, *, resume: bool = False, meta: dict
     cfg = ppo.cfg
     with Trainer(ppo.policy, cfg.train, out_dir, resume=resume, meta=meta, tokenizer=tokenizer, state=ppo) as trainer:
         device = trainer.device
+        sampler = _RolloutActor(ppo.policy, trainer.fsdp, device)
         while not trainer.done:
             rollout = trainer.step // ppo.per_rollout
             if trainer.step % ppo.per_rollout == 0:  # else a resumed run is inside a rollout its checkpoint holds
@@ -160,7 +162,7 @@ def train_ppo(ppo: PPO, out_dir: str | Path, *, resume: bool = False, meta: dict
                 # everyone's answers, so the whitening and the KL controller see the whole rollout on every rank
                 prompts = [ppo.prompts[i]["messages"] for i in ppo.order.indices(rollout)]
                 params = SamplingParams(temperature=1.0, seed=cfg.train.seed * 100_003 + rollout)
-                pairs = _sample_shared(ppo, prompts, params, trainer.dist)  # B × (prompt ids, response ids)
+                pairs = _sample_shared(ppo, sampler.actor(), prompts, params)  # B × (prompt ids, response ids)
                 ids, start, mask = _pack(pairs, ppo.pad, device)  # [B, prompt + response], [B], [B, T]
                 width = mask.size(1)  # T
                 with torch.no_grad():
@@ -238,13 +240,41 @@ def _ppo_loss(model: nn.Module, part: tuple[dict, tuple | None, float], cfg) -> 
     return {**out, "loss": total, "tokens": int(mask.sum())}
 
 
-def _sample_shared(ppo: PPO, prompts: list, params: SamplingParams, ranks) -> list[tuple[list[int], list[int]]]:
+class _RolloutActor:
+    """The actor that samples rollouts. Under DDP (or one process) it is the trained module itself. Under FSDP each
+    rank holds only shards, and the ranks sample different prompts for different lengths, so a sharded forward
+    (which gathers every block from all ranks) cannot serve: before each rollout the actor's full weights are
+    gathered into a plain copy on every rank (the policy's optimizer state and gradients stay sharded; the copy
+    needs the inference weights, not the training state, to fit one device)."""
+
+    def __init__(self, policy: ActorCritic, fsdp: bool, device: str):
+        self.policy, self.fsdp, self.device = policy, fsdp, device
+        self.copy: GPT | None = None
+
+    def actor(self) -> GPT:
+        if not self.fsdp:
+            return self.policy.actor
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.policy, submodules={self.policy.actor},
+                                    options=StateDictOptions(full_state_dict=True))  # every rank gets all of it
+        weights = {name.removeprefix("actor."): tensor for name, tensor in full.items()}
+        if self.copy is None:
+            with torch.device(self.device):
+                self.copy = GPT(self.policy.actor.config).eval()
+            self.copy.requires_grad_(False)
+        self.copy.load_state_dict(weights)
+        return self.copy
+
+
+def _sample_shared(ppo: PPO, actor: GPT, prompts: list, params: SamplingParams) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) for every prompt, each process sampling its contiguous share (generation is
-    most of PPO's time) and gathering the others'; seeds follow the prompts' places in the whole list."""
-    first, last = (len(prompts) * r // ranks.world_size for r in (ranks.rank, ranks.rank + 1))
-    mine = sample_answers(ppo.policy.actor, ppo.tokenizer, prompts[first:last], ppo.max_tokens, params,
-                          ppo.cfg.inference, first_index=first)
-    return [pair for share in ranks.gather_object(mine) for pair in share]
+    most of PPO's time) with ``actor`` and gathering the others'; seeds follow the prompts' places in the list."""
+    return distributed.map_shares(
+        lambda share, first: sample_answers(actor, ppo.tokenizer, share, ppo.max_tokens, params, ppo.cfg.inference,
+                                            first_index=first),
+        prompts,
+    )
 
 
 def _pack(pairs, pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

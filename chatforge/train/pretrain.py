@@ -181,11 +181,12 @@ class PretrainTask:
     loss = staticmethod(lm_loss)
 
     def eval_loss(self, model, device: str) -> float:
-        losses = [
-            float(model(x, y)[1])
-            for x, y in self.val_windows.eval_batches(self.eval_batches, self.eval_batch_size, device=device)
-        ]
-        return sum(losses) / len(losses)
+        """The mean loss of the fixed validation batches (all of one size), each rank computing its share."""
+        total = 0.0
+        for index, counted in distributed.eval_share(self.eval_batches):
+            loss = float(model(*self.val_windows.eval_batch(index, self.eval_batch_size, device=device))[1])
+            total += loss if counted else 0.0
+        return distributed.sum_over_ranks([total], device)[0] / self.eval_batches
 
 
 def open_shards(tokenizer_dir: str | Path, block_size: int, seed: int) -> tuple[Path, TokenWindows, TokenWindows]:

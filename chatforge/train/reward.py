@@ -23,6 +23,7 @@ from chatforge.model.checkpoint import WEIGHTS_FILE, load_model, resolve_checkpo
 from chatforge.model.heads import ScalarHeadModel
 from chatforge.model.weights import read_safetensors
 from chatforge.tokenizer import Tokenizer
+from chatforge.train import distributed
 from chatforge.train.loop import TrainConfig
 from chatforge.train.preference import pairwise_accuracy, pairwise_loss, plackett_luce_loss
 
@@ -116,14 +117,16 @@ class RewardTask(_ScoredAnswersTask):
 
     @torch.no_grad()
     def eval_loss(self, model, device: str) -> dict:
-        losses, right, total = [], 0, 0
-        for start in range(0, len(self.val_set), 8):
-            items = self.val_set[start : start + 8]
-            for s, (_, tiers) in zip(self.scores(model, items, device), items):
-                losses.append(float(self.loss_fn(s, tiers)))
+        """Mean loss per held-out prompt and accuracy over all their pairs, each rank scoring its share."""
+        loss, right, total = 0.0, 0, 0
+        for items, counted in _eval_chunks(self.val_set):
+            scores = self.scores(model, items, device)
+            for s, (_, tiers) in zip(scores, items if counted else []):
+                loss += float(self.loss_fn(s, tiers))
                 r, t = pairwise_accuracy(s, tiers)
                 right, total = right + r, total + t
-        return {"loss": sum(losses) / len(losses), "accuracy": right / max(total, 1)}
+        loss, right, total = distributed.sum_over_ranks([loss, right, total], device)
+        return {"loss": loss / len(self.val_set), "accuracy": right / max(total, 1)}
 
 
 class SignalRewardTask(_ScoredAnswersTask):
@@ -157,14 +160,16 @@ class SignalRewardTask(_ScoredAnswersTask):
     @torch.no_grad()
     def eval_loss(self, model, device: str) -> dict:
         """Loss and sign agreement over the held-out answers (weighted by answer, not by batch)."""
-        losses, right, signed = [], 0, 0
-        for start in range(0, len(self.val_set), 8):
-            items = self.val_set[start : start + 8]
+        loss, right, signed = 0.0, 0.0, 0
+        for items, counted in _eval_chunks(self.val_set):
             out = self.objective(self.scores(model, items, device), items)
-            losses.append(float(out["loss"]) * len(items))
-            count = sum(reward != 0 for _, reward in items)
-            right, signed = right + out["accuracy"] * count, signed + count
-        return {"loss": sum(losses) / len(self.val_set), "accuracy": right / max(signed, 1)}
+            if counted:
+                count = sum(reward != 0 for _, reward in items)
+                loss += float(out["loss"]) * len(items)
+                right += out["accuracy"] * count
+                signed += count
+        loss, right, signed = distributed.sum_over_ranks([loss, right, signed], device)
+        return {"loss": loss / len(self.val_set), "accuracy": right / max(signed, 1)}
 
 
 class MixedRewardTask:
@@ -196,6 +201,15 @@ class MixedRewardTask:
     @torch.no_grad()
     def eval_loss(self, model, device: str) -> dict:
         return self.combine(self.rankings.eval_loss(model, device), self.signals.eval_loss(model, device))
+
+
+EVAL_CHUNK = 8  # held-out items scored per forward pass
+
+
+def _eval_chunks(items: list) -> list[tuple[list, bool]]:
+    """This rank's chunks of ``items`` to score, and whether each counts (see ``distributed.eval_share``)."""
+    return [(items[index * EVAL_CHUNK : (index + 1) * EVAL_CHUNK], counted)
+            for index, counted in distributed.eval_share(-(-len(items) // EVAL_CHUNK))]
 
 
 def _value(loss) -> float:

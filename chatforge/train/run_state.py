@@ -20,12 +20,14 @@ from chatforge import io
 from chatforge.device import autocast, dtype_name, resolve_compile, resolve_dtype
 from chatforge.errors import ChatforgeError
 from chatforge.model import checkpoint as ckpt
+from chatforge.model.weights import export_sharded
 from chatforge.train import distributed, throughput
 from chatforge.train.config import TrainConfig, split_batch
 from chatforge.train.optim import make_optimizer
 from chatforge.train.outputs import METRICS_FILE, PLOT_FILE, plot_losses, read_metrics
 
-SHARDED_OPTIMIZER_DIR = "optimizer"  # a checkpoint's optimizer state as torch.distributed.checkpoint shards
+# an FSDP checkpoint's weights and optimizer state as torch.distributed.checkpoint shards (every rank writes its own)
+SHARDED_MODEL_DIR, SHARDED_OPTIMIZER_DIR = "model", "optimizer"
 
 
 def _eval_metrics(out: float | dict | None) -> dict:
@@ -55,6 +57,9 @@ class RunState:
         self.start_from = self._checkpoint_to_resume(resume)  # before anything is written
 
         self.fsdp = cfg.parallel == "fsdp" and self.dist.enabled
+        # checkpoints in the sharded format whenever fsdp is asked for, one process included: any world size then
+        # resumes them with FSDP (1 -> N as well as N -> M and N -> 1)
+        self.sharded_checkpoints = cfg.parallel == "fsdp"
         on_meta = any(p.is_meta for p in model.parameters())  # built without storage: initialised once sharded
         if not on_meta:
             self.model.to(self.device)
@@ -107,7 +112,11 @@ class RunState:
         return getattr(self.optimizer, "optimizers", [self.optimizer])
 
     def _restore(self, folder: Path) -> None:
-        if self.fsdp:  # every rank reads the whole file and keeps its shards
+        if self.fsdp and (folder / SHARDED_MODEL_DIR).is_dir():  # each rank reads its shards, whatever saved them
+            weights = sd.get_model_state_dict(self.model)
+            dcp.load(weights, checkpoint_id=folder / SHARDED_MODEL_DIR)
+            sd.set_model_state_dict(self.model, weights)
+        elif self.fsdp:  # a checkpoint in the ordinary format: every rank reads the whole file, keeps its shards
             sd.set_model_state_dict(self.model, ckpt.load_weights_file(folder, self.model, "cpu"),
                                     options=sd.StateDictOptions(full_state_dict=True))
         else:
@@ -121,8 +130,8 @@ class RunState:
                 sd.set_optimizer_state_dict(self.model, self._optimizers(), optimizer_state)
             elif self.fsdp:
                 raise ChatforgeError(
-                    f"cannot resume {folder} with train.parallel=fsdp: it was saved by a ddp or single-process "
-                    "run, whose optimizer state is not sharded; resume it with train.parallel=ddp"
+                    f"cannot resume {folder} with train.parallel=fsdp: it was saved with train.parallel=ddp, whose "
+                    "optimizer state is not in the sharded format; resume it with train.parallel=ddp"
                 )
             else:
                 self.optimizer.load_state_dict(state["optimizer"])
@@ -167,22 +176,24 @@ class RunState:
     def evaluate(self) -> dict:
         """The validation metrics of the plain module now (a row of metrics.jsonl), if the run has ``evaluate``."""
         metrics = {}
-        # a sharded model's forward needs every rank (each gathers the blocks' parameters from the others)
-        if (self.dist.is_main or self.fsdp) and self.evaluate_fn is not None:
+        # every rank evaluates its share of the held-out items and the task reduces the sums (see
+        # distributed.eval_share); a sharded model's forward needs every rank anyway
+        if self.evaluate_fn is not None:
             t0 = time.perf_counter()
             self.model.eval()
             with torch.no_grad(), self.autocast():
                 metrics = _eval_metrics(self.evaluate_fn(self.model, self.device))
             self.model.train()
             self.eval_seconds = time.perf_counter() - t0
-            # eval_s: what evaluation took, so a curve can be put on training time alone
-            if metrics and self.dist.is_main:
+            # eval_s: what evaluation took, so a curve can be put on training time alone. Every rank keeps the row
+            # (the reduced figures are the same everywhere), so every rank's summary says the same
+            if metrics:
                 self.rows.append({"step": self.step, **metrics, "eval_s": round(self.eval_seconds, 3)})
         return metrics
 
     def _trainer_state(self, elapsed: float) -> dict:
         return {
-            "optimizer": None if self.fsdp else self.optimizer.state_dict(),  # fsdp: sharded, beside it
+            "optimizer": None if self.sharded_checkpoints else self.optimizer.state_dict(),  # else sharded, beside it
             "step": self.step,
             "seen": self.seen,
             "elapsed": elapsed,
@@ -199,14 +210,20 @@ class RunState:
         t0 = time.perf_counter()
         state = self._trainer_state(elapsed)  # every rank takes part: the RNG states are gathered
         weights, folders = None, None
-        if self.fsdp:  # the weights gathered whole on rank 0 (the ordinary file); the optimizer state stays sharded
-            weights = sd.get_model_state_dict(
-                self.model, options=sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-            sharded = self.out_dir / ckpt.CHECKPOINTS_DIR / f".{SHARDED_OPTIMIZER_DIR}-{ckpt.step_name(self.step)}"
-            dcp.save(sd.get_optimizer_state_dict(self.model, self._optimizers()), checkpoint_id=sharded)
+        if self.sharded_checkpoints:
+            # weights and optimizer state stay sharded: every rank writes its shards, nothing is gathered; rank 0
+            # then exports the weights from the shards into the ordinary model.safetensors a few tensors at a time
+            # (chatforge.model.weights.export_sharded), so downstream stages load the checkpoint as any other
+            staging = self.out_dir / ckpt.CHECKPOINTS_DIR
+            folders = {name: staging / f".{name}-{ckpt.step_name(self.step)}"
+                       for name in (SHARDED_MODEL_DIR, SHARDED_OPTIMIZER_DIR)}
+            dcp.save(sd.get_model_state_dict(self.model), checkpoint_id=folders[SHARDED_MODEL_DIR])
+            dcp.save(sd.get_optimizer_state_dict(self.model, self._optimizers()),
+                     checkpoint_id=folders[SHARDED_OPTIMIZER_DIR])
             self.dist.barrier()
-            folders = {SHARDED_OPTIMIZER_DIR: sharded}
+            if self.dist.is_main:
+                weights = staging / f".{ckpt.WEIGHTS_FILE}-{ckpt.step_name(self.step)}"
+                export_sharded(folders[SHARDED_MODEL_DIR], weights, {"step": str(self.step)})
         if self.dist.is_main:
             config = {**self.meta, "train": dataclasses.asdict(self.cfg)}
             ckpt.save_checkpoint(

@@ -82,13 +82,17 @@ class SFTTask:
 
     @torch.no_grad()
     def eval_loss(self, model, device: str) -> float:
+        """Summed over every held-out assistant token, each rank computing its share of the batches."""
         total, count = 0.0, 0
-        for x, y in self.val_batches.eval_batches(self.eval_batch_size, device):
+        for index, counted in distributed.eval_share(self.val_batches.eval_batch_count(self.eval_batch_size)):
+            x, y = self.val_batches.eval_batch(index, self.eval_batch_size, device)
             logits, _ = model(x)
-            total += float(
-                F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
-            )
-            count += int((y != IGNORE).sum())
+            if counted:
+                total += float(
+                    F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+                )
+                count += int((y != IGNORE).sum())
+        total, count = distributed.sum_over_ranks([total, count], device)
         return total / max(count, 1)
 
 
