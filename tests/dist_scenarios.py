@@ -143,8 +143,6 @@ def evaluations(out_dir: Path, parallel: str) -> dict[str, float]:
         "signals": (ScalarHeadModel(tiny_gpt()), SignalRewardTask(_signals(8), _signals(19), 8, 0, 0)),
         "embed": (EmbeddingModel(tiny_gpt(vocab_size=288)), ContrastiveTask(None, pairs, tok, spec, BLOCK, 2)),
     }
-    if parallel == "fsdp":  # embed is not trained under FSDP (fully_shard refuses its scalar temperature)
-        del cases["embed"]
     figures = {}
     for name, (model, task) in cases.items():
         torch.manual_seed(5)

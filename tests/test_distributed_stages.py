@@ -101,9 +101,11 @@ def test_sft_two_processes_match_one_and_resume_a_one_process_run(tmp_path):
 @pytest.mark.slow
 def test_embed_two_processes_match_one(tmp_path):
     """Negatives must span both ranks' rows and the temperature's gradient must be reduced."""
-    gap = max_gap(run_scenario("embed", tmp_path / "single"), run_scenario("embed", tmp_path / "ddp", processes=2))
-    print(f"embed: largest parameter gap {gap:.2e}")
-    assert gap < ADAMW_TOLERANCE
+    parallel = run_scenario("embed", tmp_path / "ddp", processes=2)
+    sharded = run_scenario("embed", tmp_path / "fsdp", processes=2, parallel="fsdp")
+    gap, fsdp_gap = max_gap(run_scenario("embed", tmp_path / "single"), parallel), max_gap(parallel, sharded)
+    print(f"embed: largest parameter gap {gap:.2e} (1 process vs DDP), {fsdp_gap:.2e} (DDP vs FSDP)")
+    assert gap < ADAMW_TOLERANCE and fsdp_gap < ADAMW_TOLERANCE
 
 
 @pytest.mark.slow
@@ -226,7 +228,7 @@ def test_evaluation_split_across_two_processes_gives_the_single_process_figures(
     run_scenario("evals", parallel_dir, processes=2, checkpoint=False, parallel=parallel)
     single, split = (json.loads((folder / "evals.json").read_text()) for folder in (single_dir, parallel_dir))
     print(f"{parallel}: single {single}, split {split}")
-    assert single.keys() == split.keys() and len(single) == (8 if parallel == "ddp" else 6)
+    assert single.keys() == split.keys() and len(single) == 8
     assert split == pytest.approx(single, abs=1e-9, rel=0)
 
 
@@ -321,13 +323,27 @@ def test_code_and_fim_two_processes_match_one(tmp_path):
 
 
 def test_fsdp_names_a_scalar_parameter_it_cannot_shard():
-    """The embedding model's temperature is a 0-d parameter: FSDP2 refuses it, so the run says which and what to
-    use instead (checked before any process group is needed)."""
-    from train_helpers import tiny_gpt
+    """FSDP2 shards along the first dimension and refuses a 0-d parameter: the run says which and what to use
+    instead (checked before any process group is needed)."""
+    from torch import nn
 
-    from chatforge.embed.model import EmbeddingModel
     from chatforge.errors import ChatforgeError
     from chatforge.train import distributed
 
-    with pytest.raises(ChatforgeError, match="scalar parameter.*log_inv_temperature.*train.parallel=ddp"):
-        distributed.shard_model(EmbeddingModel(tiny_gpt()), None, False)
+    model = nn.Module()
+    model.gain = nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(ChatforgeError, match="scalar parameter.*gain.*train.parallel=ddp"):
+        distributed.shard_model(model, None, False)
+
+
+def test_an_embedding_checkpoint_with_a_0d_temperature_still_loads():
+    """The temperature became 1-element so FSDP can shard it; checkpoints saved before load unchanged."""
+    from train_helpers import tiny_gpt
+
+    from chatforge.embed.model import EmbeddingModel
+
+    model = EmbeddingModel(tiny_gpt(), temperature=0.1)
+    old = {k: v.reshape(()) if k == "log_inv_temperature" else v for k, v in model.state_dict().items()}
+    other = EmbeddingModel(tiny_gpt(), temperature=0.5)
+    other.load_state_dict(old)
+    assert other.scale().item() == pytest.approx(10.0)

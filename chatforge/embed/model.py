@@ -130,8 +130,15 @@ class EmbeddingModel(nn.Module):
         freeze_output_layer(gpt)
         self.pooling = pooling
         self.proj = nn.Linear(gpt.config.n_embd, proj_dim, bias=False) if proj_dim else None
-        # learned as a log so it stays positive; clamped in ``scale`` so it cannot collapse or explode
-        self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        # learned as a log so it stays positive; clamped in ``scale`` so it cannot collapse or explode. One element
+        # rather than 0-d: FSDP shards parameters along their first dimension and refuses a 0-d one
+        self.log_inv_temperature = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "log_inv_temperature"
+        if key in state_dict and state_dict[key].dim() == 0:  # saved when the temperature was 0-d
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def dim(self) -> int:
