@@ -2,7 +2,8 @@
 # GPU acceptance check, for a person with a CUDA machine (<= 10 minutes). Prints a table: GPU/CUDA/NCCL; a
 # GPT-2-small pretrain for 30 steps on one GPU (tokens/s, MFU, peak memory, first step with compilation); with
 # >= 2 GPUs, DDP vs one GPU (loss equality, scaling efficiency) and FSDP on a ~1.3B model (memory, tokens/s);
-# engine decode tokens/s at batch 1/16/64 in bf16. Without CUDA it says so and exits 0, claiming nothing.
+# engine decode tokens/s at batch 1/16/64 in bf16; one PPO rollout's generation on 1 vs N GPUs. Without CUDA it
+# says so and exits 0, claiming nothing.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -32,4 +33,7 @@ else
     echo "| DDP / FSDP | skipped: one GPU |"
 fi
 "${CHECK[@]}" decode
-echo "| PPO rollout 1 vs N GPUs | not measured: PPO rollouts are not sharded across ranks yet (issue 19) |"
+"${CHECK[@]}" rollout "$OUT"
+if [ "$GPUS" -ge 2 ]; then
+    "${TORCHRUN[@]}" rollout "$OUT"
+fi
