@@ -145,10 +145,10 @@ def keep_freed_memory() -> bool:
 
     A CPU training step allocates and frees the same large buffers every step (the 8192-way head's logits are
     67 MB in bf16 and 134 MB in fp32 at 16 × 256 tokens). glibc serves requests above 32 MB with fresh mmap
-    pages and unmaps them on free, so every step paid ~67k page faults (263 MB of pages the kernel zeroes),
-    about a fifth of a step at the speedrun's shape (benchmarks/train_step_speed.py). Without mmap and
-    without trimming, the heap keeps those buffers and the next step reuses them. The process then keeps its
-    peak memory until it exits. Returns whether the setting took effect.
+    pages and unmaps them on free, so every step paid ~67k page faults (263 MB of pages the kernel zeroes).
+    Without mmap and without trimming, the heap keeps those buffers and the next step reuses them: no faults,
+    and with the other two changes of benchmarks/train_step_speed.py the speedrun's step ran 1.28-1.43x as
+    fast. The process then keeps its peak memory until it exits. Returns whether the setting took effect.
     """
     if not sys.platform.startswith("linux"):
         return False
