@@ -13,7 +13,8 @@ from train_helpers import CountingTask, fast_config, losses, tiny_gpt
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model.checkpoint import latest_checkpoint
 from chatforge.train.loop import Micro, TrainingInterrupted, lm_loss, lr_at, train
-from chatforge.train.optim import make_optimizer
+from chatforge.train.optim import batched_muon_step, make_optimizer
+from chatforge.train.trainer import clip_gradients
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
@@ -113,6 +114,38 @@ def test_muon_recipe_groups_learns_and_resumes_exactly(tmp_path):
     train(tiny_gpt(seed=5, **modern), CountingTask(), fast_config(**recipe, ckpt_every=10), cut, resume=True)
     resumed = losses(cut)
     assert [resumed[s] for s in range(11, 21)] == [straight[s] for s in range(11, 21)]
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_batched_muon_step_takes_torch_muons_steps(decay):
+    """Same-shaped matrices orthogonalised together move every matrix as torch.optim.Muon moves it alone."""
+    torch.manual_seed(0)
+    shapes = [(8, 8), (8, 8), (24, 8), (24, 8), (8, 24), (16, 8)]  # square, tall, wide, a shape of its own
+    ours = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kwargs = dict(lr=0.02, weight_decay=decay, momentum=0.9, adjust_lr_fn="original")
+    batched, reference = torch.optim.Muon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)
+    for _ in range(3):
+        grads = [torch.randn(*shape) for shape in shapes]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        batched_muon_step(batched)
+        reference.step()
+    for p, q in zip(ours, theirs):
+        # equal bit for bit here; elsewhere batched and single bf16 matmuls may round an update (~0.02) apart by
+        # an ulp or two, while a wrong shape rule or momentum would move it by ~1e-2
+        torch.testing.assert_close(p, q, atol=5e-4, rtol=0)
+        torch.testing.assert_close(batched.state[p]["momentum_buffer"], reference.state[q]["momentum_buffer"])
+
+
+def test_clip_gradients_scales_only_above_the_bound():
+    weights = [torch.nn.Parameter(torch.zeros(size)) for size in (2, 1, 3)]
+    weights[0].grad, weights[1].grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])  # norm 5; the last has none
+    assert clip_gradients(weights, 10.0) == pytest.approx(5.0)
+    assert weights[0].grad.tolist() == [3.0, 0.0] and weights[1].grad.tolist() == [4.0]  # untouched
+    assert clip_gradients(weights, 0.0) == pytest.approx(5.0) and weights[1].grad.tolist() == [4.0]  # 0 = never
+    assert clip_gradients(weights, 1.0) == pytest.approx(5.0)
+    assert weights[0].grad.tolist() == pytest.approx([0.6, 0.0]) and weights[1].grad.tolist() == pytest.approx([0.8])
 
 
 def test_wsd_schedule_is_flat_then_linear_to_min_lr():

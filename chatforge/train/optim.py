@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.optim._muon import _adjust_lr
 
 REFERENCE_BATCH_TOKENS = 2**19
 REFERENCE_WIDTH = 768
@@ -48,7 +49,7 @@ class MuonWithAdamW:
         if any(isinstance(p, DTensor) for group in self.muon.param_groups for p in group["params"]):
             sharded_muon_step(self.muon)
         else:
-            self.muon.step()
+            batched_muon_step(self.muon)
         self.adamw.step()
 
     @property
@@ -70,6 +71,55 @@ class MuonWithAdamW:
 
 
 @torch.no_grad()
+def batched_muon_step(muon: torch.optim.Muon) -> None:
+    """``muon.step()`` with the Newton–Schulz iterations of same-shaped matrices batched into one ``bmm`` each.
+
+    torch.optim.Muon orthogonalises one matrix at a time: a small model's 24 matrices of three shapes cost 24
+    rounds of small matmuls where three batched ones do, and 31 vs 17 ms a step at the speedrun's shape on
+    one core. The arithmetic is Muon's own (the same bf16 iterations and coefficients, the same learning-rate
+    adjustment per shape, weight decay only when set), and the state is torch.optim.Muon's (a
+    ``momentum_buffer`` per parameter), so checkpoints are unchanged.
+    """
+    for group in muon.param_groups:
+        lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            if p.grad is not None:
+                by_shape.setdefault(p.shape, []).append(p)
+        for shape, params in by_shape.items():
+            grads = [p.grad for p in params]
+            buffers = []
+            for p in params:
+                state = muon.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            orthogonal = _batched_newton_schulz(torch.stack(updates), group["ns_coefficients"], group["ns_steps"],
+                                                group["eps"])
+            if decay:
+                torch._foreach_mul_(params, 1 - lr * decay)
+            torch._foreach_add_(params, list(orthogonal.unbind(0)),
+                                alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+
+
+def _batched_newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                           eps: float) -> torch.Tensor:
+    """torch.optim.Muon's ``_zeropower_via_newtonschulz`` of every matrix of ``updates`` [N, rows, cols] at once."""
+    a, b, c = coefficients
+    x = updates.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norms at most 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+@torch.no_grad()
 def sharded_muon_step(muon: torch.optim.Muon) -> None:
     """``muon.step()`` for matrices sharded by FSDP (``DTensor`` rows split across ranks).
 
@@ -79,7 +129,7 @@ def sharded_muon_step(muon: torch.optim.Muon) -> None:
     its own rows. The state keeps torch.optim.Muon's layout (a ``momentum_buffer`` per parameter), so sharded
     checkpoints and resumes treat it like any optimizer's.
     """
-    from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+    from torch.optim._muon import _zeropower_via_newtonschulz
 
     for group in muon.param_groups:
         lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
@@ -147,8 +197,6 @@ def make_optimizer(model: nn.Module, cfg, device: str):
     scalars = [p for _, p in named if id(p) not in taken]
     rates = {"embed": cfg.lr * EMBED_RATIO * width_scale, "head": cfg.lr * HEAD_RATIO * width_scale,
              "scalar": cfg.lr * SCALAR_RATIO}
-    # torch.optim.Muon one matrix at a time: batching same-shape matrices measured 11.4 vs 13.8 ms a step on
-    # the nano model, under 1 % of the step, so the library's optimizer stays
     muon = torch.optim.Muon([{"params": matrices, "lr": cfg.lr, "base_lr": cfg.lr, "muon": True}],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
                             adjust_lr_fn="original")

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from chatforge import io
+from chatforge.device import device_type, keep_freed_memory
 from chatforge.errors import ChatforgeError
 from chatforge.train import distributed
 from chatforge.train.config import lr_at
@@ -48,6 +49,20 @@ def _as_metrics(out: torch.Tensor | dict) -> tuple[torch.Tensor, int | None, dic
     extras = {k: float(v) for k, v in out.items() if k not in ("loss", "tokens")}
     tokens = out.get("tokens")
     return out["loss"], None if tokens is None else int(tokens), extras
+
+
+def clip_gradients(parameters, max_norm: float) -> float:
+    """Scale the gradients down to a global norm of ``max_norm`` (0 = never) when it is above; returns the norm.
+
+    Unlike ``clip_grad_norm_``, which multiplies every gradient by min(1, max_norm / norm), gradients within
+    the bound are left alone: the same result without a pass over all of them on most steps.
+    """
+    with_grads = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads])
+    value = float(distributed.full_value(norm))  # every rank: a sharded norm is gathered
+    if max_norm > 0 and value > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, norm)
+    return value
 
 
 class _StopSignal:
@@ -92,6 +107,8 @@ class Trainer(RunState):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if device_type(self.device) == "cpu":
+            keep_freed_memory()  # each step reuses the last one's large buffers instead of faulting in new pages
         self.out_of_time = False
         self.stop_reason: str | None = None  # why the caller stopped the run early
         self._stop_pending: str | None = None
@@ -222,8 +239,7 @@ class Trainer(RunState):
                 self.unit = "sequences"
             for key, number in more.items():
                 extras[key] = extras.get(key, 0.0) + number / self.accum
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(distributed.full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
+        grad_norm = clip_gradients(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed, reserve = clock() if self.dist.is_main else (0.0, 0.0)
