@@ -106,11 +106,11 @@ def compiled_step(step: Callable, options: InferenceOptions, device: str | torch
         return torch.compile(step, dynamic=False, fullgraph=True)
     graphed = torch.compile(step, dynamic=False, fullgraph=True, mode="reduce-overhead")
 
-    def replay(model, tokens, cache, active):
+    def replay(model, tokens, cache, active, visible=None):
         # a CUDA graph replays fixed addresses: the cache and the step's inputs must be those same tensors
         for tensor in (cache.k, cache.v, cache.lengths, tokens, active):
             torch._dynamo.mark_static_address(tensor)
         torch.compiler.cudagraph_mark_step_begin()
-        return graphed(model, tokens, cache, active).clone()  # the graph's output buffer is reused next replay
+        return graphed(model, tokens, cache, active, visible).clone()  # the graph's output buffer is reused next replay
 
     return replay
