@@ -197,6 +197,8 @@ class BatchRunner:
         longest = max(len(s.request.prepared.prompt_ids) + len(s.tokens) for s in self.active)  # cache length + 1
         visible = next((v for v in VISIBLE_SIZES if v >= longest + steps - 1), self.cache.max_len)
         visible = min(visible, self.cache.max_len)
+        # whether a row can finish inside this chunk: by its budget, or by drawing one of its stop tokens
+        may_end = steps >= min(budgets) or any(s.sampling.stop_ids for s in self.active)
         left = torch.tensor(budgets, device=self.device)  # tokens each row may still draw
         live = self._active[:n]
         samples = []
@@ -206,11 +208,11 @@ class BatchRunner:
             self.sampler.observe(sample.tokens)
             samples.append(sample)
             self._tokens[:n] = sample.tokens
-            # a row with its last token stops growing its cache (its length must stay inside the cache)
-            left -= 1
-            live.mul_((left > 0) & ~self.sampler.stops(sample.tokens))
-            if self.cheap_reads and not bool(live.any()):  # every row has finished: the chunk's rest is waste
-                break
+            if may_end:  # a row with its last token stops growing its cache (its length must stay inside it)
+                left -= 1
+                live.mul_((left > 0) & ~self.sampler.stops(sample.tokens))
+                if self.cheap_reads and not bool(live.any()):  # every row has finished: the rest is waste
+                    break
         return self._take(0, samples)
 
     def _take(self, first: int, samples: list) -> list[tuple[Request, Event]]:

@@ -167,13 +167,19 @@ class StaticDecode:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self._mask is None:
             self.positions(k.size(2))
-        # index_put_ on the whole cache (not scatter_ into a view of it): a compiled step then writes the new
-        # entries in place instead of copying each layer's cache around the write
-        B, H = k.shape[:2]
-        rows, heads = torch.arange(B, device=k.device)[:, None], torch.arange(H, device=k.device)[None, :]
-        at = (torch.full((1, 1), layer, device=k.device), rows, heads, self.cache.lengths[:, None])  # [B, H] each
-        self.cache.k.index_put_(at, k[:, :, 0].to(self.cache.k.dtype))
-        self.cache.v.index_put_(at, v[:, :, 0].to(self.cache.v.dtype))
+        B, H, _, D = k.shape
+        k, v = k.to(self.cache.k.dtype), v.to(self.cache.v.dtype)
+        if torch.compiler.is_compiling():
+            # index_put_ on the whole cache: inductor writes it in place, where a scatter_ into a view of the
+            # cache makes it copy each layer's cache around the write (eager, the scatter_ is the faster one)
+            rows, heads = torch.arange(B, device=k.device)[:, None], torch.arange(H, device=k.device)[None, :]
+            at = (torch.full((1, 1), layer, device=k.device), rows, heads, self.cache.lengths[:, None])  # [B, H]
+            self.cache.k.index_put_(at, k[:, :, 0])
+            self.cache.v.index_put_(at, v[:, :, 0])
+        else:
+            index = self.cache.lengths[:, None, None, None].expand(B, H, 1, D)
+            self.cache.k[layer].scatter_(2, index, k)
+            self.cache.v[layer].scatter_(2, index, v)
         return self.cache.k[layer, :, :, : self.visible], self.cache.v[layer, :, :, : self.visible], self._mask
 
     def advance(self, T: int) -> None:
