@@ -38,7 +38,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.precision import InferenceOptions
-from chatforge.infer.runner import decode_step
+from chatforge.infer.runner import decode_step, visible_positions
 from chatforge.infer.scheduler import Scheduler
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.hf import export_hf_gpt2
@@ -209,15 +209,18 @@ def concurrent(cfg: Config, engine: Engine, count: int, label: str) -> float:
 def profile_step(model: GPT, options: InferenceOptions, batch: int, context: int, label: str) -> None:
     """Share of one decode step's wall time in matmuls, in attention, in other kernels and outside any kernel
     (Python and dispatch), from torch.profiler's self CPU times over 50 steps at half of a ``context``-long
-    cache (the engine sizes its cache to the longest request)."""
+    cache (the engine sizes its cache to the longest request), attending to the occupied part as the engine
+    does."""
     engine = Engine(model, max_batch_size=batch, options=options)
     cache = KVCache.for_model(engine.model, batch, context)
     cache.lengths.fill_(context // 2)
     tokens, active = torch.zeros(batch, dtype=torch.long), torch.ones(batch, dtype=torch.long)
 
+    visible = visible_positions(context // 2 + 1, context)
+
     def steps():
         for _ in range(50):
-            decode_step(engine.model, tokens, cache, active)
+            decode_step(engine.model, tokens, cache, active, visible)
             cache.lengths.fill_(context // 2)
 
     with torch.inference_mode():

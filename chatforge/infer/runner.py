@@ -195,8 +195,7 @@ class BatchRunner:
         m = min(self.capacity, 1 << (n - 1).bit_length())
         cache = self.cache if m == self.capacity else self.cache.rows(0, m)
         longest = max(len(s.request.prepared.prompt_ids) + len(s.tokens) for s in self.active)  # cache length + 1
-        visible = next((v for v in VISIBLE_SIZES if v >= longest + steps - 1), self.cache.max_len)
-        visible = min(visible, self.cache.max_len)
+        visible = visible_positions(longest + steps - 1, self.cache.max_len)
         # whether a row can finish inside this chunk: by its budget, or by drawing one of its stop tokens
         may_end = steps >= min(budgets) or any(s.sampling.stop_ids for s in self.active)
         left = torch.tensor(budgets, device=self.device)  # tokens each row may still draw
@@ -361,6 +360,11 @@ class BatchRunner:
         self._active[:keep], self._active[keep:] = 1, 0  # a hole may hold a row that stopped growing mid-chunk
         self.sampler.keep_rows(order)
         self._tokens[:keep] = self._tokens[torch.tensor(order, dtype=torch.long, device=self.device)]
+
+
+def visible_positions(needed: int, max_len: int) -> int:
+    """The cache positions a decode step attends to when its rows need ``needed``: the next of VISIBLE_SIZES."""
+    return min(next((v for v in VISIBLE_SIZES if v >= needed), max_len), max_len)
 
 
 def decode_step(model, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
