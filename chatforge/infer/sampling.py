@@ -30,23 +30,52 @@ def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, counts: tor
     return logits - presence[:, None] * generated - frequency[:, None] * counts
 
 
+# The filters usually keep a handful of tokens: they look among this many most likely ones first, and sort the
+# whole vocabulary only when some row's kept set may reach past them (a full sort of every row costs ~100x more).
+FILTER_CANDIDATES = 64
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Set to -inf every token outside the row's top-k, outside its nucleus (the smallest set of most likely
     tokens whose probability reaches ``top_p``) or less likely than ``min_p`` times its most likely token.
     ``top_k`` = 0, ``top_p`` = 1 and ``min_p`` = 0 switch a filter off for that row. The most likely token
     always survives."""
     V = logits.size(-1)
-    ordered, order = logits.sort(dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k, V).clamp(max=V)
-    kth = ordered.gather(-1, (k - 1)[:, None])
-    remove = ordered < kth  # ties with the k-th logit stay, as in HF
-    ordered = ordered.masked_fill(remove, float("-inf"))
-    probs = ordered.softmax(dim=-1)
+    if V > FILTER_CANDIDATES:
+        ordered, order = logits.topk(FILTER_CANDIDATES, dim=-1)
+        remove, covered = _filter_sorted(ordered, k, top_p, min_p, logits)
+        if bool(covered.all()):
+            return _keep(logits, ordered, order, remove)
+    ordered, order = logits.sort(dim=-1, descending=True)
+    remove, _ = _filter_sorted(ordered, k, top_p, min_p, logits)
+    return _keep(logits, ordered, order, remove)
+
+
+def _filter_sorted(ordered: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                   logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of a row's most likely tokens ``ordered`` [B, K] (its logits, descending) the filters remove, and
+    whether every token past them is removed too (``covered`` [B]: the K decide the row)."""
+    K, V = ordered.size(-1), logits.size(-1)
+    within = k <= K  # the top-k cut falls among the K (always, when K = V)
+    kth = ordered.gather(-1, (k.clamp(max=K) - 1)[:, None])
+    remove = (ordered < kth) & within[:, None]  # ties with the k-th logit stay, as in HF
+    probs = ordered.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    whole = k >= V  # top-k off: probabilities over the whole vocabulary
+    if K < V:
+        probs = torch.where(whole[:, None], (ordered - logits.logsumexp(dim=-1, keepdim=True)).exp(), probs)
     mass_before = probs.cumsum(dim=-1) - probs
     # top_p = 1 must keep the whole distribution exactly, even where rounding puts the cumulative sum at 1
     remove |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
     remove |= probs < min_p[:, None] * probs[:, :1]
     remove[:, 0] = False
+    # a token past the K has at least the K's mass before it, and at most the K-th's probability
+    past = ((mass_before[:, -1] + probs[:, -1] >= top_p) & (top_p < 1)) | (probs[:, -1] < min_p * probs[:, 0])
+    return remove, within | (whole & past)
+
+
+def _keep(logits: torch.Tensor, ordered: torch.Tensor, order: torch.Tensor, remove: torch.Tensor) -> torch.Tensor:
+    """``logits`` with only the unremoved of ``ordered`` (at vocabulary positions ``order``) left, the rest -inf."""
     return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(remove, float("-inf")))
 
 
