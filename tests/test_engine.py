@@ -297,9 +297,9 @@ def test_leaving_a_stream_early_cancels_the_request(engine):
 def test_a_failing_step_fails_its_requests_but_not_the_scheduler(engine, monkeypatch):
     with Scheduler(engine, max_batch_size=2) as scheduler:
         runner_class = type(scheduler._runner)
-        real_step = runner_class.step
-        monkeypatch.setattr(runner_class, "step", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
+        real_decode = runner_class.decode
+        monkeypatch.setattr(runner_class, "decode", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
         with pytest.raises(RuntimeError, match="device lost"):
             scheduler.submit("Hello", greedy(3)).result(timeout=60)
-        monkeypatch.setattr(runner_class, "step", real_step)
+        monkeypatch.setattr(runner_class, "decode", real_decode)
         assert scheduler.submit("Hello", greedy(3)).result(timeout=60).choices[0].finish_reason == "length"

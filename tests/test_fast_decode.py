@@ -267,3 +267,10 @@ def test_attention_over_the_occupied_part_of_the_cache_equals_the_whole(config):
         cache.lengths.sub_(1)
         part = decode_step(model, tokens, cache, active, visible=8)
     torch.testing.assert_close(part, whole)
+
+
+def test_a_stream_shows_the_prefills_token_before_decoding_a_chunk():
+    engine = Engine(randomized(MODERN), max_batch_size=2)
+    deltas = list(engine.stream(PROMPTS[0], greedy(12)))
+    assert [len(d.token_ids) for d in deltas] == [1, runner.CHUNK_STEPS, 11 - runner.CHUNK_STEPS]
+    assert sum((d.token_ids for d in deltas), []) == recomputed(engine.model, PROMPTS[0], 12)

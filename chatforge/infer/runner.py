@@ -178,15 +178,14 @@ class BatchRunner:
     # ---- the step ------------------------------------------------------------------------------------------
 
     def step(self) -> list[tuple[Request, Event]]:
-        """Admit waiting sequences into free slots (their first token comes from the prefill), then decode a
-        chunk of up to ``CHUNK_STEPS`` tokens for every active sequence; returns what each request's stream
-        gained."""
-        events = self._admit()
-        if self.active:
-            events += self._decode_chunk()
-        return events
+        """``admit`` then ``decode``: what each request's stream gained. (A caller that streams hands the
+        admitted requests' first tokens out before the chunk: less time to the first token.)"""
+        return self.admit() + self.decode()
 
-    def _decode_chunk(self) -> list[tuple[Request, Event]]:
+    def decode(self) -> list[tuple[Request, Event]]:
+        """Decode a chunk of up to ``CHUNK_STEPS`` tokens for every active sequence."""
+        if not self.active:
+            return []
         n = len(self.active)
         budgets = [s.request.prepared.max_new_tokens - len(s.tokens) for s in self.active]
         steps = min(CHUNK_STEPS, max(budgets))
@@ -262,7 +261,7 @@ class BatchRunner:
             seq.detok.finish()
         return seq.finish_reason is not None
 
-    def _admit(self) -> list[tuple[Request, Event]]:
+    def admit(self) -> list[tuple[Request, Event]]:
         """Prefill waiting sequences into free rows and draw their first tokens from the prefill's logits.
 
         Each request's first sample is prefilled (all of them in one padded batch, in rows [n, n + u)); its

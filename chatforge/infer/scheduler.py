@@ -192,8 +192,9 @@ class Scheduler:
                             self._dispatch([(handle.request, e) for e in self._runner.cancel(handle.request)])
                     if closed:
                         return
-                    if self._runner.busy:
-                        self._dispatch(self._runner.step())
+                    if self._runner.busy:  # the admitted requests' first tokens go out before the chunk
+                        self._dispatch(self._runner.admit())
+                        self._dispatch(self._runner.decode())
                     for request, exc in self._runner.take_failures():
                         self._handles.pop(request.id)._push(exc)
             except Exception as exc:  # a step failing for no single request fails those in flight, not the server
