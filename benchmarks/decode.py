@@ -6,7 +6,9 @@ weights when that checkpoint is arch=gpt2, else random weights of that shape) an
 
 1. batch-1 greedy decode tokens/s of chatforge at each precision (fp32, bf16, int8; eager, and compiled with
    ``--compile``) vs ``GPT2LMHeadModel.generate`` in fp32 eager (as a user runs it) and in bf16; the same
-   prompt and exactly N new tokens for all (min_new_tokens / min_tokens), medians of interleaved repeats;
+   prompt and exactly N new tokens for all (min_new_tokens / min_tokens), medians of interleaved repeats,
+   timed in this process's CPU time unless ``--clock=wall`` (the machine is shared: wall time measures the
+   other jobs too; everything here runs on one thread, so on a quiet machine the two agree);
 2. 16 and 64 requests submitted at once to the continuous-batching ``Scheduler`` vs one after another;
 3. each tokens/s as a fraction of the machine's limit for that precision: the larger of (weight bytes per
    token / measured memory bandwidth) and (FLOPs per token / measured matmul peak) is the least time a token
@@ -61,12 +63,18 @@ class Config:
     threads: int = option(1, "torch intra-op threads for both libraries (0 = torch's default); on a shared "
                              "2-core machine 1 avoids OpenMP barriers stalling on a busy core")
     seed: int = option(0, "seed of the random models and prompts")
+    clock: str = option("cpu", "what a measurement times: cpu (this process's CPU time, every thread: on a shared "
+                               "machine the other jobs' load does not count) or wall")
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+_clock = CLOCKS["cpu"]
 
 
 def _timed(fn) -> float:
-    start = time.perf_counter()
+    start = _clock()
     fn()
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -279,12 +287,17 @@ def hf_models(model: GPT) -> dict:
 
 def main(argv: list[str]) -> None:
     cfg, _ = parse(Config, argv)
+    global _clock
+    if cfg.clock not in CLOCKS:
+        raise ChatforgeError(f"option 'clock' must be one of {', '.join(CLOCKS)}; got {cfg.clock!r}")
+    _clock = CLOCKS[cfg.clock]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          "device cpu; a shared, noisy machine: every ratio compares figures measured in this one run")
+          f"device cpu, {cfg.clock} time; a shared, noisy machine: every ratio compares figures measured in this "
+          "one run")
     limits = measure_limits()
     print(f"limits: memory bandwidth {limits.bandwidth / 1e9:.1f} GB/s; matmul peak fp32 "
           f"{limits.peak[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {limits.peak[torch.bfloat16] / 1e9:.0f} GFLOP/s")
