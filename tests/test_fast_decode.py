@@ -156,17 +156,6 @@ def test_reduced_precision_copies_decode_like_fp32(config, dtype, quantize):
     assert all(len(o.choices[0].token_ids) == 6 for o in outs)
 
 
-def test_int8_gives_gpt2s_tied_head_an_int8_copy_and_leaves_the_embedding_float():
-    model = randomized(TINY)
-    copy = inference_model(model, InferenceOptions(dtype="fp32", quantize="int8"))
-    assert isinstance(copy.lm_head, Int8Linear) and copy.wte.weight.dtype == torch.float32
-    assert "lm_head" not in dict(model.named_modules())  # the source keeps its tied head
-    with torch.no_grad():
-        hidden = torch.randn(3, TINY.n_embd)
-        error = (copy.logits(hidden) - model.logits(hidden)).abs().max() / model.logits(hidden).abs().max()
-    assert error < 0.02
-
-
 def test_fp32_uses_the_model_itself_and_refresh_follows_new_weights():
     model = randomized(TINY)
     assert Engine(model).model is model

@@ -337,10 +337,7 @@ class GPT(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.arch == "gpt2":
-            # the output projection is tied to the token embedding, unless an inference copy gave the head a
-            # module of its own (int8 quantization stores the table twice: int8 for the head, float for lookups)
-            head = self._modules.get("lm_head")
-            return head(hidden) if head is not None else F.linear(hidden, self.wte.weight)
+            return F.linear(hidden, self.wte.weight)  # output projection tied to the token embedding
         logits = self.lm_head(hidden)
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits.float() / cap) if cap else logits
