@@ -6,7 +6,9 @@ weights when that checkpoint is arch=gpt2, else random weights of that shape) an
 
 1. batch-1 greedy decode tokens/s of chatforge at each precision (fp32, bf16, int8; eager, and compiled with
    ``--compile``) vs ``GPT2LMHeadModel.generate`` in fp32 eager (as a user runs it) and in bf16; the same
-   prompt and exactly N new tokens for all (min_new_tokens / min_tokens), medians of interleaved repeats;
+   prompt and exactly N new tokens for all (min_new_tokens / min_tokens), medians of interleaved repeats,
+   timed in this process's CPU time unless ``--clock=wall`` (the machine is shared: wall time measures the
+   other jobs too; everything here runs on one thread, so on a quiet machine the two agree);
 2. 16 and 64 requests submitted at once to the continuous-batching ``Scheduler`` vs one after another;
 3. each tokens/s as a fraction of the machine's limit for that precision: the larger of (weight bytes per
    token / measured memory bandwidth) and (FLOPs per token / measured matmul peak) is the least time a token
@@ -38,7 +40,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.infer.engine import Engine
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.precision import InferenceOptions
-from chatforge.infer.runner import decode_step
+from chatforge.infer.runner import decode_step, visible_positions
 from chatforge.infer.scheduler import Scheduler
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.hf import export_hf_gpt2
@@ -61,12 +63,18 @@ class Config:
     threads: int = option(1, "torch intra-op threads for both libraries (0 = torch's default); on a shared "
                              "2-core machine 1 avoids OpenMP barriers stalling on a busy core")
     seed: int = option(0, "seed of the random models and prompts")
+    clock: str = option("cpu", "what a measurement times: cpu (this process's CPU time, every thread: on a shared "
+                               "machine the other jobs' load does not count) or wall")
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+_clock = CLOCKS["cpu"]
 
 
 def _timed(fn) -> float:
-    start = time.perf_counter()
+    start = _clock()
     fn()
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -209,20 +217,25 @@ def concurrent(cfg: Config, engine: Engine, count: int, label: str) -> float:
 def profile_step(model: GPT, options: InferenceOptions, batch: int, context: int, label: str) -> None:
     """Share of one decode step's wall time in matmuls, in attention, in other kernels and outside any kernel
     (Python and dispatch), from torch.profiler's self CPU times over 50 steps at half of a ``context``-long
-    cache (the engine sizes its cache to the longest request)."""
+    cache (the engine sizes its cache to the longest request), attending to the occupied part as the engine
+    does."""
     engine = Engine(model, max_batch_size=batch, options=options)
     cache = KVCache.for_model(engine.model, batch, context)
     cache.lengths.fill_(context // 2)
     tokens, active = torch.zeros(batch, dtype=torch.long), torch.ones(batch, dtype=torch.long)
 
+    visible = visible_positions(context // 2 + 1, context)
+
     def steps():
         for _ in range(50):
-            decode_step(engine.model, tokens, cache, active)
+            decode_step(engine.model, tokens, cache, active, visible)
             cache.lengths.fill_(context // 2)
 
     with torch.inference_mode():
         steps()
-        wall = _timed(steps)
+        start = time.perf_counter()  # wall time, whatever --clock says: the profiler's op times are wall time
+        steps()
+        wall = time.perf_counter() - start
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             steps()
     groups = {"matmul": 0.0, "attention": 0.0, "other kernels": 0.0}
@@ -276,12 +289,17 @@ def hf_models(model: GPT) -> dict:
 
 def main(argv: list[str]) -> None:
     cfg, _ = parse(Config, argv)
+    global _clock
+    if cfg.clock not in CLOCKS:
+        raise ChatforgeError(f"option 'clock' must be one of {', '.join(CLOCKS)}; got {cfg.clock!r}")
+    _clock = CLOCKS[cfg.clock]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          "device cpu; a shared, noisy machine: every ratio compares figures measured in this one run")
+          f"device cpu, {cfg.clock} time; a shared, noisy machine: every ratio compares figures measured in this "
+          "one run")
     limits = measure_limits()
     print(f"limits: memory bandwidth {limits.bandwidth / 1e9:.1f} GB/s; matmul peak fp32 "
           f"{limits.peak[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {limits.peak[torch.bfloat16] / 1e9:.0f} GFLOP/s")

@@ -11,6 +11,7 @@ from torch import nn
 from chatforge import device
 from chatforge.config import parse
 from chatforge.errors import ChatforgeError
+from chatforge.infer import runner
 from chatforge.infer.engine import Engine
 from chatforge.infer.loading import EngineOptions
 from chatforge.infer.params import SamplingParams
@@ -185,3 +186,80 @@ def test_the_compiled_step_decodes_the_same_tokens(config):
     assert [o.choices[0].token_ids for o in compiled.generate(PROMPTS, greedy(6))] == [
         o.choices[0].token_ids for o in eager
     ]
+
+
+def _choices(completions) -> list:
+    return [[(c.token_ids, c.text, c.finish_reason, c.token_logprobs) for c in comp.choices] for comp in completions]
+
+
+CHUNK_MIX = [
+    greedy(9),
+    SamplingParams(max_tokens=7, seed=5, temperature=0.9, top_k=30, repetition_penalty=1.2, logprobs=2),
+    SamplingParams(max_tokens=11, seed=6, n=2, min_tokens=3, stop_token_ids=list(range(0, 97, 4))),
+    SamplingParams(max_tokens=3, seed=7, frequency_penalty=0.5, ignore_eos=True),
+]
+
+
+@CONFIGS
+def test_chunks_of_steps_give_the_tokens_of_single_steps(config, monkeypatch):
+    """Several steps per host read (rows finishing by budget or by a stop token mid-chunk, rows refilled between
+    chunks) give exactly the tokens, texts, finish reasons and log-probs of one step per host read."""
+    model = randomized(config)
+    engine = Engine(model, max_batch_size=3)
+    chunked = engine.generate(PROMPTS, CHUNK_MIX)
+    monkeypatch.setattr(runner, "CHUNK_STEPS", 1)
+    single = engine.generate(PROMPTS, CHUNK_MIX)
+    assert _choices(chunked) == _choices(single)
+    stopped = [c for comp in chunked for c in comp.choices if c.finish_reason == "stop"]
+    assert stopped and all(c.token_ids[-1] in CHUNK_MIX[2].stop_token_ids for c in stopped)
+
+
+def test_a_seeded_request_ignores_companions_that_finish_mid_chunk():
+    model = randomized(MODERN)
+    engine = Engine(model, max_batch_size=4)
+    params = SamplingParams(max_tokens=20, seed=11, temperature=1.0, ignore_eos=True)
+    alone = engine.generate([PROMPTS[0]], params)[0].choices[0].token_ids
+    # companions of 1, 2 and 5 tokens leave in the middle of the first chunks; rows move to fill their slots
+    short = [SamplingParams(max_tokens=k, seed=k, ignore_eos=True) for k in (1, 2, 5)]
+    crowd = engine.generate(PROMPTS[1:] + [PROMPTS[0]], short + [params])
+    assert crowd[-1].choices[0].token_ids == alone
+
+
+def test_a_stop_string_inside_a_chunk_ends_the_sample_at_its_token():
+    model = randomized(TINY)
+    decode = {t: bytes([97 + t % 26]) for t in range(TINY.vocab_size)}  # every token is one letter
+
+    class Letters:
+        vocab_size, specials = TINY.vocab_size, {}
+
+        def decode_bytes(self, ids):
+            return b"".join(decode[t] for t in ids)
+
+    engine = Engine(model, Letters(), max_batch_size=2)
+    full = engine.generate([PROMPTS[2]], greedy(12))[0].choices[0]
+    stop = full.text[3:5]  # completed by the 5th token, in the middle of the first chunk
+    first = full.text.index(stop)
+    stopped = engine.generate([PROMPTS[2]], dataclasses.replace(greedy(12), stop=[stop]))[0].choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == full.text[:first]
+    assert stopped.token_ids == full.token_ids[: first + len(stop)]  # nothing the chunk drew after the stop
+
+
+@CONFIGS
+def test_attention_over_the_occupied_part_of_the_cache_equals_the_whole(config):
+    model = randomized(config)
+    cache = KVCache.for_model(model, 2, 32)
+    with torch.no_grad():
+        model(torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]]), kv_cache=cache)
+        cache.lengths.copy_(torch.tensor([4, 2]))
+        tokens, active = torch.tensor([11, 12]), torch.ones(2, dtype=torch.long)
+        whole = decode_step(model, tokens, cache, active)
+        cache.lengths.sub_(1)
+        part = decode_step(model, tokens, cache, active, visible=8)
+    torch.testing.assert_close(part, whole)
+
+
+def test_a_stream_shows_the_prefills_token_before_decoding_a_chunk():
+    engine = Engine(randomized(MODERN), max_batch_size=2)
+    deltas = list(engine.stream(PROMPTS[0], greedy(12)))
+    assert [len(d.token_ids) for d in deltas] == [1, runner.CHUNK_STEPS, 11 - runner.CHUNK_STEPS]
+    assert sum((d.token_ids for d in deltas), []) == recomputed(engine.model, PROMPTS[0], 12)

@@ -142,25 +142,41 @@ def test_stage_rejects_unknown_tasks_and_missing_files(tmp_path, capsys):
     assert "name one task" in err and "problems file not found" in err
 
 
-def test_model_mode_samples_n_completions_per_problem(tmp_path, capsys):
+def _sample_tiny_model(tmp_path, out, *options: str) -> None:
+    """``eval humaneval`` of a tiny random model on two problems, 3 samples each, into ``out``."""
     pytest.importorskip("chatforge.model.checkpoint")
     from chatforge.model.gpt import GPT, GPTConfig
     from chatforge.model.hf import export_hf_gpt2
     from chatforge.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.train([ADD["prompt"] + ADD["canonical_solution"], WRONG["prompt"]] * 4, vocab_size=300)
-    tokenizer.save(tmp_path / "tok")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
-    export_hf_gpt2(model, tmp_path / "ckpt")
+    if not (tmp_path / "ckpt").exists():
+        tokenizer = Tokenizer.train([ADD["prompt"] + ADD["canonical_solution"], WRONG["prompt"]] * 4, vocab_size=300)
+        tokenizer.save(tmp_path / "tok")
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+        export_hf_gpt2(model, tmp_path / "ckpt")
     problems = _write_jsonl(tmp_path / "mine.jsonl", [ADD, WRONG])
-    out = tmp_path / "out"
     main(["eval", "humaneval", f"--ckpt={tmp_path / 'ckpt'}", f"--tokenizer={tmp_path / 'tok'}", "--device=cpu",
           f"--problems={problems}", "--n=3", "--max_tokens=12", "--temperature=0.8", f"--out={out}",
-          "--progress=false"])
+          "--progress=false", *options])
+
+
+def test_model_mode_samples_n_completions_per_problem(tmp_path, capsys):
+    out = tmp_path / "out"
+    _sample_tiny_model(tmp_path, out)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert [len(r["samples"]) for r in rows] == [3, 3]
     assert all(not any(stop in s["completion"] for stop in STOP_SEQUENCES) for r in rows for s in r["samples"])
     assert set(summary["pass@k"]) == {"pass@1"} and summary["samples"] == 6  # k = 10, 100 exceed n = 3
     assert summary["mode"] == "model" and summary["temperature"] == 0.8 and summary["top_p"] == 0.95
+
+
+def test_the_samples_do_not_depend_on_how_many_decode_together(tmp_path):
+    """Problems share the engine's slots (a problem's samples may decode beside another's), yet each problem's
+    samples are those it gets alone: seeds are per problem and per sample."""
+    _sample_tiny_model(tmp_path, tmp_path / "one", "--max_batch_size=1")
+    _sample_tiny_model(tmp_path, tmp_path / "many", "--max_batch_size=4")
+    one, many = ([[s["completion"] for s in json.loads(line)["samples"]]
+                  for line in (tmp_path / d / "results.jsonl").read_text().splitlines()] for d in ("one", "many"))
+    assert one == many and len({c for problem in one for c in problem}) > 1

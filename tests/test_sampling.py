@@ -183,3 +183,28 @@ def test_held_back_is_the_longest_stop_prefix():
     assert held_back("abc ST", ["STOP", "T"]) == 2
     assert held_back("abc", ["STOP"]) == 0
     assert math.isclose(held_back("aaa", ["aaab"]), 3)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(top_p=0.9), dict(top_p=0.3, min_p=0.05), dict(top_k=5), dict(top_k=40, top_p=0.99), dict(min_p=0.2),
+    dict(top_k=100, top_p=0.5), dict(top_p=0.999999),
+])
+def test_filtering_among_the_likeliest_tokens_equals_sorting_the_vocabulary(settings, monkeypatch):
+    """Rows whose kept tokens lie among the first candidates are decided there; the others (a nucleus or a
+    top-k reaching past them) fall back to the full sort: either way the same tokens survive."""
+    from chatforge.infer import sampling
+
+    torch.manual_seed(0)
+    flat_to_peaked = torch.randn(6, 500) * torch.tensor([0.5, 1, 2, 4, 8, 16])[:, None]
+    batches = [flat_to_peaked, flat_to_peaked[3:]]  # with rows that need the full sort, and (mostly) without
+
+    def per_row(rows, name, default, dtype=torch.float32):
+        return torch.full((rows,), settings.get(name, default), dtype=dtype)
+
+    def filtered(logits):
+        rows = len(logits)
+        return _kept(filter_logits(logits, per_row(rows, "top_k", 0, torch.long), per_row(rows, "top_p", 1.0),
+                                   per_row(rows, "min_p", 0.0)))
+    fast = [filtered(logits) for logits in batches]
+    monkeypatch.setattr(sampling, "FILTER_CANDIDATES", 10_000)  # more than the vocabulary: always the full sort
+    assert fast == [filtered(logits) for logits in batches]

@@ -30,6 +30,7 @@ from chatforge.tokenizer import Tokenizer
 from chatforge.tools.evaluate import evaluate_tools, read_questions
 
 MODES = ("model", "canonical", "empty")
+SLOT_FILLS_PER_CHUNK = 8  # see sample_completions
 
 
 @dataclass
@@ -76,7 +77,9 @@ def sample_completions(cfg, problems: list[Problem]) -> list[list[str]]:
     """``cfg.n`` completions of every prompt from the model, in chunks so the progress bar moves."""
     engine = load_engine(cfg)
     params = cfg.sampling()
-    chunk = max(1, cfg.max_batch_size // params.num_samples)
+    # each chunk fills the slots several times over: continuous batching refills a finished sample's slot from
+    # the chunk's queue, so only a chunk's last samples decode with slots standing empty
+    chunk = max(1, SLOT_FILLS_PER_CHUNK * cfg.max_batch_size // params.num_samples)
     completions: list[list[str]] = []
     with tqdm(total=len(problems), desc="sampling", unit="problem", disable=not cfg.progress) as bar:
         for start in range(0, len(problems), chunk):

@@ -210,12 +210,13 @@ class Engine:
             runner = self.new_runner(prepared.params.num_samples, len(prepared.prompt_ids) + prepared.max_new_tokens)
             runner.add(prepared)
         while runner.busy:
-            with self.inference():  # not held across yields: the caller's code must not run in inference mode
-                events = runner.step()
-            for _, exc in runner.take_failures():
-                raise exc
-            for _, event in events:
-                yield event
+            for phase in (runner.admit, runner.decode):  # the first token is out before the first chunk
+                with self.inference():  # not held across yields: the caller's code must not run in inference mode
+                    events = phase()
+                for _, exc in runner.take_failures():
+                    raise exc
+                for _, event in events:
+                    yield event
 
     def beam_search(
         self,

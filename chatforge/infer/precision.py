@@ -12,7 +12,9 @@ is one path that decides how generation computes.
 * ``quantize=int8`` stores each ``nn.Linear`` weight as int8 with one scale per output channel and
   multiplies through aten's ``_weight_int8pack_mm`` (the kernel torchao's int8 weight-only also lowers to on
   the CPU; measured here, see benchmarks/decode.py). Its activations are bf16: the kernel's fp32 path is
-  ~10x slower. Embeddings (and GPT-2's head, tied to them) stay in the model's dtype.
+  ~10x slower. Embeddings (and GPT-2's head, tied to them) stay in the model's dtype: an int8 copy of the
+  tied head measured faster but cut greedy agreement with fp32 on the GPT-2 checkpoint of runs/before from
+  99.72 % to 98.31 % (benchmarks/decode_quality.py, int8 with fp32 activations), under the 99 % bar.
 * ``compile`` wraps the static-shape decode step in ``torch.compile``; on CUDA as ``mode="reduce-overhead"``
   (CUDA graphs: the cache tensors are marked static so a replay reads and writes them in place).
 """
@@ -106,11 +108,12 @@ def compiled_step(step: Callable, options: InferenceOptions, device: str | torch
         return torch.compile(step, dynamic=False, fullgraph=True)
     graphed = torch.compile(step, dynamic=False, fullgraph=True, mode="reduce-overhead")
 
-    def replay(model, tokens, cache, active):
+    def replay(model, tokens, cache, active, visible=None):
         # a CUDA graph replays fixed addresses: the cache and the step's inputs must be those same tensors
         for tensor in (cache.k, cache.v, cache.lengths, tokens, active):
             torch._dynamo.mark_static_address(tensor)
         torch.compiler.cudagraph_mark_step_begin()
-        return graphed(model, tokens, cache, active).clone()  # the graph's output buffer is reused next replay
+        # the graph's output buffer is reused by the next replay
+        return graphed(model, tokens, cache, active, visible).clone()
 
     return replay

@@ -1,11 +1,14 @@
-"""Continuous batching: a fixed set of KV-cache slots that requests join and leave between decode steps.
+"""Continuous batching: a fixed set of KV-cache slots that requests join and leave between decode chunks.
 
 Active sequences always occupy rows [0, n) of the cache. A decode step runs on every slot with fixed shapes
 (``KVCache.decode_view``: lengths and the active-row flags are tensors, nothing is read back to the host), so
-the engine can hand in a compiled step; the one host read per step is the sampled tokens. New sequences are
-prefilled together, right-padded into one batch (a request's extra samples copy its prefilled row instead of
-recomputing it); a finished sequence's row is refilled by moving the last active row into it.
-``Engine.generate``/``stream`` and the ``Scheduler`` all drive this one loop.
+the engine can hand in a compiled step. Steps run in chunks of up to ``CHUNK_STEPS``: each step's sampled
+tokens feed the next on the device, a row that has its last token (its budget, or a stop token) stops growing
+its cache, and the host reads the chunk's tokens once, then detokenises, checks stop strings and emits one
+delta per row; tokens a row drew after it finished are dropped, so a chunk gives exactly the tokens that
+single steps would. New sequences are prefilled together, right-padded into one batch (a request's extra
+samples copy its prefilled row instead of recomputing it); a finished sequence's row is refilled by moving
+the last active row into it. ``Engine.generate``/``stream`` and the ``Scheduler`` all drive this one loop.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ from chatforge.infer.sampling import BatchSampler, SamplingRow, token_logprobs
 from chatforge.model.kv_cache import KVCache
 
 Event = Union[Delta, Completion]  # a request's stream: deltas, then its completion last
+# Decode steps between two host reads of the tokens. More amortise the per-token Python further; fewer waste
+# less when every row stops early in a chunk (and add less latency for a request waiting for a slot).
+CHUNK_STEPS = 8
+# Attention in a decode step reads the cache up to the smallest of these (or the whole cache) that holds every
+# active row: a few shapes, so a compiled step compiles a few graphs, and no work on the cache's empty tail.
+VISIBLE_SIZES = (32, 64, 128, 256, 512, 1024)
 
 
 @dataclass
@@ -117,7 +126,7 @@ class BatchRunner:
         self.cache = KVCache.for_model(model, max_batch_size, max_len)
         self.device = self.cache.k.device
         self._decode = decode or decode_step
-        self._tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # the step's input
+        self._tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # each row's next input
         self._active = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # 1 for rows [0, n)
         self.sampler = BatchSampler(vocab_size, self.device)
         self._new_detokenizer = new_detokenizer
@@ -125,7 +134,8 @@ class BatchRunner:
         self.active: list[_Sequence] = []  # active[i] lives in cache row i
         self.waiting: deque[_Sequence] = deque()
         self.failed: list[tuple[Request, Exception]] = []  # requests that failed alone; read by take_failures
-        self._last_tokens: torch.Tensor | None = None  # [len(active)] input of the next decode step
+        # reading a tensor on the host costs a memory read on the CPU but a wait for the device elsewhere
+        self.cheap_reads = self.device.type == "cpu"
 
     @property
     def busy(self) -> bool:
@@ -168,46 +178,69 @@ class BatchRunner:
     # ---- the step ------------------------------------------------------------------------------------------
 
     def step(self) -> list[tuple[Request, Event]]:
-        """Decode one token for every active sequence, admit waiting ones into free slots (their first token
-        comes from the prefill), and return what each request's stream gained."""
-        logits = []
-        if self.active:
-            n = len(self.active)
-            self._tokens[:n] = self._last_tokens
-            # the first power-of-two rows holding every active one: a few shapes (each compiled once) and
-            # little work wasted on empty slots when a large cache is nearly idle (a server at night)
-            m = min(self.capacity, 1 << (n - 1).bit_length())
-            cache = self.cache if m == self.capacity else self.cache.rows(0, m)
-            step = self._decode(self.model, self._tokens[:m], cache, self._active[:m])
-            logits.append(step[:n, : self.vocab_size])
-        admitted = self._admit()
-        if admitted is not None:
-            logits.append(admitted)
-        if not logits:
+        """``admit`` then ``decode``: what each request's stream gained. (A caller that streams hands the
+        admitted requests' first tokens out before the chunk: less time to the first token.)"""
+        return self.admit() + self.decode()
+
+    def decode(self) -> list[tuple[Request, Event]]:
+        """Decode a chunk of up to ``CHUNK_STEPS`` tokens for every active sequence."""
+        if not self.active:
             return []
-        logits = logits[0] if len(logits) == 1 else torch.cat(logits)
-        sample = self.sampler.sample(logits)
-        self.sampler.observe(sample.tokens)
-        self._last_tokens = sample.tokens
-        tokens = sample.tokens.tolist()
+        n = len(self.active)
+        budgets = [s.request.prepared.max_new_tokens - len(s.tokens) for s in self.active]
+        steps = min(CHUNK_STEPS, max(budgets))
+        # the first power-of-two rows holding every active one: a few shapes (each compiled once) and
+        # little work wasted on empty slots when a large cache is nearly idle (a server at night)
+        m = min(self.capacity, 1 << (n - 1).bit_length())
+        cache = self.cache if m == self.capacity else self.cache.rows(0, m)
+        longest = max(len(s.request.prepared.prompt_ids) + len(s.tokens) for s in self.active)  # cache length + 1
+        visible = visible_positions(longest + steps - 1, self.cache.max_len)
+        # whether a row can finish inside this chunk: by its budget, or by drawing one of its stop tokens
+        may_end = steps >= min(budgets) or any(s.sampling.stop_ids for s in self.active)
+        left = torch.tensor(budgets, device=self.device)  # tokens each row may still draw
+        live = self._active[:n]
+        samples = []
+        for _ in range(steps):
+            logits = self._decode(self.model, self._tokens[:m], cache, self._active[:m], visible)
+            sample = self.sampler.sample(logits[:n, : self.vocab_size])
+            self.sampler.observe(sample.tokens)
+            samples.append(sample)
+            self._tokens[:n] = sample.tokens
+            if may_end:  # a row with its last token stops growing its cache (its length must stay inside it)
+                left -= 1
+                live.mul_((left > 0) & ~self.sampler.stops(sample.tokens))
+                if self.cheap_reads and not bool(live.any()):  # every row has finished: the rest is waste
+                    break
+        return self._take(0, samples)
+
+    def _take(self, first: int, samples: list) -> list[tuple[Request, Event]]:
+        """Hand the tokens ``samples`` drew for rows [first, ...) (one StepSample per step, in order) to their
+        sequences: each row takes tokens until it finishes, and the rest of its chunk is dropped."""
+        chosen = torch.stack([s.tokens for s in samples], 1).tolist()  # [rows, steps]: the chunk's one host read
         entries = None
-        if sample.logprobs is not None:
-            entries = _logprob_entries(tokens, sample.logprobs, sample.top_ids, sample.top_logprobs)
+        if samples[0].logprobs is not None:
+            entries = [_logprob_entries(t, s.logprobs, s.top_ids, s.top_logprobs)
+                       for t, s in zip(zip(*chosen), samples)]  # [steps][rows]
         events: list[tuple[Request, Event]] = []
         finished_rows = set()
-        for row, (seq, token) in enumerate(zip(self.active, tokens)):
-            entry = None
-            if entries is not None and seq.sampling.wants_logprobs:
-                entry = entries[row]
-                entry.top = entry.top[: seq.sampling.params.logprobs or 0]
-                seq.cumulative_logprob += entry.logprob
-                seq.logprobs.append(entry)
-            finished = self._append(seq, token)
-            request = seq.request
+        for row, (seq, tokens) in enumerate(zip(self.active[first:], chosen), start=first):
+            params, request = seq.sampling.params, seq.request
+            shown = [] if entries is not None and params.logprobs is not None else None
+            taken = []
+            for step, token in enumerate(tokens):
+                taken.append(token)
+                if entries is not None and seq.sampling.wants_logprobs:
+                    entry = entries[step][row - first]
+                    entry.top = entry.top[: params.logprobs or 0]
+                    seq.cumulative_logprob += entry.logprob
+                    seq.logprobs.append(entry)
+                    if shown is not None:
+                        shown.append(entry)
+                if self._append(seq, token):
+                    break
             if request.streams:
-                shown = [entry] if entry is not None and seq.sampling.params.logprobs is not None else None
-                events.append((request, Delta(seq.index, seq.detok.delta(), [token], shown, seq.finish_reason)))
-            if finished:
+                events.append((request, Delta(seq.index, seq.detok.delta(), taken, shown, seq.finish_reason)))
+            if seq.finish_reason:
                 finished_rows.add(row)
                 if all(s.finish_reason for s in request.sequences):
                     events += [(request, e) for e in request._finish()]
@@ -228,8 +261,8 @@ class BatchRunner:
             seq.detok.finish()
         return seq.finish_reason is not None
 
-    def _admit(self) -> torch.Tensor | None:
-        """Prefill waiting sequences into free rows; returns the logits [m, V] of their last prompt position.
+    def admit(self) -> list[tuple[Request, Event]]:
+        """Prefill waiting sequences into free rows and draw their first tokens from the prefill's logits.
 
         Each request's first sample is prefilled (all of them in one padded batch, in rows [n, n + u)); its
         other samples then copy that row. A request whose prompt breaks the prefill fails alone (see
@@ -238,7 +271,7 @@ class BatchRunner:
         while self.waiting and len(self.active) + len(admitted) < self.capacity:
             admitted.append(self.waiting.popleft())
         if not admitted:
-            return None
+            return []
         firsts = list({id(s.request): s for s in reversed(admitted)}.values())[::-1]  # first sample of each
         n = len(self.active)
         try:
@@ -246,7 +279,7 @@ class BatchRunner:
         except Exception:  # one prompt may have broken the whole batch: find it by prefilling one at a time
             firsts, last = self._prefill_each(firsts, n)
             if not firsts:
-                return None
+                return []
         chosen, prefilled = {id(s) for s in firsts}, {id(s.request) for s in firsts}
         admitted = firsts + [s for s in admitted if id(s) not in chosen and id(s.request) in prefilled]
         source = {id(s.request): n + i for i, s in enumerate(firsts)}
@@ -259,7 +292,10 @@ class BatchRunner:
         self.active += admitted
         self._active[: len(self.active)] = 1
         self.sampler.add_rows([s.sampling for s in admitted])
-        return torch.stack(row_logits)
+        sample = self.sampler.sample(torch.stack(row_logits), start=n)
+        self.sampler.observe(sample.tokens, start=n)
+        self._tokens[n : len(self.active)] = sample.tokens
+        return self._take(n, [sample])
 
     def _prefill_each(self, firsts: list[_Sequence], row: int) -> tuple[list[_Sequence], torch.Tensor | None]:
         """After a failed batched prefill: prefill each request alone into the next free row, so the one whose
@@ -320,11 +356,18 @@ class BatchRunner:
             self.cache.copy_row(mover, hole)
             order[hole] = mover
         self.active = [self.active[i] for i in order]
-        self._active[keep:] = 0
+        self._active[:keep], self._active[keep:] = 1, 0  # a hole may hold a row that stopped growing mid-chunk
         self.sampler.keep_rows(order)
-        self._last_tokens = self._last_tokens[torch.tensor(order, dtype=torch.long, device=self.device)]
+        self._tokens[:keep] = self._tokens[torch.tensor(order, dtype=torch.long, device=self.device)]
 
 
-def decode_step(model, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor) -> torch.Tensor:
-    """Logits [B, V] of the next token of every cache slot after ``tokens`` [B]: fixed shapes, no host read."""
-    return model(tokens[:, None], kv_cache=cache.decode_view(active))[0][:, -1]
+def visible_positions(needed: int, max_len: int) -> int:
+    """The cache positions a decode step attends to when its rows need ``needed``: the next of VISIBLE_SIZES."""
+    return min(next((v for v in VISIBLE_SIZES if v >= needed), max_len), max_len)
+
+
+def decode_step(model, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
+                visible: int | None = None) -> torch.Tensor:
+    """Logits [B, V] of the next token of every cache slot after ``tokens`` [B], attending to the first
+    ``visible`` cache positions (all by default): fixed shapes, no host read."""
+    return model(tokens[:, None], kv_cache=cache.decode_view(active, visible))[0][:, -1]

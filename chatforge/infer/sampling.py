@@ -30,23 +30,52 @@ def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, counts: tor
     return logits - presence[:, None] * generated - frequency[:, None] * counts
 
 
+# The filters usually keep a handful of tokens: they look among this many most likely ones first, and sort the
+# whole vocabulary only when some row's kept set may reach past them (a full sort of every row costs ~100x more).
+FILTER_CANDIDATES = 64
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Set to -inf every token outside the row's top-k, outside its nucleus (the smallest set of most likely
     tokens whose probability reaches ``top_p``) or less likely than ``min_p`` times its most likely token.
     ``top_k`` = 0, ``top_p`` = 1 and ``min_p`` = 0 switch a filter off for that row. The most likely token
     always survives."""
     V = logits.size(-1)
-    ordered, order = logits.sort(dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k, V).clamp(max=V)
-    kth = ordered.gather(-1, (k - 1)[:, None])
-    remove = ordered < kth  # ties with the k-th logit stay, as in HF
-    ordered = ordered.masked_fill(remove, float("-inf"))
-    probs = ordered.softmax(dim=-1)
+    if V > FILTER_CANDIDATES:
+        ordered, order = logits.topk(FILTER_CANDIDATES, dim=-1)
+        remove, covered = _filter_sorted(ordered, k, top_p, min_p, logits)
+        if bool(covered.all()):
+            return _keep(logits, ordered, order, remove)
+    ordered, order = logits.sort(dim=-1, descending=True)
+    remove, _ = _filter_sorted(ordered, k, top_p, min_p, logits)
+    return _keep(logits, ordered, order, remove)
+
+
+def _filter_sorted(ordered: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                   logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of a row's most likely tokens ``ordered`` [B, K] (its logits, descending) the filters remove, and
+    whether every token past them is removed too (``covered`` [B]: the K decide the row)."""
+    K, V = ordered.size(-1), logits.size(-1)
+    within = k <= K  # the top-k cut falls among the K (always, when K = V)
+    kth = ordered.gather(-1, (k.clamp(max=K) - 1)[:, None])
+    remove = (ordered < kth) & within[:, None]  # ties with the k-th logit stay, as in HF
+    probs = ordered.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    whole = k >= V  # top-k off: probabilities over the whole vocabulary
+    if K < V:
+        probs = torch.where(whole[:, None], (ordered - logits.logsumexp(dim=-1, keepdim=True)).exp(), probs)
     mass_before = probs.cumsum(dim=-1) - probs
     # top_p = 1 must keep the whole distribution exactly, even where rounding puts the cumulative sum at 1
     remove |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
     remove |= probs < min_p[:, None] * probs[:, :1]
     remove[:, 0] = False
+    # a token past the K has at least the K's mass before it, and at most the K-th's probability
+    past = ((mass_before[:, -1] + probs[:, -1] >= top_p) & (top_p < 1)) | (probs[:, -1] < min_p * probs[:, 0])
+    return remove, within | (whole & past)
+
+
+def _keep(logits: torch.Tensor, ordered: torch.Tensor, order: torch.Tensor, remove: torch.Tensor) -> torch.Tensor:
+    """``logits`` with only the unremoved of ``ordered`` (at vocabulary positions ``order``) left, the rest -inf."""
     return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(remove, float("-inf")))
 
 
@@ -90,7 +119,6 @@ class SamplingRow:
     generator: torch.Generator | None  # None for greedy rows
     prompt_ids: list[int]
     stop_ids: list[int]
-    generated: int = 0
 
     @property
     def wants_logprobs(self) -> bool:
@@ -117,7 +145,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int):
 
 
 class BatchSampler:
-    """Samples the next token of every row of a batch; rows join, leave and are reordered between steps."""
+    """Samples the next token of every row of a batch; rows join, leave and are reordered between steps.
+
+    Everything a step needs lives in per-row tensors (random streams, counts, the tokens that stop each row,
+    how many tokens each row has drawn), so steps can follow each other on the device without the host
+    looking at a token in between; ``sample`` and ``observe`` take the ``start`` of a run of rows so a
+    prefill can sample just the rows it admitted."""
 
     def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_size = vocab_size
@@ -125,21 +158,25 @@ class BatchSampler:
         self.rows: list[SamplingRow] = []
         self.prompt_mask = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
         self.counts = torch.zeros(0, vocab_size, device=device)
+        self.stop_mask = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)  # tokens that end each row
         self.keys = torch.zeros(0, dtype=torch.long, device=device)  # each row's random stream ...
-        self.draws = torch.zeros(0, dtype=torch.long, device=device)  # ... and how far along it is
+        self.draws = torch.zeros(0, dtype=torch.long, device=device)  # ... and how far along it is (= tokens drawn)
         self._tensors: dict[str, torch.Tensor] | None = None  # per-row parameters, rebuilt when rows change
 
     def add_rows(self, rows: list[SamplingRow]) -> None:
         mask = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
+        stops = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
         for i, row in enumerate(rows):
             if row.params.repetition_penalty != 1:
                 mask[i, torch.tensor(row.prompt_ids, device=self.device)] = True
+            stops[i, torch.tensor(row.stop_ids, dtype=torch.long, device=self.device)] = True
         keys = [int(torch.randint(2**62, (), generator=r.generator, device=r.generator.device))
                 if r.generator is not None else 0 for r in rows]
         self.rows += rows
         self.keys = torch.cat([self.keys, torch.tensor(keys, dtype=torch.long, device=self.device)])
         self.draws = torch.cat([self.draws, torch.zeros(len(rows), dtype=torch.long, device=self.device)])
         self.prompt_mask = torch.cat([self.prompt_mask, mask])
+        self.stop_mask = torch.cat([self.stop_mask, stops])
         self.counts = torch.cat([self.counts, torch.zeros(len(rows), self.vocab_size, device=self.device)])
         self._tensors = None
 
@@ -155,6 +192,7 @@ class BatchSampler:
         index = torch.tensor(order, dtype=torch.long, device=self.device)
         self.rows = [self.rows[i] for i in order]
         self.prompt_mask = self.prompt_mask.index_select(0, index)
+        self.stop_mask = self.stop_mask.index_select(0, index)
         self.counts = self.counts.index_select(0, index)
         self.keys, self.draws = self.keys.index_select(0, index), self.draws.index_select(0, index)
         self._tensors = None
@@ -175,11 +213,13 @@ class BatchSampler:
                 "repetition": col([p.repetition_penalty for p in params]),
                 "presence": col([p.presence_penalty for p in params]),
                 "frequency": col([p.frequency_penalty for p in params]),
+                "min_tokens": col([p.min_tokens if r.stop_ids else 0 for p, r in zip(params, self.rows)], torch.long),
                 "all_greedy": all(p.greedy for p in params),
                 "any_penalty": any(
                     p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params
                 ),
                 "any_filter": any(p.top_k or p.top_p < 1 or p.min_p for p in params),
+                "any_min_tokens": any(p.min_tokens and r.stop_ids for p, r in zip(params, self.rows)),
                 "any_logprobs": any(r.wants_logprobs for r in self.rows),
                 "top": max((p.logprobs or 0 for p in params), default=0),
                 "bias": None,
@@ -192,38 +232,54 @@ class BatchSampler:
             self._tensors = t
         return self._tensors
 
-    def sample(self, logits: torch.Tensor) -> StepSample:
-        """Next token of each row from its raw logits [B, V] (rows in ``self.rows`` order).
+    def _part(self, start: int, count: int) -> dict:
+        """``_row_tensors`` of rows [start, start + count) (the batch-wide flags stay those of all rows: at
+        worst a step does work a part did not need, never different work for a row)."""
+        t = self._row_tensors()
+        if start == 0 and count == len(self.rows):
+            return t
+        rows = slice(start, start + count)
+        return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+
+    def sample(self, logits: torch.Tensor, start: int = 0) -> StepSample:
+        """Next token of rows [start, start + len(logits)) from their raw logits [B, V].
 
         Order as HF/vLLM: logit bias, penalties, min_tokens, then greedy argmax or temperature, filters, draw."""
-        t = self._row_tensors()
+        rows = slice(start, start + logits.size(0))
+        t = self._part(start, logits.size(0))
         x = logits.float()
         if t["bias"] is not None:
             x = x + t["bias"]
         if t["any_penalty"]:
-            x = apply_penalties(x, self.prompt_mask, self.counts, t["repetition"], t["presence"], t["frequency"])
-        young = [i for i, r in enumerate(self.rows) if r.generated < r.params.min_tokens and r.stop_ids]
-        if young:
-            x = x.clone()
-            for i in young:
-                x[i, self.rows[i].stop_ids] = float("-inf")
+            x = apply_penalties(x, self.prompt_mask[rows], self.counts[rows], t["repetition"], t["presence"],
+                                t["frequency"])
+        if t["any_min_tokens"]:  # a row's stop tokens are off until it has drawn min_tokens
+            young = self.draws[rows] < t["min_tokens"]
+            x = x.masked_fill(young[:, None] & self.stop_mask[rows], float("-inf"))
         tokens = x.argmax(dim=-1)
         if not t["all_greedy"]:
-            tokens = torch.where(t["greedy"], tokens, self._draw(x, t))
+            tokens = torch.where(t["greedy"], tokens, self._draw(x, t, self.draws[rows], self.keys[rows]))
         if t["any_logprobs"]:
             return StepSample(tokens, *token_logprobs(logits, tokens, t["top"]))
         return StepSample(tokens, None, None, None)
 
-    def _draw(self, x: torch.Tensor, t: dict) -> torch.Tensor:
+    def _draw(self, x: torch.Tensor, t: dict, draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         x = x / t["temperature"][:, None]
         if t["any_filter"]:
             x = filter_logits(x, t["top_k"], t["top_p"], t["min_p"])
-        return sample_from(x.softmax(dim=-1), counter_uniforms(self.keys, self.draws))
+        return sample_from(x.softmax(dim=-1), counter_uniforms(keys, draws))
 
-    def observe(self, tokens: torch.Tensor) -> None:
-        """Count the tokens just sampled; only rows with penalties ever read their counts."""
+    def observe(self, tokens: torch.Tensor, start: int = 0) -> None:
+        """Count the tokens just sampled for rows [start, start + len(tokens)); only rows with penalties ever
+        read their counts."""
+        rows = slice(start, start + tokens.size(0))
         if self._row_tensors()["any_penalty"]:
-            self.counts.scatter_add_(1, tokens[:, None], torch.ones(len(tokens), 1, device=self.device))
-        self.draws += 1
-        for row in self.rows:
-            row.generated += 1
+            self.counts[rows].scatter_add_(1, tokens[:, None], torch.ones(len(tokens), 1, device=self.device))
+        if tokens.size(0) == len(self.rows):
+            self.draws += 1
+        else:
+            self.draws[rows] += 1
+
+    def stops(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Whether each of rows [0, len(tokens)) just drew one of its stop tokens [B] (on the device)."""
+        return self.stop_mask[: tokens.size(0)].gather(1, tokens[:, None]).squeeze(1)

@@ -15,12 +15,18 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from typing import AsyncIterator, Iterator
 
 from chatforge.errors import ChatforgeError
 from chatforge.infer.outputs import Completion, Delta
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.runner import Event, Prepared, Request
+
+# Requests come in bursts (a client's batch, many users at once). When some arrive while slots are free, the
+# loop waits for the rest of the burst (until no request came for GATHER_SECONDS, the slots are full, or
+# GATHER_LIMIT passed), so a burst joins one prefill and decodes in full chunks instead of trickling in.
+GATHER_SECONDS, GATHER_LIMIT = 0.002, 0.02
 
 
 class RequestHandle:
@@ -162,6 +168,11 @@ class Scheduler:
             with self._cond:
                 while not (self._inbox or self._cancels or self._closed or self._runner.busy):
                     self._cond.wait()
+                limit = time.monotonic() + GATHER_LIMIT
+                while self._inbox and not self._closed and self._free_slots() > 0:
+                    left = min(GATHER_SECONDS, limit - time.monotonic())
+                    if left <= 0 or not self._cond.wait(left):
+                        break
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
                 closed = self._closed
@@ -181,8 +192,9 @@ class Scheduler:
                             self._dispatch([(handle.request, e) for e in self._runner.cancel(handle.request)])
                     if closed:
                         return
-                    if self._runner.busy:
-                        self._dispatch(self._runner.step())
+                    if self._runner.busy:  # the admitted requests' first tokens go out before the chunk
+                        self._dispatch(self._runner.admit())
+                        self._dispatch(self._runner.decode())
                     for request, exc in self._runner.take_failures():
                         self._handles.pop(request.id)._push(exc)
             except Exception as exc:  # a step failing for no single request fails those in flight, not the server
@@ -191,6 +203,11 @@ class Scheduler:
                 self._handles.clear()
                 with self.engine.inference():
                     self._runner = self.engine.new_runner(self._runner.capacity)
+
+    def _free_slots(self) -> int:
+        """Slots no sequence holds or waits for, counting the samples of requests in the inbox."""
+        queued = sum(prepared.params.num_samples for prepared, _ in self._inbox)
+        return self._runner.capacity - len(self._runner.active) - len(self._runner.waiting) - queued
 
     def _dispatch(self, events: list[tuple[Request, Event]]) -> None:
         for request, event in events:

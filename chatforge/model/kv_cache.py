@@ -8,8 +8,9 @@ Everything the layers share (positions, scatter index, attention mask, visible l
 ``positions`` with a single host read of the lengths, so a decode step costs no per-layer host syncs.
 
 ``decode_view`` is the cache as a static-shape decode step sees it (one token for every slot, attention over
-all ``max_len`` positions under a mask built from the lengths tensor): its shapes never change and it never
-reads a value back to the host, so the step can be compiled once and captured in a CUDA graph.
+the first ``visible`` positions under a mask built from the lengths tensor): its shapes depend only on the
+slot count and ``visible`` (which the caller rounds to a few sizes) and it never reads a value back to the
+host, so the step can be compiled once per shape and captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -121,9 +122,11 @@ class KVCache:
         self.lengths[rows] = 0
         self._plan = None
 
-    def decode_view(self, active: torch.Tensor) -> "StaticDecode":
-        """The cache for a one-token step of every slot; ``active`` [B] (0/1, long) says whose length grows."""
-        return StaticDecode(self, active)
+    def decode_view(self, active: torch.Tensor, visible: int | None = None) -> "StaticDecode":
+        """The cache for a one-token step of every slot; ``active`` [B] (0/1, long) says whose length grows.
+        Attention reads the first ``visible`` positions (all ``max_len`` by default): every active row's
+        length must be below it."""
+        return StaticDecode(self, active, visible or self.max_len)
 
     def copy_row(self, src: int, dst: int) -> None:
         """Make row ``dst`` a copy of row ``src`` (a prompt prefilled once, sampled several times)."""
@@ -142,32 +145,42 @@ class KVCache:
 
 
 class StaticDecode:
-    """One decode step over every slot with shapes fixed by the cache, and no host read: the new token of
-    row b goes to position ``lengths[b]`` (a scatter), and keys at positions > ``lengths[b]`` are masked.
+    """One decode step over every slot with shapes fixed by the cache and ``visible``, and no host read: the
+    new token of row b goes to position ``lengths[b]`` (a scatter), attention reads positions [0, visible),
+    and keys at positions > ``lengths[b]`` are masked.
 
     Inactive slots compute garbage that nobody reads; their length stays put, so they never run off the end.
     """
 
-    def __init__(self, cache: KVCache, active: torch.Tensor):
-        self.cache, self.active = cache, active
+    def __init__(self, cache: KVCache, active: torch.Tensor, visible: int):
+        self.cache, self.active, self.visible = cache, active, visible
         self._mask: torch.Tensor | None = None
 
     def positions(self, T: int) -> torch.Tensor:
         if T != 1:
             raise ChatforgeError(f"a static decode step takes one token per row, got {T}")
         lengths = self.cache.lengths
-        keys = torch.arange(self.cache.max_len, device=lengths.device)
-        self._mask = (keys[None, :] <= lengths[:, None])[:, None, None]  # [B, 1, 1, max_len]
+        keys = torch.arange(self.visible, device=lengths.device)
+        self._mask = (keys[None, :] <= lengths[:, None])[:, None, None]  # [B, 1, 1, visible]
         return lengths[:, None].clone()  # advance() bumps lengths in place; positions must not move with it
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self._mask is None:
             self.positions(k.size(2))
         B, H, _, D = k.shape
-        index = self.cache.lengths[:, None, None, None].expand(B, H, 1, D)
-        self.cache.k[layer].scatter_(2, index, k.to(self.cache.k.dtype))
-        self.cache.v[layer].scatter_(2, index, v.to(self.cache.v.dtype))
-        return self.cache.k[layer], self.cache.v[layer], self._mask
+        k, v = k.to(self.cache.k.dtype), v.to(self.cache.v.dtype)
+        if torch.compiler.is_compiling():
+            # index_put_ on the whole cache: inductor writes it in place, where a scatter_ into a view of the
+            # cache makes it copy each layer's cache around the write (eager, the scatter_ is the faster one)
+            rows, heads = torch.arange(B, device=k.device)[:, None], torch.arange(H, device=k.device)[None, :]
+            at = (torch.full((1, 1), layer, device=k.device), rows, heads, self.cache.lengths[:, None])  # [B, H]
+            self.cache.k.index_put_(at, k[:, :, 0])
+            self.cache.v.index_put_(at, v[:, :, 0])
+        else:
+            index = self.cache.lengths[:, None, None, None].expand(B, H, 1, D)
+            self.cache.k[layer].scatter_(2, index, k)
+            self.cache.v[layer].scatter_(2, index, v)
+        return self.cache.k[layer, :, :, : self.visible], self.cache.v[layer, :, :, : self.visible], self._mask
 
     def advance(self, T: int) -> None:
         self.cache.lengths += self.active * T
