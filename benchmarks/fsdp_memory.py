@@ -50,7 +50,7 @@ def main(parallel: str, out_dir: str) -> None:
                       parallel=parallel)
     train(model, RandomTokens(), cfg, f"{out_dir}/{parallel}")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for rank, peak in enumerate(ranks.gather_object(peak_mb)):
+    for rank, peak in enumerate(distributed.gather_over_ranks(peak_mb)):
         if ranks.is_main:
             print(f"{parallel}: {params / 1e6:.1f}M parameters, rank {rank} peak RSS {peak:,.0f} MB")
 

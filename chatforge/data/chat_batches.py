@@ -7,7 +7,7 @@ an uninterrupted single process would.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -64,18 +64,12 @@ class ChatBatches:
     def batch(self, step: int, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"):
         return self.rows(self.order.indices(step, rank, world_size), device)
 
-    def eval_batches(
-        self, batch_size: int, device: str | torch.device = "cpu"
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every conversation once, in order (the last batch may be smaller)."""
-        for index in range(self.eval_batch_count(batch_size)):
-            yield self.eval_batch(index, batch_size, device)
-
     def eval_batch_count(self, batch_size: int) -> int:
+        """How many batches of ``batch_size`` take every conversation once (the last one may be smaller)."""
         return -(-len(self.encoded) // batch_size)
 
     def eval_batch(self, index: int, batch_size: int, device: str | torch.device = "cpu"):
-        """Batch ``index`` of ``eval_batches`` (so evaluation can be split across ranks by batch)."""
+        """Evaluation batch ``index``: conversations in order, so ranks can split evaluation by batch."""
         start = index * batch_size
         return self.rows(np.arange(start, min(start + batch_size, len(self.encoded))), device)
 

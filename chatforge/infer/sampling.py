@@ -275,10 +275,7 @@ class BatchSampler:
         rows = slice(start, start + tokens.size(0))
         if self._row_tensors()["any_penalty"]:
             self.counts[rows].scatter_add_(1, tokens[:, None], torch.ones(len(tokens), 1, device=self.device))
-        if tokens.size(0) == len(self.rows):
-            self.draws += 1
-        else:
-            self.draws[rows] += 1
+        self.draws[rows] += 1
 
     def stops(self, tokens: torch.Tensor) -> torch.Tensor:
         """Whether each of rows [0, len(tokens)) just drew one of its stop tokens [B] (on the device)."""

@@ -67,10 +67,6 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def gather_object(self, obj) -> list:
-        """Every rank's ``obj``, in rank order, on every rank."""
-        return gather_over_ranks(obj)
-
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -84,7 +80,7 @@ class Dist:
         chosen = self.broadcast_object(None if path is None else str(path))
         if chosen is None:
             return None
-        missing = [rank for rank, seen in enumerate(self.gather_object(Path(chosen).exists())) if not seen]
+        missing = [rank for rank, seen in enumerate(gather_over_ranks(Path(chosen).exists())) if not seen]
         if missing:
             raise ChatforgeError(
                 f"{what} {chosen} (chosen by rank 0) is not visible on rank(s) {missing}: put the run directory "

@@ -88,12 +88,7 @@ def batched_muon_step(muon: torch.optim.Muon) -> None:
                 by_shape.setdefault(p.shape, []).append(p)
         for shape, params in by_shape.items():
             grads = [p.grad for p in params]
-            buffers = []
-            for p in params:
-                state = muon.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buffers.append(state["momentum_buffer"])
+            buffers = [_momentum_buffer(muon, p) for p in params]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
             orthogonal = _batched_newton_schulz(torch.stack(updates), group["ns_coefficients"], group["ns_steps"],
@@ -102,6 +97,14 @@ def batched_muon_step(muon: torch.optim.Muon) -> None:
                 torch._foreach_mul_(params, 1 - lr * decay)
             torch._foreach_add_(params, list(orthogonal.unbind(0)),
                                 alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+
+
+def _momentum_buffer(muon: torch.optim.Muon, p: torch.Tensor) -> torch.Tensor:
+    """``p``'s momentum in torch.optim.Muon's own state layout (zeros the first time), so checkpoints match it."""
+    state = muon.state[p]
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(p.grad)
+    return state["momentum_buffer"]
 
 
 def _batched_newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
@@ -136,10 +139,7 @@ def sharded_muon_step(muon: torch.optim.Muon) -> None:
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = muon.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad)
-            grad, buf = p.grad.to_local(), state["momentum_buffer"].to_local()
+            grad, buf = p.grad.to_local(), _momentum_buffer(muon, p).to_local()
             buf.lerp_(grad, 1 - momentum)
             update = grad.lerp(buf, momentum) if group["nesterov"] else buf
             whole = DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())

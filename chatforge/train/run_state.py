@@ -201,7 +201,7 @@ class RunState:
             "unit": self.unit,
             "warm_elapsed": self.warm_elapsed,
             "time_progress": self.time_progress,
-            "rng": self.dist.gather_object(ckpt.rng_state()),
+            "rng": distributed.gather_over_ranks(ckpt.rng_state()),
             "task": self.state.state_dict() if hasattr(self.state, "state_dict") else None,
         }
 
@@ -244,7 +244,7 @@ class RunState:
 
     def _speed(self) -> dict:
         """Tokens/s of the whole job, its MFU and every rank's peak memory (a collective: all ranks call it)."""
-        memory = max(self.dist.gather_object(throughput.peak_memory_mb(self.device)))
+        memory = max(distributed.gather_over_ranks(throughput.peak_memory_mb(self.device)))
         speed = {"peak_memory_mb": round(memory, 1)}
         if self.unit == "tokens" and self.rate:
             job_rate = self.rate * self.dist.world_size  # every rank processes its share at the measured rate
