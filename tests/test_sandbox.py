@@ -46,6 +46,15 @@ def test_well_behaved_program_passes_and_failures_are_failures(sandbox):
     assert syntax.status == "failed" and "SyntaxError" in syntax.stderr
 
 
+def test_installed_packages_only_when_asked(sandbox):
+    """Programs get the standard library; ``site_packages`` adds the environment's installed packages."""
+    program = "import tqdm\nprint(tqdm.__name__)"  # pure Python: numpy needs ctypes, which rlimit mode refuses
+    alone = sandbox.run(program)
+    assert alone.status == "failed" and "No module named 'tqdm'" in alone.stderr
+    with_site = Sandbox(dataclasses.replace(sandbox.limits, site_packages=True, memory_mb=1024)).run(program)
+    assert with_site.passed and with_site.stdout == "tqdm\n", with_site.stderr
+
+
 def test_reading_a_secret_outside_its_directory_is_denied(sandbox, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET-4711")

@@ -29,7 +29,7 @@ from /dev/null, an environment that holds only what the program needs.
 from __future__ import annotations
 
 import dataclasses
-import json
+import marshal
 import math
 import os
 import selectors
@@ -70,6 +70,10 @@ class SandboxLimits:
     max_open_files: int = option(64, "open file descriptors per process (RLIMIT_NOFILE)")
     isolation: str = option(
         "auto", "namespace, rlimit (weaker, see docs/sandbox.md) or auto (namespace when available)"
+    )
+    site_packages: bool = option(
+        False, "let programs import installed packages; off, they get the standard library and start ~20 ms "
+               "sooner (site's processing of the environment's .pth files is most of a bare program's start)"
     )
     sandbox_uid: int = option(
         65534, "host uid the jail's root maps to when the evaluator runs as root (namespace mode)"
@@ -261,6 +265,7 @@ class Sandbox:
             "mode": mode,
             "workdir": workdir,
             "python": self.python,
+            "python_flags": ["-I"] if limits.site_packages else ["-I", "-S"],
             "status_fd": status_fd,
             "read_only": read_only + list(DEVICES),
             "env": env,
@@ -293,7 +298,7 @@ class Sandbox:
             spec = self._spec(workdir, mode, status_w)
             started = time.monotonic()
             proc = subprocess.Popen(
-                [self.python, "-I", "-S", str(JAIL), json.dumps(spec)],
+                [self.python, "-I", "-S", str(JAIL), marshal.dumps(spec, 4).hex()],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
