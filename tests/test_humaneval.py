@@ -95,6 +95,25 @@ def test_pass_at_k_over_several_samples(sandbox):
     assert summary["pass@k"] == {"pass@1": 0.5, "pass@2": pytest.approx(1 - 1 / 6)}  # k = 10 > n is left out
 
 
+class CountingSandbox(Sandbox):
+    def __init__(self):
+        super().__init__(SandboxLimits(timeout=2))
+        self.ran = []
+
+    def run_many(self, programs, **kwargs):
+        self.ran += programs
+        return super().run_many(programs, **kwargs)
+
+
+def test_a_repeated_sample_runs_once_and_counts_every_time():
+    sandbox = CountingSandbox()
+    completions = [["    return a + b\n", "    return a - b\n", "    return a + b\n"], ["    return -x\n"] * 3]
+    rows, summary = evaluate([Problem(**ADD), Problem(**WRONG)], completions, sandbox, ks=(1,), progress=False)
+    assert len(sandbox.ran) == 3 and summary["programs_run"] == 3 and summary["samples"] == 6
+    assert [r["correct"] for r in rows] == [2, 3]
+    assert summary["pass@k"] == {"pass@1": pytest.approx((2 / 3 + 1) / 2)}
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
