@@ -298,7 +298,8 @@ def test_a_failing_step_fails_its_requests_but_not_the_scheduler(engine, monkeyp
     with Scheduler(engine, max_batch_size=2) as scheduler:
         runner_class = type(scheduler._runner)
         real_decode = runner_class.decode
-        monkeypatch.setattr(runner_class, "decode", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
+        monkeypatch.setattr(runner_class, "decode",
+                            lambda self, arrivals=None: (_ for _ in ()).throw(RuntimeError("device lost")))
         with pytest.raises(RuntimeError, match="device lost"):
             scheduler.submit("Hello", greedy(3)).result(timeout=60)
         monkeypatch.setattr(runner_class, "decode", real_decode)

@@ -263,3 +263,24 @@ def test_a_stream_shows_the_prefills_token_before_decoding_a_chunk():
     deltas = list(engine.stream(PROMPTS[0], greedy(12)))
     assert [len(d.token_ids) for d in deltas] == [1, runner.CHUNK_STEPS, 11 - runner.CHUNK_STEPS]
     assert sum((d.token_ids for d in deltas), []) == recomputed(engine.model, PROMPTS[0], 12)
+
+
+def test_a_waiting_request_ends_the_chunk_after_one_step_and_joins():
+    """A request arriving mid-chunk (the scheduler's ``arrivals``) ends the chunk after the current step, is
+    admitted next, and every answer is still what it would be alone."""
+    engine = Engine(randomized(MODERN), max_batch_size=4)
+    alone = [engine.generate([p], greedy(12))[0].choices[0].token_ids for p in PROMPTS[:2]]
+    runner_ = engine.new_runner()
+    with engine.inference():
+        first = runner_.add(engine.prepare(PROMPTS[0], greedy(12)))
+        runner_.admit()  # the prefill's token
+        runner_.decode(arrivals=lambda: False)  # a whole chunk
+        assert len(first.sequences[0].tokens) == 1 + runner.CHUNK_STEPS
+        late = runner_.add(engine.prepare(PROMPTS[1], greedy(12)))
+        runner_.decode(arrivals=lambda: bool(runner_.waiting))
+        assert len(first.sequences[0].tokens) == 2 + runner.CHUNK_STEPS  # one step, then the late one's turn
+        runner_.admit()
+        assert len(late.sequences[0].tokens) == 1
+        while runner_.busy:
+            runner_.step()
+    assert [first.completion.choices[0].token_ids, late.completion.choices[0].token_ids] == alone

@@ -182,8 +182,10 @@ class BatchRunner:
         admitted requests' first tokens out before the chunk: less time to the first token.)"""
         return self.admit() + self.decode()
 
-    def decode(self) -> list[tuple[Request, Event]]:
-        """Decode a chunk of up to ``CHUNK_STEPS`` tokens for every active sequence."""
+    def decode(self, arrivals: Callable[[], bool] | None = None) -> list[tuple[Request, Event]]:
+        """Decode a chunk of up to ``CHUNK_STEPS`` tokens for every active sequence. ``arrivals`` (the
+        Scheduler's: a request is waiting for a free slot) ends the chunk after the current step, so a request
+        that comes in mid-chunk joins the batch a step later instead of up to a chunk later."""
         if not self.active:
             return []
         n = len(self.active)
@@ -211,6 +213,8 @@ class BatchRunner:
                 live.mul_((left > 0) & ~self.sampler.stops(sample.tokens))
                 if self.cheap_reads and not bool(live.any()):  # every row has finished: the rest is waste
                     break
+            if arrivals is not None and arrivals():
+                break
         return self._take(0, samples)
 
     def _take(self, first: int, samples: list) -> list[tuple[Request, Event]]:

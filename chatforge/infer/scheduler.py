@@ -194,7 +194,9 @@ class Scheduler:
                         return
                     if self._runner.busy:  # the admitted requests' first tokens go out before the chunk
                         self._dispatch(self._runner.admit())
-                        self._dispatch(self._runner.decode())
+                        # a request arriving mid-chunk ends the chunk (reading the inbox unlocked is a hint:
+                        # a request it misses is taken at the next chunk)
+                        self._dispatch(self._runner.decode(arrivals=self._waiting_for_a_slot))
                     for request, exc in self._runner.take_failures():
                         self._handles.pop(request.id)._push(exc)
             except Exception as exc:  # a step failing for no single request fails those in flight, not the server
@@ -203,6 +205,9 @@ class Scheduler:
                 self._handles.clear()
                 with self.engine.inference():
                     self._runner = self.engine.new_runner(self._runner.capacity)
+
+    def _waiting_for_a_slot(self) -> bool:
+        return bool(self._inbox) and self._free_slots() > 0
 
     def _free_slots(self) -> int:
         """Slots no sequence holds or waits for, counting the samples of requests in the inbox."""
