@@ -284,3 +284,18 @@ def test_a_waiting_request_ends_the_chunk_after_one_step_and_joins():
         while runner_.busy:
             runner_.step()
     assert [first.completion.choices[0].token_ids, late.completion.choices[0].token_ids] == alone
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(2, 2), (4, 2), (6, 1)])
+def test_one_query_attention_equals_sdpa(heads, kv_heads):
+    """The written-out attention a compiled CPU decode step uses equals SDPA, with grouped heads and a mask that
+    leaves rows different lengths (one row sees only its first key)."""
+    from chatforge.model.gpt import one_query_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, heads, 1, 16), torch.randn(3, kv_heads, 10, 16), torch.randn(3, kv_heads, 10, 16)
+    mask = (torch.arange(10)[None, :] <= torch.tensor([3, 9, 0])[:, None])[:, None, None]
+    gqa = heads != kv_heads
+    for m in (mask, None):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa)
+        assert torch.allclose(one_query_attention(q, k, v, m), expected, atol=1e-6)
