@@ -225,6 +225,9 @@ def load_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
         raise ConfigError(f"{what} {path} does not parse: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a mapping at the top level; got {type(data).__name__}")
+    odd = [key for key in data if not isinstance(key, str)]
+    if odd:  # YAML allows any key ("? " alone is a null one); options are named by strings
+        raise ConfigError(f"{what} {path} has a key that is not a name: {odd[0]!r}")
     return data
 
 
