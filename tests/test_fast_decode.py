@@ -18,6 +18,7 @@ from chatforge.infer.params import SamplingParams
 from chatforge.infer.precision import InferenceOptions, Int8Linear, inference_model
 from chatforge.infer.runner import decode_step
 from chatforge.infer.sampling import counter_uniforms
+from chatforge.model.gpt import one_query_attention
 from chatforge.model.kv_cache import KVCache
 
 PROMPTS = [[5, 17, 60, 3], [9], [44, 61, 2, 8, 30, 31, 7], [70, 70]]
@@ -290,8 +291,6 @@ def test_a_waiting_request_ends_the_chunk_after_one_step_and_joins():
 def test_one_query_attention_equals_sdpa(heads, kv_heads):
     """The written-out attention a compiled CPU decode step uses equals SDPA, with grouped heads and a mask that
     leaves rows different lengths (one row sees only its first key)."""
-    from chatforge.model.gpt import one_query_attention
-
     torch.manual_seed(0)
     q, k, v = torch.randn(3, heads, 1, 16), torch.randn(3, kv_heads, 10, 16), torch.randn(3, kv_heads, 10, 16)
     mask = (torch.arange(10)[None, :] <= torch.tensor([3, 9, 0])[:, None])[:, None, None]
