@@ -476,3 +476,23 @@ def test_signal_rule_and_bad_reward_files(tmp_path):
         read_signal_rewards(path)
     with pytest.raises(ChatforgeError, match="not found|no such|does not exist"):
         read_signal_rewards(tmp_path / "absent.jsonl")
+
+
+def test_exports_follow_the_order_things_were_stored_when_timestamps_tie(store, tmp_path):
+    """Conversations started within one clock tick (a fast loop) export in the order they were stored, so every
+    export of a store is the same file (the order of rewards is the order the reward model learns them in)."""
+    for i in range(6):
+        _, answer = _turn(store, store.create_conversation("m1")["id"], f"Question {i}?", f"Answer {i}.")
+        store.add_signal(answer["id"], "copied")
+        store.rate(answer["id"], 1)
+    db = sqlite3.connect(tmp_path / "run" / "feedback.db")
+    db.execute("UPDATE conversations SET created_at = (SELECT MIN(created_at) FROM conversations)")
+    db.commit()
+    db.close()
+    for kind in ("rewards", "sft"):
+        first, second = tmp_path / f"{kind}-1.jsonl", tmp_path / f"{kind}-2.jsonl"
+        store.export(kind, first)
+        store.export(kind, second)
+        assert first.read_bytes() == second.read_bytes()
+    completions = [r["completion"] for r in read_signal_rewards(tmp_path / "rewards-1.jsonl")]
+    assert completions == [f"Answer {i}." for i in range(6)]

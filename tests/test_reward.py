@@ -9,10 +9,12 @@ import torch
 
 from chatforge.cli import main
 from chatforge.data.chat_batches import pad_rows
+from chatforge.data.signal_rewards import read_signal_rewards
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.hf import export_hf_gpt2
+from chatforge.serve.feedback import FeedbackStore
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.reward import RewardTask, encode_ranking, load_reward_model
+from chatforge.train.reward import RewardTask, encode_ranking, load_reward_model, load_signal_rewards
 
 FAST = ["--train.dtype=fp32", "--train.compile=false", "--train.device=cpu", "--train.progress=false",
         "--train.max_minutes=0"]
@@ -115,7 +117,7 @@ def test_reward_model_learns_user_signals_alone_and_beside_rankings(setup):
 def test_signal_reward_options_are_checked(setup, capsys):
     root, args = setup
     few = root / "few.jsonl"
-    few.write_text(signal_rewards(range(1)))
+    few.write_text(signal_rewards(range(1)).splitlines(keepends=True)[0])  # one answer: one side stays empty
     for extra, message in (
         (["--rankings_dir="], "nothing to train on"),
         (["--rankings_dir=", f"--signals={few}"], "to hold out"),
@@ -125,3 +127,28 @@ def test_signal_reward_options_are_checked(setup, capsys):
         with pytest.raises(SystemExit):
             main(["reward", *args, *extra, f"--out_dir={root / 'never'}"])
         assert message in capsys.readouterr().err
+
+
+def test_signal_rewards_split_alike_whatever_ids_the_store_gave_the_answers(setup, tmp_path):
+    """The feedback store's ids are random (uuid4), so the same feedback recorded twice (simulated users rerun)
+    exports the same answers under other ids; they must still split alike, or every rerun trains another reward
+    model (split by id, reruns of test_user_signals held out 15-19 of its 86 answers and its PPO figure varied).
+    Copies of an answer (the same answer to the same question) are held out together, never on both sides."""
+    tok = Tokenizer.load(setup[0] / "base")
+    splits, ids = [], []
+    for run in ("a", "b"):
+        store = FeedbackStore(tmp_path / run / "feedback.db")
+        for i in range(40):
+            conv = store.create_conversation("m1")["id"]
+            q = store.add_message(conv, "user", f"question {i % 10}")
+            good = i % 3 > 0
+            a = store.add_message(conv, "assistant", (GOOD if good else BAD)[i % 4], parent_id=q["id"], model_id="m1")
+            store.add_signal(a["id"], "copied" if good else "regenerated")
+        store.export("rewards", tmp_path / run / "rewards.jsonl")
+        store.close()
+        ids.append([r["id"] for r in read_signal_rewards(tmp_path / run / "rewards.jsonl")])
+        splits.append(load_signal_rewards([str(tmp_path / run / "rewards.jsonl")], tok, 32, 0.3, seed=0))
+    assert len(ids[0]) == 40 and not set(ids[0]) & set(ids[1])
+    assert splits[0] == splits[1]
+    train, val = splits[0]
+    assert val and not {tuple(row) for row, _ in train} & {tuple(row) for row, _ in val}

@@ -132,7 +132,7 @@ def test_ppo_on_simulated_users_signals_raises_how_often_the_policy_gives_kept_a
     main(["ppo", f"--policy={root / 'sft'}", f"--reward_model={tmp_path / 'rm'}",
           f"--prompts={tmp_path / 'pool.jsonl'}", f"--out_dir={tmp_path / 'ppo'}", "--ptx_coef=0",
           f"--max_tokens={MAX_TOKENS}", "--unfinished_penalty=0", "--gold_reward_model=", "--rollout_prompts=16",
-          "--held_out_prompts=8", "--epochs=2", "--kl.beta=0.02", "--kl.adaptive=false", "--train.steps=40",
+          "--held_out_prompts=8", "--epochs=2", "--kl.beta=0.2", "--kl.adaptive=false", "--train.steps=40",
           "--train.batch_size=8", "--train.lr=1e-3", "--train.min_lr=1e-3", *FAST])
 
     before = kept_frequency(root / "sft", tokenizer, samples=200, seed=7)
@@ -140,5 +140,9 @@ def test_ppo_on_simulated_users_signals_raises_how_often_the_policy_gives_kept_a
     with capsys.disabled():
         print(f"\n[simulated users] {counts}; {len(records)} rewards; answers starting 'Sure' on 200 fresh prompts: "
               f"SFT {before:.3f} -> PPO {after:.3f}")
-    # 200 samples each: the difference's standard error is ~0.045; measured SFT 0.280 -> PPO 0.855 (seed 7)
+    # 200 samples each: the difference's standard error is ~0.045; measured SFT 0.280 -> PPO 0.865 (seed 7). The
+    # chain is deterministic, but its seeds must not be lucky ones: with β = 0.02 the KL hardly told "Sure, here you
+    # go." from garbled versions of it ("Su you go.", which the reward model scores alike but users do not keep),
+    # PPO drifted into those at random, and 2 of 13 seed sets (users, reward model, PPO) ended at 0.33-0.40; with
+    # β = 0.2 all 26 seed sets tried ended at 0.835-0.975 (and a policy PPO barely moves stays at ~0.28: it fails)
     assert after - before >= 0.2, (before, after)

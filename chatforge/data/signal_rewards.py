@@ -43,6 +43,14 @@ def signal_reward(kinds) -> float:
     return max(-1.0, min(1.0, sum(SIGNAL_WEIGHTS[k] for k in set(kinds))))
 
 
+def answer_key(record: dict) -> str:
+    """What an answer is, for splitting rewards into training and held-out ones: a digest of its prompt and
+    completion. Not its id: the feedback store's ids are random (uuid4), so a split by id put the same answers
+    on other sides in every store (a rerun of the same users trained another reward model), and it held out copies
+    of answers it trained on (the same answer to the same question, given in several conversations)."""
+    return hashlib.sha256(json.dumps([record["prompt"], record["completion"]], sort_keys=True).encode()).hexdigest()
+
+
 def _check_record(record: dict) -> None:
     validate_messages(record["prompt"])
     if record["prompt"][-1]["role"] != "user":

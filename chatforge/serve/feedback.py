@@ -59,7 +59,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -335,7 +335,7 @@ class FeedbackStore:
         """Demonstrations in ``chatforge sft-data``'s input format (see the module docstring for the rules)."""
         with self.session() as s:
             records = []
-            for conv in s.scalars(select(Conversation).order_by(Conversation.created_at)):
+            for conv in s.scalars(_in_stored_order(select(Conversation))):
                 by_id = {m.id: m for m in conv.messages}
                 best = {r.message_ids[r.ranking[0]] for r in conv.rankings}
                 chosen = [m for m in conv.messages if m.role == "assistant" and _is_demonstration(m, best, include_implicit)]
@@ -360,7 +360,7 @@ class FeedbackStore:
         """(ranking records in the reward data's format, how many rankings were skipped for their size)."""
         records, skipped = [], 0
         with self.session() as s:
-            for r in s.scalars(select(Ranking).order_by(Ranking.created_at)):
+            for r in s.scalars(select(Ranking).order_by(Ranking.created_at, Ranking.id)):
                 if not MIN_K <= len(r.completions) <= MAX_K:
                     skipped += 1
                     continue
@@ -376,7 +376,7 @@ class FeedbackStore:
         """(reward records of generated answers with signals, how many answers with signals were not generated)."""
         records, skipped = [], 0
         with self.session() as s:
-            for conv in s.scalars(select(Conversation).order_by(Conversation.created_at)):
+            for conv in s.scalars(_in_stored_order(select(Conversation))):
                 by_id = {m.id: m for m in conv.messages}
                 for m in conv.messages:
                     if m.role != "assistant" or not m.signals:
@@ -429,6 +429,14 @@ def _is_demonstration(m: Message, ranked_best: set[str], include_implicit: bool)
         return True
     kinds = {x.kind for x in m.signals}
     return include_implicit and bool(kinds & {"copied", "continued"}) and not kinds & {"regenerated", "asked_again"}
+
+
+def _in_stored_order(query):
+    """Conversations in the order they were started: by created_at, then, for the ones started within one clock
+    tick (a fast loop, a coarse clock), by the seq of their first message, so an export's order never rests on
+    the database's whim (the order of exported rewards is the order the reward model learns them in)."""
+    first_seq = select(func.min(Message.seq)).where(Message.conversation_id == Conversation.id).scalar_subquery()
+    return query.order_by(Conversation.created_at, first_seq, Conversation.id)
 
 
 def _path(message: Message, by_id: dict[str, Message]) -> list[Message]:

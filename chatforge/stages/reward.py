@@ -17,7 +17,8 @@ the pairwise accuracy on the held-out rankings. After training the rewards are s
 continued, regenerated, asked again, mapped to [-1, 1] by ``chatforge.data.signal_rewards``) with a pointwise
 loss, the binary cross-entropy of σ(r) against (reward + 1) / 2 (``chatforge.train.reward.SignalRewardTask``
 says why), weighted by ``signals_weight`` beside the rankings' loss, or alone with ``--rankings_dir=``. A hash of
-each answer's id holds out ``signals_val_fraction`` of them; validation reports the sign agreement of r with
+each answer's prompt and completion (not its id: the feedback store's ids are random, and the same answer can be
+given many times) holds out ``signals_val_fraction`` of them; validation reports the sign agreement of r with
 their rewards (``val_signal_accuracy``). Trained on signals alone the rewards keep the loss's own zero (σ(r) =
 1/2: as likely kept as rejected), so no offset is applied.
 """

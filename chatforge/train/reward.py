@@ -17,7 +17,7 @@ from chatforge.chat_template import prompt_ids, stop_token_ids
 from chatforge.config import option
 from chatforge.data.chat_batches import EpochOrder, pad_rows
 from chatforge.data.rankings import assign_split, read_rankings
-from chatforge.data.signal_rewards import read_signal_rewards
+from chatforge.data.signal_rewards import answer_key, read_signal_rewards
 from chatforge.errors import ChatforgeError
 from chatforge.model.checkpoint import WEIGHTS_FILE, load_model, resolve_checkpoint
 from chatforge.model.heads import ScalarHeadModel
@@ -220,7 +220,8 @@ def _value(loss) -> float:
 def load_signal_rewards(paths: list[str], tokenizer: Tokenizer, block_size: int, val_fraction: float,
                         seed: int) -> tuple[list[tuple], list[tuple]]:
     """(training, held-out) (token ids, reward) items of the answers in ``paths`` (``chatforge feedback export
-    --as rewards`` files), split by a hash of each answer's id so an answer stays on its side as files grow."""
+    --as rewards`` files), split by a hash of each answer's prompt and completion (``answer_key``), so an answer
+    stays on its side as files grow, whatever ids it was exported with, and copies of it are on one side."""
     split: dict[str, list[tuple]] = {"train": [], "val": []}
     for path in paths:
         records = read_signal_rewards(path)
@@ -228,7 +229,7 @@ def load_signal_rewards(paths: list[str], tokenizer: Tokenizer, block_size: int,
             raise ChatforgeError(f"{path} holds no rewards")
         for r in records:
             (ids,) = encode_answers(r["prompt"], [r["completion"]], tokenizer, block_size)
-            split[assign_split(r["id"], seed, val_fraction)].append((ids, r["reward"]))
+            split[assign_split(answer_key(r), seed, val_fraction)].append((ids, r["reward"]))
     if not split["train"] or not split["val"]:
         raise ChatforgeError(
             f"{sum(map(len, split.values()))} signal-rewarded answers give {len(split['train'])} to train on and "
