@@ -11,13 +11,14 @@ from torch import nn
 from chatforge import device
 from chatforge.config import parse
 from chatforge.errors import ChatforgeError
-from chatforge.infer import runner
+from chatforge.infer import precision, runner
 from chatforge.infer.engine import Engine
 from chatforge.infer.loading import EngineOptions
 from chatforge.infer.params import SamplingParams
 from chatforge.infer.precision import InferenceOptions, Int8Linear, inference_model
 from chatforge.infer.runner import decode_step
 from chatforge.infer.sampling import counter_uniforms
+from chatforge.model import gpt
 from chatforge.model.gpt import one_query_attention
 from chatforge.model.kv_cache import KVCache
 
@@ -180,13 +181,60 @@ def test_engine_options_come_from_the_command_line():
 
 @pytest.mark.slow
 @CONFIGS
-def test_the_compiled_step_decodes_the_same_tokens(config):
+def test_the_compiled_step_decodes_the_same_tokens(config, monkeypatch):
+    """Compiled, a chunk of steps over rows that fill the cache runs as one call; it gives the eager tokens."""
+    monkeypatch.setattr(runner, "CHUNK_STEPS", 2)  # the logic of any chunk length, in a graph quicker to compile
     model = randomized(config)
-    eager = Engine(model, max_batch_size=2).generate(PROMPTS, greedy(6))
     compiled = Engine(model, max_batch_size=2, options=InferenceOptions(dtype="fp32", compile="true"))
-    assert [o.choices[0].token_ids for o in compiled.generate(PROMPTS, greedy(6))] == [
-        o.choices[0].token_ids for o in eager
-    ]
+    assert compiled._decode_chunk is not None
+    eager = Engine(model, max_batch_size=2)
+    assert _choices(compiled.generate(PROMPTS[:2], greedy(6))) == _choices(eager.generate(PROMPTS[:2], greedy(6)))
+
+
+@pytest.mark.slow
+def test_a_compiled_chunk_samples_and_stops_like_single_steps(monkeypatch):
+    """The sampler runs inside a compiled chunk (temperature, penalties, logit bias, min_tokens, a stop token
+    drawn mid-chunk) and draws the eager engine's tokens; a nucleus filter (it reads back to the host) steps one
+    compiled step at a time, also with the eager tokens."""
+    monkeypatch.setattr(runner, "CHUNK_STEPS", 4)
+    model = randomized(MODERN)
+    compiled = Engine(model, max_batch_size=1, options=InferenceOptions(dtype="fp32", compile="true"))
+    eager = Engine(model, max_batch_size=1)
+    sampled = SamplingParams(max_tokens=20, seed=6, temperature=0.9, min_tokens=3, repetition_penalty=1.2,
+                             presence_penalty=0.3, logit_bias={3: 2.0}, stop_token_ids=list(range(0, 97, 6)))
+    nucleus = SamplingParams(max_tokens=6, seed=3, top_p=0.8)
+    for params in (sampled, nucleus):
+        assert _choices(compiled.generate(PROMPTS[:1], params)) == _choices(eager.generate(PROMPTS[:1], params))
+    stopped = eager.generate(PROMPTS[:1], sampled)[0].choices[0]
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) % 4 != 1  # it stopped inside a chunk
+
+
+@pytest.mark.slow
+def test_written_out_products_of_one_row_equal_the_library_matmuls(monkeypatch):
+    """A compiled CPU step multiplies one row by each weight as multiply-and-sum (fp32, bf16 and int8 weights);
+    it gives the library's product, to rounding."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 96)
+    int8 = Int8Linear(layer)
+    written, original = [], gpt.written_out_product
+
+    def spy(x, weight):
+        written.append(weight.dtype)
+        return original(x, weight)
+
+    monkeypatch.setattr(gpt, "written_out_product", spy)
+    monkeypatch.setattr(precision, "written_out_product", spy)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def products(x):
+        return gpt.linear(x, layer.weight, layer.bias), gpt.linear(x.bfloat16(), layer.weight.bfloat16()), int8(x)
+
+    x = torch.randn(1, 64)
+    fp32, bf16, quantized = products(x)
+    assert written == [torch.float32, torch.bfloat16, torch.int8]
+    assert torch.allclose(fp32, nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+    assert torch.allclose(bf16.float(), nn.functional.linear(x.bfloat16(), layer.weight.bfloat16()).float(), atol=2e-2)
+    assert torch.allclose(quantized, int8(x), atol=2e-2)
 
 
 def _choices(completions) -> list:

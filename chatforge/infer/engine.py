@@ -22,8 +22,8 @@ from chatforge.infer.beam import Beam, beam_search
 from chatforge.infer.detokenizer import IncrementalDetokenizer
 from chatforge.infer.outputs import Completion, Delta
 from chatforge.infer.params import ParamError, SamplingParams
-from chatforge.infer.precision import InferenceOptions, compiled_step, inference_model
-from chatforge.infer.runner import BatchRunner, Event, Prepared, decode_step
+from chatforge.infer.precision import InferenceOptions, compiled_chunk, compiled_step, inference_model
+from chatforge.infer.runner import BatchRunner, Event, Prepared, decode_chunk, decode_step
 from chatforge.infer.sampling import token_logprobs
 from chatforge.tokenizer import END_OF_TEXT, END_OF_TURN
 
@@ -55,6 +55,7 @@ class Engine:
         self.options = options or InferenceOptions(dtype="fp32")
         self.model = inference_model(model, self.options)
         self._decode = compiled_step(decode_step, self.options, next(model.parameters()).device)
+        self._decode_chunk = compiled_chunk(decode_chunk, self.options, next(model.parameters()).device)
         self._compiled = self._decode is not decode_step
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -161,6 +162,7 @@ class Engine:
             self.new_detokenizer,
             self.new_generator,
             self._decode,
+            self._decode_chunk,
         )
 
     @contextlib.contextmanager

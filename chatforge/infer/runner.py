@@ -23,7 +23,7 @@ import torch
 from chatforge.infer.detokenizer import IncrementalDetokenizer
 from chatforge.infer.outputs import Choice, Completion, Delta, FinishReason, TokenLogprob
 from chatforge.infer.params import SamplingParams
-from chatforge.infer.sampling import BatchSampler, SamplingRow, token_logprobs
+from chatforge.infer.sampling import BatchSampler, SamplingRow, StepSample, token_logprobs
 from chatforge.model.kv_cache import KVCache
 
 Event = Union[Delta, Completion]  # a request's stream: deltas, then its completion last
@@ -33,6 +33,10 @@ CHUNK_STEPS = 8
 # Attention in a decode step reads the cache up to the smallest of these (or the whole cache) that holds every
 # active row: a few shapes, so a compiled step compiles a few graphs, and no work on the cache's empty tail.
 VISIBLE_SIZES = (32, 64, 128, 256, 512, 1024)
+# A compiled chunk of steps takes minutes of C++ compilation per graph (~1.5 min at the speedrun's shape), so one
+# over a cache of at most this many row-positions attends to all of it, one graph where the windows make four:
+# batch 1 over 256 positions measured 0.154 ms a token against 0.159 with windows (speedrun shape, int8).
+WHOLE_CACHE_POSITIONS = 1024
 
 
 @dataclass
@@ -119,6 +123,7 @@ class BatchRunner:
         new_detokenizer: Callable[[SamplingParams], IncrementalDetokenizer],
         new_generator: Callable[[SamplingParams, int], torch.Generator | None],
         decode: Callable = None,
+        decode_chunk: Callable | None = None,
     ):
         self.model = model
         self.vocab_size = vocab_size
@@ -126,6 +131,7 @@ class BatchRunner:
         self.cache = KVCache.for_model(model, max_batch_size, max_len)
         self.device = self.cache.k.device
         self._decode = decode or decode_step
+        self._decode_chunk = decode_chunk  # a compiled decode_chunk, or None to step from Python
         self._tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # each row's next input
         self._active = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # 1 for rows [0, n)
         self.sampler = BatchSampler(vocab_size, self.device)
@@ -197,32 +203,35 @@ class BatchRunner:
         cache = self.cache if m == self.capacity else self.cache.rows(0, m)
         longest = max(len(s.request.prepared.prompt_ids) + len(s.tokens) for s in self.active)  # cache length + 1
         visible = visible_positions(longest + steps - 1, self.cache.max_len)
+        left = torch.tensor(budgets, device=self.device)  # tokens each row may still draw
+        if self._decode_chunk is not None and m == n and self.sampler.traceable():
+            # every step of the chunk in one compiled call: no Python, dispatch or guard check between steps (a
+            # request arriving meanwhile waits for the chunk's end), and rows done early still compute to its end
+            if m * self.cache.max_len <= WHOLE_CACHE_POSITIONS:
+                visible = self.cache.max_len
+            tokens = self._decode_chunk(self.model, self.sampler, self._tokens[:n], cache, self._active[:n],
+                                        visible, left, CHUNK_STEPS, self.vocab_size)
+            return self._take(0, tokens)
         # whether a row can finish inside this chunk: by its budget, or by drawing one of its stop tokens
         may_end = steps >= min(budgets) or any(s.sampling.stop_ids for s in self.active)
-        left = torch.tensor(budgets, device=self.device)  # tokens each row may still draw
         live = self._active[:n]
         samples = []
         for _ in range(steps):
-            logits = self._decode(self.model, self._tokens[:m], cache, self._active[:m], visible)
-            sample = self.sampler.sample(logits[:n, : self.vocab_size])
-            self.sampler.observe(sample.tokens)
-            samples.append(sample)
-            self._tokens[:n] = sample.tokens
-            if may_end:  # a row with its last token stops growing its cache (its length must stay inside it)
-                left -= 1
-                live.mul_((left > 0) & ~self.sampler.stops(sample.tokens))
-                if self.cheap_reads and not bool(live.any()):  # every row has finished: the rest is waste
-                    break
+            samples.append(advance(self.model, self.sampler, self._decode, self._tokens[:m], cache, self._active[:m],
+                                   visible, n, self.vocab_size, left if may_end else None))
+            if may_end and self.cheap_reads and not bool(live.any()):  # every row has finished: the rest is waste
+                break
             if arrivals is not None and arrivals():
                 break
-        return self._take(0, samples)
+        return self._take(0, torch.stack([s.tokens for s in samples], 1), samples)
 
-    def _take(self, first: int, samples: list) -> list[tuple[Request, Event]]:
-        """Hand the tokens ``samples`` drew for rows [first, ...) (one StepSample per step, in order) to their
-        sequences: each row takes tokens until it finishes, and the rest of its chunk is dropped."""
-        chosen = torch.stack([s.tokens for s in samples], 1).tolist()  # [rows, steps]: the chunk's one host read
+    def _take(self, first: int, tokens: torch.Tensor, samples: list | None = None) -> list[tuple[Request, Event]]:
+        """Hand the ``tokens`` [rows, steps] drawn for rows [first, ...) to their sequences, with their log-probs
+        from ``samples`` (one StepSample per step) if they have them: each row takes tokens until it finishes,
+        and the rest of its chunk is dropped."""
+        chosen = tokens.tolist()  # the chunk's one host read
         entries = None
-        if samples[0].logprobs is not None:
+        if samples is not None and samples[0].logprobs is not None:
             entries = [_logprob_entries(t, s.logprobs, s.top_ids, s.top_logprobs)
                        for t, s in zip(zip(*chosen), samples)]  # [steps][rows]
         events: list[tuple[Request, Event]] = []
@@ -299,7 +308,7 @@ class BatchRunner:
         sample = self.sampler.sample(torch.stack(row_logits), start=n)
         self.sampler.observe(sample.tokens, start=n)
         self._tokens[n : len(self.active)] = sample.tokens
-        return self._take(n, [sample])
+        return self._take(n, sample.tokens[:, None], [sample])
 
     def _prefill_each(self, firsts: list[_Sequence], row: int) -> tuple[list[_Sequence], torch.Tensor | None]:
         """After a failed batched prefill: prefill each request alone into the next free row, so the one whose
@@ -368,6 +377,29 @@ class BatchRunner:
 def visible_positions(needed: int, max_len: int) -> int:
     """The cache positions a decode step attends to when its rows need ``needed``: the next of VISIBLE_SIZES."""
     return min(next((v for v in VISIBLE_SIZES if v >= needed), max_len), max_len)
+
+
+def advance(model, sampler: BatchSampler, decode: Callable, tokens: torch.Tensor, cache: KVCache,
+            active: torch.Tensor, visible: int, n: int, vocab_size: int, left: torch.Tensor | None) -> StepSample:
+    """One step of every cache slot (``decode``: ``decode_step`` or its compiled twin) and the next token of the
+    active rows [0, n), which becomes their next input. With ``left`` (each row's remaining budget, counted
+    down here), a row that drew its last token or one of its stop tokens stops growing its cache."""
+    sample = sampler.sample(decode(model, tokens, cache, active, visible)[:n, :vocab_size])
+    sampler.observe(sample.tokens)
+    tokens[:n] = sample.tokens
+    if left is not None:
+        left -= 1
+        active[:n].mul_((left > 0) & ~sampler.stops(sample.tokens))
+    return sample
+
+
+def decode_chunk(model, sampler: BatchSampler, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,
+                 visible: int, left: torch.Tensor, steps: int, vocab_size: int) -> torch.Tensor:
+    """``steps`` of ``advance`` on rows that fill the cache, with no host read: the tokens drawn [rows, steps].
+    Written to be compiled whole (the sampler's settings must be ``traceable``)."""
+    drawn = [advance(model, sampler, decode_step, tokens, cache, active, visible, tokens.size(0), vocab_size,
+                     left).tokens for _ in range(steps)]
+    return torch.stack(drawn, 1)
 
 
 def decode_step(model, tokens: torch.Tensor, cache: KVCache, active: torch.Tensor,

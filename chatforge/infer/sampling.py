@@ -235,6 +235,12 @@ class BatchSampler:
             self._tensors = t
         return self._tensors
 
+    def traceable(self) -> bool:
+        """Whether ``sample`` reads nothing back to the host and draws no log-probs, so a compiled chunk of steps
+        can hold it (the filters check on the host whether their candidates decide every row)."""
+        t = self._row_tensors()
+        return not t["any_filter"] and not t["any_logprobs"]
+
     def _part(self, start: int, count: int) -> dict:
         """``_row_tensors`` of rows [start, start + count) (the batch-wide flags stay those of all rows: at
         worst a step does work a part did not need, never different work for a row)."""
