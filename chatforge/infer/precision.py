@@ -17,7 +17,10 @@ is one path that decides how generation computes.
   99.72 % to 98.31 % (benchmarks/decode_quality.py, int8 with fp32 activations), under the 99 % bar.
 * ``compile`` wraps the static-shape decode step in ``torch.compile``; on CUDA as ``mode="reduce-overhead"``
   (CUDA graphs: the cache tensors are marked static so a replay reads and writes them in place), on the CPU
-  with inductor's C++ wrapper.
+  with inductor's C++ wrapper. On the CPU a whole chunk of steps, sampling included, is also compiled as one
+  call (``compiled_chunk``), and one-row products are written out (``chatforge.model.gpt.linear``). The price
+  is compilation: minutes per graph (one per model, precision, row count and sampler settings), cached on disk
+  by inductor, so it pays on long runs and on servers, not on a short eval.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ the engine can hand in a compiled step. Steps run in chunks of up to ``CHUNK_STE
 tokens feed the next on the device, a row that has its last token (its budget, or a stop token) stops growing
 its cache, and the host reads the chunk's tokens once, then detokenises, checks stop strings and emits one
 delta per row; tokens a row drew after it finished are dropped, so a chunk gives exactly the tokens that
-single steps would. New sequences are prefilled together, right-padded into one batch (a request's extra
-samples copy its prefilled row instead of recomputing it); a finished sequence's row is refilled by moving
-the last active row into it. ``Engine.generate``/``stream`` and the ``Scheduler`` all drive this one loop.
+single steps would. With a compiled engine on the CPU, a chunk over rows that fill the cache runs as one
+compiled call (``decode_chunk``) when the sampler's settings allow it. New sequences are prefilled together,
+right-padded into one batch (a request's extra samples copy its prefilled row instead of recomputing it); a
+finished sequence's row is refilled by moving the last active row into it. ``Engine.generate``/``stream``
+and the ``Scheduler`` all drive this one loop.
 """
 
 from __future__ import annotations

@@ -116,7 +116,8 @@ WRITTEN_OUT_ROWS = 2
 
 def writes_out_product(x: torch.Tensor) -> bool:
     """Whether ``linear`` (and the int8 layers of inference) write ``x``'s product with a weight out."""
-    return x.device.type == "cpu" and torch.compiler.is_compiling() and x.numel() <= WRITTEN_OUT_ROWS * x.size(-1)
+    # is_compiling first: eager calls (every training step) stop at one cheap check
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() <= WRITTEN_OUT_ROWS * x.size(-1)
 
 
 def written_out_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
