@@ -136,8 +136,12 @@ def compiled_chunk(chunk: Callable, options: InferenceOptions, device: str | tor
 
 def _compiled_for_cpu(fn: Callable) -> Callable:
     # dynamo keeps its compiled graphs per code object, and every engine compiles these same functions: each model
-    # type, precision, power-of-two row count and cache window is one more graph, well past the default limit of 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # type, precision, power-of-two row count, cache window and set of sampler switches (greedy, penalties, bias,
+    # min_tokens) is one more graph, hundreds for a server that meets them all, and with fullgraph a graph past
+    # the limit is an error, not a fallback: minutes of compilation per graph are the bound that matters
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 1024)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
     # a C++ wrapper calls the kernels without a Python call each: 0.34 -> 0.28 ms a step at batch 1 on the
     # speedrun's shape, where the kernels themselves are a few microseconds
     return torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
