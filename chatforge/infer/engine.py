@@ -54,13 +54,13 @@ class Engine:
         self.source = model
         self.options = options or InferenceOptions(dtype="fp32")
         self.model = inference_model(model, self.options)
-        self._decode = compiled_step(decode_step, self.options, next(model.parameters()).device)
-        self._decode_chunk = compiled_chunk(decode_chunk, self.options, next(model.parameters()).device)
+        self.device = next(model.parameters()).device
+        self._decode = compiled_step(decode_step, self.options, self.device)
+        self._decode_chunk = compiled_chunk(decode_chunk, self.options, self.device)
         self._compiled = self._decode is not decode_step
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.block_size = model.config.block_size
-        self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
         if tokenizer is not None:
             if tokenizer.vocab_size > self.vocab_size:
