@@ -9,7 +9,8 @@ weights when that checkpoint is arch=gpt2, else random weights of that shape) an
    prompt and exactly N new tokens for all (min_new_tokens / min_tokens), medians of interleaved repeats,
    timed in this process's CPU time unless ``--clock=wall`` (the machine is shared: wall time measures the
    other jobs too; everything here runs on one thread, so on a quiet machine the two agree);
-2. 16 and 64 requests submitted at once to the continuous-batching ``Scheduler`` vs one after another;
+2. 16 and 64 requests submitted at once to the continuous-batching ``Scheduler`` vs one after another, with
+   the engine a server builds by default (``--dtype=auto``: bf16 on a CPU with native bf16) and with fp32;
 3. each tokens/s as a fraction of the machine's limit for that precision: the larger of (weight bytes per
    token / measured memory bandwidth) and (FLOPs per token / measured matmul peak) is the least time a token
    can take.
@@ -178,8 +179,8 @@ def batch1(cfg: Config, model: GPT, hf: dict, limits: Limits, label: str) -> dic
 
 # ---- continuous batching ----------------------------------------------------------------------------------------
 
-def concurrent(cfg: Config, engine: Engine, count: int, label: str) -> float:
-    """Prints sequential vs concurrent times of ``count`` requests; returns the speed-up."""
+def concurrent(cfg: Config, engine: Engine, count: int, label: str) -> tuple[float, float]:
+    """Prints sequential vs concurrent times of ``count`` requests; returns both (seconds)."""
     generator = torch.Generator().manual_seed(cfg.seed + count)
     lengths = torch.randint(8, 41, (count,), generator=generator).tolist()
     prompts = [torch.randint(engine.vocab_size, (n,), generator=generator).tolist() for n in lengths]
@@ -209,7 +210,25 @@ def concurrent(cfg: Config, engine: Engine, count: int, label: str) -> float:
     print(f"[{label}] {count} requests x {cfg.request_tokens} tokens: one after another {seq:.2f} s "
           f"({total / seq:.0f} tok/s), continuous batching {conc:.2f} s ({total / conc:.0f} tok/s): "
           f"{seq / conc:.2f}x; outputs {'identical' if alone == together else 'DIFFER'}")
-    return seq / conc
+    return seq, conc
+
+
+def serving(cfg: Config, model: GPT, label: str) -> None:
+    """Continuous batching vs one request after another, for the engine a server builds by default (dtype=auto)
+    and for fp32; the speed-up is each engine's against itself, and the default's is also given against the
+    faster of the two engines' one-after-another times (what a single user would run)."""
+    settings = {"default": InferenceOptions(), "fp32": InferenceOptions("fp32", "none")}
+    key = label.replace(" ", "_")
+    for count in cfg.concurrency:
+        times = {}
+        for name, options in settings.items():
+            engine = Engine(model, max_batch_size=max(cfg.concurrency), options=options)
+            dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
+            times[name] = concurrent(cfg, engine, count, f"{label}, {name} engine ({dtype})")
+        (seq, conc), fastest_alone = times["default"], min(t[0] for t in times.values())
+        print(f"[{label}] {count} requests: the default engine batched is {fastest_alone / conc:.2f}x the faster "
+              f"engine one after another; fp32 engine alone {times['fp32'][0] / times['fp32'][1]:.2f}x")
+        print(f"RESULT continuous_batching_speedup_{count}_{key} {seq / conc:.2f}")
 
 
 # ---- where a step's time goes -----------------------------------------------------------------------------------
@@ -315,10 +334,7 @@ def main(argv: list[str]) -> None:
         best = max((r, n) for n, r in rates.items() if n.startswith("chatforge"))
         ratios[label] = best[0] / rates["transformers fp32"]
         print(f"  best chatforge: {best[1]} at {ratios[label]:.2f}x transformers fp32")
-        engine = Engine(model, max_batch_size=max(cfg.concurrency), options=InferenceOptions("fp32", "none"))
-        for count in cfg.concurrency:
-            print(f"RESULT continuous_batching_speedup_{count}_{label.replace(' ', '_')} "
-                  f"{concurrent(cfg, engine, count, label):.2f}")
+        serving(cfg, model, label)
     if modern is not None:
         print(f"\n== speedrun checkpoint itself (arch=modern, {modern.num_params() / 1e6:.1f}M parameters): "
               "chatforge only")

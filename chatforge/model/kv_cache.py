@@ -169,9 +169,10 @@ class StaticDecode:
             self.positions(k.size(2))
         B, H, _, D = k.shape
         k, v = k.to(self.cache.k.dtype), v.to(self.cache.v.dtype)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or k.dtype != torch.float32:
             # index_put_ on the whole cache: inductor writes it in place, where a scatter_ into a view of the
-            # cache makes it copy each layer's cache around the write (eager, the scatter_ is the faster one)
+            # cache makes it copy each layer's cache around the write; eager, aten's scatter_ is vectorised for
+            # fp32 only (bf16 at 64 rows: 369 us a write against index_put_'s 12; fp32 at one row: 2.2 against 6)
             rows, heads = torch.arange(B, device=k.device)[:, None], torch.arange(H, device=k.device)[None, :]
             at = (torch.full((1, 1), layer, device=k.device), rows, heads, self.cache.lengths[:, None])  # [B, H]
             self.cache.k.index_put_(at, k[:, :, 0])
