@@ -19,7 +19,7 @@ from chatforge.infer.precision import InferenceOptions, Int8Linear, inference_mo
 from chatforge.infer.runner import decode_step
 from chatforge.infer.sampling import counter_uniforms
 from chatforge.model import gpt
-from chatforge.model.gpt import one_query_attention
+from chatforge.model.gpt import one_query_attention, one_query_attention_fp32
 from chatforge.model.kv_cache import KVCache
 
 PROMPTS = [[5, 17, 60, 3], [9], [44, 61, 2, 8, 30, 31, 7], [70, 70]]
@@ -60,6 +60,51 @@ def test_static_decode_step_matches_the_dynamic_cache_path(config):
         theirs = model(tokens[:, None], kv_cache=dynamic)[0][:, -1]
     torch.testing.assert_close(ours, theirs)
     assert static.lengths.tolist() == [5, 3] == dynamic.lengths.tolist()
+
+
+@CONFIGS
+def test_a_bf16_decode_step_writes_and_reads_its_cache_like_a_full_forward(config):
+    """Eager bf16 steps write the cache with index_put_ and attend in fp32 matmuls: the logits of each step equal
+    a full forward of the bf16 model over the whole sequence (up to bf16's own rounding), row by row."""
+    model = inference_model(randomized(config), InferenceOptions(dtype="bf16"))
+    rows = [[3, 4, 5, 6], [7, 8]]
+    cache = KVCache.for_model(model, 2, 16)
+    assert cache.k.dtype == torch.bfloat16
+    with torch.no_grad():
+        model(torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]]), kv_cache=cache)
+        cache.lengths.copy_(torch.tensor([4, 2]))
+        for token in (11, 12, 13):
+            logits = decode_step(model, torch.tensor([token, token]), cache, torch.ones(2, dtype=torch.long))
+            for row, ids in enumerate(rows):
+                ids.append(token)
+                full = model(torch.tensor([ids]))[0][0, -1]
+                # bf16 rounds the two orders of summation apart by ~0.05 in a logit; a misplaced key moves it by ~1
+                torch.testing.assert_close(logits[row].float(), full.float(), atol=0.15, rtol=0.05)
+
+
+def test_prefill_groups_trade_padding_against_calls(monkeypatch):
+    monkeypatch.setattr(runner, "PREFILL_CALL_POSITIONS", 32)
+    assert runner.prefill_groups([]) == []
+    assert runner.prefill_groups([7]) == [slice(0, 1)]
+    assert runner.prefill_groups([10, 11, 12]) == [slice(0, 3)]  # a call costs more than 3 positions of padding
+    assert runner.prefill_groups([3, 3, 3, 100]) == [slice(0, 3), slice(3, 4)]  # 291 padded positions saved
+    lengths = sorted(torch.randint(8, 41, (64,), generator=torch.Generator().manual_seed(0)).tolist())
+    groups = runner.prefill_groups(lengths)
+    assert [g.start for g in groups[1:]] == [g.stop for g in groups[:-1]] and groups[-1].stop == 64
+    padded = sum((g.stop - g.start) * lengths[g.stop - 1] for g in groups)
+    assert padded + 32 * len(groups) < 64 * 40 + 32 and len(groups) > 1
+
+
+def test_a_grouped_prefill_gives_each_prompt_its_tokens_alone(monkeypatch):
+    monkeypatch.setattr(runner, "PREFILL_CALL_POSITIONS", 1)  # one group per distinct length
+    model = randomized(TINY)
+    prompts = [[9], [44, 61, 2, 8, 30, 31, 7], [5, 17, 60, 3], [70, 70], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    calls = []
+    real = runner.BatchRunner._prefill
+    monkeypatch.setattr(runner.BatchRunner, "_prefill", lambda self, r, row: calls.append(len(r)) or real(self, r, row))
+    together = Engine(model, max_batch_size=8).generate(prompts, greedy(5))
+    assert len(calls) > 1  # the admitted prompts were prefilled in several groups
+    assert [o.choices[0].token_ids for o in together] == [recomputed(model, p, 5) for p in prompts]
 
 
 def test_an_inactive_slot_keeps_its_length():
@@ -349,3 +394,9 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads):
     for m in (mask, None):
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa)
         assert torch.allclose(one_query_attention(q, k, v, m), expected, atol=1e-6)
+        # the eager bf16 path: fp32 arithmetic over the bf16 cache, rounded to bf16 once at the end
+        q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        exact = torch.nn.functional.scaled_dot_product_attention(q16.float(), k16.float(), v16.float(), attn_mask=m,
+                                                                 enable_gqa=gqa)
+        ours = one_query_attention_fp32(q16, k16, v16, m)
+        assert ours.dtype == torch.bfloat16 and torch.allclose(ours.float(), exact, atol=1e-2)
