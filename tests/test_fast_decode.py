@@ -166,18 +166,15 @@ def test_a_prompt_that_breaks_the_batched_prefill_fails_alone():
         assert [c.token_ids for c in request.completion.choices] == [completion.choices[0].token_ids] * 2
 
 
-def test_auto_dtype_is_bf16_where_the_cpu_has_it(monkeypatch):
+def test_auto_dtype_is_bf16_on_a_cpu_only_for_a_compiled_step(monkeypatch):
     monkeypatch.setattr(device, "native_bf16", lambda kind: True)
     monkeypatch.setattr(device, "compile_supported", lambda kind: True)
-    assert InferenceOptions(dtype="auto").torch_dtype("cpu") == torch.bfloat16
+    assert InferenceOptions(dtype="auto").torch_dtype("cpu") == torch.float32  # eager bf16 decode is slower
     assert InferenceOptions(dtype="auto", compile="true").torch_dtype("cpu") == torch.bfloat16
-    assert InferenceOptions(dtype="fp32").torch_dtype("cpu") == torch.float32
+    assert InferenceOptions(dtype="bf16").torch_dtype("cpu") == torch.bfloat16
     model = randomized(TINY)
-    engine = Engine(model, options=InferenceOptions())
-    assert engine.model is not model and next(engine.model.parameters()).dtype == torch.bfloat16
-    assert Engine(model, options=InferenceOptions(dtype="fp32")).model is model  # fp32: the model itself
+    assert Engine(model, options=InferenceOptions()).model is model  # auto, eager: the fp32 model itself
     monkeypatch.setattr(device, "native_bf16", lambda kind: False)
-    assert InferenceOptions(dtype="auto").torch_dtype("cpu") == torch.float32
     assert InferenceOptions(dtype="auto", compile="true").torch_dtype("cpu") == torch.float32
 
 

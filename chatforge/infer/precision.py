@@ -4,8 +4,8 @@ One ``InferenceOptions`` travels from every command line (``--dtype``, ``--quant
 ``load_engine`` to the ``Engine``, and PPO rollouts and the evals build their engines from it too, so there
 is one path that decides how generation computes.
 
-* ``dtype=auto`` is bf16 where the hardware computes it natively (a GPU that supports it, a CPU with AVX-512
-  bf16 or AMX), fp32 otherwise (see ``torch_dtype`` for what was measured).
+* ``dtype=auto`` follows training's rule (``chatforge.device.resolve_dtype``): bf16 on a GPU that supports it,
+  and on a CPU with native bf16 only when the decode step is compiled; fp32 otherwise (see ``torch_dtype``).
   The weights themselves are converted (a copy, so a model being trained keeps its fp32 master weights):
   decoding reads every weight once per token, so halving the bytes is what makes a step faster; autocast
   would read fp32 and cast on every step.
@@ -54,14 +54,12 @@ class InferenceOptions:
             raise ConfigError(f"option 'quantize' must be one of {', '.join(QUANTIZATIONS)}; got {self.quantize!r}")
 
     def torch_dtype(self, device: str | torch.device) -> torch.dtype:
-        # auto is bf16 wherever the hardware computes it natively, eager or compiled: generation is mostly
-        # batched (rollouts, evals, a server under load), and an eager CPU step in bf16 is the faster one from a
-        # few rows up (64 rows at the speedrun shape: 4.1 vs 7.2 ms) and at every batch size from ~15M
-        # parameters (one row: 4.2 vs 5.4 ms). It is slower only for one row of a 2-5M model, where a step is
-        # dispatch, not arithmetic (0.88 vs 0.49 ms: oneDNN's bf16 product has a ~13 us floor), and --dtype=fp32
-        # is the faster choice there. (resolve_dtype's exception for eager CPU steps is training's: its eager
-        # bf16 autocast is the slower one.)
-        return resolve_dtype(self.dtype, device, compiled=True)
+        # auto is bf16 on a CPU only for a compiled step, the rule training's autocast uses. Eager bf16 is faster
+        # from a few rows up (64 rows at the speedrun shape: 4.1 vs 7.2 ms a step) and from ~15M parameters, but
+        # slower for one row of a 2-5M model (0.88 vs 0.49 ms: oneDNN's bf16 product has a ~13 us floor), and
+        # oneDNN rounds a row's bf16 product differently with the number of rows, so greedy tokens would change
+        # with the rest of the batch (fp32 keeps them: benchmarks/decode.py checks it); --dtype=bf16 converts
+        return resolve_dtype(self.dtype, device, compiled=resolve_compile(self.compile, device))
 
 
 class Int8Linear(nn.Module):
