@@ -92,3 +92,33 @@ def test_missing_reference_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["rankings", f"--prompts={pool}", "--ckpt=", f"--out_dir={tmp_path / 'o'}"])
     assert "no 'reference' answer" in capsys.readouterr().err
+
+
+def test_rankings_split_by_their_prompt_not_their_id(tmp_path):
+    """Feedback exports carry random ids: the same rankings under new ids split the same way, and every ranking of
+    one question sits on one side."""
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(p) + "\n" for p in POOL))
+    questions = [f"question {i}" for i in range(30)]
+
+    def export(name: str, ids) -> dict[str, str]:
+        path = tmp_path / f"{name}.jsonl"
+        rows = [{"id": f"{next(ids)}", "prompt": [{"role": "user", "content": q}], "completions": list("abcd"),
+                 "ranking": [0, 1, 2, 3]} for q in questions + questions[:10]]  # 10 questions ranked twice
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = tmp_path / f"out_{name}"
+        main(["rankings", f"--prompts={pool}", "--ckpt=", f"--inputs={path}", f"--out_dir={out}",
+              "--val_fraction=0.3", "--held_out_prompts=10"])
+        sides: dict[str, set] = {}
+        for split in ("train", "val"):
+            for line in (out / f"{split}.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                if record["source"] == "human":
+                    sides.setdefault(record["prompt"][0]["content"], set()).add(split)
+        return sides
+
+    first = export("first", iter(range(1000)))
+    second = export("second", iter(range(5000, 6000)))
+    assert first == second and len(first) == 30
+    assert all(len(s) == 1 for s in first.values())  # both rankings of a question ranked twice on one side
+    assert {"train"} in first.values() and {"val"} in first.values()

@@ -143,6 +143,14 @@ def read_prompt_pool(path: str | Path) -> list[dict]:
     return pool
 
 
+def prompt_key(record: dict) -> str:
+    """What a ranking is about, for splitting rankings into training and validation ones: a digest of its prompt.
+    Not its id: rankings exported from the feedback store carry its random ids (uuid4), so a split by id moved the
+    same rankings between the sides in every export, and two rankings of one question (two users, or one user
+    twice) could sit on both sides, the validation accuracy then measuring answers the model trained on."""
+    return hashlib.sha256(json.dumps(record["prompt"], sort_keys=True).encode()).hexdigest()
+
+
 def assign_split(record_id: str, seed: int, val_fraction: float) -> str:
     digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"

@@ -28,6 +28,7 @@ from chatforge.data.rankings import (
     assign_split,
     automatic_rankings,
     held_out_split,
+    prompt_key,
     read_prompt_pool,
     read_rankings,
 )
@@ -87,7 +88,8 @@ def run(cfg: Config, args: list[str]) -> None:
     records += automatic_rankings(chosen, sampled, rng, fits)
     splits: dict[str, list[dict]] = {"train": [], "val": [], "held_out": []}
     for record in records:
-        split = "held_out" if record["id"] in held_out_ids else assign_split(record["id"], cfg.seed, cfg.val_fraction)
+        held = record["id"] in held_out_ids
+        split = "held_out" if held else assign_split(prompt_key(record), cfg.seed, cfg.val_fraction)
         splits[split].append(record)
     if not splits["train"] or not splits["val"]:
         raise ChatforgeError(f"{len(records)} rankings are too few to hold some out; add prompts or rankings")
