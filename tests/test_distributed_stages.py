@@ -52,7 +52,9 @@ def run_scenario(name: str, out_dir: Path, processes: int = 1, **options) -> dic
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    str(SCENARIOS), name, str(out_dir), *extra]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+        # a worker's own error (a C++ abort's message, a traceback) comes before torchrun's summary of the failure
+        errors = [line for line in done.stderr.splitlines() if any(w in line for w in ("rror", "terminate", "what()"))]
+        assert done.returncode == 0, "\n".join(errors[:30]) + "\n...\n" + done.stderr[-3000:]
     return load_file(str(latest_checkpoint(out_dir) / "model.safetensors")) if checkpoint else {}
 
 
