@@ -10,20 +10,14 @@ from chatforge import io
 from chatforge.chat_template import edit_messages, render
 from chatforge.config import option
 from chatforge.errors import ChatforgeError
-from chatforge.train.loop import TrainConfig
+from chatforge.train.continued import ContinuedTrainConfig
 
 
 @dataclass
-class EditTrainConfig(TrainConfig):
+class EditTrainConfig(ContinuedTrainConfig):
+    # held-out loss after 500 steps from the speedrun's SFT model: AdamW 1e-3 0.782, Muon 2e-3 0.744, Muon 6e-3 0.668
     steps: int = option(500, "optimizer steps: the schedule's length (max_minutes may fit it shorter)")
     batch_size: int = option(16, "triples per optimizer step, summed over all processes")
-    # held-out loss after 500 steps from the speedrun's SFT model: AdamW 1e-3 0.782, Muon 2e-3 0.744, Muon 6e-3 0.668
-    optimizer: str = option("muon", "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)")
-    lr: float = option(6e-3, "peak learning rate (Muon's), reached at the end of warm-up")
-    min_lr: float = option(1e-4, "learning rate at the end of the decay")
-    warmup_steps: int = option(20, "steps of linear warm-up from 0 to lr")
-    eval_every: int = option(100, "steps between validation losses (0 = only at the start and the end)")
-    ckpt_every: int = option(100, "steps between checkpoints (0 = only at the end)")
     max_minutes: float = option(3.0, "wall-time budget in minutes (0 = none)")
 
 
