@@ -56,9 +56,11 @@ class InferenceOptions:
     def torch_dtype(self, device: str | torch.device) -> torch.dtype:
         # auto is bf16 on a CPU only for a compiled step, the rule training's autocast uses. Eager bf16 is faster
         # from a few rows up (64 rows at the speedrun shape: 4.1 vs 7.2 ms a step) and from ~15M parameters, but
-        # slower for one row of a 2-5M model (0.88 vs 0.49 ms: oneDNN's bf16 product has a ~13 us floor), and
-        # oneDNN rounds a row's bf16 product differently with the number of rows, so greedy tokens would change
-        # with the rest of the batch (fp32 keeps them: benchmarks/decode.py checks it); --dtype=bf16 converts
+        # slower for one row of a 2-5M model (0.88 vs 0.49 ms: oneDNN's bf16 product has a ~13 us floor), and a
+        # request's greedy tokens change with the rest of the batch: attention sums a row's keys in an order that
+        # depends on the batch's padded length, and bf16 rounding turns those last-bit differences into different
+        # tokens (1 of 16 requests at the speedrun shape; fp32 keeps them, benchmarks/decode.py checks it). The
+        # products themselves give a row the same bf16 result at any row count. --dtype=bf16 still converts
         return resolve_dtype(self.dtype, device, compiled=resolve_compile(self.compile, device))
 
 
