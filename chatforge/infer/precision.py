@@ -60,8 +60,8 @@ class InferenceOptions:
         # request's greedy tokens change with the rest of the batch: attention sums a row's keys in an order that
         # depends on the batch's padded length, and bf16 rounding turns those last-bit differences into different
         # tokens (1 of 16 requests at the speedrun shape; fp32 differs in last bits too, but kept every token in
-        # every run of benchmarks/decode.py, which checks it). The
-        # products themselves give a row the same bf16 result at any row count. --dtype=bf16 still converts
+        # every run of benchmarks/decode.py, which checks it). The products themselves give a row the same bf16
+        # result at any row count. --dtype=bf16 still converts
         return resolve_dtype(self.dtype, device, compiled=resolve_compile(self.compile, device))
 
 
