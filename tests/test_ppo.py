@@ -18,7 +18,8 @@ from chatforge.model.heads import ScalarHeadModel
 from chatforge.stages.ppo import Config
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import TrainConfig, read_metrics
-from chatforge.train.ppo import PPO, ActorCritic, KLConfig, train_ppo
+from chatforge.train.ppo import PPO, ActorCritic, KLConfig, per_token, response_tokens, train_ppo
+from chatforge.train.ppo_math import masked_mean
 
 FAST = dict(dtype="fp32", compile="false", device="cpu", progress=False, max_minutes=0.0, eval_every=0, ckpt_every=0,
             warmup_steps=0, schedule="constant", weight_decay=0.0)
@@ -57,6 +58,39 @@ def make_ppo(tok, cfg: Config, ptx=None):
     return PPO(
         cfg, policy, reference.eval().requires_grad_(False), EvenTokenReward(32, prompt_len), tok, prompts, ptx
     )
+
+
+def test_actor_critic_log_probs_equal_the_full_logits_formula_at_the_response_positions():
+    """The actor's log-probs of the response tokens, their entropies and the ptx loss, computed only where a
+    response token is predicted, equal the formulas over all positions' logits that PPO used before (the token
+    at start_b + t is predicted at position start_b + t − 1; padding after a response and prompts are skipped)."""
+    torch.manual_seed(0)
+    policy = ActorCritic(tiny(50, 0), ScalarHeadModel(tiny(50, 1)))
+    start = torch.tensor([3, 7, 1, 5])  # prompt lengths
+    lengths = torch.tensor([6, 2, 9, 0])  # response lengths; the last row answered nothing
+    ids = torch.randint(0, 50, (4, int((start + lengths).max())))
+    mask = (torch.arange(int(lengths.max())) < lengths.unsqueeze(1)).float()  # [B, T]
+    ptx = (torch.randint(0, 50, (2, 32)), torch.randint(0, 50, (2, 32)))
+
+    logits, _ = policy.actor(ids)  # before: every position's logits, then a gather at the response positions
+    positions = (start.unsqueeze(1) + torch.arange(mask.size(1)) - 1).clamp(0, ids.size(1) - 1)
+    logp = torch.log_softmax(logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, 50)).float(), -1)
+    tokens = ids.gather(1, (positions + 1).clamp(max=ids.size(1) - 1))
+    expected = logp.gather(2, tokens.unsqueeze(-1)).squeeze(-1) * mask
+    expected_entropy = masked_mean(-(logp.exp() * logp).sum(-1), mask)
+    expected_ptx = policy.actor(*ptx)[1]
+
+    new, entropies, values, ptx_loss = policy(ids, response_tokens(ids, start, mask), ptx, entropy=True)
+    assert entropies.shape == (int(lengths.sum()),)
+    torch.testing.assert_close(per_token(new, mask), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropies.mean(), expected_entropy, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ptx_loss, expected_ptx, rtol=0, atol=1e-6)
+    torch.testing.assert_close(values, policy.critic(ids))
+    upstream = torch.randn(mask.shape) * mask
+    weights = [p for p in policy.actor.parameters()]
+    for got, want in zip(torch.autograd.grad((per_token(new, mask) * upstream).sum() + ptx_loss, weights),
+                         torch.autograd.grad((expected * upstream).sum() + expected_ptx, weights)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_ppo_raises_a_known_reward_while_kl_stays_under_its_limit(tok, tmp_path):

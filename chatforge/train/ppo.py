@@ -27,10 +27,10 @@ from chatforge.model.heads import ScalarHeadModel
 from chatforge.tokenizer import PAD
 from chatforge.train import distributed
 from chatforge.train.config import TrainConfig
+from chatforge.train.head_logprobs import next_token_loss, token_logprobs
 from chatforge.train.ppo_math import (
     AdaptiveKL,
     FixedKL,
-    entropy,
     gae,
     masked_mean,
     policy_loss,
@@ -78,25 +78,37 @@ class ActorCritic(nn.Module):
         self.actor, self.critic = actor, critic
         self.config = actor.config
 
-    def forward(self, idx: torch.Tensor, ptx: tuple[torch.Tensor, torch.Tensor] | None = None):
-        logits, _ = self.actor(idx)
+    def forward(self, idx: torch.Tensor, response: tuple[torch.Tensor, torch.Tensor],
+                ptx: tuple[torch.Tensor, torch.Tensor] | None = None, entropy: bool = False):
+        """The actor's log-probs of the response tokens ``response`` = (positions, tokens) from
+        ``response_tokens`` (fp32 [N]) and, with ``entropy``, the entropies there (no gradient, else None); the
+        critic's values [B, L] of ``idx`` [B, L]; the actor's next-token loss on ``ptx`` = (inputs, targets), or None.
+
+        Logits are computed only where a response token is predicted, a few rows at a time
+        (``chatforge.train.head_logprobs``): never for prompt positions or padding."""
+        positions, tokens = response
+        hidden = self.actor.hidden_states(idx).flatten(0, 1)[positions]
+        logprobs, entropies = token_logprobs(self.actor, hidden, tokens, entropy)
         values = self.critic(idx)
-        ptx_loss = self.actor(*ptx)[1] if ptx is not None else None
-        return logits, values, ptx_loss
+        ptx_loss = None
+        if ptx is not None:
+            inputs, targets = ptx
+            ptx_loss = next_token_loss(self.actor, self.actor.hidden_states(inputs).flatten(0, 1), targets.flatten())
+        return logprobs, entropies, values, ptx_loss
 
 
-def response_logits(logits: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, width, vocab] logits that predicted each response token (the token at start_b + t is predicted at
-    position start_b + t − 1); rows shorter than ``width`` repeat their last position (masked out later)."""
-    positions = (start.unsqueeze(1) + torch.arange(width, device=logits.device) - 1).clamp(0, logits.size(1) - 1)
-    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
+def response_tokens(ids: torch.Tensor, start: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The N response tokens of ids [B, L] (mask [B, T] marks them; response b starts at start_b) as flat positions
+    [N] into ids' B·L positions of the ones that predict them (token start_b + t is predicted at position
+    start_b + t − 1), and the tokens [N]; in the row-major order of ``mask``'s true entries."""
+    rows, t = mask.bool().nonzero(as_tuple=True)
+    at = start[rows] + t - 1
+    return rows * ids.size(1) + at, ids[rows, at + 1]
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
-    """Log-probs [B, width] of the response tokens ids[b, start_b + t]."""
-    positions = (start.unsqueeze(1) + torch.arange(width, device=ids.device)).clamp(max=ids.size(1) - 1)
-    logp = torch.log_softmax(response_logits(logits, start, width).float(), -1)
-    return logp.gather(2, ids.gather(1, positions).unsqueeze(-1)).squeeze(-1)
+def per_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Values [N] of the response tokens (``response_tokens``' order) laid out as [B, T], 0 on padding."""
+    return torch.zeros_like(mask, dtype=values.dtype).masked_scatter(mask.bool(), values)
 
 
 def state_values(values: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
@@ -165,13 +177,16 @@ def train_ppo(ppo: PPO, out_dir: str | Path, *, resume: bool = False, meta: dict
                 pairs = _sample_shared(ppo, sampler.actor(), prompts, params)  # B × (prompt ids, response ids)
                 ids, start, mask = _pack(pairs, ppo.pad, device)  # [B, prompt + response], [B], [B, T]
                 width = mask.size(1)  # T
+                response = response_tokens(ids, start, mask)
                 with torch.no_grad():
                     ppo.policy.eval()
-                    logits, values, _ = ppo.policy(ids)
+                    logprobs, _, values, _ = ppo.policy(ids, response)
                     ppo.policy.train()
-                    ref_logits, _ = ppo.reference(ids)
-                old_logprobs = token_logprobs(logits, ids, start, width) * mask  # [B, T] log π_old
-                ref_logprobs = token_logprobs(ref_logits, ids, start, width) * mask  # [B, T] log π_ref
+                    positions, tokens = response
+                    ref_logprobs, _ = token_logprobs(ppo.reference, ppo.reference.hidden_states(ids).flatten(0, 1)[
+                        positions], tokens)
+                old_logprobs = per_token(logprobs, mask)  # [B, T] log π_old
+                ref_logprobs = per_token(ref_logprobs, mask)  # [B, T] log π_ref
                 old_values = state_values(values, start, width) * mask  # [B, T] V_old
                 # 2. reward-model scores, unfinished answers (no <|end|> within max_tokens) losing unfinished_penalty
                 scores = reward_scores(ppo.reward_model, pairs, ppo.end, ppo.pad, device, cfg.unfinished_penalty)  # [B]
@@ -221,8 +236,8 @@ def _ppo_loss(model: nn.Module, part: tuple[dict, tuple | None, float], cfg) -> 
     mask = b["mask"]  # [b, T]
     width = mask.size(1)
     ids = b["ids"][:, : int((b["start"] + width).max())]
-    logits, values, ptx_loss = model(ids, ptx)  # [b, L, vocab], [b, L], scalar or None
-    logprobs = token_logprobs(logits, ids, b["start"], width)  # [b, T] log π_θ
+    logprobs, entropies, values, ptx_loss = model(ids, response_tokens(ids, b["start"], mask), ptx, entropy=True)
+    logprobs = per_token(logprobs, mask)  # [b, T] log π_θ
     new_values = state_values(values, b["start"], width)  # [b, T]
     pg, clip_frac = policy_loss(logprobs, b["old_logprobs"], b["advantages"], mask, cfg.clip)
     with torch.no_grad():  # how far this update has already moved from the rollout's policy (k3 estimator)
@@ -232,8 +247,7 @@ def _ppo_loss(model: nn.Module, part: tuple[dict, tuple | None, float], cfg) -> 
     total = (pg + cfg.value_coef * vf) * weight
     out = {"policy_loss": float(pg.detach()), "value_loss": float(vf.detach()), "clip_frac": float(clip_frac),
            "approx_kl": float(approx_kl)}
-    with torch.no_grad():
-        out["entropy"] = float(entropy(response_logits(logits, b["start"], width), mask))
+    out["entropy"] = float(entropies.sum() / max(1, entropies.numel()))  # the mean over the response tokens
     if ptx_loss is not None:
         total = total + cfg.ptx_coef * ptx_loss
         out["ptx_loss"] = float(ptx_loss.detach())

@@ -1,0 +1,152 @@
+"""Log-probs and next-token losses read straight off final hidden states, a few rows of logits at a time.
+
+``GPT.logits`` turns every position's hidden state into a [.., vocab] row; a loss then takes a log-softmax of the
+whole [B, T, vocab] tensor and autograd keeps it, and its gradient, for backward. At PPO's shapes (8 rows of 256
+positions, a vocabulary of 8192) those passes over 16.7M floats cost about as much as the output layer's matrix
+products, and the CPU's log-softmax backward is slow (~100 ms for [2048, 8192] fp32, ~15 ms its forward). Here the
+output layer is applied to ``CHUNK_ELEMENTS // vocab`` rows at a time and each piece's softmax arithmetic is done
+in place:
+
+* ``token_logprobs(model, hidden, targets)``: log p(target) of each row, [N] (and, without gradient, the entropy of
+  each row's distribution); backward recomputes each piece's logits (one more [rows, n_embd] × [n_embd, vocab]
+  product) instead of keeping [N, vocab] tensors alive between forward and backward.
+* ``next_token_loss(model, hidden, targets)``: the mean next-token cross-entropy (targets of -1 ignored). Its
+  gradient is computed piece by piece in the forward pass (the loss is a scalar: backward only scales it).
+
+Both compute what ``GPT.logits`` followed by a log-softmax computes, in the same precision: under autocast the
+products run in the autocast dtype (as ``lm_head`` does) and the softmax arithmetic in fp32 (as the callers'
+``.float()`` did). Rows are independent; only the weight gradient's sum over pieces is ordered differently.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chatforge.model.gpt import GPT
+
+CHUNK_ELEMENTS = 1 << 21  # logits per piece: 256 rows of an 8192 vocabulary, 8 MB in fp32
+
+
+def output_layer(model: GPT) -> tuple[torch.Tensor, float]:
+    """``model``'s output projection [vocab, n_embd] and logit soft-cap (0 = none), as ``GPT.logits`` applies them."""
+    if model.config.arch == "gpt2":
+        return model.wte.weight, 0.0  # tied to the token embedding
+    return model.lm_head.weight, float(model.config.logit_softcap)
+
+
+def _pieces(rows: int, vocab: int):
+    step = max(1, CHUNK_ELEMENTS // vocab)
+    return (slice(i, min(rows, i + step)) for i in range(0, rows, step))
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, softcap: float) -> torch.Tensor:
+    """fp32 logits [rows, vocab] of hidden rows ``h`` as ``GPT.logits`` computes them: the product in h's dtype,
+    then the soft-cap in fp32."""
+    z = torch.mm(h, w.t()).float()
+    if softcap:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _backward_piece(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, softcap: float
+                    ) -> torch.Tensor:
+    """d/du of Σ_r g_r · log p_r(targets_r), where z = logits(u) [rows, vocab] (overwritten):
+    g · (onehot − softmax(z)), times the soft-cap's slope 1 − (z / cap)²."""
+    slope = 1 - (z / softcap) ** 2 if softcap else None
+    dz = z.sub_(lse.unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))
+    dz[torch.arange(z.size(0), device=z.device), targets] += g
+    return dz.mul_(slope) if slope is not None else dz
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap: float, dtype: torch.dtype, entropy: bool):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        logprobs = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(logprobs)
+        ent = torch.empty_like(logprobs) if entropy else None
+        for piece in _pieces(h.size(0), w.size(0)):
+            z = _logits(h[piece], w, softcap)
+            lse[piece] = torch.logsumexp(z, 1)
+            logprobs[piece] = z[torch.arange(z.size(0), device=z.device), targets[piece]] - lse[piece]
+            if entropy:  # H = lse − Σ p·z
+                ent[piece] = lse[piece] - (z.sub(lse[piece, None]).exp_().mul_(z)).sum(1)
+        ctx.save_for_backward(h, w, targets, lse)
+        ctx.softcap, ctx.dtypes = softcap, (hidden.dtype, weight.dtype)
+        if entropy:
+            ctx.mark_non_differentiable(ent)
+        return logprobs, ent
+
+    @staticmethod
+    def backward(ctx, grad, _grad_entropy):
+        h, w, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        for piece in _pieces(h.size(0), w.size(0)):
+            z = _logits(h[piece], w, ctx.softcap)  # recomputed: the same product as the forward's
+            dz = _backward_piece(z, lse[piece], targets[piece], grad[piece].float(), ctx.softcap).to(h.dtype)
+            if need_h:
+                grad_h[piece] = torch.mm(dz, w)
+            if need_w:
+                grad_w += torch.mm(dz.t(), h[piece])
+        return (grad_h.to(ctx.dtypes[0]) if need_h else None, grad_w.to(ctx.dtypes[1]) if need_w else None,
+                None, None, None, None)
+
+
+class _NextTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap: float, dtype: torch.dtype, grads: bool):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        valid = (targets != -1).float()
+        count = valid.sum()  # 0 gives nan, as F.cross_entropy's mean does
+        safe = targets.clamp(min=0)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if grads else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grads else None
+        for piece in _pieces(h.size(0), w.size(0)):
+            z = _logits(h[piece], w, softcap)
+            lse = torch.logsumexp(z, 1)
+            picked = z[torch.arange(z.size(0), device=z.device), safe[piece]]
+            total += ((lse - picked) * valid[piece]).sum()
+            if grads:  # of the mean loss −Σ valid · log p / count
+                dz = _backward_piece(z, lse, safe[piece], -valid[piece] / count, softcap).to(h.dtype)
+                grad_h[piece] = torch.mm(dz, w)
+                grad_w += torch.mm(dz.t(), h[piece])
+        if grads:
+            ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        return ((grad_h * grad).to(ctx.dtypes[0]) if need_h else None,
+                (grad_w * grad).to(ctx.dtypes[1]) if need_w else None, None, None, None, None)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``lm_head`` would compute in: the autocast dtype when autocast is on for x's device."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def token_logprobs(model: GPT, hidden: torch.Tensor, targets: torch.Tensor, entropy: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(targets[r]) of each row of ``hidden`` [N, n_embd] under ``model``'s output layer, fp32 [N]; and with
+    ``entropy`` each row's entropy (fp32 [N], no gradient), else None."""
+    weight, softcap = output_layer(model)
+    dtype = _compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _TokenLogprobs.apply(hidden, weight, targets, softcap, dtype, entropy)
+
+
+def next_token_loss(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of ``targets`` [N] (-1 = ignored) under ``model``'s output layer applied to ``hidden``
+    [N, n_embd]: ``GPT.forward``'s loss, without materialising the logits."""
+    weight, softcap = output_layer(model)
+    dtype = _compute_dtype(hidden)
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _NextTokenLoss.apply(hidden, weight, targets, softcap, dtype, grads)
