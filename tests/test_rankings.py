@@ -122,3 +122,14 @@ def test_rankings_split_by_their_prompt_not_their_id(tmp_path):
     assert first == second and len(first) == 30
     assert all(len(s) == 1 for s in first.values())  # both rankings of a question ranked twice on one side
     assert {"train"} in first.values() and {"val"} in first.values()
+
+
+def test_a_small_export_still_gets_a_validation_question():
+    from chatforge.data.rankings import prompt_key, split_by_prompt, split_score
+
+    records = [{"prompt": [{"role": "user", "content": f"q{i}"}]} for i in range(5)]
+    seed = next(s for s in range(1000) if all(split_score(prompt_key(r), s) >= 0.1 for r in records))
+    splits = split_by_prompt(records, seed, 0.1)  # the hash alone would put every question in train
+    assert len(splits["val"]) == 1 and len(splits["train"]) == 4
+    assert splits["val"][0] is min(records, key=lambda r: split_score(prompt_key(r), seed))
+    assert split_by_prompt(records[:1], seed, 0.1)["val"] == []  # one question cannot be split

@@ -151,6 +151,27 @@ def prompt_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(record["prompt"], sort_keys=True).encode()).hexdigest()
 
 
+def split_score(key: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by ``key`` and ``seed``: below the validation fraction means validation."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def assign_split(record_id: str, seed: int, val_fraction: float) -> str:
-    digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+    return "val" if split_score(record_id, seed) < val_fraction else "train"
+
+
+def split_by_prompt(records: list[dict], seed: int, val_fraction: float) -> dict[str, list[dict]]:
+    """Rankings into "train" and "val" by ``prompt_key``, so every ranking of a question sits on one side. When
+    the hash leaves a side empty and there are two questions or more, the question that scored nearest to the
+    other side moves there: a few dozen rankings (a small feedback export) still give a validation set."""
+    scores = {key: split_score(key, seed) for key in {prompt_key(r) for r in records}}
+    val_keys = {key for key, score in scores.items() if score < val_fraction}
+    if len(scores) > 1 and not val_keys:
+        val_keys = {min(scores, key=scores.get)}
+    elif len(scores) > 1 and len(val_keys) == len(scores):
+        val_keys.remove(max(scores, key=scores.get))
+    splits: dict[str, list[dict]] = {"train": [], "val": []}
+    for record in records:
+        splits["val" if prompt_key(record) in val_keys else "train"].append(record)
+    return splits

@@ -25,12 +25,11 @@ from chatforge import io
 from chatforge.config import nested, option
 from chatforge.data.rankings import (
     MAX_K,
-    assign_split,
     automatic_rankings,
     held_out_split,
-    prompt_key,
     read_prompt_pool,
     read_rankings,
+    split_by_prompt,
 )
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.infer.answers import measure_answer_budget
@@ -86,11 +85,8 @@ def run(cfg: Config, args: list[str]) -> None:
     if engine and budget["max_tokens"]:
         fits = lambda text: len(engine.tokenizer.encode(text)) < budget["max_tokens"]  # noqa: E731
     records += automatic_rankings(chosen, sampled, rng, fits)
-    splits: dict[str, list[dict]] = {"train": [], "val": [], "held_out": []}
-    for record in records:
-        held = record["id"] in held_out_ids
-        split = "held_out" if held else assign_split(prompt_key(record), cfg.seed, cfg.val_fraction)
-        splits[split].append(record)
+    splits = split_by_prompt([r for r in records if r["id"] not in held_out_ids], cfg.seed, cfg.val_fraction)
+    splits["held_out"] = [r for r in records if r["id"] in held_out_ids]
     if not splits["train"] or not splits["val"]:
         raise ChatforgeError(f"{len(records)} rankings are too few to hold some out; add prompts or rankings")
     out = Path(cfg.out_dir)
