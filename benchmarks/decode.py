@@ -171,9 +171,11 @@ def batch1(cfg: Config, model: GPT, hf: dict, limits: Limits, label: str) -> dic
         width = 1 if "int8" in name else (2 if "bf16" in name else 4)
         dtype = torch.float32 if "fp32" in name else torch.bfloat16
         limit = limits.tokens_per_s(*per_token_cost(model, width), dtype)
-        vs = rates[name] / (n / seconds["transformers fp32"]) if "transformers fp32" in seconds else float("nan")
-        agree = sum(a == b for a, b in zip(outputs[name], reference)) / n if reference else float("nan")
-        print(f"  {name:<28}{rates[name]:>8.0f}{vs:>11.2f}x{rates[name] / limit:>10.1%}{agree:>25.0%}")
+        vs, agree = "-", "-"  # a model transformers cannot run has nothing to compare with
+        if reference:
+            vs = f"{rates[name] / (n / seconds['transformers fp32']):.2f}x"
+            agree = f"{sum(a == b for a, b in zip(outputs[name], reference)) / n:.0%}"
+        print(f"  {name:<28}{rates[name]:>8.0f}{vs:>12}{rates[name] / limit:>10.1%}{agree:>25}")
     return rates
 
 
