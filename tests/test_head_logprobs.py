@@ -34,12 +34,15 @@ def plain(gpt: GPT, hidden: torch.Tensor, targets: torch.Tensor):
     return logp.gather(1, targets.unsqueeze(1)).squeeze(1), -(logp.exp() * logp).sum(-1)
 
 
-def grads(value: torch.Tensor, *inputs):
-    return torch.autograd.grad(value, inputs)
+def grads(value: torch.Tensor, *inputs, retain_graph: bool = False):
+    return torch.autograd.grad(value, inputs, retain_graph=retain_graph)
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["probabilities kept", "recomputed"])
 @pytest.mark.parametrize("arch, softcap", [("gpt2", 0.0), ("modern", 0.0), ("modern", 15.0)])
-def test_token_logprobs_and_entropy_equal_the_log_softmax_of_the_logits(arch, softcap):
+def test_token_logprobs_and_entropy_equal_the_log_softmax_of_the_logits(arch, softcap, keep, monkeypatch):
+    if not keep:
+        monkeypatch.setattr(head_logprobs, "KEEP_ELEMENTS", 0)
     gpt = model(arch, softcap)
     weight, _ = output_layer(gpt)
     hidden = torch.randn(40, 32, requires_grad=True)
@@ -51,9 +54,11 @@ def test_token_logprobs_and_entropy_equal_the_log_softmax_of_the_logits(arch, so
     torch.testing.assert_close(logprobs, expected, rtol=0, atol=2e-6)
     torch.testing.assert_close(entropy, expected_entropy, rtol=0, atol=2e-5)
     assert not entropy.requires_grad
-    for got, want in zip(grads((logprobs * upstream).sum(), hidden, weight),
-                         grads((expected * upstream).sum(), hidden, weight)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    want = grads((expected * upstream).sum(), hidden, weight)
+    first = grads((logprobs * upstream).sum(), hidden, weight, retain_graph=True)
+    second = grads((logprobs * upstream).sum(), hidden, weight)  # kept probabilities are not consumed by backward
+    for got, expected_grad in (*zip(first, want), *zip(second, want)):
+        torch.testing.assert_close(got, expected_grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch, softcap", [("gpt2", 0.0), ("modern", 15.0)])

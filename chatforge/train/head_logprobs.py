@@ -5,11 +5,12 @@ whole [B, T, vocab] tensor and autograd keeps it, and its gradient, for backward
 positions, a vocabulary of 8192) those passes over 16.7M floats cost about as much as the output layer's matrix
 products, and the CPU's log-softmax backward is slow (~100 ms for [2048, 8192] fp32, ~15 ms its forward). Here the
 output layer is applied to ``CHUNK_ELEMENTS // vocab`` rows at a time and each piece's softmax arithmetic is done
-in place:
+in place (a log_softmax or softmax kernel, then the gradient written in the product's dtype):
 
 * ``token_logprobs(model, hidden, targets)``: log p(target) of each row, [N] (and, without gradient, the entropy of
-  each row's distribution); backward recomputes each piece's logits (one more [rows, n_embd] × [n_embd, vocab]
-  product) instead of keeping [N, vocab] tensors alive between forward and backward.
+  each row's distribution). Backward reads the probabilities kept by the forward when they are at most
+  ``KEEP_ELEMENTS`` (PPO's response tokens: a few hundred rows), else recomputes each piece's logits (one more
+  [rows, n_embd] × [n_embd, vocab] product) rather than hold [N, vocab] tensors between forward and backward.
 * ``next_token_loss(model, hidden, targets)``: the mean next-token cross-entropy (targets of -1 ignored). Its
   gradient is computed piece by piece in the forward pass (the loss is a scalar: backward only scales it).
 
@@ -25,6 +26,7 @@ import torch
 from chatforge.model.gpt import GPT
 
 CHUNK_ELEMENTS = 1 << 21  # logits per piece: 256 rows of an 8192 vocabulary, 8 MB in fp32
+KEEP_ELEMENTS = 1 << 24  # token_logprobs keeps up to this many probabilities (64 MB) for backward
 
 
 def output_layer(model: GPT) -> tuple[torch.Tensor, float]:
@@ -40,38 +42,44 @@ def _pieces(rows: int, vocab: int):
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, softcap: float) -> torch.Tensor:
-    """fp32 logits [rows, vocab] of hidden rows ``h`` as ``GPT.logits`` computes them: the product in h's dtype,
-    then the soft-cap in fp32."""
-    z = torch.mm(h, w.t()).float()
+    """Logits [rows, vocab] of hidden rows ``h`` as ``GPT.logits`` computes them: the product in h's dtype, then
+    the soft-cap (in fp32); without a cap they stay in h's dtype (the softmax kernels below read them as fp32)."""
+    z = torch.mm(h, w.t())
     if softcap:
-        z.div_(softcap).tanh_().mul_(softcap)
+        z = z.float().div_(softcap).tanh_().mul_(softcap)
     return z
 
 
-def _backward_piece(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, softcap: float
-                    ) -> torch.Tensor:
-    """d/du of Σ_r g_r · log p_r(targets_r), where z = logits(u) [rows, vocab] (overwritten):
-    g · (onehot − softmax(z)), times the soft-cap's slope 1 − (z / cap)²."""
-    slope = 1 - (z / softcap) ** 2 if softcap else None
-    dz = z.sub_(lse.unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))
-    dz[torch.arange(z.size(0), device=z.device), targets] += g
-    return dz.mul_(slope) if slope is not None else dz
+def _logit_gradient(p: torch.Tensor, z: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, softcap: float,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """d/du of Σ_r g_r · log p_r(targets_r) in ``dtype``, where p = softmax(z) [rows, vocab] (fp32, overwritten) and
+    z = logits(u): −g · (p − onehot), times the soft-cap's slope 1 − (z / cap)²; the last product is written in
+    ``dtype`` directly (one pass less than multiplying, then converting)."""
+    p[torch.arange(p.size(0), device=p.device), targets] -= 1  # in fp32: p − 1 loses nothing where p is near 1
+    if softcap:
+        p.mul_(1 - (z / softcap) ** 2)
+    out = p if dtype == p.dtype else torch.empty(p.shape, dtype=dtype, device=p.device)
+    return torch.mul(p, g.neg().unsqueeze(1), out=out)
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap: float, dtype: torch.dtype, entropy: bool):
+    def forward(ctx, hidden, weight, targets, softcap: float, dtype: torch.dtype, entropy: bool, grads: bool):
         h, w = hidden.to(dtype), weight.to(dtype)
         logprobs = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
-        lse = torch.empty_like(logprobs)
         ent = torch.empty_like(logprobs) if entropy else None
+        # keep the probabilities for backward when they are small enough (and the cap's slope is not needed): one
+        # product with the output layer fewer than recomputing them
+        keep = grads and not softcap and h.size(0) * w.size(0) <= KEEP_ELEMENTS
+        probs = torch.empty(h.size(0), w.size(0), dtype=torch.float32, device=h.device) if keep else None
         for piece in _pieces(h.size(0), w.size(0)):
-            z = _logits(h[piece], w, softcap)
-            lse[piece] = torch.logsumexp(z, 1)
-            logprobs[piece] = z[torch.arange(z.size(0), device=z.device), targets[piece]] - lse[piece]
-            if entropy:  # H = lse − Σ p·z
-                ent[piece] = lse[piece] - (z.sub(lse[piece, None]).exp_().mul_(z)).sum(1)
-        ctx.save_for_backward(h, w, targets, lse)
+            logp = torch.log_softmax(_logits(h[piece], w, softcap), 1, dtype=torch.float32)
+            logprobs[piece] = logp[torch.arange(logp.size(0), device=logp.device), targets[piece]]
+            if entropy or keep:
+                p = torch.exp(logp, out=probs[piece]) if keep else logp.exp()
+                if entropy:  # −Σ p·log p
+                    ent[piece] = -torch.linalg.vecdot(p, logp)
+        ctx.save_for_backward(h, w, targets, probs)
         ctx.softcap, ctx.dtypes = softcap, (hidden.dtype, weight.dtype)
         if entropy:
             ctx.mark_non_differentiable(ent)
@@ -79,19 +87,23 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_entropy):
-        h, w, targets, lse = ctx.saved_tensors
+        h, w, targets, probs = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         for piece in _pieces(h.size(0), w.size(0)):
-            z = _logits(h[piece], w, ctx.softcap)  # recomputed: the same product as the forward's
-            dz = _backward_piece(z, lse[piece], targets[piece], grad[piece].float(), ctx.softcap).to(h.dtype)
+            if probs is not None:  # kept by the forward; copied, as a second backward would need them again
+                z, p = None, probs[piece].clone()
+            else:  # recomputed: the same product as the forward's
+                z = _logits(h[piece], w, ctx.softcap)
+                p = torch.softmax(z, 1, dtype=torch.float32)
+            dz = _logit_gradient(p, z, targets[piece], grad[piece].float(), ctx.softcap, h.dtype)
             if need_h:
                 grad_h[piece] = torch.mm(dz, w)
             if need_w:
                 grad_w += torch.mm(dz.t(), h[piece])
         return (grad_h.to(ctx.dtypes[0]) if need_h else None, grad_w.to(ctx.dtypes[1]) if need_w else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 class _NextTokenLoss(torch.autograd.Function):
@@ -106,11 +118,10 @@ class _NextTokenLoss(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grads else None
         for piece in _pieces(h.size(0), w.size(0)):
             z = _logits(h[piece], w, softcap)
-            lse = torch.logsumexp(z, 1)
-            picked = z[torch.arange(z.size(0), device=z.device), safe[piece]]
-            total += ((lse - picked) * valid[piece]).sum()
+            logp = torch.log_softmax(z, 1, dtype=torch.float32)
+            total -= torch.dot(logp[torch.arange(logp.size(0), device=logp.device), safe[piece]], valid[piece])
             if grads:  # of the mean loss −Σ valid · log p / count
-                dz = _backward_piece(z, lse, safe[piece], -valid[piece] / count, softcap).to(h.dtype)
+                dz = _logit_gradient(logp.exp_(), z, safe[piece], -valid[piece] / count, softcap, h.dtype)
                 grad_h[piece] = torch.mm(dz, w)
                 grad_w += torch.mm(dz.t(), h[piece])
         if grads:
@@ -138,8 +149,9 @@ def token_logprobs(model: GPT, hidden: torch.Tensor, targets: torch.Tensor, entr
     ``entropy`` each row's entropy (fp32 [N], no gradient), else None."""
     weight, softcap = output_layer(model)
     dtype = _compute_dtype(hidden)
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _TokenLogprobs.apply(hidden, weight, targets, softcap, dtype, entropy)
+        return _TokenLogprobs.apply(hidden, weight, targets, softcap, dtype, entropy, grads)
 
 
 def next_token_loss(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
