@@ -235,7 +235,8 @@ def _ppo_loss(model: nn.Module, part: tuple[dict, tuple | None, float], cfg) -> 
     b, ptx, weight = part
     mask = b["mask"]  # [b, T]
     width = mask.size(1)
-    ids = b["ids"][:, : int((b["start"] + width).max())]
+    # up to the minibatch's longest prompt + response (the rollout's padding beyond is never read: attention is causal)
+    ids = b["ids"][:, : int((b["start"] + mask.sum(1).long()).max())]
     logprobs, entropies, values, ptx_loss = model(ids, response_tokens(ids, b["start"], mask), ptx, entropy=True)
     logprobs = per_token(logprobs, mask)  # [b, T] log π_θ
     new_values = state_values(values, b["start"], width)  # [b, T]
