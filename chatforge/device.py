@@ -98,8 +98,10 @@ def resolve_compile(setting: str | bool, device: str | torch.device) -> bool:
     raise ChatforgeError(f"compile must be auto, true or false; got {setting!r}")
 
 
-def resolve_dtype(setting: str, device: str | torch.device, compiled: bool) -> torch.dtype:
-    """``auto``/``bf16``/``fp32`` → the autocast dtype (``torch.float32`` means no autocast)."""
+def resolve_dtype(setting: str, device: str | torch.device, bf16_pays_on_cpu: bool) -> torch.dtype:
+    """``auto``/``bf16``/``fp32`` → the autocast dtype (``torch.float32`` means no autocast). On a CPU with native
+    bf16, ``auto`` is bf16 only where the caller knows it is faster (``bf16_pays_on_cpu``: a compiled step, or an
+    eager step measured faster in bf16); small eager products are slower in bf16 there (oneDNN's fixed cost)."""
     kind = device_type(device)
     if setting == "fp32":
         return torch.float32
@@ -113,7 +115,7 @@ def resolve_dtype(setting: str, device: str | torch.device, compiled: bool) -> t
         raise ChatforgeError(f"dtype must be one of {', '.join(DTYPES)}; got {setting!r}")
     if kind == "cuda" and native_bf16(kind):
         return torch.bfloat16
-    if kind == "cpu" and native_bf16(kind) and compiled:
+    if kind == "cpu" and native_bf16(kind) and bf16_pays_on_cpu:
         return torch.bfloat16
     return torch.float32
 

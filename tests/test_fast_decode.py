@@ -19,7 +19,7 @@ from chatforge.infer.precision import InferenceOptions, Int8Linear, inference_mo
 from chatforge.infer.runner import decode_step
 from chatforge.infer.sampling import counter_uniforms
 from chatforge.model import gpt
-from chatforge.model.gpt import one_query_attention, one_query_attention_fp32
+from chatforge.model.gpt import GPT, GPTConfig, one_query_attention
 from chatforge.model.kv_cache import KVCache
 
 PROMPTS = [[5, 17, 60, 3], [9], [44, 61, 2, 8, 30, 31, 7], [70, 70]]
@@ -64,12 +64,12 @@ def test_static_decode_step_matches_the_dynamic_cache_path(config):
 
 @CONFIGS
 def test_a_bf16_decode_step_writes_and_reads_its_cache_like_a_full_forward(config):
-    """Eager bf16 steps write the cache with index_put_ and attend in fp32 matmuls: the logits of each step equal
-    a full forward of the bf16 model over the whole sequence (up to bf16's own rounding), row by row."""
+    """Eager bf16 steps write an fp32 cache and attend in fp32: the logits of each step equal a full forward of the
+    bf16 model over the whole sequence (up to bf16's own rounding), row by row."""
     model = inference_model(randomized(config), InferenceOptions(dtype="bf16"))
     rows = [[3, 4, 5, 6], [7, 8]]
     cache = KVCache.for_model(model, 2, 16)
-    assert cache.k.dtype == torch.bfloat16
+    assert cache.k.dtype == torch.float32 and KVCache.for_model(model, 2, 16, compiled=True).k.dtype == torch.bfloat16
     with torch.no_grad():
         model(torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]]), kv_cache=cache)
         cache.lengths.copy_(torch.tensor([4, 2]))
@@ -96,9 +96,9 @@ def test_prefill_groups_trade_padding_against_calls(monkeypatch):
 
 
 def test_a_grouped_prefill_gives_each_prompt_its_tokens_alone(monkeypatch):
-    monkeypatch.setattr(runner, "PREFILL_CALL_POSITIONS", 1)  # one group per distinct length
-    model = randomized(TINY)
-    prompts = [[9], [44, 61, 2, 8, 30, 31, 7], [5, 17, 60, 3], [70, 70], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    monkeypatch.setattr(runner, "PREFILL_CALL_POSITIONS", 1)  # one group per distinct padded length
+    model = randomized(dataclasses.replace(TINY, block_size=128))
+    prompts = [[9], [44, 61, 2, 8, 30, 31, 7], list(range(1, 41)), [70, 70], [(3 * i) % 90 for i in range(70)]]
     calls = []
     real = runner.BatchRunner._prefill
     monkeypatch.setattr(runner.BatchRunner, "_prefill", lambda self, r, row: calls.append(len(r)) or real(self, r, row))
@@ -166,16 +166,39 @@ def test_a_prompt_that_breaks_the_batched_prefill_fails_alone():
         assert [c.token_ids for c in request.completion.choices] == [completion.choices[0].token_ids] * 2
 
 
-def test_auto_dtype_is_bf16_on_a_cpu_only_for_a_compiled_step(monkeypatch):
+def test_auto_dtype_is_bf16_wherever_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(device, "native_bf16", lambda kind: True)
     monkeypatch.setattr(device, "compile_supported", lambda kind: True)
-    assert InferenceOptions(dtype="auto").torch_dtype("cpu") == torch.float32  # eager bf16 decode is slower
+    assert InferenceOptions(dtype="auto").torch_dtype("cpu") == torch.bfloat16
     assert InferenceOptions(dtype="auto", compile="true").torch_dtype("cpu") == torch.bfloat16
-    assert InferenceOptions(dtype="bf16").torch_dtype("cpu") == torch.bfloat16
+    assert InferenceOptions(dtype="fp32").torch_dtype("cpu") == torch.float32
     model = randomized(TINY)
-    assert Engine(model, options=InferenceOptions()).model is model  # auto, eager: the fp32 model itself
+    assert Engine(model, options=InferenceOptions(dtype="fp32")).model is model  # fp32: the model itself
     monkeypatch.setattr(device, "native_bf16", lambda kind: False)
+    assert InferenceOptions(dtype="auto").torch_dtype("cpu") == torch.float32
     assert InferenceOptions(dtype="auto", compile="true").torch_dtype("cpu") == torch.float32
+
+
+@pytest.mark.skipif(not device.native_bf16("cpu"), reason="needs a CPU with native bf16")
+def test_bf16_tokens_do_not_depend_on_the_rest_of_the_batch():
+    """In bf16 (the default on such CPUs) a request's greedy and seeded tokens are the same alone and among others
+    of other lengths. Without padding prefills and the cache to multiples of POSITION_ALIGN, and products of at
+    least MIN_PRODUCT_ROWS rows (the MLP's 1536 -> 384 product sums one row in another order), rows differed."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=8192, block_size=128, n_layer=4, n_head=6, n_embd=384)).eval()
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(8192, (int(n),), generator=generator).tolist()
+               for n in torch.randint(3, 41, (16,), generator=generator)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = Engine(model, max_batch_size=16, options=InferenceOptions(dtype="bf16"))
+        for params in (greedy(24), SamplingParams(max_tokens=24, seed=5, temperature=1.0, ignore_eos=True)):
+            alone = [engine.generate([p], params)[0].choices[0].token_ids for p in prompts]
+            together = [o.choices[0].token_ids for o in engine.generate(prompts, params)]
+            assert together == alone
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_int8_linear_is_close_to_the_float_layer():
@@ -391,9 +414,3 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads):
     for m in (mask, None):
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa)
         assert torch.allclose(one_query_attention(q, k, v, m), expected, atol=1e-6)
-        # the eager bf16 path: fp32 arithmetic over the bf16 cache, rounded to bf16 once at the end
-        q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
-        exact = torch.nn.functional.scaled_dot_product_attention(q16.float(), k16.float(), v16.float(), attn_mask=m,
-                                                                 enable_gqa=gqa)
-        ours = one_query_attention_fp32(q16, k16, v16, m)
-        assert ours.dtype == torch.bfloat16 and torch.allclose(ours.float(), exact, atol=1e-2)

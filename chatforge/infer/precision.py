@@ -4,8 +4,8 @@ One ``InferenceOptions`` travels from every command line (``--dtype``, ``--quant
 ``load_engine`` to the ``Engine``, and PPO rollouts and the evals build their engines from it too, so there
 is one path that decides how generation computes.
 
-* ``dtype=auto`` follows training's rule (``chatforge.device.resolve_dtype``): bf16 on a GPU that supports it,
-  and on a CPU with native bf16 only when the decode step is compiled; fp32 otherwise (see ``torch_dtype``).
+* ``dtype=auto`` is bf16 where the hardware supports it (a GPU, or a CPU with native bf16, eager or compiled) and
+  fp32 otherwise (see ``torch_dtype``).
   The weights themselves are converted (a copy, so a model being trained keeps its fp32 master weights):
   decoding reads every weight once per token, so halving the bytes is what makes a step faster; autocast
   would read fp32 and cast on every step.
@@ -42,8 +42,8 @@ QUANTIZATIONS = ("none", "int8")
 
 @dataclass
 class InferenceOptions:
-    dtype: str = option("auto", "weights' dtype for decoding: auto (bf16 on a bf16 GPU, or a bf16 CPU with "
-                                "--compile), bf16 or fp32")
+    dtype: str = option("auto", "weights' dtype for decoding: auto (bf16 where the GPU or CPU supports it), "
+                                "bf16 or fp32")
     quantize: str = option("none", "weight-only quantization of the linear layers: none or int8")
     compile: str = option("false", "torch.compile the decode step (auto, true, false); pays off on long runs")
 
@@ -54,15 +54,10 @@ class InferenceOptions:
             raise ConfigError(f"option 'quantize' must be one of {', '.join(QUANTIZATIONS)}; got {self.quantize!r}")
 
     def torch_dtype(self, device: str | torch.device) -> torch.dtype:
-        # auto is bf16 on a CPU only for a compiled step, the rule training's autocast uses. Eager bf16 is faster
-        # from a few rows up (64 rows at the speedrun shape: 4.1 vs 7.2 ms a step) and from ~15M parameters, but
-        # slower for one row of a 2-5M model (0.88 vs 0.49 ms: oneDNN's bf16 product has a ~13 us floor), and a
-        # request's greedy tokens change with the rest of the batch: attention sums a row's keys in an order that
-        # depends on the batch's padded length, and bf16 rounding turns those last-bit differences into different
-        # tokens (1 of 16 requests at the speedrun shape; fp32 differs in last bits too, but kept every token in
-        # every run of benchmarks/decode.py, which checks it). The products themselves give a row the same bf16
-        # result at any row count. --dtype=bf16 still converts
-        return resolve_dtype(self.dtype, device, compiled=resolve_compile(self.compile, device))
+        # auto is bf16 wherever the hardware has it, an eager CPU step included: with the cache kept in fp32
+        # (KVCache.for_model) eager bf16 is faster at every batch size measured, and a request's tokens do not
+        # depend on the rest of the batch (prefills padded to PREFILL_ALIGN; bf16 products are row-invariant)
+        return resolve_dtype(self.dtype, device, bf16_pays_on_cpu=True)
 
 
 class Int8Linear(nn.Module):

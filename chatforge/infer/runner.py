@@ -43,6 +43,16 @@ WHOLE_CACHE_POSITIONS = 1024
 # wastes work on padding, one call per prompt pays each call's Python and dispatch. A call costs about as much
 # as this many padded positions (speedrun shape: ~0.6 ms a call, ~15-25 us a position).
 PREFILL_CALL_POSITIONS = 32
+# Prefills pad their prompts, and an eager runner sizes its cache, to a multiple of this many positions: attention
+# then reads a multiple of it too (VISIBLE_SIZES). The attention kernels give a row bit-identical results whatever
+# the number of masked positions after its keys when the length read is such a multiple (measured at 32-256, SDPA
+# in fp32 and bf16), and not at other lengths (a 23-token prompt alone against padded to 40). With bf16 products
+# row-invariant too (MIN_PRODUCT_ROWS), a request's tokens do not depend on the rest of the batch.
+POSITION_ALIGN = 32
+# An eager step multiplies at least this many rows: oneDNN's bf16 product of a single row sums in another order
+# once the inner dimension is large (one row differs in ~8 % of rows at 1536 -> 384; two rows and more always agree
+# with each other), so a request alone would get other tokens than in a batch.
+MIN_PRODUCT_ROWS = 2
 
 
 @dataclass
@@ -133,13 +143,19 @@ class BatchRunner:
     ):
         self.model = model
         self.vocab_size = vocab_size
-        self.capacity = max_batch_size
-        self.cache = KVCache.for_model(model, max_batch_size, max_len)
-        self.device = self.cache.k.device
         self._decode = decode or decode_step
+        compiled = self._decode is not decode_step
+        # a compiled step has its own products (and one-row shapes measured faster); see MIN_PRODUCT_ROWS
+        self.min_rows = 1 if compiled else MIN_PRODUCT_ROWS
+        if not compiled:
+            max_len = min(aligned(max_len), model.config.block_size)
+        self.capacity = max_batch_size  # sequences at once; the cache may hold spare rows for MIN_PRODUCT_ROWS
+        rows = max(max_batch_size, self.min_rows)
+        self.cache = KVCache.for_model(model, rows, max_len, compiled=compiled)
+        self.device = self.cache.k.device
         self._decode_chunk = decode_chunk  # a compiled decode_chunk, or None to step from Python
-        self._tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # each row's next input
-        self._active = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # 1 for rows [0, n)
+        self._tokens = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's next input
+        self._active = torch.zeros(rows, dtype=torch.long, device=self.device)  # 1 for rows [0, n)
         self.sampler = BatchSampler(vocab_size, self.device)
         self._new_detokenizer = new_detokenizer
         self._new_generator = new_generator
@@ -205,8 +221,8 @@ class BatchRunner:
         steps = min(CHUNK_STEPS, max(budgets))
         # the first power-of-two rows holding every active one: a few shapes (each compiled once) and
         # little work wasted on empty slots when a large cache is nearly idle (a server at night)
-        m = min(self.capacity, 1 << (n - 1).bit_length())
-        cache = self.cache if m == self.capacity else self.cache.rows(0, m)
+        m = min(self.cache.batch_size, max(self.min_rows, 1 << (n - 1).bit_length()))
+        cache = self.cache if m == self.cache.batch_size else self.cache.rows(0, m)
         longest = max(len(s.request.prepared.prompt_ids) + len(s.tokens) for s in self.active)  # cache length + 1
         visible = visible_positions(longest + steps - 1, self.cache.max_len)
         left = torch.tensor(budgets, device=self.device)  # tokens each row may still draw
@@ -296,8 +312,8 @@ class BatchRunner:
         n = len(self.active)
         try:
             requests = [s.request for s in firsts]
-            last = torch.cat([self._prefill(requests[group], n + group.start)
-                              for group in prefill_groups([len(r.prepared.prompt_ids) for r in requests])])
+            widths = [self._prefill_width(len(r.prepared.prompt_ids)) for r in requests]
+            last = torch.cat([self._prefill(requests[group], n + group.start) for group in prefill_groups(widths)])
         except Exception:  # one prompt may have broken the whole batch: find it by prefilling one at a time
             firsts, last = self._prefill_each(firsts, n)
             if not firsts:
@@ -339,7 +355,8 @@ class BatchRunner:
         prompts = [r.prepared.prompt_ids for r in requests]
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         # right padding: attention is causal, so the padding never changes a real position's output
-        ids = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long, device=self.device)
+        width = self._prefill_width(max(len(p) for p in prompts))
+        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
         view = self.cache.rows(row, row + len(requests))
@@ -349,7 +366,9 @@ class BatchRunner:
         if not echo and hasattr(self.model, "hidden_states"):
             # only the last position's logits are needed: skip the vocabulary projection of all the others
             hidden = self.model.hidden_states(ids, kv_cache=view)
-            last = self.model.logits(hidden[rows, lengths - 1])[:, : self.vocab_size]
+            picked = hidden[rows, lengths - 1]
+            last = self.model.logits(picked.repeat(self.min_rows, 1) if len(prompts) == 1
+                                     else picked)[: len(prompts), : self.vocab_size]
         else:
             logits = self.model(ids, kv_cache=view)[0][..., : self.vocab_size]
             last = logits[rows, lengths - 1]
@@ -364,6 +383,10 @@ class BatchRunner:
                     request.prompt_logprobs = [None] + entries
         view.lengths.copy_(lengths)
         return last
+
+    def _prefill_width(self, length: int) -> int:
+        """The padded length of a prefill whose longest prompt has ``length`` tokens (see POSITION_ALIGN)."""
+        return min(aligned(length), self.cache.max_len)
 
     def _compact(self, finished_rows: set[int]) -> None:
         """Drop finished rows, moving the last active rows into the holes so rows [0, n) stay the active ones."""
@@ -381,6 +404,11 @@ class BatchRunner:
         self._active[:keep], self._active[keep:] = 1, 0  # a hole may hold a row that stopped growing mid-chunk
         self.sampler.keep_rows(order)
         self._tokens[:keep] = self._tokens[torch.tensor(order, dtype=torch.long, device=self.device)]
+
+
+def aligned(positions: int) -> int:
+    """``positions`` rounded up to a multiple of POSITION_ALIGN."""
+    return -(-positions // POSITION_ALIGN) * POSITION_ALIGN
 
 
 def prefill_groups(lengths: list[int]) -> list[slice]:

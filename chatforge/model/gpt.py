@@ -152,25 +152,11 @@ def attend(q, k, v, kv_cache, layer_idx: int, dropout: float) -> torch.Tensor:
     # The cache stores this step's keys/values and returns everything visible so far, with a mask that
     # encodes causality and each row's own length (rows may be at different positions).
     k, v, mask = kv_cache.update(layer_idx, k, v)
-    if q.size(2) == 1 and q.device.type == "cpu":
-        if torch.compiler.is_compiling():
-            return one_query_attention(q, k, v, mask)
-        if k.dtype != torch.float32:
-            return one_query_attention_fp32(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
-def one_query_attention_fp32(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-    """``one_query_attention`` for an eager CPU step over a bf16 cache, as fp32 matmuls: SDPA's bf16 CPU kernel
-    costs far more than the upcast copies (attention of one layer at 64 rows over 64 positions, speedrun shape:
-    804 -> 390 us; at one row 21 -> 26 us)."""
-    B, H, _, D = q.shape
-    kv_heads = k.size(1)
-    q = q.view(B, kv_heads, H // kv_heads, D).float()
-    scores = torch.matmul(q, k.float().transpose(-1, -2)) * D**-0.5  # [B, Hkv, H / Hkv, T]
-    if mask is not None:
-        scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1), v.float()).view(B, H, 1, D).to(v.dtype)
+    if q.size(2) == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
+        return one_query_attention(q, k, v, mask).to(q.dtype)
+    # an eager CPU engine keeps its cache in fp32 under bf16 weights (see KVCache.for_model)
+    y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.to(q.dtype)
 
 
 def one_query_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
