@@ -10,7 +10,7 @@ weights when that checkpoint is arch=gpt2, else random weights of that shape) an
    timed in this process's CPU time unless ``--clock=wall`` (the machine is shared: wall time measures the
    other jobs too; everything here runs on one thread, so on a quiet machine the two agree);
 2. 16 and 64 requests submitted at once to the continuous-batching ``Scheduler`` vs one after another, with
-   the engine a server builds by default (``--dtype=auto``, fp32 for an eager CPU step) and with bf16;
+   the engine a server builds by default (``--dtype=auto``: bf16 where the CPU has it) and with fp32;
 3. each tokens/s as a fraction of the machine's limit for that precision: the larger of (weight bytes per
    token / measured memory bandwidth) and (FLOPs per token / measured matmul peak) is the least time a token
    can take.
@@ -217,10 +217,10 @@ def concurrent(cfg: Config, engine: Engine, count: int, label: str) -> tuple[flo
 
 def serving(cfg: Config, model: GPT, label: str) -> None:
     """Continuous batching vs one request after another, for the engine a server builds by default (dtype=auto:
-    fp32 for an eager CPU step) and for bf16, each against itself; bf16's batched throughput is also given
-    against the faster of the two engines one request at a time (what a single user would run). Whether a
+    bf16 on a CPU with native bf16) and for fp32, each against itself; the default's batched throughput is also
+    given against the faster of the two engines one request at a time (what a single user would run). Whether a
     request's greedy tokens stay the same with the rest of the batch is printed for each."""
-    settings = {"default": InferenceOptions(), "bf16": InferenceOptions("bf16", "none")}
+    settings = {"default": InferenceOptions(), "fp32": InferenceOptions("fp32", "none")}
     for count in cfg.concurrency:
         times = {}
         for name, options in settings.items():
@@ -228,7 +228,7 @@ def serving(cfg: Config, model: GPT, label: str) -> None:
             dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
             times[name] = concurrent(cfg, engine, count, f"{label}, {name} engine ({dtype})")
         (seq, conc), fastest_alone = times["default"], min(t[0] for t in times.values())
-        print(f"[{label}] {count} requests: bf16 batched is {fastest_alone / times['bf16'][1]:.2f}x the faster "
+        print(f"[{label}] {count} requests: the default engine batched is {fastest_alone / conc:.2f}x the faster "
               "engine one request at a time")
         print(f"RESULT continuous_batching_speedup_{count}_{label.replace(' ', '_')} {seq / conc:.2f}")
 
@@ -262,7 +262,7 @@ def profile_step(model: GPT, options: InferenceOptions, batch: int, context: int
     groups = {"matmul": 0.0, "attention": 0.0, "other kernels": 0.0}
     for event in prof.key_averages():
         us = event.self_cpu_time_total
-        # the model's products never batch: a bmm is attention's (a bf16 cache is attended in fp32 matmuls)
+        # the model's products never batch: a bmm is attention's
         if any(k in event.key for k in ("attention", "sdpa", "softmax", "bmm")):
             groups["attention"] += us
         elif any(k in event.key for k in ("mm", "linear", "int8pack", "matmul")):
