@@ -116,6 +116,20 @@ def test_ppo_raises_a_known_reward_while_kl_stays_under_its_limit(tok, tmp_path)
     assert {"entropy", "clip_frac", "value_loss", "beta", "response_length"} <= set(rows[-1])
 
 
+def test_bf16_rollouts_score_in_the_updates_precision(tok, tmp_path):
+    """Under bf16 autocast the rollout's log-probs and values are taken in the updates' precision: the first update
+    of each rollout sees a ratio of exactly 1 (approximate KL 0), and the first rollout's KL to the reference (the
+    same weights) is exactly 0. Rollout log-probs in fp32 against bf16 updates gave ~1e-4 at every first update."""
+    fast = {**FAST, "dtype": "bf16"}
+    cfg = Config(rollout_prompts=16, epochs=1, max_tokens=8, ptx_coef=0.0,
+                 train=TrainConfig(steps=4, batch_size=8, lr=1e-2, min_lr=1e-2, **fast))
+    train_ppo(make_ppo(tok, cfg), tmp_path / "ppo")
+    rows = read_metrics(tmp_path / "ppo")
+    firsts = [r for r in rows if "approx_kl" in r and r["step"] % 2 == 1]
+    assert len(firsts) == 2 and all(r["approx_kl"] == 0.0 for r in firsts), firsts
+    assert [r for r in rows if "kl" in r][0]["kl"] == 0.0
+
+
 def test_kl_limit_stops_the_run_with_a_message(tok, tmp_path, capsys):
     cfg = Config(
         rollout_prompts=16,

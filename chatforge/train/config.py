@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from chatforge.config import option
 from chatforge.errors import ConfigError
@@ -48,6 +49,9 @@ class TrainConfig:
                                                    "(less memory, ~30 % more compute)")
     seed: int = option(0, "seed of the random draws during training (dropout); batches are the task's")
     progress: bool = option(True, "show a progress bar")
+    # dtype=auto on a CPU with native bf16: an eager (uncompiled) step stays in fp32 unless the trainer has measured
+    # its own step faster in bf16
+    eager_bf16_pays: ClassVar[bool] = False
 
     def validate(self) -> None:
         for name in ("steps", "batch_size"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -68,6 +69,9 @@ class PPOTrainConfig(TrainConfig):
     ckpt_every: int = option(48, "steps between checkpoints (best a multiple of the updates per rollout)")
     max_minutes: float = option(6.0, "wall-time budget in minutes (0 = none)")
     compile: str = option("false", "torch.compile (off by default: rollouts switch between shapes constantly)")
+    # measured on the speedrun's stage (its default settings, one CPU with avx512-bf16): eager bf16 updates
+    # 100 s of training against 129-138 s in fp32, with the same reward/KL curves within seed noise
+    eager_bf16_pays: ClassVar[bool] = True
 
 
 class ActorCritic(nn.Module):
@@ -178,7 +182,9 @@ def train_ppo(ppo: PPO, out_dir: str | Path, *, resume: bool = False, meta: dict
                 ids, start, mask = _pack(pairs, ppo.pad, device)  # [B, prompt + response], [B], [B, T]
                 width = mask.size(1)  # T
                 response = response_tokens(ids, start, mask)
-                with torch.no_grad():
+                # in the updates' precision: the first update's ratio is then exactly 1, and the KL to the reference
+                # exactly 0 while the weights are equal (bf16 against fp32 log-probs differ by ~1e-2 a token)
+                with torch.no_grad(), trainer.autocast():
                     ppo.policy.eval()
                     logprobs, _, values, _ = ppo.policy(ids, response)
                     ppo.policy.train()

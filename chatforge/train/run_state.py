@@ -64,7 +64,7 @@ class RunState:
         if not on_meta:
             self.model.to(self.device)
         self.compiled = resolve_compile(cfg.compile, self.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device, self.compiled)
+        self.dtype = resolve_dtype(cfg.dtype, self.device, self.compiled or cfg.eager_bf16_pays)
         if self.fsdp:
             param_dtype = self.dtype if self.dtype != torch.float32 else None
             distributed.shard_model(self.model, param_dtype, cfg.activation_checkpointing)
