@@ -180,25 +180,58 @@ def test_auto_dtype_is_bf16_wherever_the_cpu_has_it(monkeypatch):
 
 
 @pytest.mark.skipif(not device.native_bf16("cpu"), reason="needs a CPU with native bf16")
-def test_bf16_tokens_do_not_depend_on_the_rest_of_the_batch():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_tokens_do_not_depend_on_the_rest_of_the_batch(threads):
     """In bf16 (the default on such CPUs) a request's greedy and seeded tokens are the same alone and among others
-    of other lengths. Without padding prefills and the cache to multiples of POSITION_ALIGN, and products of at
-    least MIN_PRODUCT_ROWS rows (the MLP's 1536 -> 384 product sums one row in another order), rows differed."""
+    of other lengths. Without padding prefills and the cache to multiples of POSITION_ALIGN, products of at least
+    MIN_PRODUCT_ROWS rows (the MLP's 1536 -> 384 product sums one row in another order) and, with two threads,
+    one-query attention written out (SDPA's sums depend on the batch size there), rows differed."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=8192, block_size=128, n_layer=4, n_head=6, n_embd=384)).eval()
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(8192, (int(n),), generator=generator).tolist()
                for n in torch.randint(3, 41, (16,), generator=generator)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         engine = Engine(model, max_batch_size=16, options=InferenceOptions(dtype="bf16"))
         for params in (greedy(24), SamplingParams(max_tokens=24, seed=5, temperature=1.0, ignore_eos=True)):
-            alone = [engine.generate([p], params)[0].choices[0].token_ids for p in prompts]
-            together = [o.choices[0].token_ids for o in engine.generate(prompts, params)]
+            params = dataclasses.replace(params, logprobs=0)  # the chosen tokens' log-probs show any logit's last bit
+
+            def seen(choice):
+                return choice.token_ids, choice.token_logprobs
+
+            alone = [seen(engine.generate([p], params)[0].choices[0]) for p in prompts]
+            together = [seen(o.choices[0]) for o in engine.generate(prompts, params)]
             assert together == alone
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def test_one_query_attention_of_a_row_does_not_depend_on_the_batch_with_two_threads():
+    """An eager CPU decode step's attention gives a row bit-identical output in 2 rows or 16, also with two threads,
+    where SDPA's kernel sums in an order that depends on the batch size (this check fails with SDPA there)."""
+
+    class Cache:  # hands attend the cached keys and values, as KVCache.decode_view does
+        def __init__(self, k, v, mask):
+            self.k, self.v, self.mask = k, v, mask
+
+        def update(self, layer, k, v):
+            return self.k, self.v, self.mask
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(16, 6, 1, 64), torch.randn(16, 6, 128, 64), torch.randn(16, 6, 128, 64)
+    mask = (torch.arange(128)[None, :] <= torch.randint(5, 100, (16,))[:, None])[:, None, None]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        full = gpt.attend(q, k[:, :, :1], v[:, :, :1], Cache(k, v, mask), 0, 0.0)
+        parts = [gpt.attend(q[i : i + 2], k[i : i + 2, :, :1], v[i : i + 2, :, :1],
+                            Cache(k[i : i + 2], v[i : i + 2], mask[i : i + 2]), 0, 0.0)
+                 for i in range(0, 16, 2)]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(torch.cat(parts), full)
 
 
 def test_int8_linear_is_close_to_the_float_layer():

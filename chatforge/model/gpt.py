@@ -178,7 +178,10 @@ def attend(q, k, v, kv_cache, layer_idx: int, dropout: float) -> torch.Tensor:
     # The cache stores this step's keys/values and returns everything visible so far, with a mask that
     # encodes causality and each row's own length (rows may be at different positions).
     k, v, mask = kv_cache.update(layer_idx, k, v)
-    if q.size(2) == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
+    # one query on the CPU: written out when compiled (inductor fuses it), and eagerly with several threads: SDPA's
+    # kernel then sums a row's keys in an order that depends on the batch size (1 against 16 rows, two threads),
+    # and a request's tokens would depend on the rest of the batch; one thread's SDPA does not, and is faster
+    if q.size(2) == 1 and q.device.type == "cpu" and (torch.compiler.is_compiling() or torch.get_num_threads() > 1):
         return one_query_attention(q, k, v, mask).to(q.dtype)
     # an eager CPU engine keeps its cache in fp32 under bf16 weights (see KVCache.for_model)
     y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, enable_gqa=gqa)
