@@ -367,8 +367,9 @@ class BatchRunner:
             # only the last position's logits are needed: skip the vocabulary projection of all the others
             hidden = self.model.hidden_states(ids, kv_cache=view)
             picked = hidden[rows, lengths - 1]
-            last = self.model.logits(picked.repeat(self.min_rows, 1) if len(prompts) == 1
-                                     else picked)[: len(prompts), : self.vocab_size]
+            if len(prompts) < self.min_rows:  # see MIN_PRODUCT_ROWS
+                picked = picked.repeat(self.min_rows, 1)
+            last = self.model.logits(picked)[: len(prompts), : self.vocab_size]
         else:
             logits = self.model(ids, kv_cache=view)[0][..., : self.vocab_size]
             last = logits[rows, lengths - 1]

@@ -90,9 +90,7 @@ class ActorCritic(nn.Module):
 
         Logits are computed only where a response token is predicted, a few rows at a time
         (``chatforge.train.head_logprobs``): never for prompt positions or padding."""
-        positions, tokens = response
-        hidden = self.actor.hidden_states(idx).flatten(0, 1)[positions]
-        logprobs, entropies = token_logprobs(self.actor, hidden, tokens, entropy)
+        logprobs, entropies = response_logprobs(self.actor, idx, response, entropy)
         values = self.critic(idx)
         ptx_loss = None
         if ptx is not None:
@@ -108,6 +106,13 @@ def response_tokens(ids: torch.Tensor, start: torch.Tensor, mask: torch.Tensor) 
     rows, t = mask.bool().nonzero(as_tuple=True)
     at = start[rows] + t - 1
     return rows * ids.size(1) + at, ids[rows, at + 1]
+
+
+def response_logprobs(model: GPT, idx: torch.Tensor, response: tuple[torch.Tensor, torch.Tensor],
+                      entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``model``'s log-probs [N] of the ``response_tokens`` of idx [B, L] (and their entropies, or None)."""
+    positions, tokens = response
+    return token_logprobs(model, model.hidden_states(idx).flatten(0, 1)[positions], tokens, entropy)
 
 
 def per_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -188,9 +193,7 @@ def train_ppo(ppo: PPO, out_dir: str | Path, *, resume: bool = False, meta: dict
                     ppo.policy.eval()
                     logprobs, _, values, _ = ppo.policy(ids, response)
                     ppo.policy.train()
-                    positions, tokens = response
-                    ref_logprobs, _ = token_logprobs(ppo.reference, ppo.reference.hidden_states(ids).flatten(0, 1)[
-                        positions], tokens)
+                    ref_logprobs, _ = response_logprobs(ppo.reference, ids, response)
                 old_logprobs = per_token(logprobs, mask)  # [B, T] log π_old
                 ref_logprobs = per_token(ref_logprobs, mask)  # [B, T] log π_ref
                 old_values = state_values(values, start, width) * mask  # [B, T] V_old
