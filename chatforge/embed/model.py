@@ -343,9 +343,12 @@ class ChatforgeEmbedder:
         except ChatforgeError as exc:
             raise ChatforgeError(f"{path / EMBEDDER_FILE}: {exc}") from None
         gpt_config = recorded_gpt_config(path / EMBEDDER_FILE, meta["gpt"])
-        with torch.device("meta"):  # shapes only, so a damaged config naming a huge model allocates nothing
-            model = EmbeddingModel(GPT(gpt_config), spec.pooling, spec.proj_dim)
-            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        try:
+            with torch.device("meta"):  # shapes only, so a damaged config naming a huge model allocates nothing
+                model = EmbeddingModel(GPT(gpt_config), spec.pooling, spec.proj_dim)
+        except (TypeError, RuntimeError, OverflowError) as exc:  # sizes past what torch can even describe
+            raise ChatforgeError(f"{path / EMBEDDER_FILE}: the model it records cannot be built ({exc})") from None
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         state = read_safetensors(path / WEIGHTS_FILE)
         if {k: tuple(v.shape) for k, v in state.items()} != expected:
             raise ChatforgeError(f"{path / WEIGHTS_FILE} does not fit the model {path / EMBEDDER_FILE} records")
