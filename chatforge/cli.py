@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         die(str(exc))
     except KeyboardInterrupt:
         die("interrupted")
+    from chatforge.train.distributed import finish  # here, so that --help does not wait for torch to load
+
+    finish()
 
 
 if __name__ == "__main__":

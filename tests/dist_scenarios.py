@@ -166,16 +166,18 @@ def main(argv: list[str]) -> None:
         figures = evaluations(out_dir, overrides.get("parallel", "ddp"))
         if ranks.is_main:
             (out_dir / "evals.json").write_text(json.dumps(figures))
-        return
-    model, task, options = scenario(name, ranks.world_size)
-    options.update(overrides)
-    resume = options.pop("resume", False)
-    config = fast_config(**{"steps": 3, "warmup_steps": 1, **options})
-    if isinstance(task, PPO):  # PPO runs its own loop over the shared loop's pieces, as its config's train says
-        task.cfg.train = config
-        train_ppo(task, out_dir, resume=resume)
     else:
-        train(model, task, config, out_dir, resume=resume)
+        model, task, options = scenario(name, ranks.world_size)
+        options.update(overrides)
+        resume = options.pop("resume", False)
+        config = fast_config(**{"steps": 3, "warmup_steps": 1, **options})
+        if isinstance(task, PPO):  # PPO runs its own loop over the shared loop's pieces, as its config's train says
+            task.cfg.train = config
+            train_ppo(task, out_dir, resume=resume)
+        else:
+            train(model, task, config, out_dir, resume=resume)
+        del model, task
+    distributed.finish()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,17 @@ def init(device: str = "auto") -> Dist:
 
 def _shutdown() -> None:
     if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish() -> None:
+    """End a job that succeeded: every rank waits for the others, then the process group is destroyed while the
+    interpreter is whole. Left to interpreter shutdown, a rank whose peer had already gone sometimes aborted
+    ("terminate called without an active exception") as gloo's threads were torn down with it; a failed job is
+    left to the exit hook, which destroys the group without waiting for peers that may never come."""
+    if dist.is_initialized():
+        gc.collect()  # sharded models' cycles, holding the group and its pending work, go before the group does
+        dist.barrier()
         dist.destroy_process_group()
 
 
