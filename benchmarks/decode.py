@@ -195,18 +195,18 @@ def concurrent(cfg: Config, engine: Engine, count: int, label: str) -> tuple[flo
         alone[:] = [engine.generate([p], params)[0].choices[0].token_ids for p in prompts]
 
     def at_once():
-        with Scheduler(engine, max_batch_size=count) as scheduler:
-            def client(i):
-                together[i] = scheduler.submit(prompts[i], params).result().choices[0].token_ids
+        def client(i):
+            together[i] = scheduler.submit(prompts[i], params).result().choices[0].token_ids
 
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
-    at_once()  # warm-up
-    seconds = interleaved({"sequential": sequential, "concurrent": at_once}, 2)
+    with Scheduler(engine, max_batch_size=count) as scheduler:  # one scheduler serves every burst, as a server's
+        at_once()  # warm-up
+        seconds = interleaved({"sequential": sequential, "concurrent": at_once}, 2)
     total = count * cfg.request_tokens
     seq, conc = seconds["sequential"], seconds["concurrent"]
     print(f"[{label}] {count} requests x {cfg.request_tokens} tokens: one after another {seq:.2f} s "

@@ -19,7 +19,7 @@ from chatforge.infer.precision import InferenceOptions, Int8Linear, inference_mo
 from chatforge.infer.runner import decode_step
 from chatforge.infer.sampling import counter_uniforms
 from chatforge.model import gpt
-from chatforge.model.gpt import GPT, GPTConfig, one_query_attention
+from chatforge.model.gpt import GPT, GPTConfig, batched_one_query_attention, one_query_attention
 from chatforge.model.kv_cache import KVCache
 
 PROMPTS = [[5, 17, 60, 3], [9], [44, 61, 2, 8, 30, 31, 7], [70, 70]]
@@ -208,9 +208,12 @@ def test_bf16_tokens_do_not_depend_on_the_rest_of_the_batch(threads):
         torch.set_num_threads(before)
 
 
-def test_one_query_attention_of_a_row_does_not_depend_on_the_batch_with_two_threads():
-    """An eager CPU decode step's attention gives a row bit-identical output in 2 rows or 16, also with two threads,
-    where SDPA's kernel sums in an order that depends on the batch size (this check fails with SDPA there)."""
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads, kv_heads", [(6, 6), (6, 2)])
+def test_one_query_attention_of_a_row_does_not_depend_on_the_batch(threads, heads, kv_heads):
+    """An eager CPU decode step's attention gives a row bit-identical output alone, in 2 rows or in 16, also with
+    two threads, where SDPA's kernel sums in an order that depends on the batch size (this check fails with SDPA
+    there)."""
 
     class Cache:  # hands attend the cached keys and values, as KVCache.decode_view does
         def __init__(self, k, v, mask):
@@ -220,18 +223,20 @@ def test_one_query_attention_of_a_row_does_not_depend_on_the_batch_with_two_thre
             return self.k, self.v, self.mask
 
     torch.manual_seed(0)
-    q, k, v = torch.randn(16, 6, 1, 64), torch.randn(16, 6, 128, 64), torch.randn(16, 6, 128, 64)
+    q = torch.randn(16, heads, 1, 64)
+    k, v = torch.randn(16, kv_heads, 128, 64), torch.randn(16, kv_heads, 128, 64)
     mask = (torch.arange(128)[None, :] <= torch.randint(5, 100, (16,))[:, None])[:, None, None]
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
         full = gpt.attend(q, k[:, :, :1], v[:, :, :1], Cache(k, v, mask), 0, 0.0)
-        parts = [gpt.attend(q[i : i + 2], k[i : i + 2, :, :1], v[i : i + 2, :, :1],
-                            Cache(k[i : i + 2], v[i : i + 2], mask[i : i + 2]), 0, 0.0)
-                 for i in range(0, 16, 2)]
+        for size in (1, 2):
+            parts = [gpt.attend(q[i : i + size], k[i : i + size, :, :1], v[i : i + size, :, :1],
+                                Cache(k[i : i + size], v[i : i + size], mask[i : i + size]), 0, 0.0)
+                     for i in range(0, 16, size)]
+            assert torch.equal(torch.cat(parts), full)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(torch.cat(parts), full)
 
 
 def test_int8_linear_is_close_to_the_float_layer():
@@ -438,8 +443,8 @@ def test_a_waiting_request_ends_the_chunk_after_one_step_and_joins():
 
 @pytest.mark.parametrize("heads, kv_heads", [(2, 2), (4, 2), (6, 1)])
 def test_one_query_attention_equals_sdpa(heads, kv_heads):
-    """The written-out attention a compiled CPU decode step uses equals SDPA, with grouped heads and a mask that
-    leaves rows different lengths (one row sees only its first key)."""
+    """The attention of a compiled CPU decode step (written out) and of an eager one (batched products) equal SDPA,
+    with grouped heads and a mask that leaves rows different lengths (one row sees only its first key)."""
     torch.manual_seed(0)
     q, k, v = torch.randn(3, heads, 1, 16), torch.randn(3, kv_heads, 10, 16), torch.randn(3, kv_heads, 10, 16)
     mask = (torch.arange(10)[None, :] <= torch.tensor([3, 9, 0])[:, None])[:, None, None]
@@ -447,3 +452,4 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads):
     for m in (mask, None):
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa)
         assert torch.allclose(one_query_attention(q, k, v, m), expected, atol=1e-6)
+        assert torch.allclose(batched_one_query_attention(q, k, v, m), expected, atol=1e-6)

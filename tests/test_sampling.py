@@ -8,7 +8,14 @@ import torch
 from chatforge.errors import ChatforgeError
 from chatforge.infer.detokenizer import IncrementalDetokenizer, held_back
 from chatforge.infer.params import SamplingParams
-from chatforge.infer.sampling import BatchSampler, SamplingRow, apply_penalties, filter_logits, sample_from
+from chatforge.infer.sampling import (
+    BatchSampler,
+    SamplingRow,
+    apply_penalties,
+    filter_logits,
+    greedy_tokens,
+    sample_from,
+)
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 
@@ -88,6 +95,21 @@ def test_greedy_rows_and_sampled_rows_share_a_batch():
                      + _rows(SamplingParams(min_p=0.9, logit_bias={3: 100}), 1, 0))
     step = sampler.sample(PROBS.log().repeat(3, 1))
     assert step.tokens.tolist() == [0, 0, 3]  # the bias makes token 3 dominant; min_p then keeps it alone
+
+
+@pytest.mark.parametrize("vocab", [8192, 50257, 8191, 40])  # 8191 is prime: no block width divides it
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_are_argmax_with_its_ties_infinities_and_nans(vocab, dtype):
+    torch.manual_seed(vocab)
+    x = torch.randn(9, vocab + 3).to(dtype)[:, :vocab]  # a column slice, as the engine's padded vocabulary gives
+    x[1, 7] = x[1, vocab - 1] = x[1, 30] = 50  # a tie: the first maximum wins, as argmax's
+    x[2] = float("-inf")
+    x[3, 5:] = float("-inf")
+    x[4, vocab // 2] = x[4, vocab - 2] = float("nan")
+    x[5, :] = x[5, 0]  # every logit equal
+    x[6, vocab - 1] = float("inf")
+    x[7] = x[7].round()  # many ties, in every block
+    assert torch.equal(greedy_tokens(x), x.argmax(-1))
 
 
 def test_min_tokens_suppresses_stop_tokens_until_reached():

@@ -32,8 +32,8 @@ Event = Union[Delta, Completion]  # a request's stream: deltas, then its complet
 # Decode steps between two host reads of the tokens. More amortise the per-token Python further; fewer waste
 # less when every row stops early in a chunk (and add less latency for a request waiting for a slot).
 CHUNK_STEPS = 8
-# Attention in a decode step reads the cache up to the smallest of these (or the whole cache) that holds every
-# active row: a few shapes, so a compiled step compiles a few graphs, and no work on the cache's empty tail.
+# Attention in a compiled decode step reads the cache up to the smallest of these (or the whole cache) that holds
+# every active row: a few shapes, so a compiled step compiles a few graphs, and no work on the cache's empty tail.
 VISIBLE_SIZES = (32, 64, 128, 256, 512, 1024)
 # A compiled chunk of steps takes minutes of C++ compilation per graph (~1.5 min at the speedrun's shape), so one
 # over a cache of at most this many row-positions attends to all of it, one graph where the windows make four:
@@ -44,10 +44,11 @@ WHOLE_CACHE_POSITIONS = 1024
 # as this many padded positions (speedrun shape: ~0.6 ms a call, ~15-25 us a position).
 PREFILL_CALL_POSITIONS = 32
 # Prefills pad their prompts, and an eager runner sizes its cache, to a multiple of this many positions: attention
-# then reads a multiple of it too (VISIBLE_SIZES). The attention kernels give a row bit-identical results whatever
-# the number of masked positions after its keys when the length read is such a multiple (measured at 32-256, SDPA
-# in fp32 and bf16), and not at other lengths (a 23-token prompt alone against padded to 40). With bf16 products
-# row-invariant too (MIN_PRODUCT_ROWS), a request's tokens do not depend on the rest of the batch.
+# then reads a multiple of it too (visible_positions). The attention kernels give a row bit-identical results
+# whatever the number of masked positions after its keys when the length read is such a multiple (measured at
+# 32-256: SDPA in fp32 and bf16, and the eager step's batched products), and not at other lengths (a 23-token
+# prompt alone against padded to 40). With bf16 products row-invariant too (MIN_PRODUCT_ROWS), a request's tokens
+# do not depend on the rest of the batch.
 POSITION_ALIGN = 32
 # An eager step multiplies at least this many rows: oneDNN's bf16 product of a single row sums in another order
 # once the inner dimension is large (one row differs in ~8 % of rows at 1536 -> 384; two rows and more always agree
@@ -144,7 +145,7 @@ class BatchRunner:
         self.model = model
         self.vocab_size = vocab_size
         self._decode = decode or decode_step
-        compiled = self._decode is not decode_step
+        self.compiled = compiled = self._decode is not decode_step
         # a compiled step has its own products (and one-row shapes measured faster); see MIN_PRODUCT_ROWS
         self.min_rows = 1 if compiled else MIN_PRODUCT_ROWS
         if not compiled:
@@ -224,7 +225,7 @@ class BatchRunner:
         m = min(self.cache.batch_size, max(self.min_rows, 1 << (n - 1).bit_length()))
         cache = self.cache if m == self.cache.batch_size else self.cache.rows(0, m)
         longest = max(len(s.request.prepared.prompt_ids) + len(s.tokens) for s in self.active)  # cache length + 1
-        visible = visible_positions(longest + steps - 1, self.cache.max_len)
+        visible = visible_positions(longest + steps - 1, self.cache.max_len, self.compiled)
         left = torch.tensor(budgets, device=self.device)  # tokens each row may still draw
         if self._decode_chunk is not None and m == n and self.sampler.traceable():
             # every step of the chunk in one compiled call: no Python, dispatch or guard check between steps (a
@@ -429,8 +430,12 @@ def prefill_groups(lengths: list[int]) -> list[slice]:
     return groups[::-1]
 
 
-def visible_positions(needed: int, max_len: int) -> int:
-    """The cache positions a decode step attends to when its rows need ``needed``: the next of VISIBLE_SIZES."""
+def visible_positions(needed: int, max_len: int, compiled: bool = True) -> int:
+    """The cache positions a decode step attends to when its rows need ``needed``: for a compiled step the next of
+    VISIBLE_SIZES (each size is a graph), for an eager one the next multiple of POSITION_ALIGN (a server's cache
+    spans the whole context: 72 positions needed read 96, not 128)."""
+    if not compiled:
+        return min(aligned(needed), max_len)
     return min(next((v for v in VISIBLE_SIZES if v >= needed), max_len), max_len)
 
 

@@ -82,6 +82,28 @@ def _keep(logits: torch.Tensor, ordered: torch.Tensor, order: torch.Tensor, remo
     return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(remove, float("-inf")))
 
 
+# aten's CPU argmax walks a row one element at a time, while max-reductions are vectorised: argmax over [64, 8192]
+# took ~0.7 ms of a ~7 ms decode step, its two-stage twin (``greedy_tokens``) ~0.13 ms. Both give the same
+# tokens; below this many rows the twin's extra calls cost more than they save (1 row: 12 -> 24 us).
+BLOCKED_ARGMAX_ROWS = 8
+ARGMAX_BLOCKS = range(64, 7, -1)  # block widths tried, widest first: the vocabulary size must be a multiple
+
+
+def greedy_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` of logits [B, V], first maximum included, in two vectorised stages on the CPU: the maxima
+    of blocks of the row, the first block holding the row's maximum (argmax over V / width blocks), then the first
+    maximum inside that block."""
+    V = x.size(-1)
+    width = next((w for w in ARGMAX_BLOCKS if V % w == 0), None)
+    if (x.device.type != "cpu" or torch.compiler.is_compiling() or width is None or x.dim() != 2
+            or x.size(0) < BLOCKED_ARGMAX_ROWS):
+        return x.argmax(dim=-1)
+    blocks = x.reshape(x.size(0), V // width, width)
+    block = blocks.amax(-1).argmax(-1)  # [B]
+    inside = blocks[torch.arange(x.size(0), device=x.device), block].argmax(-1)
+    return block * width + inside
+
+
 def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row by inverse CDF: the first token whose cumulative probability exceeds ``u * total``
     (``u`` in [0, 1]). A token of probability 0 can never be chosen: its cumulative sum equals its
@@ -218,6 +240,7 @@ class BatchSampler:
                 "frequency": col([p.frequency_penalty for p in params]),
                 "min_tokens": col([p.min_tokens if r.stop_ids else 0 for p, r in zip(params, self.rows)], torch.long),
                 "all_greedy": all(p.greedy for p in params),
+                "any_greedy": any(p.greedy for p in params),
                 "any_penalty": any(
                     p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params
                 ),
@@ -265,9 +288,12 @@ class BatchSampler:
         if t["any_min_tokens"]:  # a row's stop tokens are off until it has drawn min_tokens
             young = self.draws[rows] < t["min_tokens"]
             x = x.masked_fill(young[:, None] & self.stop_mask[rows], float("-inf"))
-        tokens = x.argmax(dim=-1)
-        if not t["all_greedy"]:
-            tokens = torch.where(t["greedy"], tokens, self._draw(x, t, self.draws[rows], self.keys[rows]))
+        if t["all_greedy"]:
+            tokens = greedy_tokens(x)
+        elif t["any_greedy"]:
+            tokens = torch.where(t["greedy"], greedy_tokens(x), self._draw(x, t, self.draws[rows], self.keys[rows]))
+        else:
+            tokens = self._draw(x, t, self.draws[rows], self.keys[rows])
         if t["any_logprobs"]:
             return StepSample(tokens, *token_logprobs(logits, tokens, t["top"]))
         return StepSample(tokens, None, None, None)

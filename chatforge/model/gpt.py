@@ -178,14 +178,34 @@ def attend(q, k, v, kv_cache, layer_idx: int, dropout: float) -> torch.Tensor:
     # The cache stores this step's keys/values and returns everything visible so far, with a mask that
     # encodes causality and each row's own length (rows may be at different positions).
     k, v, mask = kv_cache.update(layer_idx, k, v)
-    # one query on the CPU: written out when compiled (inductor fuses it), and eagerly with several threads: SDPA's
-    # kernel then sums a row's keys in an order that depends on the batch size (1 against 16 rows, two threads),
-    # and a request's tokens would depend on the rest of the batch; one thread's SDPA does not, and is faster
-    if q.size(2) == 1 and q.device.type == "cpu" and (torch.compiler.is_compiling() or torch.get_num_threads() > 1):
-        return one_query_attention(q, k, v, mask).to(q.dtype)
+    if q.size(2) == 1 and q.device.type == "cpu":  # a decode step on the CPU
+        if torch.compiler.is_compiling():  # written out, inductor fuses it into the step's own loops
+            return one_query_attention(q, k, v, mask).to(q.dtype)
+        return batched_one_query_attention(q, k, v, mask).to(q.dtype)
     # an eager CPU engine keeps its cache in fp32 under bf16 weights (see KVCache.for_model)
     y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, enable_gqa=gqa)
     return y.to(q.dtype)
+
+
+def batched_one_query_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """``scaled_dot_product_attention`` of one query per row, q [B, H, 1, D] over k, v [B, Hkv, T, D] (``mask``
+    [B, 1, 1, T], True = visible), as two batched products (aten's bmm) around a softmax, in the cache's dtype.
+    An eager CPU decode step uses it: SDPA's CPU kernel makes two library calls per row and head, so at 64 rows it
+    cost more than the step's matmuls (speedrun shape, 96 cached positions: ~0.66 -> ~0.3 ms a layer), and with
+    two threads it sums a row's keys in an order that depends on the batch size, where each of bmm's products is
+    the same whatever the batch: a request's tokens do not depend on the rest of the batch."""
+    B, H, _, D = q.shape
+    kv_heads, T = k.size(1), k.size(2)
+    queries = q.reshape(B * kv_heads, H // kv_heads, D).to(k.dtype)  # each key/value head serves H // Hkv queries
+    keys = k.reshape(B * kv_heads, T, D).transpose(1, 2)
+    if mask is None:
+        scores = torch.bmm(queries, keys).mul_(D**-0.5)
+    else:
+        bias = torch.zeros(mask.shape, dtype=k.dtype, device=k.device).masked_fill_(~mask, float("-inf"))
+        bias = bias.expand(B, kv_heads, 1, T).reshape(B * kv_heads, 1, T)
+        scores = torch.baddbmm(bias, queries, keys, alpha=D**-0.5)
+    weights = scores.float().softmax(-1).to(v.dtype)
+    return torch.bmm(weights, v.reshape(B * kv_heads, T, D)).view(B, H, 1, D)
 
 
 def one_query_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
