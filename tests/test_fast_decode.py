@@ -453,3 +453,13 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads):
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa)
         assert torch.allclose(one_query_attention(q, k, v, m), expected, atol=1e-6)
         assert torch.allclose(batched_one_query_attention(q, k, v, m), expected, atol=1e-6)
+
+
+def test_a_decode_step_reads_the_positions_its_rows_need():
+    """An eager step reads the next multiple of POSITION_ALIGN (a server's cache spans the whole context, so 72
+    positions needed must not read 128), a compiled one the next of the few sizes it has graphs for, and neither
+    reads past the cache."""
+    assert runner.visible_positions(72, 256, compiled=False) == 96
+    assert runner.visible_positions(72, 256, compiled=True) == 128
+    assert runner.visible_positions(250, 256, compiled=False) == 256
+    assert runner.visible_positions(33, 40, compiled=True) == 40
