@@ -156,7 +156,10 @@ def finish() -> None:
     left to the exit hook, which destroys the group without waiting for peers that may never come."""
     if dist.is_initialized():
         gc.collect()  # sharded models' cycles, holding the group and its pending work, go before the group does
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer has already ended with its own error, which torchrun reports
+            pass
         dist.destroy_process_group()
 
 
