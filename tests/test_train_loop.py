@@ -12,6 +12,7 @@ from train_helpers import CountingTask, fast_config, losses, tiny_gpt
 
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.model.checkpoint import latest_checkpoint
+from chatforge.train import trainer as trainer_module
 from chatforge.train.loop import Micro, TrainingInterrupted, lm_loss, lr_at, train
 from chatforge.train.optim import batched_muon_step, make_optimizer
 from chatforge.train.trainer import clip_gradients
@@ -212,7 +213,20 @@ def test_bad_batch_splits_and_settings_are_named(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_a_time_budget_fits_the_decay_and_stops_in_time(tmp_path):
+class SteadyClock:
+    """A ``time`` whose every reading is 10 ms after the last: the loop's clock-driven decisions then do not depend
+    on how loaded the machine is (a real 2-second budget allowed only 2 steps on a busy machine)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.01
+        return self.now
+
+
+def test_a_time_budget_fits_the_decay_and_stops_in_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "time", SteadyClock())
     cfg = fast_config(steps=1_000_000, max_minutes=2.0 / 60, warmup_steps=2, lr=1e-2, min_lr=1e-3, ckpt_every=0)
     summary = train(tiny_gpt(), CountingTask(), cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
