@@ -71,6 +71,9 @@ class EmbedSpec:
             raise ChatforgeError(f"embedding.kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
         if self.pooling not in POOLINGS:
             raise ChatforgeError(f"embedding.pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}")
+        for name in ("query_marker", "document_marker"):
+            if not isinstance(getattr(self, name), str):
+                raise ChatforgeError(f"embedding.{name} must be a string, got {getattr(self, name)!r}")
         if self.kind == "search" and self.query_marker == self.document_marker:
             raise ChatforgeError("a search model needs different embedding.query_marker and embedding.document_marker")
         if self.max_tokens < 4:
@@ -89,13 +92,9 @@ class EmbedSpec:
         return asdict(self)
 
 
-def encode_texts(
-    tokenizer, texts: Sequence[str], role: str, spec: EmbedSpec, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [B, T] (right-padded) and lengths [B] of ``texts`` framed for ``role``.
-
-    Right padding needs no attention mask: attention is causal, so a text's tokens never see the padding.
-    """
+def framing(tokenizer, role: str, spec: EmbedSpec, block_size: int) -> tuple[list[int], int]:
+    """The tokens put before a ``role``'s text (end token, marker) and how many of the text's tokens fit after
+    them; a marker that leaves no room is an error."""
     end = tokenizer.special_id(END_TOKEN)
     marker = spec.marker(role)
     prefix = [end] + (tokenizer.encode(marker) if marker else [])
@@ -104,6 +103,18 @@ def encode_texts(
         raise ChatforgeError(
             f"the {role} marker {marker!r} leaves no room for text in {min(spec.max_tokens, block_size)} tokens"
         )
+    return prefix, budget
+
+
+def encode_texts(
+    tokenizer, texts: Sequence[str], role: str, spec: EmbedSpec, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] (right-padded) and lengths [B] of ``texts`` framed for ``role``.
+
+    Right padding needs no attention mask: attention is causal, so a text's tokens never see the padding.
+    """
+    end = tokenizer.special_id(END_TOKEN)
+    prefix, budget = framing(tokenizer, role, spec, block_size)
     rows = [prefix + ids[:budget] + [end] for ids in tokenizer.encode_batch(list(texts))]
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     ids = torch.full((len(rows), int(lengths.max())), end, dtype=torch.long)
@@ -352,12 +363,18 @@ class ChatforgeEmbedder:
         state = read_safetensors(path / WEIGHTS_FILE)
         if {k: tuple(v.shape) for k, v in state.items()} != expected:
             raise ChatforgeError(f"{path / WEIGHTS_FILE} does not fit the model {path / EMBEDDER_FILE} records")
+        tokenizer = Tokenizer.load(path)
+        for role in ("query", "document"):
+            try:
+                framing(tokenizer, role, spec, gpt_config.block_size)
+            except ChatforgeError as exc:
+                raise ChatforgeError(f"{path / EMBEDDER_FILE}: {exc}") from None
         model = EmbeddingModel(GPT(gpt_config), spec.pooling, spec.proj_dim)
         model.load_state_dict(state)
         model.to(device or default_device()).eval()
         return cls(
             model,
-            Tokenizer.load(path),
+            tokenizer,
             spec,
             name=meta.get("name", "chatforge-embed"),
             path=str(path.resolve()),
