@@ -93,10 +93,11 @@ def greedy_tokens(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` of logits [B, V], first maximum included, in two vectorised stages on the CPU: the maxima
     of blocks of the row, the first block holding the row's maximum (argmax over V / width blocks), then the first
     maximum inside that block."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or x.dim() != 2 or x.size(0) < BLOCKED_ARGMAX_ROWS:
+        return x.argmax(dim=-1)
     V = x.size(-1)
     width = next((w for w in ARGMAX_BLOCKS if V % w == 0), None)
-    if (x.device.type != "cpu" or torch.compiler.is_compiling() or width is None or x.dim() != 2
-            or x.size(0) < BLOCKED_ARGMAX_ROWS):
+    if width is None:
         return x.argmax(dim=-1)
     blocks = x.reshape(x.size(0), V // width, width)
     block = blocks.amax(-1).argmax(-1)  # [B]
