@@ -4,8 +4,8 @@
 whole [B, T, vocab] tensor and autograd keeps it, and its gradient, for backward. At PPO's shapes (8 rows of 256
 positions, a vocabulary of 8192) those passes over 16.7M floats cost about as much as the output layer's matrix
 products, and the CPU's log-softmax backward is slow (~100 ms for [2048, 8192] fp32, ~15 ms its forward). Here the
-output layer is applied to ``CHUNK_ELEMENTS // vocab`` rows at a time and each piece's softmax arithmetic is done
-in place (a log_softmax or softmax kernel, then the gradient written in the product's dtype):
+output layer is applied to ``CHUNK_ELEMENTS // vocab`` rows at a time, and each piece takes one softmax kernel (the
+targets' log-probs read off it, ``_softmax_and_logprobs``) and one conversion of p − onehot to the product's dtype:
 
 * ``token_logprobs(model, hidden, targets)``: log p(target) of each row, [N] (and, without gradient, the entropy of
   each row's distribution). Backward reads the probabilities kept by the forward when they are at most
@@ -16,8 +16,9 @@ in place (a log_softmax or softmax kernel, then the gradient written in the prod
 
 Both compute what ``GPT.logits`` followed by a log-softmax computes: ``next_token_loss`` in the same precision
 (under autocast the products run in the autocast dtype, as ``lm_head`` does), ``token_logprobs`` with fp32
-products (see there); the softmax arithmetic is fp32 (as the callers' ``.float()`` did). Rows are independent;
-only the weight gradient's sum over pieces is ordered differently.
+products in its forward (see there) and its gradient's in the autocast dtype; the softmax arithmetic is fp32 (as
+the callers' ``.float()`` did). Rows are independent; only the weight gradient's sum over pieces is ordered
+differently.
 """
 
 from __future__ import annotations
@@ -51,60 +52,79 @@ def _logits(h: torch.Tensor, w: torch.Tensor, softcap: float) -> torch.Tensor:
     return z
 
 
-def _logit_gradient(p: torch.Tensor, z: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, softcap: float,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """d/du of Σ_r g_r · log p_r(targets_r) in ``dtype``, where p = softmax(z) [rows, vocab] (fp32, overwritten) and
-    z = logits(u): −g · (p − onehot), times the soft-cap's slope 1 − (z / cap)²; the last product is written in
-    ``dtype`` directly (one pass less than multiplying, then converting)."""
+def _softmax_and_logprobs(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(z) in fp32 [rows, vocab] and log p(targets) [rows], with one exponential a logit (a log-softmax
+    followed by exp takes two, and that second pass over [rows, vocab] was the dearest elementwise one here).
+
+    log p_t = z_t − max z − log Σ exp(z − max z), and the softmax's largest entry is exactly exp(0) / Σ: so
+    log p_t = z_t − max z + log max p, which cannot underflow (max p ≥ 1 / vocab)."""
+    p = torch.softmax(z, 1, dtype=torch.float32)
+    rows = torch.arange(z.size(0), device=z.device)
+    logp = (z[rows, targets].float() - z.amax(1).float()).add_(p.amax(1).log_())
+    return p, logp
+
+
+def _entropy(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """−Σ p log p of each row of p = softmax(z): log p = z − log-sum-exp(z), and log-sum-exp = max z − log max p
+    (see ``_softmax_and_logprobs``), so it is one dot product a row instead of a log over [rows, vocab]."""
+    return (z.amax(1).float() - p.amax(1).log()) - torch.linalg.vecdot(p, z.float())
+
+
+def _logit_gradient(p: torch.Tensor, z: torch.Tensor | None, targets: torch.Tensor, softcap: float) -> torch.Tensor:
+    """p − onehot(targets), times the soft-cap's slope 1 − (z / cap)² when there is one: the gradient of
+    −log p(targets) with respect to the product before the cap, where p = softmax(z) (fp32, overwritten)."""
     p[torch.arange(p.size(0), device=p.device), targets] -= 1  # in fp32: p − 1 loses nothing where p is near 1
     if softcap:
-        p.mul_(1 - (z / softcap) ** 2)
-    out = p if dtype == p.dtype else torch.empty(p.shape, dtype=dtype, device=p.device)
-    return torch.mul(p, g.neg().unsqueeze(1), out=out)
+        p.mul_(torch.addcmul(torch.ones((), device=p.device), z, z, value=-1 / softcap**2))
+    return p
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap: float, entropy: bool, grads: bool):
+    def forward(ctx, hidden, weight, targets, softcap: float, entropy: bool, grads: bool, grad_dtype: torch.dtype):
         h, w = hidden.float(), weight.float()  # fp32 products: see token_logprobs
         logprobs = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
         ent = torch.empty_like(logprobs) if entropy else None
         # keep the probabilities for backward when they are small enough (and the cap's slope is not needed): one
         # product with the output layer fewer than recomputing them
         keep = grads and not softcap and h.size(0) * w.size(0) <= KEEP_ELEMENTS
-        probs = torch.empty(h.size(0), w.size(0), dtype=torch.float32, device=h.device) if keep else None
+        kept = []
         for piece in _pieces(h.size(0), w.size(0)):
-            logp = torch.log_softmax(_logits(h[piece], w, softcap), 1, dtype=torch.float32)
-            logprobs[piece] = logp[torch.arange(logp.size(0), device=logp.device), targets[piece]]
-            if entropy or keep:
-                p = torch.exp(logp, out=probs[piece]) if keep else logp.exp()
-                if entropy:  # −Σ p·log p
-                    ent[piece] = -torch.linalg.vecdot(p, logp)
-        ctx.save_for_backward(h, w, targets, probs)
-        ctx.softcap, ctx.dtypes = softcap, (hidden.dtype, weight.dtype)
+            z = _logits(h[piece], w, softcap)
+            p, logprobs[piece] = _softmax_and_logprobs(z, targets[piece])
+            if entropy:
+                ent[piece] = _entropy(p, z)
+            if keep:
+                kept.append(p)
+        ctx.save_for_backward(h, w, targets, *kept)
+        ctx.softcap, ctx.dtypes, ctx.grad_dtype = softcap, (hidden.dtype, weight.dtype), grad_dtype
         if entropy:
             ctx.mark_non_differentiable(ent)
         return logprobs, ent
 
     @staticmethod
     def backward(ctx, grad, _grad_entropy):
-        h, w, targets, probs = ctx.saved_tensors
+        h, w, targets, *kept = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        for piece in _pieces(h.size(0), w.size(0)):
-            if probs is not None:  # kept by the forward; copied, as a second backward would need them again
-                z, p = None, probs[piece].clone()
+        # the gradient's products in the autocast dtype, as every other layer's backward runs: the forward's fp32
+        # is for the ratio exp(log p − log p_old), which rounding would move; a gradient rounds like any other
+        low_h, low_w = h.to(ctx.grad_dtype), w.to(ctx.grad_dtype)
+        for i, piece in enumerate(_pieces(h.size(0), w.size(0))):
+            if kept:  # kept by the forward; copied, as a second backward would need them again
+                z, p = None, kept[i].clone()
             else:  # recomputed: the same product as the forward's
                 z = _logits(h[piece], w, ctx.softcap)
                 p = torch.softmax(z, 1, dtype=torch.float32)
-            dz = _logit_gradient(p, z, targets[piece], grad[piece].float(), ctx.softcap, h.dtype)
+            dz = _logit_gradient(p, z, targets[piece], ctx.softcap).mul_(grad[piece].float().neg().unsqueeze(1))
+            dz = dz.to(ctx.grad_dtype)
             if need_h:
-                grad_h[piece] = torch.mm(dz, w)
+                grad_h[piece] = torch.mm(dz, low_w)
             if need_w:
-                grad_w += torch.mm(dz.t(), h[piece])
+                grad_w += torch.mm(dz.t(), low_h[piece])
         return (grad_h.to(ctx.dtypes[0]) if need_h else None, grad_w.to(ctx.dtypes[1]) if need_w else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 class _NextTokenLoss(torch.autograd.Function):
@@ -119,14 +139,16 @@ class _NextTokenLoss(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grads else None
         for piece in _pieces(h.size(0), w.size(0)):
             z = _logits(h[piece], w, softcap)
-            logp = torch.log_softmax(z, 1, dtype=torch.float32)
-            total -= torch.dot(logp[torch.arange(logp.size(0), device=logp.device), safe[piece]], valid[piece])
-            if grads:  # of the mean loss −Σ valid · log p / count
-                dz = _logit_gradient(logp.exp_(), z, safe[piece], -valid[piece] / count, softcap, h.dtype)
-                grad_h[piece] = torch.mm(dz, w)
-                grad_w += torch.mm(dz.t(), h[piece])
+            p, logp = _softmax_and_logprobs(z, safe[piece])
+            mine = valid[piece].unsqueeze(1)
+            total -= torch.dot(logp, valid[piece])
+            if grads:  # of the summed loss −Σ valid · log p; the mean's 1 / count is applied once, at the end
+                dz = _logit_gradient(p, z, safe[piece], softcap).to(h.dtype)
+                # ignored rows are zeroed on the narrow side of each product (h's rows, the result's rows), exactly
+                grad_h[piece] = torch.mm(dz, w).mul_(mine)
+                grad_w += torch.mm(dz.t(), h[piece] * mine.to(h.dtype))
         if grads:
-            ctx.save_for_backward(grad_h, grad_w)
+            ctx.save_for_backward(grad_h.div_(count), grad_w.div_(count))
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / count
 
@@ -149,13 +171,15 @@ def token_logprobs(model: GPT, hidden: torch.Tensor, targets: torch.Tensor, entr
     """log p(targets[r]) of each row of ``hidden`` [N, n_embd] under ``model``'s output layer, fp32 [N]; and with
     ``entropy`` each row's entropy (fp32 [N], no gradient), else None.
 
-    The product is fp32 even under autocast: PPO's ratio exp(log p - log p_old) is where rounding hurts, and its
-    rows are few (the response tokens). With bf16 products the second update of a rollout measured an approximate
-    KL of 3.4e-4 from rounding that moves with the weights, 2.6e-4 with this, 1.1e-4 all in fp32."""
+    The forward's product is fp32 even under autocast: PPO's ratio exp(log p - log p_old) is where rounding hurts,
+    and its rows are few (the response tokens). With bf16 products the second update of a rollout measured an
+    approximate KL of 3.4e-4 from rounding that moves with the weights, 2.6e-4 with this, 1.1e-4 all in fp32. The
+    gradient's two products run in the autocast dtype, as the rest of the network's backward does."""
     weight, softcap = output_layer(model)
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    grad_dtype = _compute_dtype(hidden)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _TokenLogprobs.apply(hidden, weight, targets, softcap, entropy, grads)
+        return _TokenLogprobs.apply(hidden, weight, targets, softcap, entropy, grads, grad_dtype)
 
 
 def next_token_loss(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
