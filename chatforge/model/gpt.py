@@ -283,10 +283,15 @@ def has_value_embed(cfg: GPTConfig, layer_idx: int) -> bool:
     return cfg.value_embeds and layer_idx % 2 == (cfg.n_layer - 1) % 2
 
 
+QK_SCALE = 1.2  # normed queries and keys × 1.2: a sharper softmax than unit norms allow
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of x [B, T, H, D] with cos/sin [B or 1, T, 1, D/2]."""
+    """Rotary position embedding of x [B, T, H, D] with the tables cos = [c, c], sin = [−s, s] [B or 1, T, 1, D]
+    (``GPT.reset_buffers``): (x1, x2) → (x1·c − x2·s, x2·c + x1·s), as x·cos + (x2, x1)·sin in three operations
+    (the half-width form takes seven, each with its own backward, in every attention layer of a training step)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)
 
 
 class ModernAttention(nn.Module):
@@ -309,8 +314,8 @@ class ModernAttention(nn.Module):
         if value_embed is not None:  # [B, T, Hkv*D], gated per head in (0, 2), starting at 1
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
             v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.n_kv_head, self.head_dim)
-        # QK-norm then × 1.2 (a sharper softmax than unit norms allow), rotary on the normed vectors
-        q, k = rotate(rms_norm(q) * 1.2, *rotary), rotate(rms_norm(k) * 1.2, *rotary)
+        # QK-norm then × QK_SCALE (folded into the rotary tables), rotary on the normed vectors
+        q, k = rotate(rms_norm(q), *rotary), rotate(rms_norm(k), *rotary)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         y = attend(q, k, v, kv_cache, self.layer_idx, self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
@@ -377,7 +382,10 @@ class GPT(nn.Module):
         dims = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = cfg.rope_base ** -(dims / cfg.head_dim)
         angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32, device=device), inv_freq)
-        self.rotary_cos, self.rotary_sin = angles.cos(), angles.sin()
+        # full-width tables for ``rotate``, times QK_SCALE: a rotation is linear, so scaling the normed queries and
+        # keys first or the tables is the same (and one operation fewer on each)
+        cos, sin = angles.cos() * QK_SCALE, angles.sin() * QK_SCALE
+        self.rotary_cos, self.rotary_sin = torch.cat((cos, cos), 1), torch.cat((-sin, sin), 1)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
