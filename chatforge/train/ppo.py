@@ -197,8 +197,10 @@ def train_ppo(ppo: PPO, out_dir: str | Path, *, resume: bool = False, meta: dict
                 old_logprobs = per_token(logprobs, mask)  # [B, T] log π_old
                 ref_logprobs = per_token(ref_logprobs, mask)  # [B, T] log π_ref
                 old_values = state_values(values, start, width) * mask  # [B, T] V_old
-                # 2. reward-model scores, unfinished answers (no <|end|> within max_tokens) losing unfinished_penalty
-                scores = reward_scores(ppo.reward_model, pairs, ppo.end, ppo.pad, device, cfg.unfinished_penalty)  # [B]
+                # 2. reward-model scores, unfinished answers (no <|end|> within max_tokens) losing unfinished_penalty;
+                # in the training precision, like the scoring above (the reward model was trained in it too)
+                with trainer.autocast():
+                    scores = reward_scores(ppo.reward_model, pairs, ppo.end, ppo.pad, device, cfg.unfinished_penalty)
                 # 3. per-token rewards: −β·(log π − log π_ref) at every token, plus the score at the last one
                 rewards, kl = token_rewards(old_logprobs, ref_logprobs, scores, mask, ppo.kl.beta)  # [B, T] each
                 # 4. GAE advantages (whitened) and returns
@@ -208,8 +210,9 @@ def train_ppo(ppo: PPO, out_dir: str | Path, *, resume: bool = False, meta: dict
                          "response_length": float(mask.sum(1).mean()),
                          "ended_fraction": sum(ended(r, ppo.end) for _, r in pairs) / len(pairs)}
                 if ppo.gold_model is not None:  # Gao et al.: the reward the proxy stands for, never optimised
-                    stats["gold_reward"] = float(reward_scores(ppo.gold_model, pairs, ppo.end, ppo.pad, device,
-                                                               cfg.unfinished_penalty).mean())
+                    with trainer.autocast():
+                        gold = reward_scores(ppo.gold_model, pairs, ppo.end, ppo.pad, device, cfg.unfinished_penalty)
+                    stats["gold_reward"] = float(gold.mean())
                 ppo.kl.update(kl_per_response, len(pairs))
                 ppo.buffer = {"index": rollout, "ids": ids.cpu(), "start": start.cpu(), "mask": mask.cpu(),
                                "old_logprobs": old_logprobs.cpu(), "old_values": old_values.cpu(),
