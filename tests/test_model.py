@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from chatforge.errors import ChatforgeError
-from chatforge.model.gpt import GPT, PRESETS, GPTConfig, causal_attention, preset_config
+from chatforge.model.gpt import GPT, PRESETS, GPTConfig, causal_attention, preset_config, rms_norm
 from chatforge.model.kv_cache import KVCache
 
 TINY = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=16)
@@ -120,3 +120,21 @@ def test_attention_under_cpu_autocast_is_causal_and_close_to_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         moved = causal_attention(q, later, v, 0.0, True)
     assert torch.equal(moved[:, :, :9], got[:, :, :9]) and not torch.equal(moved[:, :, 9:], got[:, :, 9:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_of_a_training_step_equals_torchs_in_value_and_gradient(dtype):
+    """Eager training takes rms_norm's own backward (three passes); it must give torch's gradient."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 16) * 3).to(dtype).requires_grad_()
+    weights = torch.randn(3, 5, 16)
+    got = rms_norm(x)
+    expected = torch.nn.functional.rms_norm(x, (16,))
+    assert got.dtype == dtype and torch.equal(got, expected)
+    (grad,) = torch.autograd.grad((got.float() * weights).sum(), x)
+    (want,) = torch.autograd.grad((expected.float() * weights).sum(), x)
+    assert grad.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grad.float(), want.float(), rtol=tolerance, atol=tolerance)
+    with torch.no_grad():  # scoring and decoding keep torch's kernel
+        assert torch.equal(rms_norm(x), expected)

@@ -104,7 +104,29 @@ def preset_config(name: str, **overrides) -> GPTConfig:
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _RMSNorm.apply(x)
     return F.rms_norm(x, (x.size(-1),))
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``F.rms_norm`` (no weight) with a backward of three passes: autograd's derivative of it is nine operations
+    (pow, mul, sum, div, ...), each a pass over the activations. Eager training only (a compiler derives its own):
+    17 norms of [8, 230, 128] forward + backward, two threads: 7.0 -> 4.7 ms in fp32, 9.9 -> 5.2 ms in bf16."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = F.rms_norm(x, (x.size(-1),))  # eps = the dtype's machine epsilon, as below
+        mean_square = torch.linalg.vector_norm(x, 2, -1, keepdim=True, dtype=torch.float32).square_().div_(x.size(-1))
+        ctx.save_for_backward(y, mean_square.add_(torch.finfo(x.dtype).eps).rsqrt_())
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        # y = x · r with r = (mean x² + eps)^-½: dx = r · (g − y · mean(g · y))
+        y, r = ctx.saved_tensors
+        mean_gy = torch.linalg.vecdot(grad, y).unsqueeze(-1).float().div_(y.size(-1))
+        return torch.addcmul(grad, y, mean_gy, value=-1).mul_(r).to(grad.dtype)
 
 
 # A compiled CPU decode step multiplies one or two rows by each weight. Written as multiply-and-sum, inductor makes
