@@ -112,12 +112,13 @@ class _TokenLogprobs(torch.autograd.Function):
         # is for the ratio exp(log p − log p_old), which rounding would move; a gradient rounds like any other
         low_h, low_w = h.to(ctx.grad_dtype), w.to(ctx.grad_dtype)
         for i, piece in enumerate(_pieces(h.size(0), w.size(0))):
-            if kept:  # kept by the forward; copied, as a second backward would need them again
-                z, p = None, kept[i].clone()
+            g = grad[piece].float().neg().unsqueeze(1)
+            if kept:  # kept by the forward and left as they are (a second backward would need them again)
+                dz = kept[i] * g  # g · (p − onehot) with g = −grad: g·p, then −g at the targets (in fp32)
+                dz[torch.arange(dz.size(0), device=dz.device), targets[piece]] -= g.squeeze(1)
             else:  # recomputed: the same product as the forward's
                 z = _logits(h[piece], w, ctx.softcap)
-                p = torch.softmax(z, 1, dtype=torch.float32)
-            dz = _logit_gradient(p, z, targets[piece], ctx.softcap).mul_(grad[piece].float().neg().unsqueeze(1))
+                dz = _logit_gradient(torch.softmax(z, 1, dtype=torch.float32), z, targets[piece], ctx.softcap).mul_(g)
             dz = dz.to(ctx.grad_dtype)
             if need_h:
                 grad_h[piece] = torch.mm(dz, low_w)
