@@ -1,7 +1,8 @@
 """Wall time of the speedrun's `ppo` and `humaneval` stages: this tree against an earlier revision, same settings.
 
     .venv/bin/python benchmarks/stage_speed.py --baseline=51f5809 [--run=runs/speedrun] [--seeds=0,1,2,3]
-        [--stages=ppo,humaneval] [--ppo_args="--epochs=2 ..."] [--humaneval_args="--max_tokens=128"]
+        [--stages=ppo,humaneval] [--ppo_args="--epochs=2 ..."] [--this_tree_ppo_args="..."]
+        [--humaneval_args="--max_tokens=128"]
 
 Both trees run the same command on the same checkpoints of a finished speedrun (``--run``): the baseline from a
 temporary git worktree of ``--baseline``, each as its own `python -m chatforge.cli` process (so each pays its own
@@ -89,6 +90,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--stages", default="ppo,humaneval")
     parser.add_argument("--ppo_args", default="", help="extra options for both trees' ppo (the same settings)")
+    parser.add_argument("--this_tree_ppo_args", default="",
+                        help="options only this tree has, set to reproduce the baseline's behaviour "
+                             "(e.g. --unfinished_penalty=0 against a revision without that rule)")
     parser.add_argument("--humaneval_args", default="--max_tokens=128")
     parser.add_argument("--work", default="", help="where outputs go (default: a temporary directory)")
     args = parser.parse_args()
@@ -111,7 +115,8 @@ def main() -> None:
             for seed in seeds:
                 for index, (name, tree) in enumerate(trees.items()):
                     out = work / f"{stage}_{index}_seed{seed}"
-                    seconds = timed(tree, make(run, out, seed, extra), work / f"{stage}_{index}_seed{seed}.log")
+                    own = shlex.split(args.this_tree_ppo_args) if stage == "ppo" and tree == ROOT else []
+                    seconds = timed(tree, make(run, out, seed, extra + own), work / f"{stage}_{index}_seed{seed}.log")
                     times[name].append(seconds)
                     found = results(out)
                     print(f"  seed {seed}  {name:<24} {seconds:7.1f} s  "
