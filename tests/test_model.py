@@ -126,7 +126,9 @@ def test_attention_under_cpu_autocast_is_causal_and_close_to_fp32():
 def test_rms_norm_of_a_training_step_equals_torchs_in_value_and_gradient(dtype):
     """Eager training takes rms_norm's own backward (three passes); it must give torch's gradient."""
     torch.manual_seed(0)
-    x = (torch.randn(3, 5, 16) * 3).to(dtype).requires_grad_()
+    # rows of every scale: where the mean square is small, the eps inside the square root must be torch's
+    scales = torch.logspace(-3, 1, 15).view(3, 5, 1)
+    x = (torch.randn(3, 5, 16) * scales).to(dtype).requires_grad_()
     weights = torch.randn(3, 5, 16)
     got = rms_norm(x)
     expected = torch.nn.functional.rms_norm(x, (16,))
@@ -134,7 +136,7 @@ def test_rms_norm_of_a_training_step_equals_torchs_in_value_and_gradient(dtype):
     (grad,) = torch.autograd.grad((got.float() * weights).sum(), x)
     (want,) = torch.autograd.grad((expected.float() * weights).sum(), x)
     assert grad.dtype == dtype
-    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(grad.float(), want.float(), rtol=tolerance, atol=tolerance)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grad.float(), want.float(), rtol=tolerance, atol=tolerance * float(want.abs().max()))
     with torch.no_grad():  # scoring and decoding keep torch's kernel
         assert torch.equal(rms_norm(x), expected)

@@ -116,9 +116,11 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        y = F.rms_norm(x, (x.size(-1),))  # eps = the dtype's machine epsilon, as below
+        y = F.rms_norm(x, (x.size(-1),))
         mean_square = torch.linalg.vector_norm(x, 2, -1, keepdim=True, dtype=torch.float32).square_().div_(x.size(-1))
-        ctx.save_for_backward(y, mean_square.add_(torch.finfo(x.dtype).eps).rsqrt_())
+        # F.rms_norm's default eps: the machine epsilon of the dtype it computes in (fp32 for bf16 inputs)
+        eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
+        ctx.save_for_backward(y, mean_square.add_(eps).rsqrt_())
         return y
 
     @staticmethod
