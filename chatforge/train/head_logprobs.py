@@ -5,7 +5,7 @@ whole [B, T, vocab] tensor and autograd keeps it, and its gradient, for backward
 positions, a vocabulary of 8192) those passes over 16.7M floats cost about as much as the output layer's matrix
 products, and the CPU's log-softmax backward is slow (~100 ms for [2048, 8192] fp32, ~15 ms its forward). Here the
 output layer is applied to ``CHUNK_ELEMENTS // vocab`` rows at a time, and each piece takes one softmax kernel (the
-targets' log-probs read off it, ``_softmax_and_logprobs``) and one conversion of p − onehot to the product's dtype:
+targets' log-probs read off it, ``_softmax_and_logsumexp``) and one conversion of p − onehot to the product's dtype:
 
 * ``token_logprobs(model, hidden, targets)``: log p(target) of each row, [N] (and, without gradient, the entropy of
   each row's distribution). Backward reads the probabilities kept by the forward when they are at most
@@ -52,22 +52,19 @@ def _logits(h: torch.Tensor, w: torch.Tensor, softcap: float) -> torch.Tensor:
     return z
 
 
-def _softmax_and_logprobs(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(z) in fp32 [rows, vocab] and log p(targets) [rows], with one exponential a logit (a log-softmax
-    followed by exp takes two, and that second pass over [rows, vocab] was the dearest elementwise one here).
+def _softmax_and_logsumexp(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(z) in fp32 [rows, vocab] and log Σ exp z [rows], with one exponential a logit (a log-softmax followed
+    by exp takes two, and that second pass over [rows, vocab] was the dearest elementwise one here).
 
-    log p_t = z_t − max z − log Σ exp(z − max z), and the softmax's largest entry is exactly exp(0) / Σ: so
-    log p_t = z_t − max z + log max p, which cannot underflow (max p ≥ 1 / vocab)."""
+    The softmax's largest entry is exactly exp(0) / Σ exp(z − max z), so log Σ exp z = max z − log max p, which
+    cannot underflow (max p ≥ 1 / vocab); then log p_t = z_t − log Σ exp z and the entropy is
+    log Σ exp z − Σ p·z, one dot product a row instead of a log over [rows, vocab]."""
     p = torch.softmax(z, 1, dtype=torch.float32)
-    rows = torch.arange(z.size(0), device=z.device)
-    logp = (z[rows, targets].float() - z.amax(1).float()).add_(p.amax(1).log_())
-    return p, logp
+    return p, z.amax(1).float().sub_(p.amax(1).log_())
 
 
-def _entropy(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """−Σ p log p of each row of p = softmax(z): log p = z − log-sum-exp(z), and log-sum-exp = max z − log max p
-    (see ``_softmax_and_logprobs``), so it is one dot product a row instead of a log over [rows, vocab]."""
-    return (z.amax(1).float() - p.amax(1).log()) - torch.linalg.vecdot(p, z.float())
+def _target_logits(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return z[torch.arange(z.size(0), device=z.device), targets].float()
 
 
 def _logit_gradient(p: torch.Tensor, z: torch.Tensor | None, targets: torch.Tensor, softcap: float) -> torch.Tensor:
@@ -91,9 +88,10 @@ class _TokenLogprobs(torch.autograd.Function):
         kept = []
         for piece in _pieces(h.size(0), w.size(0)):
             z = _logits(h[piece], w, softcap)
-            p, logprobs[piece] = _softmax_and_logprobs(z, targets[piece])
+            p, log_total = _softmax_and_logsumexp(z)
+            logprobs[piece] = _target_logits(z, targets[piece]) - log_total
             if entropy:
-                ent[piece] = _entropy(p, z)
+                ent[piece] = log_total - torch.linalg.vecdot(p, z.float())
             if keep:
                 kept.append(p)
         ctx.save_for_backward(h, w, targets, *kept)
@@ -140,7 +138,8 @@ class _NextTokenLoss(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grads else None
         for piece in _pieces(h.size(0), w.size(0)):
             z = _logits(h[piece], w, softcap)
-            p, logp = _softmax_and_logprobs(z, safe[piece])
+            p, log_total = _softmax_and_logsumexp(z)
+            logp = _target_logits(z, safe[piece]) - log_total
             mine = valid[piece].unsqueeze(1)
             total -= torch.dot(logp, valid[piece])
             if grads:  # of the summed loss −Σ valid · log p; the mean's 1 / count is applied once, at the end
