@@ -201,6 +201,9 @@ def train_ppo(ppo: PPO, out_dir: str | Path, *, resume: bool = False, meta: dict
                 # in the training precision, like the scoring above (the reward model was trained in it too)
                 with trainer.autocast():
                     scores = reward_scores(ppo.reward_model, pairs, ppo.end, ppo.pad, device, cfg.unfinished_penalty)
+                    # Gao et al.: the reward the proxy stands for, never optimised
+                    gold = (None if ppo.gold_model is None else
+                            reward_scores(ppo.gold_model, pairs, ppo.end, ppo.pad, device, cfg.unfinished_penalty))
                 # 3. per-token rewards: −β·(log π − log π_ref) at every token, plus the score at the last one
                 rewards, kl = token_rewards(old_logprobs, ref_logprobs, scores, mask, ppo.kl.beta)  # [B, T] each
                 # 4. GAE advantages (whitened) and returns
@@ -209,9 +212,7 @@ def train_ppo(ppo: PPO, out_dir: str | Path, *, resume: bool = False, meta: dict
                 stats = {"reward": float(scores.mean()), "kl": kl_per_response, "beta": ppo.kl.beta,
                          "response_length": float(mask.sum(1).mean()),
                          "ended_fraction": sum(ended(r, ppo.end) for _, r in pairs) / len(pairs)}
-                if ppo.gold_model is not None:  # Gao et al.: the reward the proxy stands for, never optimised
-                    with trainer.autocast():
-                        gold = reward_scores(ppo.gold_model, pairs, ppo.end, ppo.pad, device, cfg.unfinished_penalty)
+                if gold is not None:
                     stats["gold_reward"] = float(gold.mean())
                 ppo.kl.update(kl_per_response, len(pairs))
                 ppo.buffer = {"index": rollout, "ids": ids.cpu(), "start": start.cpu(), "mask": mask.cpu(),
