@@ -271,3 +271,18 @@ def test_forced_namespace_mode_reports_why_it_is_unavailable(monkeypatch):
     monkeypatch.setitem(sandbox_module._probe, 4242, "unshare: Operation not permitted")
     with pytest.raises(ChatforgeError, match="Operation not permitted"):
         Sandbox(SandboxLimits(isolation="namespace", sandbox_uid=4242)).run("pass")
+
+
+def test_a_dead_launcher_is_replaced(sandbox):
+    """Jails are forked from one standing launcher process; if it dies, the next program starts another."""
+    import chatforge.evals.sandbox as sandbox_module
+
+    _alive_after(sandbox)
+    launcher = sandbox_module._launchers[sandbox.python]
+    launcher.process.kill()
+    launcher.process.wait()
+    _alive_after(sandbox)
+    assert sandbox_module._launchers[sandbox.python] is not launcher
+    launcher = sandbox_module._launchers[sandbox.python]
+    launcher.process.kill()  # dead but not yet reaped: the send itself fails and is retried once
+    _alive_after(sandbox)

@@ -1,16 +1,23 @@
-"""Sandbox launcher: ``python -I -S _jail.py SPEC``; builds the jail, then execs the program in it.
+"""Sandbox launcher: ``python -I -S _jail.py CONTROL_FD`` stands by and builds one jail per request.
 
 Runs as a standalone script (standard library only, no chatforge import) so that nothing of the evaluator's
-state reaches the jail. ``chatforge.evals.sandbox`` documents what each step contains and why; this file
-only performs them. It writes ``ok`` to the status fd right before exec'ing the program, or
-``error: <message>`` if a setup step failed, so the host can tell a broken jail from a failing program.
+state reaches the jail. It is started once per interpreter path and kept: each request on the control
+socket (a Unix SEQPACKET socket) carries a marshalled spec and three descriptors (the program's stdout and
+stderr, a status pipe), and is served by a fork of this warm process, which saves the ~25-40 ms an
+interpreter start and the ctypes import cost on every program. ``chatforge.evals.sandbox`` documents what
+each step contains and why; this file only performs them.
+
+On the status pipe the forked jail writes ``pid N`` (its process group, for the host to kill), then ``ok``
+right before exec'ing the program or ``error: <message>`` if a setup step failed, so the host can tell a
+broken jail from a failing program, and last ``exit N`` with the program's exit code (128 + signal).
 
 Process tree in ``namespace`` mode::
 
-    outer (host namespaces; writes the child's uid/gid maps, waits)
-     └─ A (new user/mount/net/ipc/uts namespaces; becomes the mapped user, waits)
-         └─ B (pid 1 of a new pid namespace; builds the root, drops every privilege, waits)
-             └─ C (the program)
+    launcher (stands by; forks one outer per request)
+     └─ outer (host namespaces, own session; writes the child's uid/gid maps, waits, reports the exit)
+         └─ A (new user/mount/net/ipc/uts namespaces; becomes the mapped user, waits)
+             └─ B (pid 1 of a new pid namespace; builds the root, drops every privilege, waits)
+                 └─ C (the program)
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import marshal
 import os
 import resource
 import signal
+import socket
 import struct
 import sys
 
@@ -233,9 +241,13 @@ def fail(status_fd: int, message: str) -> None:
         os._exit(125)
 
 
-def wait_and_exit(pid: int) -> None:
+def wait_and_exit(pid: int, report_fd: int | None = None) -> None:
+    """Exit with the child's exit code (128 + signal when killed); ``report_fd`` also gets ``exit N``."""
     _, status = os.waitpid(pid, 0)
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+    if report_fd is not None:
+        os.write(report_fd, f"\nexit {code}".encode())
+    os._exit(code)
 
 
 def run_namespace(spec: dict, status_fd: int, program: bytes) -> None:
@@ -246,7 +258,7 @@ def run_namespace(spec: dict, status_fd: int, program: bytes) -> None:
         os.close(to_child_r)
         os.close(to_outer_w)
         if os.read(to_outer_r, 1) != b"1":
-            wait_and_exit(pid)
+            wait_and_exit(pid, status_fd)
         uid, gid = spec["host_uid"], spec["host_gid"]
         try:
             if os.geteuid() != 0:
@@ -256,8 +268,7 @@ def run_namespace(spec: dict, status_fd: int, program: bytes) -> None:
         except OSError as exc:
             fail(status_fd, f"writing the user namespace maps: {exc}")
         os.write(to_child_w, b"1")
-        os.close(status_fd)
-        wait_and_exit(pid)
+        wait_and_exit(pid, status_fd)
     try:  # A
         os.close(to_child_w)
         os.close(to_outer_r)
@@ -286,22 +297,24 @@ def run_namespace(spec: dict, status_fd: int, program: bytes) -> None:
         drop_privileges(last_cap)
         if spec["seccomp"]:
             seccomp_filter()
-        run_program(spec, status_fd, "/sandbox/main.py")
+        run_program(spec, status_fd, "/sandbox/main.py", report=False)
     except (SetupError, OSError) as exc:
         fail(status_fd, str(exc))
 
 
-def run_program(spec: dict, status_fd: int, program_path: str) -> None:
+def run_program(spec: dict, status_fd: int, program_path: str, report: bool) -> None:
     """Fork the program and wait for it: it gets ordinary signal semantics (pid 1 would ignore SIGXCPU and
-    every signal sent from inside its namespace), and its parent is this process, not the evaluator."""
+    every signal sent from inside its namespace), and its parent is this process, not the evaluator.
+    ``report``: this process is the outer one, which writes the exit code on the status pipe."""
     child = os.fork()
     if child == 0:
         try:
             exec_program(spec, status_fd, program_path)
         except OSError as exc:
             fail(status_fd, str(exc))
-    os.close(status_fd)
-    wait_and_exit(child)
+    if not report:
+        os.close(status_fd)
+    wait_and_exit(child, status_fd if report else None)
 
 
 def run_rlimit(spec: dict, status_fd: int) -> None:
@@ -309,25 +322,56 @@ def run_rlimit(spec: dict, status_fd: int) -> None:
         os.chdir(spec["workdir"])
         set_limits(spec["limits"])
         prctl(PR_SET_NO_NEW_PRIVS, 1)
-        run_program(spec, status_fd, os.path.join(spec["workdir"], "main.py"))
+        run_program(spec, status_fd, os.path.join(spec["workdir"], "main.py"), report=True)
     except (SetupError, OSError) as exc:
         fail(status_fd, str(exc))
 
 
-def main() -> None:
-    spec = marshal.loads(bytes.fromhex(sys.argv[1]))  # marshal: json's import alone cost 14 ms a program
-    status_fd = spec["status_fd"]
-    os.set_inheritable(status_fd, True)  # kept through the forks; the program's exec closes it (O_CLOEXEC below)
-    os.set_blocking(status_fd, True)
-    import fcntl
+def launch(spec: dict, stdout_fd: int, stderr_fd: int, status_fd: int) -> None:
+    """In a fresh fork of the launcher: become the outer process of one jail and never return."""
+    try:
+        os.setsid()  # its own process group: the host kills the whole jail through it
+        os.set_inheritable(status_fd, False)  # the program's exec closes it
+        os.write(status_fd, f"pid {os.getpid()}\n".encode())
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        for fd, target in ((devnull, 0), (stdout_fd, 1), (stderr_fd, 2)):
+            os.dup2(fd, target)
+            os.close(fd)
+        if spec["mode"] == "namespace":
+            with open(os.path.join(spec["workdir"], "main.py"), "rb") as fh:
+                program = fh.read()
+            run_namespace(spec, status_fd, program)
+        else:
+            run_rlimit(spec, status_fd)
+    except BaseException as exc:  # noqa: BLE001 - a fork of the launcher must never return into its loop
+        fail(status_fd, f"{type(exc).__name__}: {exc}")
 
-    fcntl.fcntl(status_fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
-    if spec["mode"] == "namespace":
-        with open(os.path.join(spec["workdir"], "main.py"), "rb") as fh:
-            program = fh.read()
-        run_namespace(spec, status_fd, program)
-    else:
-        run_rlimit(spec, status_fd)
+
+def reap_finished() -> None:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def serve(control: socket.socket) -> None:
+    """One request, one forked jail, until the host closes the socket."""
+    while True:
+        reap_finished()
+        message, fds, flags, _ = socket.recv_fds(control, 1 << 20, 3)
+        if not message:
+            return
+        pid = os.fork() if len(fds) == 3 and not flags & socket.MSG_TRUNC else -1
+        if pid == 0:
+            control.close()
+            launch(marshal.loads(message), *fds)  # marshal: json's import alone cost 14 ms a start
+        for fd in fds:
+            os.close(fd)
+
+
+def main() -> None:
+    serve(socket.socket(fileno=int(sys.argv[1])))
 
 
 if __name__ == "__main__":

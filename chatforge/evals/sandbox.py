@@ -28,13 +28,16 @@ from /dev/null, an environment that holds only what the program needs.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import marshal
 import math
 import os
+import select
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -245,7 +248,7 @@ class Sandbox:
         ]
         return kept
 
-    def _spec(self, workdir: str, mode: str, status_fd: int) -> dict:
+    def _spec(self, workdir: str, mode: str) -> dict:
         limits = self.limits
         switch_user = os.geteuid() == 0 and limits.sandbox_uid != 0
         env = {
@@ -266,7 +269,6 @@ class Sandbox:
             "workdir": workdir,
             "python": self.python,
             "python_flags": ["-I"] if limits.site_packages else ["-I", "-S"],
-            "status_fd": status_fd,
             "read_only": read_only + list(DEVICES),
             "env": env,
             "guard": mode == "rlimit",
@@ -289,47 +291,17 @@ class Sandbox:
         }
 
     def _run(self, program: str, mode: str) -> SandboxResult:
-        workdir = tempfile.mkdtemp(prefix="chatforge-sandbox-")
-        status_r, status_w = os.pipe()
-        try:
-            Path(workdir, "main.py").write_text(program, encoding="utf-8")
-            if mode == "namespace":
-                os.chmod(workdir, 0o755)  # the mapped user must be able to reach the mount point
-            spec = self._spec(workdir, mode, status_w)
-            started = time.monotonic()
-            proc = subprocess.Popen(
-                [self.python, "-I", "-S", str(JAIL), marshal.dumps(spec, 4).hex()],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                close_fds=True,
-                pass_fds=(status_w,),
-                cwd=workdir,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            )
-            os.close(status_w)
-            status_w = -1
-            stdout, stderr, reason = self._collect(proc, started)
-            seconds = time.monotonic() - started
-            os.set_blocking(status_r, False)
-            try:
-                setup = os.read(status_r, 4096).decode(errors="replace")
-            except BlockingIOError:
-                setup = ""
-        finally:
-            if status_w >= 0:
-                os.close(status_w)
-            os.close(status_r)
-            shutil.rmtree(workdir, ignore_errors=True)
+        stdout, stderr, report, reason, seconds = self._jail(program, mode)
+        if not report and reason is None:  # the launcher died holding the request: once more, with a new one
+            stdout, stderr, report, reason, seconds = self._jail(program, mode)
+        setup, returncode = _parse_report(report.decode(errors="replace"))
         if setup.startswith("error:"):
             raise ChatforgeError(f"sandbox setup failed ({mode} mode): {setup[6:].strip()}")
         if reason is None and setup != "ok":
             raise ChatforgeError(
-                f"sandbox setup failed ({mode} mode, exit {proc.returncode}): "
-                f"{stderr.decode(errors='replace').strip()[-500:]}"
+                f"sandbox setup failed ({mode} mode, exit {returncode}): "
+                f"{stderr.decode(errors='replace').strip()[-500:] or 'the jail reported nothing'}"
             )
-        returncode = proc.returncode
         if reason is None and returncode == 128 + signal.SIGXCPU:
             reason = "timeout"  # the CPU-time limit
         status: Status = reason or ("passed" if returncode == 0 else "failed")
@@ -337,47 +309,148 @@ class Sandbox:
             status, returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"), round(seconds, 3)
         )
 
-    def _collect(self, proc: subprocess.Popen, started: float) -> tuple[bytes, bytes, Status | None]:
-        """Read stdout/stderr until both close, the output cap is hit or the deadline passes (then kill)."""
+    def _jail(self, program: str, mode: str) -> tuple[bytes, bytes, bytes, Status | None, float]:
+        """Run ``program`` in one jail: its stdout, stderr, status report, why it was killed, and seconds."""
+        workdir = tempfile.mkdtemp(prefix="chatforge-sandbox-")
+        pipes = [list(os.pipe()) for _ in range(3)]  # stdout, stderr, status
+        try:
+            Path(workdir, "main.py").write_text(program, encoding="utf-8")
+            if mode == "namespace":
+                os.chmod(workdir, 0o755)  # the mapped user must be able to reach the mount point
+            started = time.monotonic()
+            _launch(self.python, self._spec(workdir, mode), [w for _, w in pipes])
+            for pipe in pipes:
+                os.close(pipe[1])
+                pipe[1] = -1
+            return *self._collect([r for r, _ in pipes], started), time.monotonic() - started
+        finally:
+            for pipe in pipes:
+                for fd in pipe:
+                    if fd >= 0:
+                        os.close(fd)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _collect(self, fds: list[int], started: float) -> tuple[bytes, bytes, bytes, Status | None]:
+        """Read stdout, stderr and the status pipe until all three close (the jail has exited), the output
+        cap is hit or the deadline passes; in the last two cases kill the jail and drain the status pipe."""
         cap = self.limits.output_kb << 10
         deadline = started + self.limits.timeout
-        buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+        buffers = {fd: bytearray() for fd in fds}
+        stdout, stderr, report = (buffers[fd] for fd in fds)
         reason: Status | None = None
         with selectors.DefaultSelector() as selector:
-            for stream in buffers:
-                os.set_blocking(stream.fileno(), False)
-                selector.register(stream, selectors.EVENT_READ)
+            for fd in fds:
+                os.set_blocking(fd, False)
+                selector.register(fd, selectors.EVENT_READ)
             while selector.get_map():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    reason = "timeout"
+                now = time.monotonic()
+                if reason is None and (now >= deadline or len(stdout) + len(stderr) > cap):
+                    reason = "timeout" if now >= deadline else "output_limit"
+                    if not _kill_jail(report, fds[2]):
+                        break  # it never said who it is: nothing to kill
+                    for fd in fds[:2]:
+                        if fd in selector.get_map():
+                            selector.unregister(fd)
+                    deadline = now + 5.0  # SIGKILLed, the status pipe closes once the kernel has torn it down
+                elif reason is not None and now >= deadline:
                     break
-                for key, _ in selector.select(timeout=min(remaining, 0.5)):
-                    chunk = os.read(key.fileobj.fileno(), 65536)
-                    if not chunk:
-                        selector.unregister(key.fileobj)
-                        continue
-                    buffers[key.fileobj] += chunk
-                if sum(map(len, buffers.values())) > cap:
-                    reason = "output_limit"
-                    break
-        if reason is not None:
-            _kill_group(proc)
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            reason = "timeout"
-            _kill_group(proc)
-            proc.wait()
-        for stream in buffers:
-            stream.close()
-        out, err = (bytes(b[:cap]) for b in buffers.values())
-        return out, err, reason
+                for key, _ in selector.select(timeout=min(deadline - now, 0.5)):
+                    chunk = os.read(key.fd, 65536)
+                    if chunk:
+                        buffers[key.fd] += chunk
+                    else:
+                        selector.unregister(key.fd)
+        return bytes(stdout[:cap]), bytes(stderr[:cap]), bytes(report), reason
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the jail's process group; in namespace mode its pid-1 then dies and takes every process along."""
+def _parse_report(text: str) -> tuple[str, int | None]:
+    """``pid N\n<setup>\nexit N`` -> (setup, exit code); no exit code when the jail was killed."""
+    lines = text.split("\n")[1:]
+    if lines and lines[-1].startswith("exit "):
+        return "\n".join(lines[:-1]), int(lines[-1][5:])
+    return "\n".join(lines), None
+
+
+def _kill_jail(report: bytearray, report_fd: int) -> bool:
+    """SIGKILL the jail's process group (named on the first line of its report); in namespace mode its pid 1
+    then dies and takes every process along. False when the jail never said who it is."""
+    give_up = time.monotonic() + 5.0
+    while b"\n" not in report and select.select([report_fd], [], [], max(0.0, give_up - time.monotonic()))[0]:
+        chunk = os.read(report_fd, 4096)
+        if not chunk:
+            break
+        report += chunk
+    if not report.startswith(b"pid "):
+        return False
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(int(report[4 : report.index(b"\n")]), signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    return True
+
+
+class _Launcher:
+    """A standing ``_jail.py`` process that forks one jail per program (see its docstring): one per
+    interpreter, shared by every Sandbox and thread of this process, started again if it died."""
+
+    def __init__(self, python: str) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.process = subprocess.Popen(
+                [python, "-I", "-S", str(JAIL), str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(theirs.fileno(),),
+                cwd="/",
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            )
+        self.socket = ours
+        self.lock = threading.Lock()
+
+    def launch(self, spec: dict, fds: list[int]) -> None:
+        with self.lock:
+            socket.send_fds(self.socket, [marshal.dumps(spec, 4)], fds)
+
+    def close(self) -> None:
+        self.socket.close()  # the launcher exits at the end of its socket
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+_launchers: dict[str, _Launcher] = {}
+_launchers_lock = threading.Lock()
+
+
+def _launch(python: str, spec: dict, fds: list[int]) -> None:
+    """Hand one jail's spec and descriptors to the launcher of ``python``, starting one if there is none or
+    it died (a second try covers a launcher that died after the check)."""
+    for attempt in range(2):
+        with _launchers_lock:
+            launcher = _launchers.get(python)
+            if launcher is None or launcher.process.poll() is not None:
+                if launcher is not None:
+                    launcher.close()
+                launcher = _launchers[python] = _Launcher(python)
+        try:
+            launcher.launch(spec, fds)
+            return
+        except OSError as exc:
+            try:
+                code = launcher.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                raise ChatforgeError(f"the sandbox launcher refused a program: {exc}") from exc
+            if attempt:
+                raise ChatforgeError(f"the sandbox launcher ({python}) exited with {code}: {exc}") from exc
+
+
+@atexit.register
+def _close_launchers() -> None:
+    with _launchers_lock:
+        for launcher in _launchers.values():
+            launcher.close()
+        _launchers.clear()
