@@ -46,6 +46,33 @@ def test_well_behaved_program_passes_and_failures_are_failures(sandbox):
     assert syntax.status == "failed" and "SyntaxError" in syntax.stderr
 
 
+def test_a_program_runs_as_a_fresh_interpreter_runs_it(sandbox):
+    """Namespace mode runs the program in a fork of the launcher's interpreter, not a new one: what the program
+    sees, its exit code, threads, atexit and tracebacks are still those of ``python -I -S main.py``."""
+    result = sandbox.run(
+        "import atexit, os, sys, threading, time\n"
+        "def is_open(fd):\n"
+        "    try:\n"
+        "        os.fstat(fd)\n"
+        "        return True\n"
+        "    except OSError:\n"
+        "        return False\n"
+        "print(__name__, sys.argv[0].endswith('main.py'), os.environ['HOME'] == os.getcwd(), 'ctypes' in dir())\n"
+        "print([fd for fd in range(256) if is_open(fd)])\n"
+        "threading.Thread(target=lambda: (time.sleep(0.2), print('thread done'))).start()\n"
+        "atexit.register(print, 'atexit ran')\n"
+        "sys.exit(3)\n")
+    assert result.status == "failed" and result.returncode == 3, result.stderr
+    assert result.stdout == "__main__ True True False\n[0, 1, 2]\nthread done\natexit ran\n"
+    message = sandbox.run("import sys\nsys.exit('no luck')")
+    assert message.returncode == 1 and message.stderr == "no luck\n"
+    crash = sandbox.run("x = 1\n\ndef f():\n    return 1 / 0\nf()\n")
+    assert crash.returncode == 1
+    assert crash.stderr.startswith("Traceback (most recent call last):\n  File \"")
+    assert 'main.py", line 5' in crash.stderr
+    assert crash.stderr.endswith("ZeroDivisionError: division by zero\n") and "_jail" not in crash.stderr
+
+
 def test_installed_packages_only_when_asked(sandbox):
     """Programs get the standard library; ``site_packages`` adds the environment's installed packages."""
     program = "import tqdm\nprint(tqdm.__name__)"  # pure Python: numpy needs ctypes, which rlimit mode refuses
@@ -241,11 +268,14 @@ def test_namespace_jail_drops_privileges():
         "print('mount', libc.mount(b'none', b'/sandbox', b'tmpfs', 0, None), ctypes.get_errno())\n"
         "print('unshare', libc.unshare(0x10000000), ctypes.get_errno())\n"
         "print('remount', libc.mount(None, b'/usr', None, 32 | 4096, None), ctypes.get_errno())\n"
-        "print(sorted(os.listdir('/')))\n")
+        "print(sorted(os.listdir('/')))\n"
+        "header, sets = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()\n"
+        "print('capabilities', libc.capget(header, sets), list(sets))\n")
     assert result.passed, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "mount -1 1" and lines[1] == "unshare -1 1" and lines[2] == "remount -1 1"
     assert "proc" not in lines[3] and "home" not in lines[3]
+    assert lines[4] == "capabilities 0 [0, 0, 0, 0, 0, 0]"  # effective, permitted, inheritable: none
 
 
 def test_many_programs_run_in_parallel_in_order():

@@ -9,7 +9,7 @@ friends, plus a size-capped writable ``/sandbox`` (its working directory, ``HOME
 host's other files do not exist for it. The network namespace has only a loopback interface that is down,
 so no connection leaves it, not even to the host's localhost. It is pid 1 of its own pid namespace, so
 when it exits or is killed every process it forked dies with it, and it cannot see or signal any host
-process. Every capability is dropped before the exec (bounding set emptied, ``SECBIT_NOROOT``,
+process. Every capability is dropped before the program runs (bounding set emptied, ``SECBIT_NOROOT``,
 ``no_new_privs``), and a seccomp filter denies mount, ptrace, nested namespaces, BPF, keyrings and the
 like. When the evaluator runs as root, the jail's uid 0 is mapped to the unprivileged host uid
 ``sandbox_uid`` (default 65534): files of the host are judged by ordinary permissions, and
@@ -269,9 +269,9 @@ class Sandbox:
             "workdir": workdir,
             "python": self.python,
             "python_flags": ["-I"] if limits.site_packages else ["-I", "-S"],
+            "site_packages": limits.site_packages,
             "read_only": read_only + list(DEVICES),
             "env": env,
-            "guard": mode == "rlimit",
             "guard_code": _guard_code(read_only),
             "seccomp": True,
             "switch_user": switch_user,
