@@ -66,6 +66,13 @@ def native_bf16(kind: str) -> bool:
 
 
 @functools.cache
+def amx_cpu() -> bool:
+    """Whether this CPU multiplies bf16 on AMX tiles (Intel Xeon from Sapphire Rapids on), as oneDNN then does."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return check is not None and check()
+
+
+@functools.cache
 def compile_supported(kind: str) -> bool:
     """Whether inductor can generate kernels here: Triton on CUDA, a working C++ compiler on the CPU."""
     if sys.platform == "win32" or kind not in ("cpu", "cuda"):

@@ -184,7 +184,8 @@ def test_auto_dtype_is_bf16_wherever_the_cpu_has_it(monkeypatch):
 def test_bf16_tokens_do_not_depend_on_the_rest_of_the_batch(threads):
     """In bf16 (the default on such CPUs) a request's greedy and seeded tokens are the same alone and among others
     of other lengths. Without padding prefills and the cache to multiples of POSITION_ALIGN, products of at least
-    MIN_PRODUCT_ROWS rows (the MLP's 1536 -> 384 product sums one row in another order) and, with two threads,
+    MIN_PRODUCT_ROWS rows (the MLP's 1536 -> 384 product sums one row in another order), on an AMX CPU products
+    of at most gpt.INVARIANT_PRODUCT_ROWS rows, and, with two threads,
     one-query attention written out (SDPA's sums depend on the batch size there), rows differed."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=8192, block_size=128, n_layer=4, n_head=6, n_embd=384)).eval()
@@ -206,6 +207,34 @@ def test_bf16_tokens_do_not_depend_on_the_rest_of_the_batch(threads):
             assert together == alone
     finally:
         torch.set_num_threads(before)
+
+
+def test_inference_products_on_amx_multiply_at_most_32_rows_at_a_time(monkeypatch):
+    """On an AMX CPU a bf16 inference product of many rows and a wide inner dimension is taken in even pieces of
+    2-32 rows (where oneDNN sums each row alike: see gpt.INVARIANT_PRODUCT_ROWS); training products, fp32 ones and
+    narrow ones stay one call."""
+    monkeypatch.setattr(gpt, "amx_cpu", lambda: True)
+    calls = []
+    product = torch.nn.functional.linear
+
+    def counted(x, weight, bias=None):
+        calls.append(x.reshape(-1, x.size(-1)).size(0))
+        return product(x, weight, bias)
+
+    monkeypatch.setattr(gpt.F, "linear", counted)
+    weight = torch.randn(96, 512).bfloat16()
+    x = torch.randn(3, 33, 512).bfloat16()
+    with torch.no_grad():
+        y = gpt.linear(x, weight)
+        assert calls == [25, 25, 25, 24]
+        rows = x.reshape(99, 512)
+        assert torch.equal(y.reshape(99, 96), torch.cat([product(rows[i:i + 25], weight) for i in (0, 25, 50)]
+                                                        + [product(rows[75:], weight)]))
+        calls.clear()
+        gpt.linear(x.float(), weight.float())  # fp32
+        gpt.linear(x[..., :384], weight[:, :384])  # narrow
+    gpt.linear(x, weight.requires_grad_())  # training
+    assert calls == [99, 99, 99]
 
 
 @pytest.mark.parametrize("threads", [1, 2])

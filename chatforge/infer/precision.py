@@ -56,7 +56,8 @@ class InferenceOptions:
     def torch_dtype(self, device: str | torch.device) -> torch.dtype:
         # auto is bf16 wherever the hardware has it, an eager CPU step included: with the cache kept in fp32
         # (KVCache.for_model) eager bf16 is faster at every batch size measured, and a request's tokens do not
-        # depend on the rest of the batch (the runner's POSITION_ALIGN and MIN_PRODUCT_ROWS)
+        # depend on the rest of the batch (the runner's POSITION_ALIGN and MIN_PRODUCT_ROWS, the model's
+        # INVARIANT_PRODUCT_ROWS on AMX CPUs)
         return resolve_dtype(self.dtype, device, bf16_pays_on_cpu=True)
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chatforge.device import amx_cpu
 from chatforge.errors import ChatforgeError
 
 ARCHS = ("gpt2", "modern")
@@ -153,8 +154,30 @@ def written_out_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (rows * weight.float()).sum(-1).view(*x.shape[:-1], weight.size(0))
 
 
+# oneDNN's bf16 products on CPUs with AMX sum some rows in another order once a product has more than 32 rows and
+# an inner dimension from 512 up (measured on a Xeon: rows of 33- to 1100-row products differ in the last bit from
+# the same rows among fewer, at irregular row counts), while products of 2-32 rows agree with one another at every
+# shape tried (inner dimensions 64-4096, outputs 128-50257). So an inference product there (bf16 weights, no
+# autograd) multiplies at most this many rows at a time: a request's tokens do not depend on the rest of its batch
+# (the runner's MIN_PRODUCT_ROWS keeps a product above one row). Pieces cost a library call each (~70 us).
+INVARIANT_PRODUCT_ROWS = 32
+INVARIANT_PRODUCT_MIN_WIDTH = 512
+
+
+def multiplies_in_pieces(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear`` multiplies ``x`` by ``weight`` in pieces of at most INVARIANT_PRODUCT_ROWS rows."""
+    # the dtypes first: a training step (fp32 parameters, autocast or not) stops there
+    return (x.dtype == weight.dtype == torch.bfloat16 and x.size(-1) >= INVARIANT_PRODUCT_MIN_WIDTH
+            and x.numel() > INVARIANT_PRODUCT_ROWS * x.size(-1) and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and amx_cpu())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, written out where ``writes_out_product`` says so."""
+    """``F.linear``, written out where ``writes_out_product`` says so, in pieces where ``multiplies_in_pieces``."""
+    if multiplies_in_pieces(x, weight):
+        rows = x.reshape(-1, x.size(-1))
+        pieces = rows.tensor_split(-(-rows.size(0) // INVARIANT_PRODUCT_ROWS))  # even sizes: none of one row
+        return torch.cat([F.linear(piece, weight, bias) for piece in pieces]).view(*x.shape[:-1], weight.size(0))
     if not writes_out_product(x):
         return F.linear(x, weight, bias)
     y = written_out_product(x, weight)
