@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from chatforge.errors import ChatforgeError
-from chatforge.model.gpt import GPT, PRESETS, GPTConfig, causal_attention, preset_config, rms_norm
+from chatforge.model.gpt import (
+    GPT,
+    PRESETS,
+    GPTConfig,
+    causal_attention,
+    preset_config,
+    rms_norm,
+    written_out_causal_attention,
+)
 from chatforge.model.kv_cache import KVCache
 
 TINY = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=16)
@@ -101,15 +109,22 @@ def test_presets_validate_and_bad_config_is_named():
         preset_config("gpt5")
 
 
-def test_attention_under_cpu_autocast_is_causal_and_close_to_fp32():
-    """Under an eager CPU bf16 autocast whole-sequence attention is written out: values and gradients within bf16
-    rounding of fp32 SDPA's, grouped-query heads included, and a position never sees a later one."""
+@pytest.mark.parametrize("form", ["this CPU's", "written out"])
+def test_attention_under_cpu_autocast_is_causal_and_close_to_fp32(form):
+    """Under an eager CPU bf16 autocast whole-sequence attention is written out, or SDPA's fp32 kernel on an AMX CPU:
+    either way values and gradients within bf16 rounding of fp32 SDPA's, grouped-query heads included, a bf16 result
+    as autocast gives, and a position never sees a later one. Both forms are checked on every machine."""
+    def attention(q, k, v, dropout, gqa):
+        if form == "written out":
+            return written_out_causal_attention(q, k, v)
+        return causal_attention(q, k, v, dropout, gqa)
+
     torch.manual_seed(0)
     q = torch.randn(2, 4, 16, 8, requires_grad=True)
     k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(2))
     expected = causal_attention(q, k, v, 0.0, True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = causal_attention(q, k, v, 0.0, True)
+        got = attention(q, k, v, 0.0, True)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=0, atol=3e-2)
     grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
@@ -118,7 +133,7 @@ def test_attention_under_cpu_autocast_is_causal_and_close_to_fp32():
     later = k.detach().clone()
     later[:, :, 9:] = torch.randn_like(later[:, :, 9:])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        moved = causal_attention(q, later, v, 0.0, True)
+        moved = attention(q, later, v, 0.0, True)
     assert torch.equal(moved[:, :, :9], got[:, :, :9]) and not torch.equal(moved[:, :, 9:], got[:, :, 9:])
 
 

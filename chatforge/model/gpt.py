@@ -195,13 +195,26 @@ WRITTEN_OUT_ATTENTION_MAX_T = 512  # its [B, H, T, T] fp32 scores: 8 x 2 x 512^2
 
 
 def causal_attention(q, k, v, dropout: float, gqa: bool) -> torch.Tensor:
-    """Causal attention over whole sequences (training, scoring, prefill without a cache). Under an eager CPU bf16
-    autocast it is written out (``written_out_causal_attention``): SDPA's CPU kernels take fp32 inputs there at
-    about twice the time (forward + backward at PPO's shape [8, 2, 256, 64], two threads: 7.6 ms in fp32, 7.3 ms
-    in bf16 and 4.2 ms written out)."""
-    if (q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not dropout and q.size(2) <= WRITTEN_OUT_ATTENTION_MAX_T):
-        return written_out_causal_attention(q, k, v)
+    """Causal attention over whole sequences (training, scoring, prefill without a cache).
+
+    Under an eager CPU bf16 autocast, SDPA would take its bf16 kernel, the slowest form on both CPUs measured.
+    Instead a CPU with AMX takes SDPA's fp32 (flash) kernel and the others the written-out form
+    (``written_out_causal_attention``). Forward + backward at the speedrun's shapes [8, H, 256, D], two threads:
+
+    * AMD Zen 5 (AVX-512 bf16), H=2, D=64: SDPA fp32 7.6 ms, SDPA bf16 7.3 ms, written out 4.2 ms;
+    * Intel Xeon with AMX, H=2, D=64: SDPA fp32 9.4-10.0 ms, bf16 13.4-14.9 ms, written out 9.2-11.8 ms; H=4, D=32
+      (the GPT-2-shaped speedrun model): fp32 10.9 ms, bf16 21.6 ms, written out 19.9-24.5 ms. There the
+      written-out form's [B, H, T, T] scores (which the flash kernel never stores) cost more passes over memory
+      than its bf16 products save: a PPO update at the GPT-2 shape 837 -> 668 ms with SDPA fp32.
+    """
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling():
+        if amx_cpu():
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout,
+                                                   enable_gqa=gqa)
+            return y.to(torch.get_autocast_dtype("cpu"))  # what the written-out form (and autocast's SDPA) return
+        if not dropout and q.size(2) <= WRITTEN_OUT_ATTENTION_MAX_T:
+            return written_out_causal_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
 
 
