@@ -197,15 +197,16 @@ WRITTEN_OUT_ATTENTION_MAX_T = 512  # its [B, H, T, T] fp32 scores: 8 x 2 x 512^2
 def causal_attention(q, k, v, dropout: float, gqa: bool) -> torch.Tensor:
     """Causal attention over whole sequences (training, scoring, prefill without a cache).
 
-    Under an eager CPU bf16 autocast, SDPA would take its bf16 kernel, the slowest form on both CPUs measured.
-    Instead a CPU with AMX takes SDPA's fp32 (flash) kernel and the others the written-out form
-    (``written_out_causal_attention``). Forward + backward at the speedrun's shapes [8, H, 256, D], two threads:
+    Under an eager CPU bf16 autocast the fastest form depends on the CPU: one with AMX takes SDPA's fp32 (flash)
+    kernel, the others the written-out form (``written_out_causal_attention``); SDPA on bf16 inputs, what autocast
+    alone would run, is the slowest on the Xeon and barely faster than fp32 on the AMD machine. Forward + backward at
+    the speedrun's shapes [8, H, 256, D], two threads:
 
     * AMD Zen 5 (AVX-512 bf16), H=2, D=64: SDPA fp32 7.6 ms, SDPA bf16 7.3 ms, written out 4.2 ms;
     * Intel Xeon with AMX, H=2, D=64: SDPA fp32 9.4-10.0 ms, bf16 13.4-14.9 ms, written out 9.2-11.8 ms; H=4, D=32
       (the GPT-2-shaped speedrun model): fp32 10.9 ms, bf16 21.6 ms, written out 19.9-24.5 ms. There the
       written-out form's [B, H, T, T] scores (which the flash kernel never stores) cost more passes over memory
-      than its bf16 products save: a PPO update at the GPT-2 shape 837 -> 668 ms with SDPA fp32.
+      than its bf16 products save (a synthetic PPO update at the GPT-2 shape: 837 -> 668 ms with SDPA fp32).
     """
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling():
         if amx_cpu():
